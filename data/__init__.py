@@ -1,0 +1,1 @@
+"""LLaVA-format data: synthetic task, shards, chat templates, tokenizers, Lightning data module."""

@@ -1,0 +1,132 @@
+"""Reading LLaVA-format WebDataset shards: deterministic order, rank/worker splitting, skip-and-count.
+
+Order is a pure function of (seed, epoch, rank, world size, worker): shards are shuffled per epoch,
+split across ranks and dataloader workers (whole shards when there are enough of them, otherwise
+every k-th sample), then shuffled through a seeded buffer. Corrupt tar members or undecodable
+samples are skipped; each yielded sample carries how many were skipped before it (`n_skipped`) so
+the training process can count and log them exactly, whichever worker saw them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Callable, Iterator
+
+import torch.distributed as dist
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Brace patterns (`train-{000000..000009}.tar`) or lists, as webdataset writes them."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for s in specs for u in wds.shardlists.expand_urls(s)]
+    if not urls:
+        raise ValueError(f"no shards match {spec!r}")
+    return urls
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardStream(IterableDataset):
+    """Samples from shards, transformed by `transform(raw) -> dict` (which may raise to skip a sample)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: Callable[[dict], dict],
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        infinite: bool = False,
+        max_logged_errors: int = 20,
+    ):
+        self.urls = list(urls)
+        self.transform = transform
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.infinite = infinite
+        self.max_logged_errors = max_logged_errors
+        self._skipped = 0
+        self._logged = 0
+
+    def _skip(self, where: str, err: Exception) -> bool:
+        self._skipped += 1
+        if self._logged < self.max_logged_errors:
+            self._logged += 1
+            log.warning("skipping corrupt sample %s: %s: %s", where, type(err).__name__, err)
+        return True  # webdataset handler protocol: continue
+
+    def _slots(self) -> tuple[int, int]:
+        rank, world = rank_and_world()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def _raw(self, epoch: int) -> Iterator[dict]:
+        slot, n_slots = self._slots()
+        shards = list(self.urls)
+        if self.shuffle_buffer:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
+        by_shard = len(shards) >= n_slots
+        if by_shard:
+            shards = shards[slot::n_slots]
+        samples = wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(tar)", e))
+        for i, sample in enumerate(samples):
+            if by_shard or i % n_slots == slot:
+                yield sample
+
+    def _shuffled(self, it: Iterator[dict], epoch: int) -> Iterator[dict]:
+        if not self.shuffle_buffer:
+            yield from it
+            return
+        slot, _ = self._slots()
+        rng = random.Random(hash((self.seed, epoch, slot)))
+        buf: list[dict] = []
+        for s in it:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            produced = 0
+            for raw in self._shuffled(self._raw(epoch), epoch):
+                try:
+                    sample = self.transform(raw)
+                except Exception as e:  # corrupt image / json / too long: skip and count
+                    self._skip(raw.get("__key__", "?"), e)
+                    continue
+                sample["n_skipped"], self._skipped = self._skipped, 0
+                produced += 1
+                yield sample
+            if not self.infinite:
+                if self._skipped:  # nothing follows to carry the count: report it here
+                    log.warning("skipped %d corrupt sample(s) at the end of %d shard(s)", self._skipped, len(self.urls))
+                return
+            if produced == 0:
+                raise RuntimeError(f"no usable samples in {len(self.urls)} shard(s) (e.g. {self.urls[0]}); all were corrupt or empty")
+            epoch += 1
+
+
+def parse_record(raw: dict) -> tuple[dict, bytes | None]:
+    """The JSON record and the image bytes (None for text-only samples) of a raw shard sample."""
+    if "json" not in raw:
+        raise ValueError("sample has no .json member")
+    record = json.loads(raw["json"])
+    image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    if "conversations" not in record:
+        raise ValueError("record has no 'conversations'")
+    return record, image

@@ -1,0 +1,69 @@
+"""Where shards come from: the embedded synthetic task (generated and cached) or existing shards.
+
+Each source is selected by `_target_` in `conf/data/*.yaml` and answers `prepare() -> Shards`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import webdataset as wds
+
+from .pipeline import expand_urls
+
+
+@dataclass
+class Shards:
+    train: list[str]
+    val: list[str]
+    texts: Callable[[], list[str]]  # text to train a tokenizer on, when the model needs one
+    skills: list[str] | None = None
+
+
+class SyntheticSource:
+    """The shapes VQA task of `data.synthetic`, generated once per config under `root`."""
+
+    def __init__(self, root: str, **synthetic):
+        from .synthetic import SyntheticConfig
+
+        self.root = Path(root)
+        self.cfg = SyntheticConfig(**synthetic)
+
+    def prepare(self) -> Shards:
+        from .synthetic import all_texts, ensure_generated
+
+        meta = ensure_generated(self.root, self.cfg)
+        splits = meta["splits"]
+        return Shards(
+            train=[str(self.root / s) for s in splits["train"]["shards"]],
+            val=[str(self.root / s) for s in splits["val"]["shards"]],
+            texts=lambda: all_texts(self.cfg),
+            skills=list(meta["skills"]),
+        )
+
+
+class ShardSource:
+    """Existing LLaVA-format shards (e.g. written by `python -m data.convert_llava`)."""
+
+    def __init__(self, train: str | list[str], val: str | list[str], tokenizer_samples: int = 2000):
+        self.train, self.val = train, val
+        self.tokenizer_samples = tokenizer_samples
+
+    def prepare(self) -> Shards:
+        train, val = expand_urls(self.train), expand_urls(self.val)
+        missing = [u for u in train + val if "://" not in u and not Path(u).exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}; check data.source.train/val")
+        return Shards(train=train, val=val, texts=lambda: self._texts(train))
+
+    def _texts(self, urls: list[str]) -> list[str]:
+        out = []
+        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=wds.ignore_and_continue):
+            if "json" in sample:
+                out.extend(t["value"] for t in json.loads(sample["json"]).get("conversations", []))
+            if len(out) >= self.tokenizer_samples:
+                break
+        return out

@@ -1,0 +1,541 @@
+"""Deterministic synthetic visual question answering task, written as WebDataset shards.
+
+Why: tiny MLLMs must be trainable on a CPU in minutes, and efficient architectures that drop or
+prune visual tokens need a task whose skills fail at different granularities. Each image has 1-4
+large "regular" objects (one per quadrant) and exactly one tiny dot that is smaller than a 4x4
+patch. Questions range from coarse (is there a red circle?) over relational (is A left of B?) to
+fine detail (what colour is the small dot?), so a model that throws away small details is caught
+by the ``fine`` skill while still doing well on the coarse ones.
+
+Scene sampling, question sampling, answering and rendering are small pure functions, so answers
+can be checked on hand-built scenes; ``generate`` / ``ensure_generated`` write the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+from webdataset import TarWriter
+
+FORMAT_VERSION = 1  # bump whenever the sample content for a given config changes
+
+BACKGROUND = (40, 40, 40)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 100, 245),
+    "yellow": (245, 225, 40),
+    "purple": (160, 60, 210),
+    "white": (245, 245, 245),
+}
+COLOR_NAMES = tuple(COLORS)
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("top left", "top right", "bottom left", "bottom right")  # quadrant index 0..3
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+RELATIONS = ("left of", "above")
+SKILLS = ("exist", "color", "shape", "count", "position", "fine")
+
+TEMPLATES = {
+    "exist": "is there a {} {} ?",
+    "color": "what color is the object in the {} ?",
+    "shape": "what shape is the {} object ?",
+    "count": "how many {}s are there ?",
+    "position": "is the {} {} {} the {} {} ?",
+    "fine": "what color is the small dot ?",
+}
+ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
+    "exist": ("yes", "no"),
+    "color": COLOR_NAMES,
+    "shape": SHAPES,
+    "count": NUMBER_WORDS,
+    "position": ("yes", "no"),
+    "fine": COLOR_NAMES,
+}
+IMAGE_TOKEN = "<image>"
+SPLITS = ("train", "val")
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixel coordinates
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    n_train: int = 6000  # images (samples) in the train split
+    n_val: int = 600  # samples in the val split (one question each)
+    image_size: int = 64
+    turns_per_image: int = 6
+    samples_per_shard: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 2:
+            raise ValueError(f"image_size must be even and >= 16, got {self.image_size}")
+        if self.n_train < 0 or self.n_val < 0:
+            raise ValueError("n_train and n_val must be >= 0")
+        if self.turns_per_image < 1 or self.samples_per_shard < 1:
+            raise ValueError("turns_per_image and samples_per_shard must be >= 1")
+
+
+def config_hash(cfg: SyntheticConfig) -> str:
+    """Identifies the dataset content: the config plus the format version."""
+    payload = json.dumps({"format_version": FORMAT_VERSION, "config": asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def sample_rng(seed: int, split: str, index: int) -> random.Random:
+    """One independent stream per (seed, split, sample): splits never share randomness, and a
+    sample does not change when n_train / n_val change."""
+    digest = hashlib.sha256(f"synthetic-vqa:{seed}:{split}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    quadrant: int  # index into PLACES
+    box: Box
+
+
+@dataclass(frozen=True)
+class Dot:
+    color: str
+    box: Box
+
+
+@dataclass(frozen=True)
+class Scene:
+    image_size: int
+    objects: tuple[SceneObject, ...]
+    dot: Dot
+
+
+def quadrant_origin(quadrant: int, image_size: int) -> tuple[int, int]:
+    half = image_size // 2
+    return (quadrant % 2) * half, (quadrant // 2) * half
+
+
+def dot_side(image_size: int) -> int:
+    return max(2, image_size // 24)
+
+
+def boxes_touch(a: Box, b: Box, gap: int = 1) -> bool:
+    """True when the boxes overlap or are closer than ``gap`` pixels (keeps the dot visually
+    separate from same-coloured objects)."""
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def sample_object(rng: random.Random, quadrant: int, image_size: int) -> SceneObject:
+    """A random object, 40-70 % of the quadrant side, fully inside its quadrant (1 px margin)."""
+    half = image_size // 2
+    side = rng.randint(round(0.4 * half), round(0.7 * half))
+    qx, qy = quadrant_origin(quadrant, image_size)
+    x0 = qx + rng.randint(1, half - side - 1)
+    y0 = qy + rng.randint(1, half - side - 1)
+    return SceneObject(rng.choice(SHAPES), rng.choice(COLOR_NAMES), quadrant, (x0, y0, x0 + side, y0 + side))
+
+
+def sample_dot(rng: random.Random, objects: tuple[SceneObject, ...], image_size: int) -> Dot:
+    """The tiny dot anywhere on the canvas, away from every object's bounding box."""
+    side = dot_side(image_size)
+    color = rng.choice(COLOR_NAMES)
+    while True:  # objects cover < 50 % of the canvas, so this ends after a few tries
+        x0 = rng.randint(0, image_size - side)
+        y0 = rng.randint(0, image_size - side)
+        box = (x0, y0, x0 + side, y0 + side)
+        if not any(boxes_touch(box, o.box) for o in objects):
+            return Dot(color, box)
+
+
+def sample_scene(rng: random.Random, image_size: int) -> Scene:
+    quadrants = sorted(rng.sample(range(4), rng.randint(1, 4)))
+    objects = tuple(sample_object(rng, q, image_size) for q in quadrants)
+    return Scene(image_size, objects, sample_dot(rng, objects, image_size))
+
+
+def render(scene: Scene) -> Image.Image:
+    img = Image.new("RGB", (scene.image_size, scene.image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    x0, y0, x1, y1 = scene.dot.box
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=COLORS[scene.dot.color])
+    return img
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class Question:
+    skill: str
+    args: tuple[str, ...] = field(default=())
+
+    @property
+    def text(self) -> str:
+        return TEMPLATES[self.skill].format(*self.args)
+
+
+def _find_unique(scene: Scene, color: str, shape: str) -> SceneObject:
+    found = [o for o in scene.objects if o.color == color and o.shape == shape]
+    if len(found) != 1:
+        raise ValueError(f"'{color} {shape}' does not identify exactly one object")
+    return found[0]
+
+
+def column(quadrant: int) -> int:
+    return quadrant % 2
+
+
+def row(quadrant: int) -> int:
+    return quadrant // 2
+
+
+def _answer_position(scene: Scene, c1: str, s1: str, relation: str, c2: str, s2: str) -> str:
+    a, b = _find_unique(scene, c1, s1), _find_unique(scene, c2, s2)
+    line, axis = (column, 0) if relation == "left of" else (row, 1)
+    if line(a.quadrant) == line(b.quadrant):
+        raise ValueError(f"'{relation}' is ill-defined for objects in the same column/row")
+    center_a = a.box[axis] + a.box[axis + 2]  # twice the centre; only the order matters
+    center_b = b.box[axis] + b.box[axis + 2]
+    return "yes" if center_a < center_b else "no"
+
+
+def answer(scene: Scene, question: Question) -> str:
+    """The ground-truth answer, computed from the scene only (single source of truth).
+
+    Raises ValueError for questions that are ill-posed for this scene."""
+    skill, args = question.skill, question.args
+    if skill == "exist":
+        color, shape = args
+        return "yes" if any(o.color == color and o.shape == shape for o in scene.objects) else "no"
+    if skill == "color":
+        found = [o for o in scene.objects if o.quadrant == PLACES.index(args[0])]
+        if not found:
+            raise ValueError(f"no object in the {args[0]}")
+        return found[0].color
+    if skill == "shape":
+        found = [o for o in scene.objects if o.color == args[0]]
+        if len(found) != 1:
+            raise ValueError(f"{len(found)} objects are {args[0]}")
+        return found[0].shape
+    if skill == "count":
+        return NUMBER_WORDS[sum(o.shape == args[0] for o in scene.objects)]
+    if skill == "position":
+        return _answer_position(scene, *args)
+    if skill == "fine":
+        return scene.dot.color
+    raise ValueError(f"unknown skill {skill!r}")
+
+
+def _sample_exist(rng: random.Random, scene: Scene) -> Question:
+    if rng.random() < 0.5:
+        obj = rng.choice(scene.objects)
+        return Question("exist", (obj.color, obj.shape))
+    present = {(o.color, o.shape) for o in scene.objects}
+    present.add((scene.dot.color, "square"))  # the dot is a tiny square: never ask about it
+    absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+    return Question("exist", rng.choice(absent))
+
+
+def _sample_color(rng: random.Random, scene: Scene) -> Question:
+    return Question("color", (PLACES[rng.choice(scene.objects).quadrant],))
+
+
+def _sample_shape(rng: random.Random, scene: Scene) -> Question | None:
+    counts = Counter(o.color for o in scene.objects)
+    unique = [c for c in COLOR_NAMES if counts[c] == 1]
+    return Question("shape", (rng.choice(unique),)) if unique else None
+
+
+def _sample_count(rng: random.Random, scene: Scene) -> Question:
+    """Uniform over the distinct answers this scene allows (then over shapes with that count),
+    so neither "zero" nor "one" dominates the way a uniformly drawn shape would make them."""
+    counts = Counter(o.shape for o in scene.objects)
+    target = rng.choice(sorted({counts[s] for s in SHAPES}))
+    return Question("count", (rng.choice([s for s in SHAPES if counts[s] == target]),))
+
+
+def _sample_position(rng: random.Random, scene: Scene) -> Question | None:
+    """A yes/no relation (balanced) between two uniquely named objects whose quadrants differ
+    along the asked axis, so the answer is unambiguous."""
+    combos = Counter((o.color, o.shape) for o in scene.objects)
+    named = [o for o in scene.objects if combos[(o.color, o.shape)] == 1]
+    options = []
+    for i, a in enumerate(named):
+        for b in named[i + 1 :]:
+            for relation, line in (("left of", column), ("above", row)):
+                if line(a.quadrant) != line(b.quadrant):
+                    options.append((relation, a, b) if line(a.quadrant) < line(b.quadrant) else (relation, b, a))
+    if not options:
+        return None
+    relation, first, second = rng.choice(options)  # first is left of / above second
+    if rng.random() < 0.5:
+        first, second = second, first
+    return Question("position", (first.color, first.shape, relation, second.color, second.shape))
+
+
+def sample_question(rng: random.Random, scene: Scene, skill: str) -> Question | None:
+    """A random well-posed question of ``skill`` for ``scene``, or None when there is none."""
+    samplers = {
+        "exist": _sample_exist,
+        "color": _sample_color,
+        "shape": _sample_shape,
+        "count": _sample_count,
+        "position": _sample_position,
+        "fine": lambda _rng, s: Question("fine"),
+    }
+    return samplers[skill](rng, scene)
+
+
+def sample_turns(rng: random.Random, scene: Scene, n_turns: int) -> list[Question]:
+    """``n_turns`` distinct questions; skills are drawn without replacement in rounds, so the first
+    round covers every skill that is possible for the scene."""
+    questions: list[Question] = []
+    order: list[str] = []
+    attempts = 0
+    while len(questions) < n_turns:  # ends: "exist" is always possible
+        if not order:
+            order = rng.sample(SKILLS, len(SKILLS))
+        question = sample_question(rng, scene, order.pop())
+        attempts += 1
+        if question is not None and (question not in questions or attempts > 50 * n_turns):
+            questions.append(question)  # repeats only once the scene has run out of questions
+    return questions
+
+
+def make_record(sample_id: str, scene: Scene, questions: list[Question]) -> dict:
+    """LLaVA-style conversation; ``<image>`` once, at the start of the first human turn."""
+    conversations = []
+    for i, q in enumerate(questions):
+        prompt = f"{IMAGE_TOKEN}\n{q.text}" if i == 0 else q.text
+        conversations.append({"from": "human", "value": prompt})
+        conversations.append({"from": "gpt", "value": answer(scene, q)})
+    return {"id": sample_id, "conversations": conversations, "skills": [q.skill for q in questions]}
+
+
+def make_sample(cfg: SyntheticConfig, split: str, index: int) -> tuple[Scene, dict]:
+    """Scene and record of one sample. Val cycles through the skills (balanced, one turn each)
+    and redraws the scene until that skill is possible."""
+    rng = sample_rng(cfg.seed, split, index)
+    sample_id = f"{split}-{index:06d}"
+    if split == "train":
+        scene = sample_scene(rng, cfg.image_size)
+        return scene, make_record(sample_id, scene, sample_turns(rng, scene, cfg.turns_per_image))
+    skill = SKILLS[index % len(SKILLS)]
+    while True:
+        scene = sample_scene(rng, cfg.image_size)
+        question = sample_question(rng, scene, skill)
+        if question is not None:
+            return scene, make_record(sample_id, scene, [question])
+
+
+def all_texts(cfg: SyntheticConfig | None = None) -> list[str]:
+    """Every question template with every value, plus every answer: the full task vocabulary for
+    training a tokenizer. (The vocabulary does not depend on ``cfg``.)"""
+    texts = [TEMPLATES["exist"].format(c, s) for c in COLOR_NAMES for s in SHAPES]
+    texts += [TEMPLATES["color"].format(p) for p in PLACES]
+    texts += [TEMPLATES["shape"].format(c) for c in COLOR_NAMES]
+    texts += [TEMPLATES["count"].format(s) for s in SHAPES]
+    objects = [(c, s) for c in COLOR_NAMES for s in SHAPES]
+    texts += [TEMPLATES["position"].format(*a, r, *b) for r in RELATIONS for a in objects for b in objects]
+    texts.append(TEMPLATES["fine"])
+    answers = dict.fromkeys(a for vocab in ANSWER_VOCAB.values() for a in vocab)  # ordered, unique
+    return texts + list(answers)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _split_size(cfg: SyntheticConfig, split: str) -> int:
+    return cfg.n_train if split == "train" else cfg.n_val
+
+
+def _split_stats(skill_answers: list[tuple[str, str]]) -> dict:
+    """Per-skill answer counts and the majority answer (the trivial baseline per skill)."""
+    answer_counts = {s: {a: 0 for a in ANSWER_VOCAB[s]} for s in SKILLS}
+    for skill, ans in skill_answers:
+        answer_counts[skill][ans] += 1
+    skill_counts = {s: sum(c.values()) for s, c in answer_counts.items()}
+    majority = {s: max(c, key=c.get) for s, c in answer_counts.items() if skill_counts[s]}
+    fraction = {s: answer_counts[s][a] / skill_counts[s] for s, a in majority.items()}
+    return {"skill_counts": skill_counts, "answer_counts": answer_counts,
+            "majority_answer": majority, "majority_fraction": fraction}
+
+
+def _write_split(directory: Path, cfg: SyntheticConfig, split: str, bar: tqdm) -> dict:
+    """Writes one split's shards; fixed tar metadata (mtime 0) makes them byte-reproducible."""
+    n = _split_size(cfg, split)
+    shards, skill_answers = [], []
+    for shard_index, start in enumerate(range(0, n, cfg.samples_per_shard)):
+        name = shard_name(split, shard_index)
+        with open(directory / name, "wb") as f, TarWriter(f, encoder=False, mtime=0) as writer:
+            for index in range(start, min(start + cfg.samples_per_shard, n)):
+                scene, record = make_sample(cfg, split, index)
+                answers = [t["value"] for t in record["conversations"][1::2]]
+                skill_answers += zip(record["skills"], answers)
+                writer.write({"__key__": record["id"], "png": encode_png(render(scene)),
+                              "json": json.dumps(record).encode("utf-8")})
+                bar.update(1)
+        shards.append(name)
+    return {"shards": shards, "num_samples": n, "num_turns": len(skill_answers), **_split_stats(skill_answers)}
+
+
+def _our_file(name: str) -> bool:
+    if name == "meta.json":
+        return True
+    split, _, rest = name.partition("-")
+    return split in SPLITS and rest.endswith(".tar") and rest[:-4].isdigit()
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Regeneration replaces ``out_dir`` wholesale, so refuse if it holds anything else."""
+    if out_dir.exists():
+        foreign = [p.name for p in out_dir.iterdir() if not _our_file(p.name)]
+        if foreign:
+            raise FileExistsError(f"{out_dir} contains files this generator did not write: {foreign[:5]}")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Moves the finished ``src`` to ``dst``; an old dataset at ``dst`` is swapped out first."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.rename(dst, old / dst.name)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
+def generate(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
+    """(Re)generates the dataset into ``out_dir`` and returns its meta.
+
+    Shards are written to a temporary sibling directory that is renamed into place only when
+    complete, so an interruption never leaves a dataset that looks finished. Not safe against
+    concurrent callers on the same ``out_dir``: use ``ensure_generated`` for that."""
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset may be shared between users
+        meta = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "config_hash": config_hash(cfg),
+                "skills": list(SKILLS), "answer_vocab": {s: list(v) for s, v in ANSWER_VOCAB.items()},
+                "splits": {}}
+        total = cfg.n_train + cfg.n_val
+        with tqdm(total=total, desc="synthetic vqa", unit="img", disable=not progress) as bar:
+            for split in SPLITS:
+                meta["splits"][split] = _write_split(tmp, cfg, split, bar)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def load_meta(out_dir: str | Path, cfg: SyntheticConfig) -> dict | None:
+    """The existing meta if ``out_dir`` holds a complete dataset for ``cfg``, else None."""
+    out_dir = Path(out_dir)
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("config_hash") != config_hash(cfg):
+        return None
+    shards = [s for split in meta.get("splits", {}).values() for s in split.get("shards", [])]
+    if not all((out_dir / s).is_file() for s in shards):
+        return None
+    return meta
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Leftovers of killed generations (only called while holding the lock)."""
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for path in out_dir.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def ensure_generated(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
+    """Cached ``generate``: reuses a complete dataset with the same config hash. A file lock next
+    to ``out_dir`` makes concurrent callers (several trainers started at once) wait for a single
+    generator and then reuse its output."""
+    out_dir = Path(out_dir)
+    meta = load_meta(out_dir, cfg)
+    if meta is not None:
+        return meta
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / (out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = load_meta(out_dir, cfg)  # another process may have finished while we waited
+        if meta is not None:
+            return meta
+        _remove_stale_temporaries(out_dir)
+        return generate(out_dir, cfg, progress)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = SyntheticConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--n-train", type=int, default=defaults.n_train)
+    parser.add_argument("--n-val", type=int, default=defaults.n_val)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--turns-per-image", type=int, default=defaults.turns_per_image)
+    parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
+    parser.add_argument("--force", action="store_true", help="regenerate even if a cached copy exists")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = SyntheticConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
+                          turns_per_image=args.turns_per_image, samples_per_shard=args.samples_per_shard)
+    run = generate if args.force else ensure_generated
+    meta = run(args.out, cfg, progress=not args.no_progress)
+    summary = {"meta": str(Path(args.out) / "meta.json"), "config_hash": meta["config_hash"],
+               **{split: info["num_samples"] for split, info in meta["splits"].items()},
+               "val_majority_fraction": meta["splits"]["val"]["majority_fraction"]}
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Tokenizers: a checkpoint's own, or a small byte-level BPE trained locally on the task's text.
+
+The trained tokenizer fixes the special-token ids the `tiny` presets rely on:
+`<pad>`=0, `<s>`=1, `</s>`=2, `<image>`=3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style: any text encodes, decoding is exact) that prepends `<s>`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", additional_special_tokens=["<image>"]
+    )
+
+
+def template_corpus(template, system: str, texts: list[str]) -> list[str]:
+    """Task text rendered the way the model will see it (as a first turn after `<image>`, and as a
+    later turn), so the BPE merges whole words in both contexts."""
+    from .chat import IMAGE, render
+
+    out = []
+    for t in texts:
+        for question in (f"{IMAGE}\n{t}", t):
+            out.append(render(template, system, [{"from": "human", "value": question}, {"from": "gpt", "value": t}])[0])
+    return out
+
+
+def load_or_train(directory: str | Path, texts_fn, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Reuse the tokenizer saved in `directory`, or train one on `texts_fn()` and save it there."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    train_bpe(texts_fn(), vocab_size).save_pretrained(tmp)
+    tmp.replace(directory)  # atomic: a half-written tokenizer is never picked up
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load_pretrained_tokenizer(path: str | Path):
+    """A checkpoint's tokenizer; `<image>` is added when missing (llava-hf tokenizers already have it)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(path)
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok

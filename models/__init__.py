@@ -1,0 +1,6 @@
+"""Multimodal LLM: vision tower -> projector -> plan-aware decoder over HF LLM modules."""
+
+from .config import ConfigError, MLLMConfig
+from .mllm import MLLM, ImageTokenMismatch, MLLMOutput
+
+__all__ = ["MLLM", "MLLMConfig", "MLLMOutput", "ConfigError", "ImageTokenMismatch"]

@@ -1,0 +1,35 @@
+"""Greedy generation with the plan-aware KV cache (prefill once, then one token per step)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    pixel_values: Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int = 0,
+) -> Tensor:
+    """New tokens `[B, <=max_new_tokens]`; rows that finished are filled with `pad_token_id`.
+
+    Works with left or right padding: each row continues from its own last valid position.
+    """
+    eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
+    out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True)
+    state, logits = out.cache, out.logits
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
+        tokens.append(nxt)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model.decode_step(nxt, state)
+    return torch.stack(tokens, 1)

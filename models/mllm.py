@@ -1,0 +1,210 @@
+"""MLLM: vision tower -> projector -> causal LM decoder whose forward we own.
+
+Weights and module names are HF's (CLIP/SigLIP vision model, `LlamaModel`/`Qwen2Model`, `lm_head`),
+so llava-hf checkpoints load and our exports load back into `LlavaForConditionalGeneration`.
+The image is given as `n_v` `<image>` placeholder tokens per image in `input_ids` (the llava-hf
+processor layout); the model replaces them with projected patch features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModel
+
+from .attention import Keys
+from .config import MLLMConfig
+from .decoder import run_decoder
+from .projector import Projector
+from .streams import Layout, Stream, empty_like_visual
+from .vision import build_vision_tower, image_features
+
+
+class ImageTokenMismatch(ValueError):
+    """The number of `<image>` tokens does not match the images given."""
+
+
+@dataclass
+class MLLMOutput:
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # [B, L, V] ("all"), [B, V] ("last") or None
+    n_loss_tokens: int = 0
+    cache: "DecodeState | None" = None
+
+
+@dataclass
+class DecodeState:
+    """What decoding needs after prefill: per-layer keys (the KV cache) and each row's next position."""
+
+    keys: list[Keys]
+    next_pos: Tensor  # [B]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in self.keys)
+
+
+class MLLM(nn.Module):
+    def __init__(self, config: MLLMConfig):
+        super().__init__()
+        self.config = config
+        vision_cfg, text_cfg = config.hf_vision_config(), config.hf_text_config()
+        self.vision_tower = build_vision_tower(vision_cfg)
+        self.multi_modal_projector = Projector(config.projector, vision_cfg.hidden_size, text_cfg.hidden_size)
+        self.language_model = AutoModel.from_config(text_cfg)
+        self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._init_new_weights(text_cfg.initializer_range)
+        if text_cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def _init_new_weights(self, std: float) -> None:
+        for m in [self.lm_head, self.multi_modal_projector.linear_1, getattr(self.multi_modal_projector, "linear_2", None)]:
+            if m is not None:
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --- loading and saving (HF llava layout) ---------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "MLLM":
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    # --- pieces ----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Projected visual tokens `[n_images, n_v, d]`."""
+        features, _ = image_features(self.vision_tower, pixel_values, self.config)
+        return self.multi_modal_projector(features)
+
+    def _rope(self, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return self.language_model.rotary_emb(h, pos)
+
+    def _streams(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> tuple[Layout, Stream, Stream]:
+        layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id)
+        text_ids = torch.gather(input_ids, 1, layout.text_index)
+        text_h = self.language_model.embed_tokens(text_ids)
+        text_pos = torch.gather(layout.positions, 1, layout.text_index)
+        text = Stream(text_h, text_pos, layout.text_valid, *self._rope(text_h, text_pos))
+        vis = self._visual_stream(layout, pixel_values, text)
+        return layout, text, vis
+
+    def _visual_stream(self, layout: Layout, pixel_values: Tensor | None, text: Stream) -> Stream:
+        n_tokens = layout.vis_valid.sum(1)
+        n_v = self.config.num_image_tokens
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if int(n_tokens.sum()) != n_images * n_v or bool((n_tokens % n_v).any()):
+            raise ImageTokenMismatch(
+                f"<image> tokens per row {n_tokens.tolist()} do not match {n_images} image(s) x {n_v} visual "
+                f"tokens per image: each image needs exactly {n_v} consecutive <image> tokens "
+                f"(image_token_id={self.config.image_token_id}); tokenize prompts with data.chat.ChatTokenizer "
+                "or the checkpoint's processor, which expand one <image> placeholder to that many"
+            )
+        if n_images == 0:
+            return empty_like_visual(text)
+        features = self.encode_images(pixel_values).to(text.h.dtype)  # [N, n_v, d]
+        b, v = layout.vis_valid.shape
+        h = text.h.new_zeros(b, v, features.shape[-1])
+        h[layout.vis_valid] = features.reshape(-1, features.shape[-1])
+        pos = torch.gather(layout.positions, 1, layout.vis_index)
+        slot = torch.arange(v, device=h.device).expand(b, v)
+        return Stream(h, pos, layout.vis_valid, *self._rope(h, pos), patch=slot % n_v, image=slot // n_v, embed=h)
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        logits: str = "auto",
+        use_cache: bool = False,
+    ) -> MLLMOutput:
+        """Prefill (or train) on a batch.
+
+        `logits`: "all" -> `[B, L, vocab]` in sequence order; "last" -> `[B, vocab]` at each row's last
+        valid token; "none"; "auto" = "none" when `labels` are given, else "all". The loss only
+        evaluates the LM head on supervised positions.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layout, text, vis = self._streams(input_ids, attention_mask, pixel_values)
+        text, vis, keys = run_decoder(
+            self.language_model, text, vis, use_cache=use_cache, gradient_checkpointing=self.gradient_checkpointing and self.training
+        )
+        out = MLLMOutput()
+        if labels is not None:
+            out.loss, out.n_loss_tokens = self._loss(text, layout, labels)
+        mode = ("none" if labels is not None else "all") if logits == "auto" else logits
+        if mode == "all":
+            out.logits = self._all_logits(text, vis, layout, input_ids.shape)
+        elif mode == "last":
+            out.logits = self._head(_last_valid(text))
+        if use_cache:
+            out.cache = DecodeState(keys, attention_mask.long().sum(1))
+        return out
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: Tensor, state: DecodeState) -> Tensor:
+        """One decoding step: `token_ids` [B] -> next-token logits [B, vocab]; `state` is updated."""
+        pos = state.next_pos[:, None]
+        h = self.language_model.embed_tokens(token_ids[:, None])
+        text = Stream(h, pos, torch.ones_like(pos, dtype=torch.bool), *self._rope(h, pos))
+        text, _, state.keys = run_decoder(self.language_model, text, empty_like_visual(text), cache=state.keys)
+        state.next_pos = state.next_pos + 1
+        return self._head(text.h[:, 0])
+
+    def _head(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.language_model.norm(h))
+
+    def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
+        """Next-token cross-entropy on supervised positions only (the LM head runs on those rows)."""
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
+        if bool((after_image != -100).any()):
+            raise ValueError(
+                "a supervised label directly follows an <image> token; the prediction would come from a "
+                "visual token. Mask that label with -100 (LLaVA puts a newline after <image>)."
+            )
+        text_targets = torch.gather(targets, 1, layout.text_index).masked_fill(~layout.text_valid, -100)
+        sel = text_targets != -100
+        n = int(sel.sum())
+        if n == 0:
+            return text.h.sum() * 0.0, 0
+        logits = self._head(text.h[sel])
+        return F.cross_entropy(logits.float(), text_targets[sel], reduction="mean"), n
+
+    def _all_logits(self, text: Stream, vis: Stream, layout: Layout, shape) -> Tensor:
+        b, length = shape
+        logits = text.h.new_full((b, length, self.lm_head.out_features), float("nan"))
+        _scatter_rows(logits, layout.text_index, layout.text_valid, self._head(text.h))
+        if vis.n:  # surviving visual tokens; pruned ones stay NaN
+            slot = vis.image * self.config.num_image_tokens + vis.patch
+            _scatter_rows(logits, torch.gather(layout.vis_index, 1, slot), vis.valid, self._head(vis.h))
+        return logits
+
+
+def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> None:
+    rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(index)
+    out[rows[valid], index[valid]] = values[valid].to(out.dtype)
+
+
+def _last_valid(text: Stream) -> Tensor:
+    """Hidden state of each row's last valid text token (the one that predicts the next token)."""
+    pos = text.pos.masked_fill(~text.valid, -1)
+    idx = pos.argmax(1)
+    return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]

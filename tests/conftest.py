@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models built from configs, a locally trained tokenizer, synthetic shards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """Small synthetic shards (shared by the data and training tests)."""
+    from data.synthetic import SyntheticConfig, ensure_generated
+
+    root = tmp_path_factory.mktemp("synthetic") / "shapes"
+    cfg = SyntheticConfig(seed=0, n_train=240, n_val=60, image_size=64, turns_per_image=6, samples_per_shard=80)
+    ensure_generated(root, cfg, progress=False)
+    return root, cfg
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer(tmp_path_factory):
+    from data.chat import TEMPLATES
+    from data.synthetic import all_texts
+    from data.tokenizer import load_or_train, template_corpus
+
+    corpus = template_corpus(TEMPLATES["vicuna"], "", all_texts())
+    return load_or_train(tmp_path_factory.mktemp("tok") / "tokenizer", lambda: corpus, 1024)

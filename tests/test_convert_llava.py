@@ -1,0 +1,185 @@
+"""LLaVA JSON -> WebDataset conversion: contents, skipped records, reports, resume, errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+
+from data import convert_llava as cl  # noqa: E402
+
+
+def turns(question):
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "an answer"}]
+
+
+@pytest.fixture
+def llava(tmp_path):
+    """8 records in shards of 3: [ok jpg, text-only, missing] [ok png, corrupt, ok JPG]
+    [truncated png, ok jpg]."""
+    root = tmp_path / "images"
+    (root / "coco").mkdir(parents=True)
+    (root / "gqa").mkdir()
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(root / "coco" / "a.jpg", quality=90)
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(root / "gqa" / "b.png")
+    Image.new("RGB", (9, 9), (10, 10, 200)).save(root / "coco" / "c.JPG", format="JPEG")
+    Image.new("L", (10, 10), 128).save(root / "coco" / "e.jpg")
+    (root / "coco" / "bad.jpg").write_bytes(b"this is not an image")
+    png = (root / "gqa" / "b.png").read_bytes()
+    (root / "gqa" / "truncated.png").write_bytes(png[: len(png) // 2])
+    records = [
+        {"id": "a", "image": "coco/a.jpg", "conversations": turns("what is red ?")},
+        {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"id": "m", "image": "coco/missing.jpg", "conversations": turns("lost ?")},
+        {"id": "b", "image": "gqa/b.png", "conversations": turns("green ?")},
+        {"id": "x", "image": "coco/bad.jpg", "conversations": turns("bad ?")},
+        {"id": "c", "image": "coco/c.JPG", "conversations": turns("blue ?")},
+        {"id": "p", "image": "gqa/truncated.png", "conversations": turns("half ?")},
+        {"id": "e", "image": "coco/e.jpg", "conversations": turns("grey ?")},
+    ]
+    json_path = tmp_path / "llava.json"
+    json_path.write_text(json.dumps(records))
+    return json_path, root, records
+
+
+def run(json_path, root, out, **kwargs):
+    return cl.convert(json_path, root, out, samples_per_shard=3, progress=False, **kwargs)
+
+
+def read_dir(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
+def test_shards_contents_and_reports(llava, tmp_path):
+    json_path, root, records = llava
+    out = tmp_path / "out"
+    summary = run(json_path, root, out)
+    assert summary["shards"] == 3 and summary["resumed_shards"] == 0
+    assert (summary["written"], summary["missing"], summary["corrupt"]) == (5, 1, 2)
+    assert summary["first_missing"] == ["coco/missing.jpg"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
+    assert [s["records"] for s in manifest["shards"]] == [[0, 3], [3, 6], [6, 8]]
+    assert (manifest["written"], manifest["text_only"], manifest["missing"], manifest["corrupt"]) == (5, 1, 1, 2)
+    assert (out / "missing_images.txt").read_text() == "coco/missing.jpg\n"
+    assert (out / "corrupt_images.txt").read_text() == "coco/bad.jpg\ngqa/truncated.png\n"
+    assert not list(out.glob("*.tmp"))
+
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert sorted(samples) == ["000000000", "000000001", "000000003", "000000005", "000000007"]
+    for key, sample in samples.items():
+        assert json.loads(sample["json"]) == records[int(key)]
+    assert samples["000000000"]["jpg"] == (root / "coco" / "a.jpg").read_bytes()  # original bytes
+    assert samples["000000003"]["png"] == (root / "gqa" / "b.png").read_bytes()
+    assert samples["000000005"]["jpg"] == (root / "coco" / "c.JPG").read_bytes()  # lower-cased key
+    assert [k for k in samples["000000001"] if not k.startswith("__")] == ["json"]  # text-only
+
+
+def test_decoded_images_match(llava, tmp_path):
+    json_path, root, _ = llava
+    run(json_path, root, tmp_path / "out")
+    ds = wds.WebDataset(str(tmp_path / "out" / "train-000001.tar"), shardshuffle=False).decode("pil")
+    first = next(iter(ds))
+    assert first["png"].size == (8, 8) and first["png"].getpixel((0, 0)) == (10, 200, 10)
+
+
+def test_resume_after_interruption_matches_clean_run(llava, tmp_path, monkeypatch):
+    json_path, root, _ = llava
+    run(json_path, root, tmp_path / "clean")
+
+    out = tmp_path / "resumed"
+    real_read_image = cl.read_image
+
+    def crash_on_corrupt(images_root, rel_path):
+        if rel_path == "coco/bad.jpg":  # record 4, inside shard 1
+            raise KeyboardInterrupt
+        return real_read_image(images_root, rel_path)
+
+    with monkeypatch.context() as m:
+        m.setattr(cl, "read_image", crash_on_corrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(json_path, root, out)
+    assert (out / "train-000000.tar").is_file() and (out / "train-000001.tar.tmp").is_file()
+    assert not (out / "train-000001.tar").exists() and not (out / "manifest.json").exists()
+    progress = json.loads((out / "progress.json").read_text())
+    assert [s["name"] for s in progress["shards"]] == ["train-000000.tar"] and progress["next_record"] == 3
+    first_shard_stamp = (out / "train-000000.tar").stat().st_mtime_ns
+
+    summary = run(json_path, root, out)
+    assert summary["resumed_shards"] == 1 and summary["missing"] == 1 and summary["written"] == 5
+    assert (out / "train-000000.tar").stat().st_mtime_ns == first_shard_stamp  # not rewritten
+    assert read_dir(out) == read_dir(tmp_path / "clean")
+
+
+def test_rerun_of_finished_conversion_writes_no_shard(llava, tmp_path):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    first = run(json_path, root, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run(json_path, root, out)
+    assert again["resumed_shards"] == 3
+    assert {k: v for k, v in again.items() if k not in ("seconds", "resumed_shards")} == \
+        {k: v for k, v in first.items() if k not in ("seconds", "resumed_shards")}
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamps
+
+
+def test_deleted_shard_is_rewritten(llava, tmp_path):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    run(json_path, root, out)
+    expected = read_dir(out)
+    (out / "train-000001.tar").unlink()
+    assert run(json_path, root, out)["resumed_shards"] == 1
+    assert read_dir(out) == expected
+
+
+def test_progress_of_a_different_conversion_is_refused(llava, tmp_path):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    run(json_path, root, out)
+    with pytest.raises(cl.ConversionError, match="different conversion"):
+        cl.convert(json_path, root, out, samples_per_shard=2, progress=False)
+
+
+def test_max_samples_and_prefix(llava, tmp_path):
+    json_path, root, _ = llava
+    summary = run(json_path, root, tmp_path / "out", max_samples=4, prefix="trial")
+    assert summary["shards"] == 2 and summary["written"] == 3
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["trial-000000.tar", "trial-000001.tar"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "file not found"),
+        ("{not json", "invalid JSON"),
+        ('{"id": 1}', "expected a JSON list"),
+        ('[{"id": "ok", "conversations": [{"from": "human", "value": "q"}]}, {"id": "bad", "image": "a.jpg"}]',
+         r"record 1 \(id='bad'\) has no 'conversations'"),
+    ],
+)
+def test_clear_errors(tmp_path, content, message):
+    json_path = tmp_path / "in.json"
+    if content is not None:
+        json_path.write_text(content)
+    with pytest.raises(cl.ConversionError, match=message) as info:
+        cl.convert(json_path, tmp_path, tmp_path / "out", progress=False)
+    assert str(json_path) in str(info.value)
+
+
+def test_cli(llava, tmp_path, capsys):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    cl.main(["--json", str(json_path), "--images", str(root), "--out", str(out),
+             "--samples-per-shard", "5", "--no-progress"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == 2 and summary["written"] == 5 and summary["missing"] == 1
+    assert summary["manifest"] == str(out / "manifest.json")
+    with pytest.raises(SystemExit, match="file not found"):
+        cl.main(["--json", str(tmp_path / "nope.json"), "--images", str(root), "--out", str(out)])

@@ -1,0 +1,1 @@
+"""Training: Hydra entry point, LightningModule, evaluation, strategies and CLIs."""

@@ -1,0 +1,60 @@
+"""AdamW with LLaVA-style parameter groups and a warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.config import check_keys
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03  # of max_steps (LLaVA recipes: 0.03)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimConfig":
+        check_keys(d, set(cls.__dataclass_fields__), "optim")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        if not (cfg.lr > 0 and 0 <= cfg.warmup_ratio < 1 and 0 <= cfg.min_lr_ratio <= 1):
+            raise ValueError(f"invalid optim settings {cfg}: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1")
+        return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, with no weight decay on biases and norm weights (all 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int):
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: check the stage (stage.train_*) and PEFT settings")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup, cfg.min_lr_ratio))
+    return opt, sched

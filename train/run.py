@@ -1,0 +1,145 @@
+"""The main job: compose objects from the config, fit, evaluate the best checkpoint, export, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.chat import TEMPLATES, ChatTokenizer
+from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
+
+from .factory import ModelSpec
+from .module import MLLMModule
+from .optim import OptimConfig
+from .stage import StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision):
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def build_strategy(cfg: DictConfig):
+    return instantiate(cfg) if "_target_" in cfg else cfg.name
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+    return instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        strategy=build_strategy(cfg.strategy),
+        logger=loggers,
+        callbacks=callbacks,
+    )
+
+
+def build_data(cfg: DictConfig, spec: ModelSpec):
+    """Prepare shards (generating the synthetic task if needed), the tokenizer and the data module."""
+    shards = instantiate(cfg.data.source).prepare()
+    tokenizer = spec.load_tokenizer(shards.texts, Path(cfg.paths.data_dir) / "tokenizers")
+    mcfg = spec.mllm_config
+    chat = ChatTokenizer(tokenizer, spec.chat_template, mcfg.num_image_tokens, cfg.data.max_length, spec.system_prompt)
+    image = ImageSpec(mcfg.hf_vision_config().image_size, mcfg.image_mean, mcfg.image_std)
+    dm = MLLMDataModule(
+        shards.train,
+        shards.val,
+        SampleEncoder(chat, image),
+        pad_id=tokenizer.pad_token_id,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    return tokenizer, dm
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the template's stop marker."""
+    ids = {tokenizer.eos_token_id}
+    stop = TEMPLATES[template].stop.strip()
+    if stop and stop in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids(stop))
+    return sorted(i for i in ids if i is not None)
+
+
+def build_module(cfg: DictConfig, spec: ModelSpec, tokenizer) -> MLLMModule:
+    return MLLMModule(
+        model_factory=spec.build,
+        optim=OptimConfig.from_dict(OmegaConf.to_container(cfg.optim)),
+        stage=StageConfig.from_dict(OmegaConf.to_container(cfg.stage)),
+        decode=lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
+        eos_ids=stop_ids(tokenizer, spec.chat_template),
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        eval_noimage=cfg.eval.noimage,
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit, evaluate the best checkpoint on the val shards, export it; returns the final metrics."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+    start = time.time()
+    tokenizer, dm = build_data(cfg, spec)
+    data_seconds = time.time() - start
+    module = build_module(cfg, spec, tokenizer)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    fit_seconds = time.time() - start - data_seconds
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    summary = {
+        "run_dir": str(out_dir),
+        "model": spec.name,
+        "arch": cfg.arch.name,
+        "steps": trainer.global_step,
+        "best_checkpoint": best,
+        "seconds": {"data": round(data_seconds, 1), "fit": round(fit_seconds, 1), "total": round(time.time() - start, 1)},
+        "metrics": metrics,
+    }
+    if cfg.export and trainer.is_global_zero:
+        export_dir = out_dir / "export"
+        module.model.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+        summary["export"] = str(export_dir)
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    lines = [
+        "",
+        f"== {summary['model']} / {summary['arch']}: {summary['steps']} steps in {summary['seconds']['total']} s ==",
+        f"val/acc {m.get('val/acc', float('nan')):.3f}   acc_noimage {m.get('val/acc_noimage', float('nan')):.3f}   "
+        f"acc_majority {m.get('val/acc_majority', float('nan')):.3f}   val/loss {m.get('val/loss', float('nan')):.4f}",
+        "per skill: " + "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("val/acc/")),
+        f"metrics:  {summary['run_dir']}/metrics.json",
+        f"config:   {summary['run_dir']}/config.yaml",
+    ]
+    if "export" in summary:
+        lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / LlavaForConditionalGeneration.from_pretrained)")
+    print("\n".join(lines), flush=True)

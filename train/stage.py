@@ -1,0 +1,45 @@
+"""Training stages: which parts of the MLLM learn (LLaVA stage 1 / stage 2, or everything)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.config import check_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    """`pretrain`: projector only (LLaVA stage 1). `finetune`: projector + LLM, vision tower frozen
+    unless `train_vision` (LLaVA stage 2). `scratch`: everything (models built from configs)."""
+
+    name: str
+    train_vision: bool
+    train_projector: bool
+    train_llm: bool
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageConfig":
+        check_keys(d, set(cls.__dataclass_fields__), "stage")
+        return cls(**d)
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
+    """Set `requires_grad` per part and return trainable parameter counts per part."""
+    parts = {
+        "vision_tower": (model.vision_tower, stage.train_vision),
+        "projector": (model.multi_modal_projector, stage.train_projector),
+        "llm": (model.language_model, stage.train_llm),
+        "lm_head": (model.lm_head, stage.train_llm),
+    }
+    counts = {}
+    for name, (module, trainable) in parts.items():
+        module.requires_grad_(trainable)
+    for name, (module, _) in parts.items():
+        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("stage %s: trainable parameters %s", stage.name, counts)
+    return counts
