@@ -31,39 +31,44 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from webdataset import TarWriter
 
-FORMAT_VERSION = 1  # bump whenever the sample content for a given config changes
+FORMAT_VERSION = 2  # bump whenever the sample content for a given config changes
 
 BACKGROUND = (40, 40, 40)
-COLORS: dict[str, tuple[int, int, int]] = {
+COLORS: dict[str, tuple[int, int, int]] = {  # regular objects
     "red": (230, 40, 40),
     "green": (40, 200, 60),
     "blue": (50, 100, 245),
     "yellow": (245, 225, 40),
-    "purple": (160, 60, 210),
+}
+DOT_COLORS: dict[str, tuple[int, int, int]] = {  # the small dot has its own palette
     "white": (245, 245, 245),
+    "cyan": (40, 230, 230),
+    "magenta": (230, 50, 230),
+    "orange": (250, 140, 20),
 }
 COLOR_NAMES = tuple(COLORS)
+DOT_COLOR_NAMES = tuple(DOT_COLORS)
 SHAPES = ("circle", "square", "triangle")
 PLACES = ("top left", "top right", "bottom left", "bottom right")  # quadrant index 0..3
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")  # counts are 1..4
 RELATIONS = ("left of", "above")
 SKILLS = ("exist", "color", "shape", "count", "position", "fine")
 
 TEMPLATES = {
     "exist": "is there a {} {} ?",
     "color": "what color is the object in the {} ?",
-    "shape": "what shape is the {} object ?",
-    "count": "how many {}s are there ?",
-    "position": "is the {} {} {} the {} {} ?",
+    "shape": "what shape is the object in the {} ?",
+    "count": "how many objects are there ?",
+    "position": "is the {} object {} the {} object ?",
     "fine": "what color is the small dot ?",
 }
 ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "exist": ("yes", "no"),
     "color": COLOR_NAMES,
     "shape": SHAPES,
-    "count": NUMBER_WORDS,
+    "count": NUMBER_WORDS[1:],
     "position": ("yes", "no"),
-    "fine": COLOR_NAMES,
+    "fine": DOT_COLOR_NAMES,
 }
 IMAGE_TOKEN = "<image>"
 SPLITS = ("train", "val")
@@ -135,7 +140,8 @@ def quadrant_origin(quadrant: int, image_size: int) -> tuple[int, int]:
 
 
 def dot_side(image_size: int) -> int:
-    return max(2, image_size // 24)
+    """3 px at 64 px: smaller than one 4x4 patch."""
+    return max(3, image_size // 20)
 
 
 def boxes_touch(a: Box, b: Box, gap: int = 1) -> bool:
@@ -145,19 +151,21 @@ def boxes_touch(a: Box, b: Box, gap: int = 1) -> bool:
 
 
 def sample_object(rng: random.Random, quadrant: int, image_size: int) -> SceneObject:
-    """A random object, 40-70 % of the quadrant side, fully inside its quadrant (1 px margin)."""
+    """A random object, 50-75 % of the quadrant side, near the quadrant centre (small jitter)."""
     half = image_size // 2
-    side = rng.randint(round(0.4 * half), round(0.7 * half))
+    side = rng.randint(round(0.5 * half), round(0.75 * half))
     qx, qy = quadrant_origin(quadrant, image_size)
-    x0 = qx + rng.randint(1, half - side - 1)
-    y0 = qy + rng.randint(1, half - side - 1)
+    slack = half - side - 2  # keep a 1 px margin inside the quadrant
+    jitter = max(1, half // 16)
+    x0 = qx + 1 + min(slack, max(0, slack // 2 + rng.randint(-jitter, jitter)))
+    y0 = qy + 1 + min(slack, max(0, slack // 2 + rng.randint(-jitter, jitter)))
     return SceneObject(rng.choice(SHAPES), rng.choice(COLOR_NAMES), quadrant, (x0, y0, x0 + side, y0 + side))
 
 
 def sample_dot(rng: random.Random, objects: tuple[SceneObject, ...], image_size: int) -> Dot:
     """The tiny dot anywhere on the canvas, away from every object's bounding box."""
     side = dot_side(image_size)
-    color = rng.choice(COLOR_NAMES)
+    color = rng.choice(DOT_COLOR_NAMES)
     while True:  # objects cover < 50 % of the canvas, so this ends after a few tries
         x0 = rng.randint(0, image_size - side)
         y0 = rng.randint(0, image_size - side)
@@ -185,7 +193,7 @@ def render(scene: Scene) -> Image.Image:
         else:
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
     x0, y0, x1, y1 = scene.dot.box
-    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=COLORS[scene.dot.color])
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=DOT_COLORS[scene.dot.color])
     return img
 
 
@@ -208,13 +216,6 @@ class Question:
         return TEMPLATES[self.skill].format(*self.args)
 
 
-def _find_unique(scene: Scene, color: str, shape: str) -> SceneObject:
-    found = [o for o in scene.objects if o.color == color and o.shape == shape]
-    if len(found) != 1:
-        raise ValueError(f"'{color} {shape}' does not identify exactly one object")
-    return found[0]
-
-
 def column(quadrant: int) -> int:
     return quadrant % 2
 
@@ -223,14 +224,26 @@ def row(quadrant: int) -> int:
     return quadrant // 2
 
 
-def _answer_position(scene: Scene, c1: str, s1: str, relation: str, c2: str, s2: str) -> str:
-    a, b = _find_unique(scene, c1, s1), _find_unique(scene, c2, s2)
-    line, axis = (column, 0) if relation == "left of" else (row, 1)
+def _object_in(scene: Scene, place: str) -> SceneObject:
+    found = [o for o in scene.objects if o.quadrant == PLACES.index(place)]
+    if not found:
+        raise ValueError(f"no object in the {place}")
+    return found[0]
+
+
+def _only_of_color(scene: Scene, color: str) -> SceneObject:
+    found = [o for o in scene.objects if o.color == color]
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} objects are {color}; the question needs exactly one")
+    return found[0]
+
+
+def _answer_position(scene: Scene, c1: str, relation: str, c2: str) -> str:
+    a, b = _only_of_color(scene, c1), _only_of_color(scene, c2)
+    line = column if relation == "left of" else row
     if line(a.quadrant) == line(b.quadrant):
         raise ValueError(f"'{relation}' is ill-defined for objects in the same column/row")
-    center_a = a.box[axis] + a.box[axis + 2]  # twice the centre; only the order matters
-    center_b = b.box[axis] + b.box[axis + 2]
-    return "yes" if center_a < center_b else "no"
+    return "yes" if line(a.quadrant) < line(b.quadrant) else "no"
 
 
 def answer(scene: Scene, question: Question) -> str:
@@ -242,17 +255,11 @@ def answer(scene: Scene, question: Question) -> str:
         color, shape = args
         return "yes" if any(o.color == color and o.shape == shape for o in scene.objects) else "no"
     if skill == "color":
-        found = [o for o in scene.objects if o.quadrant == PLACES.index(args[0])]
-        if not found:
-            raise ValueError(f"no object in the {args[0]}")
-        return found[0].color
+        return _object_in(scene, args[0]).color
     if skill == "shape":
-        found = [o for o in scene.objects if o.color == args[0]]
-        if len(found) != 1:
-            raise ValueError(f"{len(found)} objects are {args[0]}")
-        return found[0].shape
+        return _object_in(scene, args[0]).shape
     if skill == "count":
-        return NUMBER_WORDS[sum(o.shape == args[0] for o in scene.objects)]
+        return NUMBER_WORDS[len(scene.objects)]
     if skill == "position":
         return _answer_position(scene, *args)
     if skill == "fine":
@@ -261,38 +268,27 @@ def answer(scene: Scene, question: Question) -> str:
 
 
 def _sample_exist(rng: random.Random, scene: Scene) -> Question:
+    """Balanced yes/no. A "no" names a colour or a shape that is in the scene whenever possible,
+    so colour presence or shape presence alone cannot answer it: the two must be bound."""
     if rng.random() < 0.5:
         obj = rng.choice(scene.objects)
         return Question("exist", (obj.color, obj.shape))
     present = {(o.color, o.shape) for o in scene.objects}
-    present.add((scene.dot.color, "square"))  # the dot is a tiny square: never ask about it
+    colors, shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
     absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
-    return Question("exist", rng.choice(absent))
+    confusable = [(c, s) for c, s in absent if c in colors or s in shapes]
+    return Question("exist", rng.choice(confusable or absent))
 
 
-def _sample_color(rng: random.Random, scene: Scene) -> Question:
-    return Question("color", (PLACES[rng.choice(scene.objects).quadrant],))
-
-
-def _sample_shape(rng: random.Random, scene: Scene) -> Question | None:
-    counts = Counter(o.color for o in scene.objects)
-    unique = [c for c in COLOR_NAMES if counts[c] == 1]
-    return Question("shape", (rng.choice(unique),)) if unique else None
-
-
-def _sample_count(rng: random.Random, scene: Scene) -> Question:
-    """Uniform over the distinct answers this scene allows (then over shapes with that count),
-    so neither "zero" nor "one" dominates the way a uniformly drawn shape would make them."""
-    counts = Counter(o.shape for o in scene.objects)
-    target = rng.choice(sorted({counts[s] for s in SHAPES}))
-    return Question("count", (rng.choice([s for s in SHAPES if counts[s] == target]),))
+def _sample_place(rng: random.Random, scene: Scene, skill: str) -> Question:
+    return Question(skill, (PLACES[rng.choice(scene.objects).quadrant],))
 
 
 def _sample_position(rng: random.Random, scene: Scene) -> Question | None:
-    """A yes/no relation (balanced) between two uniquely named objects whose quadrants differ
+    """A balanced yes/no relation between two objects of unique colours whose quadrants differ
     along the asked axis, so the answer is unambiguous."""
-    combos = Counter((o.color, o.shape) for o in scene.objects)
-    named = [o for o in scene.objects if combos[(o.color, o.shape)] == 1]
+    counts = Counter(o.color for o in scene.objects)
+    named = [o for o in scene.objects if counts[o.color] == 1]
     options = []
     for i, a in enumerate(named):
         for b in named[i + 1 :]:
@@ -304,16 +300,16 @@ def _sample_position(rng: random.Random, scene: Scene) -> Question | None:
     relation, first, second = rng.choice(options)  # first is left of / above second
     if rng.random() < 0.5:
         first, second = second, first
-    return Question("position", (first.color, first.shape, relation, second.color, second.shape))
+    return Question("position", (first.color, relation, second.color))
 
 
 def sample_question(rng: random.Random, scene: Scene, skill: str) -> Question | None:
     """A random well-posed question of ``skill`` for ``scene``, or None when there is none."""
     samplers = {
         "exist": _sample_exist,
-        "color": _sample_color,
-        "shape": _sample_shape,
-        "count": _sample_count,
+        "color": lambda r, sc: _sample_place(r, sc, "color"),
+        "shape": lambda r, sc: _sample_place(r, sc, "shape"),
+        "count": lambda _rng, s: Question("count"),
         "position": _sample_position,
         "fine": lambda _rng, s: Question("fine"),
     }
@@ -367,10 +363,9 @@ def all_texts(cfg: SyntheticConfig | None = None) -> list[str]:
     training a tokenizer. (The vocabulary does not depend on ``cfg``.)"""
     texts = [TEMPLATES["exist"].format(c, s) for c in COLOR_NAMES for s in SHAPES]
     texts += [TEMPLATES["color"].format(p) for p in PLACES]
-    texts += [TEMPLATES["shape"].format(c) for c in COLOR_NAMES]
-    texts += [TEMPLATES["count"].format(s) for s in SHAPES]
-    objects = [(c, s) for c in COLOR_NAMES for s in SHAPES]
-    texts += [TEMPLATES["position"].format(*a, r, *b) for r in RELATIONS for a in objects for b in objects]
+    texts += [TEMPLATES["shape"].format(p) for p in PLACES]
+    texts.append(TEMPLATES["count"])
+    texts += [TEMPLATES["position"].format(a, r, b) for r in RELATIONS for a in COLOR_NAMES for b in COLOR_NAMES if a != b]
     texts.append(TEMPLATES["fine"])
     answers = dict.fromkeys(a for vocab in ANSWER_VOCAB.values() for a in vocab)  # ordered, unique
     return texts + list(answers)

@@ -3,6 +3,10 @@
 A layer attends from a set of query tokens to a set of key tokens that need not be the same
 tokens (text-only queries over text+visual keys, cached keys at decode time, ...). Causality is
 `key_pos <= query_pos`, so the order in which tokens are stored never matters.
+
+Two query groups exist: text queries (every layer, prefill and decode) and visual queries (only
+where visual tokens are updated). Text queries use SDPA unless a layer asks for the released
+post-softmax semantics or a sink, which need the full probability matrix (eager).
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ class Keys:
         return (self.k, self.v, self.pos, self.valid, self.is_visual)
 
     @property
+    def n(self) -> int:
+        return self.k.shape[2]
+
+    @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
@@ -67,11 +75,106 @@ def causal_mask(q_pos: Tensor, q_valid: Tensor, keys: Keys) -> Tensor:
     return allowed[:, None]
 
 
+def expand_kv(x: Tensor, n_heads: int) -> Tensor:
+    n_rep = n_heads // x.shape[1]
+    return x.repeat_interleave(n_rep, dim=1) if n_rep > 1 else x
+
+
+def head_visual_mask(keys: Keys, heads: tuple[int, ...] | None, n_heads: int, reads: bool) -> Tensor | None:
+    """[B, H, 1, S] mask of the columns each head may read: text keys always, visual keys only in
+    `heads` (all heads when None) and only if text `reads` visual tokens. None: no restriction."""
+    if reads and heads is None:
+        return None
+    allowed_heads = torch.zeros(n_heads, dtype=torch.bool, device=keys.k.device)
+    if reads:
+        allowed_heads[list(heads)] = True
+    return ~keys.is_visual[:, None, None, :] | allowed_heads[None, :, None, None]
+
+
 def attend(q: Tensor, keys: Keys, mask: Tensor, scale: float) -> Tensor:
     """Scaled dot-product attention with grouped-query K/V; returns [B, H, Q, dh]."""
-    n_rep = q.shape[1] // keys.k.shape[1]
-    k, v = keys.k, keys.v
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    h = q.shape[1]
+    return F.scaled_dot_product_attention(q, expand_kv(keys.k, h), expand_kv(keys.v, h), attn_mask=mask, scale=scale)
+
+
+def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Tensor | None = None, sink: bool = False) -> Tensor:
+    """Attention with the released semantics that SDPA cannot express.
+
+    `zero` [B, H|1, 1|Q, S]: columns allowed by `base` but zeroed *after* the softmax (no
+    renormalisation: YOPO, VisiPruner shallow layers). `sink`: every text->visual probability is
+    moved onto the first visual key of the row (VisiPruner's attention merging), preserving mass.
+    """
+    h = q.shape[1]
+    k, v = expand_kv(keys.k, h), expand_kv(keys.v, h)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    probs = torch.softmax(logits.masked_fill(~base, float("-inf")), dim=-1)
+    if zero is not None:
+        probs = probs.masked_fill(zero, 0.0)
+    if sink:
+        vis = keys.is_visual[:, None, None, :]
+        mass = (probs * vis).sum(-1, keepdim=True)
+        first = torch.where(keys.is_visual & keys.valid, torch.arange(keys.n, device=q.device), keys.n).min(1).values
+        has = first < keys.n
+        onehot = F.one_hot(first.clamp(max=keys.n - 1), keys.n).to(probs.dtype) * has[:, None]
+        probs = probs.masked_fill(vis, 0.0) + mass * onehot[:, None, None, :]
+    return probs @ v
+
+
+def last_query_probs(q_last: Tensor, keys: Keys, base_last: Tensor, scale: float) -> Tensor:
+    """Attention probabilities [B, H, S] of one query per row (the token that scores visual tokens)."""
+    h = q_last.shape[1]
+    logits = (q_last @ expand_kv(keys.k, h).transpose(-1, -2)).squeeze(2) * scale
+    return torch.softmax(logits.masked_fill(~base_last, float("-inf")), dim=-1)
+
+
+def local_window_index(grid: int, window: int, device) -> tuple[Tensor, Tensor]:
+    """For each patch of a grid x grid image: indices of its window x window neighbours and validity."""
+    r = torch.arange(grid, device=device)
+    rows, cols = torch.meshgrid(r, r, indexing="ij")
+    off = torch.arange(window, device=device) - window // 2
+    dr, dc = torch.meshgrid(off, off, indexing="ij")
+    nr = rows.reshape(-1, 1) + dr.reshape(1, -1)
+    nc = cols.reshape(-1, 1) + dc.reshape(1, -1)
+    valid = (nr >= 0) & (nr < grid) & (nc >= 0) & (nc < grid)
+    index = nr.clamp(0, grid - 1) * grid + nc.clamp(0, grid - 1)
+    return index, valid  # [g*g, w*w]
+
+
+def attend_visual(
+    q: Tensor,
+    text_keys: Keys,
+    q_pos: Tensor,
+    vis_k: Tensor,
+    vis_v: Tensor,
+    vis_valid: Tensor,
+    mode: str,
+    scale: float,
+    neighbours: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Visual queries that do not attend to all visual tokens: the text keys before them plus
+    either their local window (`neighbours` from `local_window_index`, gathered so the cost is
+    linear in the number of visual tokens) or only themselves (`none`). q/vis_k/vis_v: [B, H, V, dh]
+    with K/V already expanded to the query heads."""
+    h = q.shape[1]
+    kt, vt = expand_kv(text_keys.k, h), expand_kv(text_keys.v, h)
+    text_logits = (q @ kt.transpose(-1, -2)) * scale  # [B, H, V, T]
+    text_ok = text_keys.valid[:, None, None, :] & (text_keys.pos[:, None, None, :] <= q_pos[:, None, :, None])
+    text_logits = text_logits.masked_fill(~text_ok, float("-inf"))
+    if mode == "none":
+        nb_k, nb_v = vis_k.unsqueeze(3), vis_v.unsqueeze(3)  # [B, H, V, 1, dh]
+        nb_ok = torch.ones_like(vis_valid)[:, None, :, None]
+    else:
+        index, inside = neighbours
+        v = vis_k.shape[2]
+        n_img = v // index.shape[0]
+        # neighbour slots inside each image's block of g*g slots
+        flat = (torch.arange(n_img, device=q.device)[:, None, None] * index.shape[0] + index[None]).reshape(v, -1)
+        nb_k = vis_k[:, :, flat]  # [B, H, V, w*w, dh]
+        nb_v = vis_v[:, :, flat]
+        nb_ok = inside.repeat(n_img, 1)[None, None] & vis_valid[:, flat][:, None]
+        nb_ok[..., index.shape[1] // 2] = True  # itself: no row is ever empty (padding slots included)
+    nb_logits = (q.unsqueeze(3) @ nb_k.transpose(-1, -2)).squeeze(3) * scale  # [B, H, V, n]
+    nb_logits = nb_logits.masked_fill(~nb_ok, float("-inf"))
+    probs = torch.softmax(torch.cat([text_logits, nb_logits], -1), dim=-1)
+    n_text = text_logits.shape[-1]
+    return probs[..., :n_text] @ vt + (probs[..., n_text:].unsqueeze(3) @ nb_v).squeeze(3)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .config import MLLMConfig
+from .plan import Plan
 
 # (ours, on disk) prefix pairs; order matters for the first match on load.
 _SAVE_PREFIXES = [
@@ -85,7 +86,7 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def build(config: MLLMConfig, dtype: torch.dtype | None = None, init: bool = True) -> nn.Module:
+def build(config: MLLMConfig, dtype: torch.dtype | None = None, init: bool = True, plan=None) -> nn.Module:
     """Construct an MLLM; `init=False` skips random initialisation (weights are loaded next)."""
     from .mllm import MLLM
 
@@ -94,9 +95,9 @@ def build(config: MLLMConfig, dtype: torch.dtype | None = None, init: bool = Tru
         torch.set_default_dtype(dtype)
     try:
         if init:
-            return MLLM(config)
+            return MLLM(config, plan)
         with no_init_weights():
-            return MLLM(config)
+            return MLLM(config, plan)
     finally:
         torch.set_default_dtype(previous)
 
@@ -128,7 +129,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
             "and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
         )
     config = MLLMConfig.from_hf(hf)
-    model = build(config, dtype=dtype, init=False)
+    plan_dict = hf.get("efficient_mllm", {}).get("plan")
+    model = build(config, dtype=dtype, init=False, plan=Plan.from_dict(plan_dict) if plan_dict else None)
     load_weights(model, read_state_dict(path), str(path))
     return model
 
@@ -190,6 +192,7 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: str = "5
             state.pop("language_model.lm_head.weight", None)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         hf = model.config.to_hf_dict()
+        hf["efficient_mllm"]["plan"] = model.plan.to_dict()
         hf["architectures"] = ["LlavaForConditionalGeneration"]
         hf["dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))

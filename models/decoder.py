@@ -1,60 +1,315 @@
 """The decoder forward, owned by us, over the modules and weights of an HF Llama/Qwen2 model.
 
-Each layer attends from an explicit set of query tokens to an explicit set of keys (see
-`attention.py`), which is what lets visual-compute plans skip work physically. The same layer
-function serves prefill (keys = this call's tokens) and decode (keys = cached keys + new tokens).
+Each layer follows its `LayerPolicy` by choosing *which tokens* take part, never by masking a full
+sequence: text tokens are always queries; visual tokens are queries only where they are updated
+(and then only in the heads they keep, with the FFN neurons they keep); visual keys/values exist
+only where someone reads them; token-set changes gather the visual stream. The same layer function
+serves prefill and decode (keys = cached keys + new tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Keys, apply_rope, attend, causal_mask, merge_heads, split_heads
-from .streams import Stream, concat
+from .attention import (
+    Keys,
+    apply_rope,
+    attend,
+    attend_eager,
+    attend_visual,
+    causal_mask,
+    expand_kv,
+    head_visual_mask,
+    last_query_probs,
+    local_window_index,
+    merge_heads,
+    split_heads,
+)
+from .plan import LayerPolicy, Plan, Select
+from .streams import Stream, empty_like_visual
 
 
-def _keys(attn: nn.Module, x: Tensor, tokens: Stream, is_visual: Tensor) -> Keys:
-    k = apply_rope(split_heads(attn.k_proj(x), attn.head_dim), tokens.cos, tokens.sin)
-    v = split_heads(attn.v_proj(x), attn.head_dim)
-    return Keys(k, v, tokens.pos, tokens.valid, is_visual)
+@dataclass
+class DecodeState:
+    """What decoding needs after prefill: per-layer keys (the KV cache), cross-attention keys of
+    gated blocks, and each row's next position."""
+
+    keys: list[Keys]
+    next_pos: Tensor  # [B]
+    xattn: dict[int, Keys] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in self.keys) + sum(k.nbytes for k in self.xattn.values())
+
+    @property
+    def visual_nbytes(self) -> int:
+        """Bytes of cached visual K/V (what plans save at decode time)."""
+        total = 0
+        for k in [*self.keys, *self.xattn.values()]:
+            frac = k.is_visual.float().mean().item() if k.is_visual.numel() else 0.0
+            total += int(k.nbytes * frac)
+        return total
 
 
-def layer_forward(layer: nn.Module, text: Stream, vis: Stream, past: Keys | None) -> tuple[Stream, Stream, Keys]:
-    """One decoder layer over text and visual tokens; returns the updated streams and its keys."""
-    attn = layer.self_attn
-    tokens = concat([text, vis]) if vis.n else text
-    is_visual = torch.zeros_like(tokens.valid)
-    is_visual[:, text.n :] = True
+# --- projections restricted to heads / neurons -------------------------------------------------
 
-    x = layer.input_layernorm(tokens.h)
-    q = apply_rope(split_heads(attn.q_proj(x), attn.head_dim), tokens.cos, tokens.sin)
-    keys = _keys(attn, x, tokens, is_visual)
-    if past is not None:
-        keys = past.append(keys)
-    out = attend(q, keys, causal_mask(tokens.pos, tokens.valid, keys), attn.scaling)
-    h = tokens.h + attn.o_proj(merge_heads(out))
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return text.with_h(h[:, : text.n]), vis.with_h(h[:, text.n :]), keys
+
+def _rows(linear: nn.Linear, heads: list[int] | None, head_dim: int) -> tuple[Tensor, Tensor | None]:
+    """Weight (and bias) rows of the given output heads (all when `heads` is None)."""
+    if heads is None:
+        return linear.weight, linear.bias
+    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=linear.weight.device)
+    return linear.weight[idx], None if linear.bias is None else linear.bias[idx]
+
+
+def project_heads(linear: nn.Linear, x: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
+    w, b = _rows(linear, heads, head_dim)
+    return split_heads(F.linear(x, w, b), head_dim)
+
+
+def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
+    """o_proj over the given heads only (columns of W_o): pruned heads contribute nothing."""
+    if heads is None:
+        return o_proj(merge_heads(out))
+    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=out.device)
+    return F.linear(merge_heads(out), o_proj.weight[:, idx], o_proj.bias)
+
+
+def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
+    """SwiGLU FFN using only its first `fraction` of intermediate neurons (YOPO's sparse visual FFN)."""
+    if fraction >= 1.0:
+        return mlp(x)
+    m = max(1, round(fraction * mlp.gate_proj.out_features))
+
+    def part(lin, rows=True):
+        if rows:
+            return lin.weight[:m], None if lin.bias is None else lin.bias[:m]
+        return lin.weight[:, :m], lin.bias
+
+    g = F.linear(x, *part(mlp.gate_proj))
+    u = F.linear(x, *part(mlp.up_proj))
+    return F.linear(mlp.act_fn(g) * u, *part(mlp.down_proj, rows=False))
+
+
+# --- token selection --------------------------------------------------------------------------
+
+
+def select_visual(vis: Stream, scores: Tensor, sel: Select) -> tuple[Stream, Tensor]:
+    """Keep the best-scoring visual tokens of each row (original order kept; rows may keep
+    different counts, padded with `valid=False`). Returns the kept stream and its indices."""
+    scores = scores.masked_fill(~vis.valid, float("-inf"))
+    n_valid = vis.valid.sum(1)
+    if sel.keep is not None:
+        n_keep = torch.tensor([sel.budget(int(n)) for n in n_valid.tolist()], device=scores.device)
+    else:
+        above = (scores > sel.threshold).sum(1)
+        n_keep = torch.maximum(above, n_valid.clamp(max=sel.min_keep))
+    n_keep = torch.minimum(n_keep, n_valid)
+    k = max(1, int(n_keep.max())) if vis.n else 0
+    top = scores.topk(k, dim=1).indices
+    rank_valid = torch.arange(k, device=scores.device)[None] < n_keep[:, None]
+    order = torch.where(rank_valid, top, vis.n + top).argsort(1)  # kept tokens first, in original order
+    index = torch.gather(top, 1, order)
+    valid = torch.gather(rank_valid, 1, order)
+    return vis.gather(index, valid), index
+
+
+def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str) -> Tensor:
+    """Per-visual-token scores [B, V] from the scoring query's attention `probs` [B, H, S]."""
+    p = probs[:, :, vis_cols]  # [B, H, V]
+    if scorer == "attn_last":
+        return p.mean(1)
+    v = expand_kv(keys.v, probs.shape[1])[:, :, vis_cols]  # [B, H, V, dh]
+    return (p.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()  # ||concat_h P[last, j] V_j||
+
+
+# --- one layer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerIO:
+    text: Stream
+    vis: Stream
+    keys: Keys  # what text queries attended to (cached for decode)
+    scores: Tensor | None = None  # scores for the next layer's selection
+
+
+class LayerRunner:
+    """Runs one HF decoder layer under a policy; `grid` is the patch grid side (local windows)."""
+
+    def __init__(self, layer: nn.Module, policy: LayerPolicy, grid: int):
+        self.layer = layer
+        self.p = policy
+        self.attn = layer.self_attn
+        self.dh = self.attn.head_dim
+        self.n_heads = self.attn.q_proj.out_features // self.dh
+        self.n_kv = self.attn.k_proj.out_features // self.dh
+        self.grid = grid
+
+    def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None) -> LayerIO:
+        p, attn = self.p, self.attn
+        heads = list(p.visual_heads) if p.visual_heads is not None else None
+        x_text = self.layer.input_layernorm(text.h)
+        k_text = self._keys(x_text, text, None, visual=False)
+
+        # visual keys: needed by text queries (reading, or for the softmax denominator of the
+        # released post-softmax semantics) or by updated visual tokens
+        text_sees_visual = vis.n > 0 and (p.text_reads or p.mask_semantics == "post_softmax_zero")
+        update = vis.n > 0 and p.updates_visual
+        x_vis = self.layer.input_layernorm(vis.h) if update or (text_sees_visual and p.visual_kv_source == "current") else None
+        k_vis = None
+        if text_sees_visual or update:
+            src = self.layer.input_layernorm(vis.embed) if p.visual_kv_source == "embed" else x_vis
+            kv_heads = None if heads is None or p.mask_semantics == "post_softmax_zero" else sorted({h * self.n_kv // self.n_heads for h in heads})
+            k_vis = self._keys(src, vis, kv_heads, visual=True)
+            if p.select is not None and p.select.source == "current":
+                vis, k_vis, x_vis = self._select_current(text, vis, k_text, k_vis, x_vis, x_text, query_idx)
+
+        keys = k_text if past is None else past.append(k_text)
+        if text_sees_visual:
+            keys = keys.append(k_vis)
+        q_text = apply_rope(split_heads(attn.q_proj(x_text), self.dh), text.cos, text.sin)
+        base = causal_mask(text.pos, text.valid, keys)
+        out_text, scores = self._text_attention(q_text, keys, base, query_idx, score_next)
+        h_text = text.h + attn.o_proj(merge_heads(out_text))
+        h_text = h_text + self.layer.mlp(self.layer.post_attention_layernorm(h_text))
+
+        if update:
+            h_vis = vis.h + self._visual_attention(x_vis, vis, k_text, k_vis, heads)
+            if p.visual_ffn > 0:
+                h_vis = h_vis + mlp_fraction(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), p.visual_ffn)
+            vis = vis.with_h(h_vis)
+        return LayerIO(text.with_h(h_text), vis, keys, scores)
+
+    def _keys(self, x: Tensor, tokens: Stream, kv_heads: list[int] | None, visual: bool) -> Keys:
+        """K/V of `tokens` (only `kv_heads`, zero elsewhere, when a head subset reads them)."""
+        k = apply_rope(project_heads(self.attn.k_proj, x, kv_heads, self.dh), tokens.cos, tokens.sin)
+        v = project_heads(self.attn.v_proj, x, kv_heads, self.dh)
+        if kv_heads is not None and len(kv_heads) < self.n_kv:
+            full_k = k.new_zeros(k.shape[0], self.n_kv, *k.shape[2:])
+            full_v = torch.zeros_like(full_k)
+            full_k[:, kv_heads], full_v[:, kv_heads] = k, v
+            k, v = full_k, full_v
+        flag = torch.full_like(tokens.valid, visual)
+        return Keys(k, v, tokens.pos, tokens.valid, flag)
+
+    def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, query_idx: Tensor, score_next: str | None):
+        p = self.p
+        heads = p.visual_heads
+        if p.mask_semantics == "renorm" and p.text_reads_visual != "sink":
+            hm = head_visual_mask(keys, heads, self.n_heads, reads=True) if heads is not None else None
+            mask = base if hm is None else base & hm
+            out = attend(q, keys, mask, self.attn.scaling)
+        else:
+            mask = base
+            zero = None
+            if p.mask_semantics == "post_softmax_zero":
+                allowed = head_visual_mask(keys, heads, self.n_heads, reads=p.text_reads)
+                zero = None if allowed is None else ~allowed
+            out = attend_eager(q, keys, base, self.attn.scaling, zero=zero, sink=p.text_reads_visual == "sink")
+        scores = None
+        if score_next is not None:
+            rows = torch.arange(q.shape[0], device=q.device)
+            q_last = q[rows, :, query_idx].unsqueeze(2)
+            m_last = mask.expand(-1, self.n_heads, -1, -1)[rows, :, query_idx]
+            probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
+            scores = visual_scores(probs, keys, keys.is_visual[0], score_next)
+        return out, scores
+
+    def _select_current(self, text, vis, k_text, k_vis, x_vis, x_text, query_idx):
+        """PDrop-style: score visual tokens with this layer's own Q/K of the last prompt token, then
+        continue the layer with the kept tokens only (their values, queries and FFN)."""
+        rows = torch.arange(text.h.shape[0], device=text.h.device)
+        q_last = project_heads(self.attn.q_proj, x_text[rows, query_idx].unsqueeze(1), None, self.dh)
+        q_last = apply_rope(q_last, text.cos[rows, query_idx].unsqueeze(1), text.sin[rows, query_idx].unsqueeze(1))
+        keys = k_text.append(k_vis)
+        last_pos, last_valid = text.pos[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
+        m_last = causal_mask(last_pos, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
+        probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
+        scores = visual_scores(probs, keys, keys.is_visual[0], self.p.select.scorer)
+        kept, index = select_visual(vis, scores, self.p.select)
+        k_vis = Keys(
+            torch.gather(k_vis.k, 2, index[:, None, :, None].expand(-1, k_vis.k.shape[1], -1, k_vis.k.shape[3])),
+            torch.gather(k_vis.v, 2, index[:, None, :, None].expand(-1, k_vis.v.shape[1], -1, k_vis.v.shape[3])),
+            kept.pos,
+            kept.valid,
+            torch.gather(k_vis.is_visual, 1, index),
+        )
+        if x_vis is not None:
+            x_vis = torch.gather(x_vis, 1, index[:, :, None].expand(-1, -1, x_vis.shape[-1]))
+        return kept, k_vis, x_vis
+
+    def _visual_attention(self, x_vis: Tensor, vis: Stream, k_text: Keys, k_vis: Keys, heads: list[int] | None) -> Tensor:
+        """Attention output (after o_proj) of the visual tokens: their kept heads only."""
+        p = self.p
+        q = project_heads(self.attn.q_proj, x_vis, heads, self.dh)
+        q = apply_rope(q, vis.cos, vis.sin)
+        hs = heads if heads is not None else list(range(self.n_heads))
+        kv_of = torch.tensor([h * self.n_kv // self.n_heads for h in hs], device=q.device)
+        tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.pos, k_text.valid, k_text.is_visual)
+        if p.visual_self_attn == "full":
+            keys = tk.append(Keys(k_vis.k[:, kv_of], k_vis.v[:, kv_of], k_vis.pos, k_vis.valid, k_vis.is_visual))
+            out = attend(q, keys, causal_mask(vis.pos, vis.valid, keys), self.attn.scaling)
+        else:
+            nb = local_window_index(self.grid, p.window, q.device) if p.visual_self_attn == "local" else None
+            out = attend_visual(q, tk, vis.pos, k_vis.k[:, kv_of], k_vis.v[:, kv_of], vis.valid, p.visual_self_attn, self.attn.scaling, nb)
+        return output_heads(self.attn.o_proj, out, heads, self.dh)
+
+
+# --- the layer stack ---------------------------------------------------------------------------
 
 
 def run_decoder(
     lm: nn.Module,
+    plan: Plan,
     text: Stream,
     vis: Stream,
-    cache: list[Keys] | None = None,
+    query_idx: Tensor,
+    grid: int,
+    xattn: nn.ModuleDict | None = None,
+    state: DecodeState | None = None,
     use_cache: bool = False,
     gradient_checkpointing: bool = False,
-) -> tuple[Stream, Stream, list[Keys] | None]:
-    """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`); `cache` holds past keys per layer."""
-    new_cache = [] if (use_cache or cache is not None) else None
+) -> tuple[Stream, Stream, list[Keys], dict[int, Keys]]:
+    """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
+
+    Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
+    new tokens and `vis` is empty. `query_idx` [B] indexes the text token that scores visual tokens
+    for selections (the last prompt token). Returns the streams, per-layer keys and the gated
+    cross-attention keys (both only kept when `use_cache` or decoding).
+    """
+    keep = use_cache or state is not None
+    layer_keys: list[Keys] = []
+    cross_keys: dict[int, Keys] = dict(state.xattn) if state is not None else {}
+    embeds = vis  # gated blocks read the projector output of every (pre-LLM-kept) visual token
+    scores = None
     for i, layer in enumerate(lm.layers):
-        past = cache[i] if cache is not None else None
+        p = plan.layers[i]
+        if state is None:
+            if p.drop_visual:
+                vis = empty_like_visual(text)
+            elif p.select is not None and p.select.source == "previous":
+                vis, _ = select_visual(vis, scores, p.select)
+        if p.xattn:
+            block = xattn[str(i)]
+            if i not in cross_keys:
+                cross_keys[i] = block.visual_keys(embeds.embed, embeds.pos, embeds.valid)
+            text = text.with_h(block(text.h, text.pos, cross_keys[i]))
+        nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
+        score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
+        runner = LayerRunner(layer, p, grid)
+        past = state.keys[i] if state is not None else None
         if gradient_checkpointing and torch.is_grad_enabled():
-            text, vis, keys = checkpoint(layer_forward, layer, text, vis, past, use_reentrant=False)
+            io = checkpoint(runner, text, vis, past, query_idx, score_next, use_reentrant=False)
         else:
-            text, vis, keys = layer_forward(layer, text, vis, past)
-        if new_cache is not None:
-            new_cache.append(keys)
-    return text, vis, new_cache
+            io = runner(text, vis, past, query_idx, score_next)
+        text, vis, scores = io.text, io.vis, io.scores
+        if keep:
+            layer_keys.append(io.keys)
+    return text, vis, layer_keys, (cross_keys if keep else {})

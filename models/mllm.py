@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel
 
-from .attention import Keys
 from .config import MLLMConfig
-from .decoder import run_decoder
+from .decoder import DecodeState, run_decoder
+from .plan import Plan
 from .projector import Projector
+from .pruning import cls_knee_keep
 from .streams import Layout, Stream, empty_like_visual
 from .vision import build_vision_tower, image_features
+from .xattn import GatedCrossAttention
 
 
 class ImageTokenMismatch(ValueError):
@@ -35,31 +37,40 @@ class MLLMOutput:
     cache: "DecodeState | None" = None
 
 
-@dataclass
-class DecodeState:
-    """What decoding needs after prefill: per-layer keys (the KV cache) and each row's next position."""
-
-    keys: list[Keys]
-    next_pos: Tensor  # [B]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.keys)
-
-
 class MLLM(nn.Module):
-    def __init__(self, config: MLLMConfig):
+    """`plan` decides what visual tokens cost in each decoder layer (dense by default)."""
+
+    def __init__(self, config: MLLMConfig, plan: Plan | None = None):
         super().__init__()
         self.config = config
         vision_cfg, text_cfg = config.hf_vision_config(), config.hf_text_config()
+        self.text_config = text_cfg
         self.vision_tower = build_vision_tower(vision_cfg)
         self.multi_modal_projector = Projector(config.projector, vision_cfg.hidden_size, text_cfg.hidden_size)
         self.language_model = AutoModel.from_config(text_cfg)
         self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
+        self.xattn = nn.ModuleDict()
         self.gradient_checkpointing = False
         self._init_new_weights(text_cfg.initializer_range)
         if text_cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.plan = Plan.dense(text_cfg.num_hidden_layers)
+        self.set_plan(plan or self.plan)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Switch the visual-compute plan (training-free plans can change at any time). Gated
+        cross-attention blocks the plan needs are created zero-gated, i.e. as identities."""
+        n = self.text_config.num_hidden_layers
+        if len(plan.layers) != n:
+            raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
+        plan.validate(self.text_config.num_attention_heads, self.text_config.num_key_value_heads)
+        if plan.pre_llm is not None and not self.config.has_cls:
+            raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
+        for i in plan.xattn_layers:
+            if str(i) not in self.xattn:
+                block = GatedCrossAttention(self.text_config)
+                self.xattn[str(i)] = block.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        self.plan = plan
 
     def _init_new_weights(self, std: float) -> None:
         for m in [self.lm_head, self.multi_modal_projector.linear_1, getattr(self.multi_modal_projector, "linear_2", None)]:
@@ -85,10 +96,16 @@ class MLLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """Projected visual tokens `[n_images, n_v, d]`."""
-        features, _ = image_features(self.vision_tower, pixel_values, self.config)
-        return self.multi_modal_projector(features)
+    def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Projected visual tokens `[n_images, n_v, d]` and, for pre-LLM pruning, a keep mask
+        `[n_images, n_v]` (None without pruning). A frozen tower runs without autograd."""
+        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            features, cls = image_features(self.vision_tower, pixel_values, self.config)
+        keep = None
+        if self.plan.pre_llm is not None:
+            keep = cls_knee_keep(features, cls, self.plan.pre_llm.min_keep)
+        return self.multi_modal_projector(features), keep
 
     def _rope(self, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.language_model.rotary_emb(h, pos)
@@ -115,13 +132,21 @@ class MLLM(nn.Module):
             )
         if n_images == 0:
             return empty_like_visual(text)
-        features = self.encode_images(pixel_values).to(text.h.dtype)  # [N, n_v, d]
+        features, keep = self.encode_images(pixel_values)
+        features = features.to(text.h.dtype)  # [N, n_v, d]
         b, v = layout.vis_valid.shape
         h = text.h.new_zeros(b, v, features.shape[-1])
         h[layout.vis_valid] = features.reshape(-1, features.shape[-1])
         pos = torch.gather(layout.positions, 1, layout.vis_index)
         slot = torch.arange(v, device=h.device).expand(b, v)
-        return Stream(h, pos, layout.vis_valid, *self._rope(h, pos), patch=slot % n_v, image=slot // n_v, embed=h)
+        vis = Stream(h, pos, layout.vis_valid, *self._rope(h, pos), patch=slot % n_v, image=slot // n_v, embed=h)
+        if keep is not None:  # pre-LLM pruning: pruned tokens never enter the LLM
+            kept = torch.zeros_like(layout.vis_valid)
+            kept[layout.vis_valid] = keep.reshape(-1)
+            count = kept.sum(1)
+            index = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(count.max()))]
+            vis = vis.gather(index, torch.arange(index.shape[1], device=h.device)[None] < count[:, None])
+        return vis
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(
@@ -132,18 +157,29 @@ class MLLM(nn.Module):
         labels: Tensor | None = None,
         logits: str = "auto",
         use_cache: bool = False,
+        query_pos: Tensor | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch.
 
         `logits`: "all" -> `[B, L, vocab]` in sequence order; "last" -> `[B, vocab]` at each row's last
         valid token; "none"; "auto" = "none" when `labels` are given, else "all". The loss only
-        evaluates the LM head on supervised positions.
+        evaluates the LM head on supervised positions. `query_pos` [B]: sequence position of the
+        token whose attention scores visual tokens for token selection (default: each row's last
+        valid token, i.e. the end of the prompt at inference).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         layout, text, vis = self._streams(input_ids, attention_mask, pixel_values)
-        text, vis, keys = run_decoder(
-            self.language_model, text, vis, use_cache=use_cache, gradient_checkpointing=self.gradient_checkpointing and self.training
+        text, vis, keys, cross = run_decoder(
+            self.language_model,
+            self.plan,
+            text,
+            vis,
+            _query_index(text, query_pos),
+            self.config.grid_size,
+            self.xattn,
+            use_cache=use_cache,
+            gradient_checkpointing=self.gradient_checkpointing and self.training,
         )
         out = MLLMOutput()
         if labels is not None:
@@ -154,7 +190,7 @@ class MLLM(nn.Module):
         elif mode == "last":
             out.logits = self._head(_last_valid(text))
         if use_cache:
-            out.cache = DecodeState(keys, attention_mask.long().sum(1))
+            out.cache = DecodeState(keys, attention_mask.long().sum(1), cross)
         return out
 
     @torch.no_grad()
@@ -163,7 +199,10 @@ class MLLM(nn.Module):
         pos = state.next_pos[:, None]
         h = self.language_model.embed_tokens(token_ids[:, None])
         text = Stream(h, pos, torch.ones_like(pos, dtype=torch.bool), *self._rope(h, pos))
-        text, _, state.keys = run_decoder(self.language_model, text, empty_like_visual(text), cache=state.keys)
+        idx = torch.zeros_like(token_ids)
+        text, _, state.keys, state.xattn = run_decoder(
+            self.language_model, self.plan, text, empty_like_visual(text), idx, self.config.grid_size, self.xattn, state=state
+        )
         state.next_pos = state.next_pos + 1
         return self._head(text.h[:, 0])
 
@@ -203,8 +242,14 @@ def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> 
     out[rows[valid], index[valid]] = values[valid].to(out.dtype)
 
 
+def _query_index(text: Stream, query_pos: Tensor | None) -> Tensor:
+    """Text-stream index of each row's scoring token: at `query_pos`, or the last valid token."""
+    if query_pos is None:
+        return text.pos.masked_fill(~text.valid, -1).argmax(1)
+    return ((text.pos == query_pos[:, None]) & text.valid).float().argmax(1)
+
+
 def _last_valid(text: Stream) -> Tensor:
     """Hidden state of each row's last valid text token (the one that predicts the next token)."""
-    pos = text.pos.masked_fill(~text.valid, -1)
-    idx = pos.argmax(1)
+    idx = _query_index(text, None)
     return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]

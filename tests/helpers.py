@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def tiny_config(vision: str = "clip", text: str = "llama", **overrides):
+def tiny_config(vision: str = "clip", text: str = "llama", text_layers: int = 3, image_size: int = 16, **overrides):
     """A few-thousand-parameter MLLM config; CLIP keeps a CLS token (dropped by 'default')."""
     from models import MLLMConfig
 
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16, patch_size=4)
+    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=image_size, patch_size=4)
     if vision == "clip":
         vision_cfg["model_type"] = "clip_vision_model"
     else:
@@ -18,7 +18,7 @@ def tiny_config(vision: str = "clip", text: str = "llama", **overrides):
         model_type=text,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=3,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=128,

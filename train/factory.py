@@ -19,7 +19,9 @@ import torch
 from data.chat import TEMPLATES
 from data.tokenizer import load_or_train, load_pretrained_tokenizer, template_corpus
 from models import MLLM, MLLMConfig
-from models.checkpoint import load_components, load_pretrained
+from models.checkpoint import build, load_components, load_pretrained
+from models.methods import resolve_arch
+from models.plan import Plan
 from models.config import ConfigError, check_keys
 
 log = logging.getLogger(__name__)
@@ -66,16 +68,21 @@ class ModelSpec:
                 self._mllm_config = MLLMConfig.from_dict(self.config)
         return self._mllm_config
 
-    def build(self) -> MLLM:
+    def plan(self, arch: dict[str, Any]) -> Plan:
+        """The `arch` config resolved for this model's depth and heads (fails at config time)."""
+        text = self.mllm_config.hf_text_config()
+        return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+
+    def build(self, plan: Plan | None = None) -> MLLM:
         dtype = DTYPES[self.dtype]
         if self.pretrained:
             model = load_pretrained(self.pretrained, dtype=dtype)
         elif self.vision_pretrained or self.llm_pretrained:
             model = load_components(self.mllm_config, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
         else:
-            from models.checkpoint import build
-
             model = build(self.mllm_config, dtype=dtype)
+        if plan is not None:
+            model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
         return model
 

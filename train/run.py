@@ -15,12 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from data.chat import TEMPLATES, ChatTokenizer
 from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
 
+from models.methods import arch_name
+from models.plan import Plan
+
 from .factory import ModelSpec
 from .module import MLLMModule
 from .optim import OptimConfig
 from .stage import StageConfig
 
 log = logging.getLogger(__name__)
+OmegaConf.register_new_resolver("arch_name", arch_name, replace=True)  # run directories name the plan
 
 
 def resolve_precision(precision):
@@ -77,9 +81,9 @@ def stop_ids(tokenizer, template: str) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def build_module(cfg: DictConfig, spec: ModelSpec, tokenizer) -> MLLMModule:
+def build_module(cfg: DictConfig, spec: ModelSpec, plan: Plan, tokenizer) -> MLLMModule:
     return MLLMModule(
-        model_factory=spec.build,
+        model_factory=lambda: spec.build(plan),
         optim=OptimConfig.from_dict(OmegaConf.to_container(cfg.optim)),
         stage=StageConfig.from_dict(OmegaConf.to_container(cfg.stage)),
         decode=lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
@@ -97,11 +101,12 @@ def run(cfg: DictConfig) -> dict:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))  # a bad plan fails before any data work
 
     start = time.time()
     tokenizer, dm = build_data(cfg, spec)
     data_seconds = time.time() - start
-    module = build_module(cfg, spec, tokenizer)
+    module = build_module(cfg, spec, plan, tokenizer)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.time() - start - data_seconds
@@ -112,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {
         "run_dir": str(out_dir),
         "model": spec.name,
-        "arch": cfg.arch.name,
+        "arch": plan.name,
         "steps": trainer.global_step,
         "best_checkpoint": best,
         "seconds": {"data": round(data_seconds, 1), "fit": round(fit_seconds, 1), "total": round(time.time() - start, 1)},

@@ -1,0 +1,174 @@
+"""The papers' architectures as plan builders: knobs in, per-layer rules out.
+
+Each builder receives its knobs (defaults = the paper's LLaVA-1.5 settings, with layer indices for
+`reference_depth` layers) and returns rules `{layers, set}` for the actual depth; `resolve_arch`
+applies the rules of every method in the `arch` config in order (so `arch=[vica,pdrop]` composes)
+and validates the result. Knobs are plain config values, so sweeps override them directly, e.g.
+`arch.methods.fastv.R=0.75`. A plan written by hand uses the `rules` method (or an explicit
+per-layer list under `arch.layers`, as the analysis tools emit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from .config import ConfigError, check_keys
+from .plan import Plan, resolve_plan, scale_layers
+
+Rule = dict[str, Any]
+METHODS: dict[str, Callable[..., list[Rule]]] = {}
+
+
+def method(fn):
+    METHODS[fn.__name__] = fn
+    return fn
+
+
+def _scaled(layers, reference_depth, depth, ranked=False, min_layer=0):
+    return [max(min_layer, i) for i in scale_layers(list(layers), reference_depth, depth, ranked)]
+
+
+@method
+def vica(depth, heads, t2v_layers=(0, 1, 7, 8, 9, 10, 11, 14), reference_depth=32):
+    """ViCA (arXiv 2602.07574): visual tokens are never updated (no Q, no attention output, no FFN);
+    text reads them only in the T2V layers, with K/V from that layer's own norm and projections of
+    the projector output. Every other layer is text-only."""
+    t2v = _scaled(t2v_layers, reference_depth, depth)
+    return [
+        {"layers": "all", "set": {"visual_update": "frozen", "text_reads_visual": "none"}},
+        {"layers": t2v, "set": {"text_reads_visual": "full", "visual_kv_source": "embed"}},
+    ]
+
+
+@method
+def xattn(depth, heads, every=4, start=3, reference_depth=32):
+    """Gated cross-attention (Flamingo / Mllama): the self-attention stack is text-only and new
+    zero-gated cross-attention blocks read the projector output before every `every`-th layer
+    from `start` (Mllama 11B: 8 blocks over Llama-3.1-8B's 32 layers). Other depths keep the
+    fraction of blocks, evenly spaced from the same relative start."""
+    n = max(1, round(len(range(start, reference_depth, every)) * depth / reference_depth))
+    at = sorted({min(depth - 1, math.floor((start / reference_depth + j / n) * depth)) for j in range(n)})
+    return [
+        {"layers": "all", "set": {"visual_update": "frozen", "text_reads_visual": "none"}},
+        {"layers": at, "set": {"xattn": True}},
+    ]
+
+
+SHORTV_7B = (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19)
+
+
+@method
+def shortv(depth, heads, N=19, ranked_layers=SHORTV_7B, reference_depth=32):
+    """ShortV (arXiv 2504.00502): in the N layers with the lowest visual Layer Contribution, visual
+    tokens are frozen (no Q, attention output or FFN); text still reads their stale K/V.
+    `ranked_layers` is the LLaVA-1.5-7B LC order; `python -m train.analyze shortv` ranks a model's own."""
+    if not 0 < N <= len(ranked_layers):
+        raise ConfigError(f"shortv.N={N} must be in 1..{len(ranked_layers)}")
+    frozen = scale_layers(list(ranked_layers[:N]), reference_depth, depth, ranked=True)
+    return [{"layers": frozen, "set": {"visual_update": "frozen"}}]
+
+
+@method
+def yopo(depth, heads, window=5, heads_fraction=0.25, ffn_fraction=0.5, cut=20, full_head_layers=2, reference_depth=40,
+         semantics="renorm"):
+    """YOPO (arXiv 2410.06169): before layer `cut`, visual self-attention is a w x w window on the
+    patch grid, only a fraction of heads touch visual tokens (all heads in the first
+    `full_head_layers`), and visual tokens use the first `ffn_fraction` of FFN neurons; from `cut`
+    on, visual tokens are gone. `semantics=post_softmax_zero` reproduces the released code (pruned
+    columns zeroed after the softmax; visual tokens stay as never-read keys after the cut)."""
+    (cut_at,) = _scaled([cut], reference_depth, depth)
+    n_full = min(cut_at, round(full_head_layers * depth / reference_depth))
+    kept = list(range(max(1, math.ceil(heads_fraction * heads))))
+    before = list(range(cut_at))
+    rules = [
+        {"layers": before, "set": {"visual_self_attn": "local", "window": window, "visual_ffn": ffn_fraction,
+                                   "mask_semantics": semantics}},
+        {"layers": before[n_full:], "set": {"visual_heads": kept}},
+    ]
+    if semantics == "renorm":
+        rules.append({"layers": [cut_at], "set": {"drop_visual": True}})
+    else:
+        rules.append({"layers": list(range(cut_at, depth)), "set": {"visual_update": "frozen", "text_reads_visual": "none",
+                                                                     "mask_semantics": semantics}})
+    return rules
+
+
+@method
+def visipruner(depth, heads, shallow=6, middle=9, exit=24, threshold=0.2, reference_depth=32, semantics="renorm"):
+    """VisiPruner (arXiv 2510.17205), with static stage boundaries: layer 0 merges all text->visual
+    attention onto one sink token; layers 1..shallow-1 do not let text read visual tokens; before
+    `middle`, only visual tokens whose value-aware contribution to the last prompt token (in the
+    previous layer) exceeds `threshold` are kept (a per-sample count); before `exit`, all visual
+    tokens leave. (The paper detects the middle and exit layers per sample at run time;
+    `python -m train.analyze visipruner` estimates them for a model.)"""
+    s, m, e = _scaled([shallow, middle, exit], reference_depth, depth)
+    s = max(1, s)
+    m = max(m, s + 1)
+    e = max(e, m + 1)
+    if e >= depth:
+        raise ConfigError(f"visipruner needs at least {e + 1} layers for its stages (shallow < middle < exit), the model has {depth}")
+    return [
+        {"layers": [0], "set": {"text_reads_visual": "sink", "mask_semantics": semantics}},
+        {"layers": list(range(1, s)), "set": {"text_reads_visual": "none", "mask_semantics": semantics}},
+        {"layers": [m], "set": {"select": {"scorer": "value_aware", "source": "previous", "threshold": threshold}}},
+        {"layers": [e], "set": {"drop_visual": True}},
+    ]
+
+
+@method
+def vtw(depth, heads, K=16, reference_depth=32):
+    """VTW (arXiv 2405.05803): every visual token (hidden state and KV) leaves before layer K."""
+    return [{"layers": _scaled([K], reference_depth, depth, min_layer=1), "set": {"drop_visual": True}}]
+
+
+@method
+def fastv(depth, heads, K=2, R=0.5, reference_depth=32):
+    """FastV (arXiv 2403.06764): before layer K, drop the fraction R of visual tokens least attended
+    by the last prompt token in layer K-1 (head average)."""
+    at = _scaled([K], reference_depth, depth, min_layer=1)
+    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "previous", "keep": 1.0 - R}}}]
+
+
+@method
+def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32):
+    """PyramidDrop (arXiv 2410.17247): at each stage boundary keep `ratio` of the remaining visual
+    tokens, scored by the last prompt token's attention computed with that layer's own Q/K."""
+    at = _scaled(layers, reference_depth, depth, min_layer=1)
+    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio}}}]
+
+
+@method
+def rules(depth, heads, *items):
+    """Hand-written rules: `[{layers: [..] | all, reference_depth: D, ranked: bool, from_layer: i, set: {...}}]`."""
+    return [dict(r) for r in items]
+
+
+def arch_name(arch: dict[str, Any]) -> str:
+    """`vica`, `vica+pdrop`, `cls_knee`, `dense`, ...: the plan's name (also names run directories)."""
+    names = list(arch.get("methods") or {}) + (["cls_knee"] if arch.get("pre_llm") else [])
+    return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
+
+
+def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, num_kv_heads: int) -> Plan:
+    """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`."""
+    arch = dict(arch or {})
+    check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
+    all_rules: dict[str, Rule] = {}
+    for name, knobs in (arch.get("methods") or {}).items():
+        if name not in METHODS:
+            check_keys({name: 0}, set(METHODS), "arch.methods")
+        if name == "rules":
+            built = METHODS[name](num_layers, num_heads, *(knobs or []))
+        else:
+            knobs = dict(knobs or {})
+            params = METHODS[name].__code__.co_varnames[2 : METHODS[name].__code__.co_argcount]
+            check_keys(knobs, set(params), f"arch.methods.{name}")
+            try:
+                built = METHODS[name](num_layers, num_heads, **knobs)
+            except ConfigError as e:
+                raise ConfigError(f"arch.methods.{name}: {e}") from None
+        for j, r in enumerate(built):
+            all_rules[f"{name}[{j}]"] = r
+    spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": arch.get("pre_llm"), "layers": arch.get("layers")}
+    return resolve_plan(spec, num_layers, num_heads, num_kv_heads)

@@ -1,0 +1,291 @@
+"""Visual-compute plans: one policy per decoder layer saying what visual tokens cost there.
+
+Every method in the literature (ViCA, ShortV, YOPO, VisiPruner, VTW, FastV, PDrop, CLS-knee,
+gated cross-attention) is a composition of the per-layer decisions below (methods.md §7). The
+resolved `Plan` is the single source of truth for the forward pass, the KV cache, the FLOPs model,
+the benchmark and the logged efficiency metrics.
+
+Plans are written as *rules* (see `conf/arch/*.yaml`): each rule applies a partial policy to a set
+of layers given for a reference depth (the paper's LLaVA-1.5-7B indices) and is rescaled to the
+model's depth by `scale_layers`. Rules are applied in order, later ones overriding earlier fields,
+which is how presets combine (`arch=[vica,pdrop]`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .config import ConfigError, check_keys
+
+VISUAL_UPDATE = ("full", "frozen")
+TEXT_READS_VISUAL = ("full", "none", "sink")
+KV_SOURCE = ("current", "embed")
+SELF_ATTN = ("full", "local", "none")
+SEMANTICS = ("renorm", "post_softmax_zero")
+SCORERS = ("attn_last", "value_aware")
+SCORE_SOURCES = ("previous", "current")
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Select:
+    """Keep a subset of the current visual tokens before a layer (original positions are kept).
+
+    `attn_last`: attention of the last prompt token to each visual token, head-averaged (FastV,
+    PDrop). `value_aware`: norm of each visual token's contribution P[last, j] * V_j to the last
+    token's attention output (VisiPruner). `source=previous` scores with the previous layer's
+    attention (FastV, VisiPruner); `current` with this layer's own Q/K (PDrop).
+    Budget: `keep` (fraction of the current tokens) or `threshold` (score > threshold, a
+    per-sample count); `min_keep` guards against empty sets.
+    """
+
+    scorer: str = "attn_last"
+    source: str = "previous"
+    keep: float | None = None
+    threshold: float | None = None
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("select.scorer", self.scorer, SCORERS)
+        _choice("select.source", self.source, SCORE_SOURCES)
+        if (self.keep is None) == (self.threshold is None):
+            raise ConfigError("select needs exactly one of keep (a fraction) or threshold")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise ConfigError(f"select.keep must be in (0, 1], got {self.keep}")
+        if self.scorer == "value_aware" and self.source != "previous":
+            raise ConfigError("select.scorer=value_aware scores the previous layer's attention output (source=previous)")
+        if self.min_keep < 1:
+            raise ConfigError("select.min_keep must be >= 1")
+
+    def budget(self, n: int) -> int:
+        """Tokens kept from `n` with a fractional budget (at least `min_keep`)."""
+        return max(min(self.min_keep, n), int(math.ceil(self.keep * n - 1e-9))) if self.keep is not None else n
+
+
+@dataclass(frozen=True)
+class PreSelect:
+    """Pre-LLM pruning of the vision tower output (arXiv 2409.01162): cosine similarity of each patch
+    feature to the CLS feature, sorted; keep the tokens before the knee of that curve (Kneedle:
+    the point farthest from the chord), never fewer than `min_keep`."""
+
+    method: str = "cls_knee"
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("pre_llm.method", self.method, ("cls_knee",))
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    visual_update: str = "full"  # full: visual tokens are queries, get attention output and FFN; frozen: none of it
+    text_reads_visual: str = "full"  # none: text ignores visual keys; sink: all text->visual mass moves to one token
+    visual_kv_source: str = "current"  # embed: visual K/V from this layer's norm of the projector output (ViCA)
+    visual_self_attn: str = "full"  # local: w x w window on the patch grid (bidirectional); none: only itself
+    window: int = 0
+    visual_heads: tuple[int, ...] | None = None  # heads that touch visual tokens (YOPO); None = all
+    visual_ffn: float = 1.0  # fraction of FFN neurons visual tokens use (the first ones, YOPO)
+    select: Select | None = None  # token-set change before this layer
+    drop_visual: bool = False  # every visual token leaves before this layer (VTW, YOPO cut, VisiPruner exit)
+    xattn: bool = False  # a new gated cross-attention block runs before this layer (Flamingo/Mllama)
+    mask_semantics: str = "renorm"  # post_softmax_zero: zero blocked visual columns after softmax, no renorm
+
+    def __post_init__(self) -> None:
+        _choice("visual_update", self.visual_update, VISUAL_UPDATE)
+        _choice("text_reads_visual", self.text_reads_visual, TEXT_READS_VISUAL)
+        _choice("visual_kv_source", self.visual_kv_source, KV_SOURCE)
+        _choice("visual_self_attn", self.visual_self_attn, SELF_ATTN)
+        _choice("mask_semantics", self.mask_semantics, SEMANTICS)
+        if not 0.0 <= self.visual_ffn <= 1.0:
+            raise ConfigError(f"visual_ffn must be in [0, 1], got {self.visual_ffn}")
+
+    @property
+    def updates_visual(self) -> bool:
+        return self.visual_update == "full"
+
+    @property
+    def text_reads(self) -> bool:
+        return self.text_reads_visual != "none"
+
+
+DENSE = LayerPolicy()
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    layers: tuple[LayerPolicy, ...]
+    pre_llm: PreSelect | None = None
+
+    @staticmethod
+    def dense(num_layers: int) -> "Plan":
+        return Plan("dense", (DENSE,) * num_layers)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.pre_llm is None and all(p == DENSE for p in self.layers)
+
+    @property
+    def xattn_layers(self) -> list[int]:
+        return [i for i, p in enumerate(self.layers) if p.xattn]
+
+    def validate(self, num_heads: int, num_kv_heads: int) -> None:
+        """Contradictions that only show with the whole plan; each error names the layer and field."""
+        visual_left, grid_intact = True, self.pre_llm is None
+        for i, p in enumerate(self.layers):
+            where = f"layer {i}"
+            if p.drop_visual and p.select is not None:
+                raise ConfigError(f"{where}: drop_visual and select both change the token set; keep one")
+            if (p.drop_visual or p.select is not None) and not visual_left:
+                field_name = "drop_visual" if p.drop_visual else "select"
+                raise ConfigError(f"{where}: {field_name} has no visual tokens left (they were dropped earlier)")
+            if p.drop_visual:
+                visual_left = False
+            if p.select is not None:
+                grid_intact = False
+                prev = self.layers[i - 1] if i > 0 else None
+                if p.select.source == "previous" and (prev is None or not prev.text_reads or prev.mask_semantics != "renorm"):
+                    raise ConfigError(
+                        f"{where}: select.source=previous scores the previous layer's text->visual attention, "
+                        f"which {'does not exist' if prev is None else 'is off or post-softmax there'}; use source=current"
+                    )
+            if not p.updates_visual:
+                for name, default in (("visual_self_attn", "full"), ("visual_ffn", 1.0), ("window", 0)):
+                    if getattr(p, name) != default:
+                        raise ConfigError(f"{where}: {name}={getattr(p, name)} has no effect with visual_update=frozen")
+            if p.visual_self_attn == "local":
+                if p.window < 1 or p.window % 2 == 0:
+                    raise ConfigError(f"{where}: visual_self_attn=local needs an odd window >= 1, got window={p.window}")
+                if not grid_intact:
+                    raise ConfigError(f"{where}: visual_self_attn=local needs the full patch grid, but tokens were pruned before it")
+            elif p.window:
+                raise ConfigError(f"{where}: window={p.window} is set but visual_self_attn={p.visual_self_attn}")
+            if p.visual_heads is not None:
+                bad = [h for h in p.visual_heads if not 0 <= h < num_heads]
+                if bad or not p.visual_heads:
+                    raise ConfigError(f"{where}: visual_heads {list(p.visual_heads)} must be a non-empty subset of 0..{num_heads - 1}")
+            if p.text_reads_visual == "sink" and p.visual_heads is not None:
+                raise ConfigError(f"{where}: text_reads_visual=sink merges all heads' visual mass; drop visual_heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pre_llm": asdict(self.pre_llm) if self.pre_llm else None, "layers": [_policy_dict(p) for p in self.layers]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Plan":
+        return Plan(
+            d["name"],
+            tuple(make_policy(p, f"layer {i}") for i, p in enumerate(d["layers"])),
+            PreSelect(**d["pre_llm"]) if d.get("pre_llm") else None,
+        )
+
+
+def _policy_dict(p: LayerPolicy) -> dict[str, Any]:
+    """Only the fields that differ from dense: resolved plans stay readable in YAML/JSON."""
+    out = {}
+    for f in fields(LayerPolicy):
+        v = getattr(p, f.name)
+        if v != getattr(DENSE, f.name):
+            out[f.name] = asdict(v) if isinstance(v, Select) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+POLICY_FIELDS = {f.name for f in fields(LayerPolicy)}
+
+
+def make_policy(d: dict[str, Any], where: str, base: LayerPolicy = DENSE) -> LayerPolicy:
+    """`base` with the fields of `d` replaced; unknown fields name the place and a suggestion."""
+    check_keys(d, POLICY_FIELDS, where)
+    d = dict(d)
+    if d.get("select") is not None:
+        sel = d["select"]
+        check_keys(sel, {f.name for f in fields(Select)}, f"{where}.select")
+        d["select"] = Select(**sel)
+    if d.get("visual_heads") is not None:
+        d["visual_heads"] = tuple(int(h) for h in d["visual_heads"])
+    try:
+        return replace(base, **d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# --- rules -> plan ----------------------------------------------------------------------------
+
+
+# A rule: `set` (partial policy) applied to `layers` (indices for a `reference_depth`-layer model,
+# or "all"), or to every layer from `from_layer` on; `ranked` lists keep their fraction when scaled;
+# `heads_fraction` sets visual_heads to the first ceil(f * H) heads.
+RULE_KEYS = {"set", "layers", "reference_depth", "ranked", "from_layer", "heads_fraction"}
+
+
+def scale_layers(indices: list[int], reference_depth: int, depth: int, ranked: bool) -> list[int]:
+    """Map layer indices chosen for a `reference_depth`-layer model onto `depth` layers.
+
+    Unranked sets map each index i to floor(i * depth / reference_depth) (relative depth is what
+    the papers' choices encode). Ranked lists (ShortV's layers in Layer-Contribution order) keep
+    the same *fraction* of layers: the first round(N * depth / reference_depth) distinct mapped
+    indices in rank order (a list cannot grow: deeper models keep at most the listed layers, so
+    rank their own layers with the analysis tools instead).
+    """
+    for i in indices:
+        if not 0 <= i < reference_depth:
+            raise ConfigError(f"layer index {i} is out of range for reference_depth={reference_depth}")
+    mapped = [min(depth - 1, i * depth // reference_depth) for i in indices]
+    if depth == reference_depth:
+        mapped = list(indices)
+    unique = list(dict.fromkeys(mapped))
+    if ranked:
+        n = max(1, round(len(indices) * depth / reference_depth))
+        return sorted(unique[:n])
+    return sorted(unique)
+
+
+def resolve_plan(spec: dict[str, Any], num_layers: int, num_heads: int, num_kv_heads: int) -> Plan:
+    """A resolved, validated plan from an `arch` config: `{name, rules: {rule_name: rule}, pre_llm}`."""
+    spec = dict(spec)
+    check_keys(spec, {"name", "rules", "pre_llm", "layers"}, "arch")
+    if spec.get("layers") is not None:  # an explicit per-layer plan (written by the analysis tools)
+        layers = spec["layers"]
+        if len(layers) != num_layers:
+            raise ConfigError(f"arch.layers has {len(layers)} entries but the model has {num_layers} layers")
+        policies = [make_policy(p or {}, f"arch.layers[{i}]") for i, p in enumerate(layers)]
+    else:
+        policies = [DENSE] * num_layers
+    for rule_name, rule in (spec.get("rules") or {}).items():
+        where = f"arch.rules.{rule_name}"
+        if rule is None:
+            continue
+        check_keys(rule, RULE_KEYS, where)
+        targets = _rule_layers(rule, num_layers, where)
+        update = dict(rule.get("set") or {})
+        if rule.get("heads_fraction") is not None:
+            update["visual_heads"] = list(range(max(1, math.ceil(rule["heads_fraction"] * num_heads))))
+        for i in targets:
+            policies[i] = make_policy(update, f"{where} (layer {i})", base=policies[i])
+    pre = spec.get("pre_llm")
+    if pre:
+        check_keys(pre, {f.name for f in fields(PreSelect)}, "arch.pre_llm")
+    plan = Plan(str(spec.get("name") or "+".join(spec.get("rules") or {}) or "dense"), tuple(policies), PreSelect(**pre) if pre else None)
+    plan.validate(num_heads, num_kv_heads)
+    return plan
+
+
+def _rule_layers(rule: dict, depth: int, where: str) -> list[int]:
+    ref = rule.get("reference_depth") or depth
+    if rule.get("from_layer") is not None:
+        start = int(rule["from_layer"])
+        if not 0 <= start < ref:
+            raise ConfigError(f"{where}.from_layer={start} is out of range for reference_depth={ref}")
+        first = scale_layers([start], ref, depth, ranked=False)[0]
+        return list(range(first, depth))
+    layers = rule.get("layers", "all")
+    if layers == "all":
+        return list(range(depth))
+    try:
+        return scale_layers([int(i) for i in layers], ref, depth, bool(rule.get("ranked")))
+    except ConfigError as e:
+        raise ConfigError(f"{where}.layers: {e}") from None

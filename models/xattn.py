@@ -1,0 +1,54 @@
+"""Gated cross-attention block (Flamingo / Mllama style) inserted before selected decoder layers.
+
+Text tokens read the projected visual tokens through new parameters; `tanh` gates start at zero,
+so inserting blocks into a pretrained LLM leaves it unchanged until training opens them. Queries
+and keys get a per-head RMSNorm (Mllama); no RoPE on this path. Visual K/V are computed once per
+image at prefill and cached for decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from .attention import Keys, attend, merge_heads, split_heads
+
+
+class GatedCrossAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.input_layernorm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        std = config.initializer_range
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
+            nn.init.normal_(lin.weight, std=std)
+
+    def visual_keys(self, embeds: Tensor, pos: Tensor, valid: Tensor) -> Keys:
+        """K/V of the projected visual tokens (computed once per image)."""
+        k = self.k_norm(split_heads(self.k_proj(embeds), self.head_dim))
+        v = split_heads(self.v_proj(embeds), self.head_dim)
+        return Keys(k, v, pos, valid, torch.ones_like(valid))
+
+    def forward(self, h: Tensor, pos: Tensor, keys: Keys) -> Tensor:
+        """Text hidden states `h` [B, T, d] at positions `pos` read the visual `keys` before them."""
+        q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(h)), self.head_dim))
+        allowed = keys.valid[:, None, :] & (keys.pos[:, None, :] < pos[:, :, None])  # [B, T, S]
+        sees = allowed.any(-1, keepdim=True)  # rows before the image (or without one) get nothing
+        mask = (allowed | ~sees)[:, None]
+        out = merge_heads(attend(q, keys, mask, self.head_dim**-0.5)) * sees
+        h = h + self.attn_gate.tanh() * self.o_proj(out)
+        return h + self.mlp_gate.tanh() * self.mlp(self.post_attention_layernorm(h)) * sees

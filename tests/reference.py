@@ -1,0 +1,161 @@
+"""A slow masked reference for visual-compute plans (the test oracle, never used in production).
+
+Every token of the original sequence is computed in every layer with full attention matrices;
+plans act only through masks: pre-softmax -inf for blocked keys (renorm semantics), zeroed
+probabilities after the softmax (post_softmax_zero), zeroed outputs for tokens that are not
+updated, pruned heads or FFN neurons, and a `present` mask for tokens that left the sequence.
+The physical engine in `models/decoder.py` must give the same text logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from models.attention import apply_rope
+from models.plan import Select
+
+
+def _heads(x, dh):
+    b, n, _ = x.shape
+    return x.view(b, n, -1, dh).transpose(1, 2)
+
+
+def _scores_and_select(probs_q, v, vis_mask, sel: Select, present):
+    """Scores of present visual tokens from one query's probs [B, H, L]; returns the new present mask."""
+    if sel.scorer == "attn_last":
+        s = probs_q.mean(1)
+    else:
+        s = (probs_q.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()
+    cand = vis_mask & present
+    s = s.masked_fill(~cand, float("-inf"))
+    new = present & ~vis_mask
+    for b in range(s.shape[0]):
+        n = int(cand[b].sum())
+        if n == 0:
+            continue
+        if sel.keep is not None:
+            k = sel.budget(n)
+        else:
+            k = max(min(sel.min_keep, n), int((s[b] > sel.threshold).sum()))
+        new[b, s[b].topk(k).indices] = True
+    return new
+
+
+@torch.no_grad()
+def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None):
+    """Text logits [B, L, V] of `model` (its plan) computed the slow masked way."""
+    cfg, plan, lm = model.config, model.plan, model.language_model
+    tcfg = model.text_config
+    b, L = input_ids.shape
+    valid = attention_mask.bool()
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    is_vis = (input_ids == cfg.image_token_id) & valid
+    h = lm.embed_tokens(input_ids)
+    present = valid.clone()
+    if is_vis.any():
+        feats, keep = model.encode_images(pixel_values)
+        h[is_vis] = feats.reshape(-1, feats.shape[-1]).to(h.dtype)
+        if keep is not None:
+            present[is_vis] = keep.reshape(-1)
+    embed = h.clone()
+    entered = is_vis & present  # visual tokens that enter the LLM (gated blocks read all of them)
+    n_v = cfg.num_image_tokens
+    slot = torch.zeros_like(input_ids)
+    slot[is_vis] = torch.cat([torch.arange(int(r.sum())) for r in is_vis]) if is_vis.any() else slot[is_vis]
+    patch, image = slot % n_v, slot // n_v
+    g = cfg.grid_size
+    row, col = patch // g, patch % g
+    cos, sin = lm.rotary_emb(h, pos)
+    if query_pos is None:
+        query_pos = pos.masked_fill(~valid, -1).max(1).values
+    q_idx = ((pos == query_pos[:, None]) & valid & ~is_vis).float().argmax(1)
+    rows = torch.arange(b)
+    causal = pos[:, None, :] <= pos[:, :, None]  # [B, Lq, Lk]
+    text_q = ~is_vis
+    scores_probs = None
+    for li, layer in enumerate(lm.layers):
+        p = plan.layers[li]
+        attn = layer.self_attn
+        dh, H = attn.head_dim, tcfg.num_attention_heads
+        n_rep = H // tcfg.num_key_value_heads
+        if p.drop_visual:
+            present = present & ~is_vis
+        elif p.select is not None and p.select.source == "previous":
+            probs_q, v_full = scores_probs
+            present = _scores_and_select(probs_q, v_full, is_vis, p.select, present)
+        if p.xattn:
+            block = model.xattn[str(li)]
+            h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(embed, pos, entered)), h)
+        x = layer.input_layernorm(h)
+        xkv = torch.where(is_vis[..., None], layer.input_layernorm(embed), x) if p.visual_kv_source == "embed" else x
+        q = apply_rope(_heads(attn.q_proj(x), dh), cos, sin)
+        k = apply_rope(_heads(attn.k_proj(xkv), dh), cos, sin).repeat_interleave(n_rep, 1)
+        v = _heads(attn.v_proj(xkv), dh).repeat_interleave(n_rep, 1)
+        logits = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H, L, L]
+        key_ok = valid & present
+        if p.select is not None and p.select.source == "current":
+            base_q = (causal & key_ok[:, None, :])[rows, q_idx]  # [B, L]
+            lq = logits[rows, :, q_idx].masked_fill(~base_q[:, None], float("-inf"))
+            present = _scores_and_select(torch.softmax(lq, -1), v, is_vis, p.select, present)
+            key_ok = valid & present
+        base = causal & key_ok[:, None, :]
+        heads_ok = torch.zeros(H, dtype=torch.bool)
+        heads_ok[list(p.visual_heads) if p.visual_heads is not None else list(range(H))] = True
+        kv_vis = is_vis[:, None, None, :]  # key is visual
+        # text queries
+        text_block = kv_vis & ~(heads_ok[None, :, None, None] & torch.tensor(p.text_reads))
+        # visual queries
+        if p.visual_self_attn == "full":
+            vv_ok = causal
+        elif p.visual_self_attn == "local":
+            same = image[:, :, None] == image[:, None, :]
+            near = ((row[:, :, None] - row[:, None, :]).abs() <= p.window // 2) & ((col[:, :, None] - col[:, None, :]).abs() <= p.window // 2)
+            vv_ok = same & near
+        else:
+            vv_ok = torch.eye(L, dtype=torch.bool)[None].expand(b, -1, -1)
+        vis_allowed = torch.where(is_vis[:, None, :], vv_ok & key_ok[:, None, :], base)  # [B, Lq(vis rows), Lk]
+        allowed = torch.where(text_q[:, None, :, None], base[:, None] & ~text_block if p.mask_semantics == "renorm" else base[:, None],
+                              vis_allowed[:, None])
+        allowed = allowed | ~(valid & present)[:, None, :, None]  # rows that do not matter: anything finite
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+        if p.mask_semantics == "post_softmax_zero":
+            probs = torch.where(text_q[:, None, :, None] & text_block, torch.zeros_like(probs), probs)
+        if p.text_reads_visual == "sink":
+            first = torch.where(is_vis & key_ok, torch.arange(L), L).min(1).values
+            mass = (probs * kv_vis).sum(-1, keepdim=True)
+            sink_probs = probs.masked_fill(kv_vis, 0.0) + mass * F.one_hot(first.clamp(max=L - 1), L)[:, None, None, :] * (first < L)[:, None, None, None]
+            probs = torch.where(text_q[:, None, :, None], sink_probs, probs)
+        out = probs @ v  # [B, H, L, dh]
+        scores_probs = (probs[rows, :, q_idx], v)
+        vis_head_ok = heads_ok[None, :, None, None] | ~is_vis[:, None, :, None]
+        out = out * vis_head_ok
+        o = attn.o_proj(out.transpose(1, 2).reshape(b, L, -1))
+        update = text_q | (is_vis & torch.tensor(p.updates_visual))
+        h = h + o * update[..., None]
+        y = layer.post_attention_layernorm(h)
+        m = layer.mlp
+        inner = m.act_fn(m.gate_proj(y)) * m.up_proj(y)
+        n_keep = max(1, round(p.visual_ffn * inner.shape[-1])) if p.visual_ffn > 0 else 0
+        neuron_ok = torch.arange(inner.shape[-1]) < n_keep
+        inner = torch.where(is_vis[..., None], inner * neuron_ok, inner)
+        ffn_ok = text_q | (is_vis & torch.tensor(p.updates_visual and p.visual_ffn > 0))
+        h = h + m.down_proj(inner) * ffn_ok[..., None]
+    return model.lm_head(lm.norm(h))
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens):
+    """Greedy decoding by re-running the reference on the growing sequence (no cache), scoring
+    visual tokens with the last *prompt* token as the physical engine does at prefill."""
+    query_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).max(1).values
+    ids, mask, out = input_ids, attention_mask, []
+    for _ in range(max_new_tokens):
+        logits = reference_logits(model, ids, mask, pixel_values, query_pos)
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(out, 1)
