@@ -86,6 +86,7 @@ class SyntheticConfig:
     n_val: int = 600  # samples in the val split (one question each)
     image_size: int = 64
     turns_per_image: int = 6
+    describe: bool = True  # train conversations end with a dense scene description turn
     samples_per_shard: int = 1000
 
     def __post_init__(self) -> None:
@@ -332,14 +333,30 @@ def sample_turns(rng: random.Random, scene: Scene, n_turns: int) -> list[Questio
     return questions
 
 
-def make_record(sample_id: str, scene: Scene, questions: list[Question]) -> dict:
+DESCRIBE_PROMPT = "describe the image ."
+
+
+def describe(scene: Scene) -> str:
+    """Every object by place, then the dot: dense supervision that grounds every attribute at once
+    (LLaVA mixes such descriptions with short answers). Always the *last* turn of a training
+    conversation, so no question can copy its answer from it."""
+    parts = [f"{PLACES[o.quadrant]} {o.color} {o.shape}" for o in sorted(scene.objects, key=lambda o: o.quadrant)]
+    return " , ".join(parts + [f"{scene.dot.color} dot"]) + " ."
+
+
+def make_record(sample_id: str, scene: Scene, questions: list[Question], with_description: bool = False) -> dict:
     """LLaVA-style conversation; ``<image>`` once, at the start of the first human turn."""
     conversations = []
     for i, q in enumerate(questions):
         prompt = f"{IMAGE_TOKEN}\n{q.text}" if i == 0 else q.text
         conversations.append({"from": "human", "value": prompt})
         conversations.append({"from": "gpt", "value": answer(scene, q)})
-    return {"id": sample_id, "conversations": conversations, "skills": [q.skill for q in questions]}
+    skills = [q.skill for q in questions]
+    if with_description:
+        conversations.append({"from": "human", "value": DESCRIBE_PROMPT})
+        conversations.append({"from": "gpt", "value": describe(scene)})
+        skills.append("describe")
+    return {"id": sample_id, "conversations": conversations, "skills": skills}
 
 
 def make_sample(cfg: SyntheticConfig, split: str, index: int) -> tuple[Scene, dict]:
@@ -349,7 +366,7 @@ def make_sample(cfg: SyntheticConfig, split: str, index: int) -> tuple[Scene, di
     sample_id = f"{split}-{index:06d}"
     if split == "train":
         scene = sample_scene(rng, cfg.image_size)
-        return scene, make_record(sample_id, scene, sample_turns(rng, scene, cfg.turns_per_image))
+        return scene, make_record(sample_id, scene, sample_turns(rng, scene, cfg.turns_per_image), cfg.describe)
     skill = SKILLS[index % len(SKILLS)]
     while True:
         scene = sample_scene(rng, cfg.image_size)
@@ -367,6 +384,9 @@ def all_texts(cfg: SyntheticConfig | None = None) -> list[str]:
     texts.append(TEMPLATES["count"])
     texts += [TEMPLATES["position"].format(a, r, b) for r in RELATIONS for a in COLOR_NAMES for b in COLOR_NAMES if a != b]
     texts.append(TEMPLATES["fine"])
+    texts.append(DESCRIBE_PROMPT)
+    texts += [f"{p} {c} {s} ," for p in PLACES for c in COLOR_NAMES for s in SHAPES]
+    texts += [f"{c} dot ." for c in DOT_COLOR_NAMES]
     answers = dict.fromkeys(a for vocab in ANSWER_VOCAB.values() for a in vocab)  # ordered, unique
     return texts + list(answers)
 
@@ -404,7 +424,7 @@ def _write_split(directory: Path, cfg: SyntheticConfig, split: str, bar: tqdm) -
             for index in range(start, min(start + cfg.samples_per_shard, n)):
                 scene, record = make_sample(cfg, split, index)
                 answers = [t["value"] for t in record["conversations"][1::2]]
-                skill_answers += zip(record["skills"], answers)
+                skill_answers += [(k, a) for k, a in zip(record["skills"], answers) if k in SKILLS]
                 writer.write({"__key__": record["id"], "png": encode_png(render(scene)),
                               "json": json.dumps(record).encode("utf-8")})
                 bar.update(1)

@@ -1,0 +1,207 @@
+"""Analytic FLOPs of a resolved plan: exactly the matmuls the physical engine runs.
+
+Counts follow the engine (decoder layers only, like the papers): per layer, text rows' Q/K/V/O
+and FFN; visual K/V where someone reads them (only the KV heads a head mask keeps); visual Q/O and
+FFN where visual tokens are updated (kept heads, kept FFN neurons); attention as
+4 * heads * queries * keys * head_dim for every (query group, key set) the engine forms (no causal
+halving, like the papers and like FlopCounterMode on SDPA); scoring probes for token selection;
+gated cross-attention blocks. Conventions (methods.md section 0):
+  convention: `2mac` (FLOPs) or `mac` (multiply-accumulates, VisiPruner);
+  scope: `total` (every token: ShortV/FastV tables), `visual_side` (total minus the same model
+         on text alone: ViCA), `visual` (visual rows only: projections, FFN and visual-to-visual
+         attention: VisiPruner);
+  ffn: `swiglu` (3 matrices) or `2mat` (FastV-style 2-matrix MLP).
+`tests/test_flops.py` checks the `total` count against `torch.utils.flop_counter.FlopCounterMode`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .plan import LayerPolicy, Plan
+
+TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text"}
+VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    d: int  # hidden size
+    m: int  # FFN intermediate size
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @staticmethod
+    def from_hf(text_config) -> "Shape":
+        h = text_config.num_attention_heads
+        dh = getattr(text_config, "head_dim", None) or text_config.hidden_size // h
+        return Shape(text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, h,
+                     text_config.num_key_value_heads, dh)
+
+
+def _proj(n: int, d_in: int, d_out: int) -> int:
+    return 2 * n * d_in * d_out
+
+
+def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | None, ffn_mats: int, score_next: bool,
+                n_v_xattn: int, past: int = 0) -> tuple[Counter, int]:
+    """FLOPs (2xMAC) per term of one layer and the visual tokens it leaves for the next one.
+
+    `n_v`: visual tokens entering the layer (after this layer's own pre-layer drop/select).
+    `n_v_next`: for source=current selection, the tokens kept inside this layer.
+    `past`: cached keys before the new text tokens (decode).
+    """
+    t = Counter()
+    dq, dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    ffn = ffn_mats * 2 * s.d * s.m
+    if p.xattn:
+        t["xattn"] += _proj(n_t, s.d, dq) + _proj(n_t, dq, s.d) + n_t * ffn + 4 * s.heads * n_t * n_v_xattn * s.head_dim
+        if past == 0:
+            t["xattn"] += 2 * _proj(n_v_xattn, s.d, dkv)
+    t["text_proj"] += _proj(n_t, s.d, dq) + 2 * _proj(n_t, s.d, dkv) + _proj(n_t, dq, s.d)
+    t["text_ffn"] += n_t * ffn
+    sees = n_v > 0 and (p.text_reads or p.mask_semantics == "post_softmax_zero")
+    update = n_v > 0 and p.updates_visual
+    heads = list(p.visual_heads) if p.visual_heads is not None else list(range(s.heads))
+    if sees or update:
+        kv_heads = s.kv_heads if (p.visual_heads is None or p.mask_semantics == "post_softmax_zero") else len({h * s.kv_heads // s.heads for h in heads})
+        t["vis_kv_proj"] += 2 * _proj(n_v, s.d, kv_heads * s.head_dim)
+    if p.select is not None and p.select.source == "current" and n_v_next is not None:
+        t["probe"] += _proj(1, s.d, dq) + 2 * s.heads * (n_t + n_v) * s.head_dim  # last query's Q and logits
+        n_v = n_v_next  # the kept tokens' K/V are gathered, not recomputed
+        sees = n_v > 0 and sees
+        update = n_v > 0 and update
+    keys = past + n_t + (n_v if sees else 0)
+    t["text_attn_text"] += 4 * s.heads * n_t * (past + n_t) * s.head_dim
+    if sees:
+        t["text_attn_vis"] += 4 * s.heads * n_t * n_v * s.head_dim
+    if score_next:
+        t["probe"] += 2 * s.heads * keys * s.head_dim
+    if update:
+        k = len(heads)
+        t["vis_qo_proj"] += _proj(n_v, s.d, k * s.head_dim) + _proj(n_v, k * s.head_dim, s.d)
+        if p.visual_self_attn == "full":
+            vis_keys = n_v
+        elif p.visual_self_attn == "local":
+            vis_keys = p.window**2
+        else:
+            vis_keys = 1
+        t["vis_attn_text"] += 4 * k * n_v * n_t * s.head_dim
+        t["vis_attn_vis"] += 4 * k * n_v * vis_keys * s.head_dim
+        if p.visual_ffn > 0:
+            kept = max(1, round(p.visual_ffn * s.m))
+            t["vis_ffn"] += n_v * ffn_mats * 2 * s.d * kept
+    return t, n_v
+
+
+def selected_count(p: LayerPolicy, n_v: int, threshold_keep: float) -> int:
+    """Visual tokens kept by a selection: the budget, or an assumed fraction for thresholds."""
+    if p.select.keep is not None:
+        return p.select.budget(n_v)
+    return max(min(p.select.min_keep, n_v), round(threshold_keep * n_v))
+
+
+def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swiglu", threshold_keep: float = 0.018,
+               pre_llm_keep: float = 0.22, counts: dict[int, int] | None = None) -> tuple[Counter, list[int]]:
+    """Prefill FLOPs per term summed over layers, and the visual tokens present in each layer.
+
+    Data-dependent token counts (threshold selection, CLS knee) use assumed fractions
+    (`threshold_keep`: VisiPruner's 10.3 of 576 tokens; `pre_llm_keep`: 2409.01162's 22%) unless
+    `counts` gives the measured count after each layer's selection (key -1: after pre-LLM pruning).
+    """
+    counts = counts or {}
+    ffn_mats = {"swiglu": 3, "2mat": 2}[ffn]
+    n_v = n_visual
+    if plan.pre_llm is not None:
+        n_v = counts.get(-1, max(plan.pre_llm.min_keep, round(pre_llm_keep * n_visual)))
+    n_v0 = n_v
+    total, present = Counter(), []
+    for i, p in enumerate(plan.layers):
+        nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
+        score_next = nxt is not None and nxt.select is not None and nxt.select.source == "previous"
+        if p.drop_visual:
+            n_v = 0
+        elif p.select is not None and p.select.source == "previous":
+            n_v = counts.get(i, selected_count(p, n_v, threshold_keep))
+        kept = counts.get(i, selected_count(p, n_v, threshold_keep)) if (p.select is not None and p.select.source == "current") else None
+        terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0)
+        total.update(terms)
+        present.append(n_v)
+    return total, present
+
+
+def scope_flops(terms: Counter, scope: str, text_only: Counter | None = None) -> int:
+    if scope == "total":
+        return sum(terms.values())
+    if scope == "visual":
+        return sum(v for k, v in terms.items() if k in VISUAL_TERMS)
+    if scope == "visual_side":
+        return sum(terms.values()) - sum((text_only or Counter()).values())
+    raise ValueError(f"unknown FLOPs scope {scope!r} (total, visual_side, visual)")
+
+
+def prefill_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: str = "2mac", scope: str = "total",
+                  ffn: str = "swiglu", **kw) -> float:
+    """Prefill FLOPs of one sample in the given convention and scope."""
+    terms, _ = plan_terms(s, plan, n_visual, n_text, ffn, **kw)
+    text_only, _ = plan_terms(s, Plan.dense(s.layers), 0, n_text, ffn)
+    return _convert(scope_flops(terms, scope, text_only), convention)
+
+
+def decode_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: str = "2mac", ffn: str = "swiglu", **kw) -> float:
+    """FLOPs of the first generated token: one text query per layer over that layer's cached keys."""
+    _, present = plan_terms(s, plan, n_visual, n_text, ffn, **kw)
+    ffn_mats = {"swiglu": 3, "2mat": 2}[ffn]
+    n_v0 = present[0] if present else 0
+    total = 0
+    for i, p in enumerate(plan.layers):
+        cached_vis = present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0
+        terms, _ = layer_terms(s, _decode_policy(p), 1, 0, None, ffn_mats, False, n_v0, past=n_text + cached_vis)
+        total += sum(terms.values())
+    return _convert(total, convention)
+
+
+def _decode_policy(p: LayerPolicy) -> LayerPolicy:
+    """At decode only text queries run; visual keys are already in the cache (counted via `past`)."""
+    return LayerPolicy(xattn=p.xattn)
+
+
+def kv_cache_bytes(s: Shape, plan: Plan, n_visual: int, n_text: int, bytes_per_value: int = 2, **kw) -> int:
+    """Prefill KV-cache size per sample: text keys in every layer, visual keys only where read."""
+    _, present = plan_terms(s, plan, n_visual, n_text, **kw)
+    keys = 0
+    for i, p in enumerate(plan.layers):
+        keys += n_text + (present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0)
+        if p.xattn:
+            keys += present[0] if present else 0
+    return keys * 2 * s.kv_heads * s.head_dim * bytes_per_value
+
+
+def _convert(flops: int, convention: str) -> float:
+    if convention not in ("2mac", "mac"):
+        raise ValueError(f"unknown FLOPs convention {convention!r} (2mac or mac)")
+    return flops / 2 if convention == "mac" else float(flops)
+
+
+def measure_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """Run `fn` under `torch.utils.flop_counter.FlopCounterMode`; returns (FLOPs, result).
+
+    PyTorch has no FLOP formula for the CPU flash-attention kernel that SDPA dispatches to, so it
+    would count attention as zero on CPU; we register the same formula it uses for the CUDA kernels.
+    """
+    import torch
+    from torch.utils import flop_counter
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_sdpa not in flop_counter.flop_registry:
+
+        def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+        flop_counter.register_flop_formula(cpu_sdpa)(cpu_sdpa_flop)
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        result = fn(*args, **kwargs)
+    return counter.get_total_flops(), result

@@ -1,0 +1,71 @@
+"""The analytic FLOPs model counts what the engine runs, and reproduces the papers' tables."""
+
+import pytest
+import torch
+import yaml
+
+from models.flops import Shape, measure_flops, plan_terms, prefill_flops
+from models.methods import resolve_arch
+from models.mllm import _query_index
+from models.plan import Plan
+from models.decoder import run_decoder
+from tests.helpers import image_batch
+from tests.test_plans import CONF, PRESETS, plan_model
+
+
+def measured_decoder_flops(model, batch=2):
+    input_ids, mask, pixels = image_batch(model.config, batch=batch, suffix=9)
+    with torch.no_grad():
+        layout, text, vis = model._streams(input_ids, mask, pixels)
+        counts = {-1: vis.n} if model.plan.pre_llm is not None else {}
+        flops, _ = measure_flops(
+            run_decoder, model.language_model, model.plan, text, vis, _query_index(text, None), model.config.grid_size, model.xattn
+        )
+    return flops / batch, text.n, vis, counts
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p != "visipruner"])  # threshold counts: below
+def test_analytic_flops_match_flop_counter(name):
+    model = plan_model(name, {})
+    measured, n_t, vis, counts = measured_decoder_flops(model)
+    shape = Shape.from_hf(model.text_config)
+    terms, _ = plan_terms(shape, model.plan, model.config.num_image_tokens, n_t, counts=counts)
+    analytic = sum(terms.values())
+    assert abs(analytic - measured) / measured < 0.02, (analytic, measured)
+
+
+def test_threshold_counts_are_honoured():
+    model = plan_model("visipruner", {"threshold": 0.0})  # keeps every token with a positive score
+    measured, n_t, vis, _ = measured_decoder_flops(model, batch=1)
+    shape = Shape.from_hf(model.text_config)
+    sel = next(i for i, p in enumerate(model.plan.layers) if p.select)
+    terms, _ = plan_terms(shape, model.plan, model.config.num_image_tokens, n_t, counts={sel: model.config.num_image_tokens})
+    assert abs(sum(terms.values()) - measured) / measured < 0.02
+
+
+LLAVA7B = Shape(d=4096, m=11008, layers=32, heads=32, kv_heads=32, head_dim=128)
+
+
+def arch(name, **knobs):
+    a = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    if knobs:
+        (m,) = a["methods"]
+        a["methods"][m].update(knobs)
+    return resolve_arch(a, 32, 32, 32)
+
+
+def tflops(plan, n_t=64, **kw):
+    return prefill_flops(LLAVA7B, plan, 576, n_t, **kw) / 1e12
+
+
+def test_reproduces_paper_tables():
+    dense = Plan.dense(32)
+    assert tflops(dense) == pytest.approx(8.5, abs=0.05)  # ShortV table, whole sequence
+    assert tflops(arch("fastv")) == pytest.approx(4.9, abs=0.05)  # FastV K=2 R=50%
+    assert tflops(arch("vtw")) == pytest.approx(4.7, abs=0.05)  # VTW K=16
+    assert tflops(arch("shortv")) == pytest.approx(4.7, abs=0.05)  # ShortV N=19
+    assert tflops(arch("shortv")) / tflops(dense) == pytest.approx(0.55, abs=0.01)
+    assert tflops(dense, n_t=46, scope="visual_side") == pytest.approx(7.65, abs=0.02)  # ViCA baseline
+    assert tflops(arch("vica"), n_t=46, scope="visual_side") == pytest.approx(0.31, abs=0.01)
+    assert tflops(arch("vica"), n_t=46, scope="visual_side") / tflops(dense, n_t=46, scope="visual_side") == pytest.approx(0.041, abs=0.002)
+    assert tflops(dense, n_t=74, scope="visual", convention="mac") == pytest.approx(3.82, abs=0.01)  # VisiPruner
