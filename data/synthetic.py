@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from webdataset import TarWriter
 
-FORMAT_VERSION = 2  # bump whenever the sample content for a given config changes
+FORMAT_VERSION = 5  # bump whenever the sample content for a given config changes
 
 BACKGROUND = (40, 40, 40)
 COLORS: dict[str, tuple[int, int, int]] = {  # regular objects
@@ -51,15 +51,15 @@ DOT_COLOR_NAMES = tuple(DOT_COLORS)
 SHAPES = ("circle", "square", "triangle")
 PLACES = ("top left", "top right", "bottom left", "bottom right")  # quadrant index 0..3
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")  # counts are 1..4
-RELATIONS = ("left of", "above")
-SKILLS = ("exist", "color", "shape", "count", "position", "fine")
+ATTRIBUTES = ("color", "shape")
+SKILLS = ("exist", "color", "shape", "count", "relation", "fine")
 
 TEMPLATES = {
     "exist": "is there a {} {} ?",
     "color": "what color is the object in the {} ?",
     "shape": "what shape is the object in the {} ?",
     "count": "how many objects are there ?",
-    "position": "is the {} object {} the {} object ?",
+    "relation": "do the objects in the {} and the {} have the same {} ?",
     "fine": "what color is the small dot ?",
 }
 ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
@@ -67,7 +67,7 @@ ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "color": COLOR_NAMES,
     "shape": SHAPES,
     "count": NUMBER_WORDS[1:],
-    "position": ("yes", "no"),
+    "relation": ("yes", "no"),
     "fine": DOT_COLOR_NAMES,
 }
 IMAGE_TOKEN = "<image>"
@@ -90,8 +90,8 @@ class SyntheticConfig:
     samples_per_shard: int = 1000
 
     def __post_init__(self) -> None:
-        if self.image_size < 16 or self.image_size % 2:
-            raise ValueError(f"image_size must be even and >= 16, got {self.image_size}")
+        if self.image_size < 64 or self.image_size % 2:  # smaller: no room for the dot between objects
+            raise ValueError(f"image_size must be even and >= 64, got {self.image_size}")
         if self.n_train < 0 or self.n_val < 0:
             raise ValueError("n_train and n_val must be >= 0")
         if self.turns_per_image < 1 or self.samples_per_shard < 1:
@@ -151,28 +151,37 @@ def boxes_touch(a: Box, b: Box, gap: int = 1) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
+def object_side(image_size: int) -> int:
+    return round(0.625 * (image_size // 2))
+
+
 def sample_object(rng: random.Random, quadrant: int, image_size: int) -> SceneObject:
-    """A random object, 50-75 % of the quadrant side, near the quadrant centre (small jitter)."""
-    half = image_size // 2
-    side = rng.randint(round(0.5 * half), round(0.75 * half))
+    """A random shape and colour at a fixed size (5/8 of the quadrant side), centred in its quadrant.
+
+    Fixed placement keeps the coarse skills quick to learn for tiny models trained from scratch;
+    the small dot (random place, smaller than a patch) carries the fine-detail difficulty."""
+    half, side = image_size // 2, object_side(image_size)
     qx, qy = quadrant_origin(quadrant, image_size)
-    slack = half - side - 2  # keep a 1 px margin inside the quadrant
-    jitter = max(1, half // 16)
-    x0 = qx + 1 + min(slack, max(0, slack // 2 + rng.randint(-jitter, jitter)))
-    y0 = qy + 1 + min(slack, max(0, slack // 2 + rng.randint(-jitter, jitter)))
+    x0, y0 = qx + (half - side) // 2, qy + (half - side) // 2
     return SceneObject(rng.choice(SHAPES), rng.choice(COLOR_NAMES), quadrant, (x0, y0, x0 + side, y0 + side))
 
 
+def dot_spots(image_size: int) -> list[tuple[int, int]]:
+    """Top-left corners of the 4 places the dot can take: in the gap between the quadrants, one
+    near each inner corner, so it never touches an object (objects are centred in quadrants)."""
+    side, half = dot_side(image_size), image_size // 2
+    c, off = half, (half - object_side(image_size)) // 4  # the middle of each half-gap
+    return [(c - off - side // 2, c - off - side // 2), (c + off - side // 2, c - off - side // 2),
+            (c - off - side // 2, c + off - side // 2), (c + off - side // 2, c + off - side // 2)]
+
+
 def sample_dot(rng: random.Random, objects: tuple[SceneObject, ...], image_size: int) -> Dot:
-    """The tiny dot anywhere on the canvas, away from every object's bounding box."""
+    """The tiny dot (smaller than a 4x4 patch) at one of the `dot_spots`, in its own palette."""
     side = dot_side(image_size)
-    color = rng.choice(DOT_COLOR_NAMES)
-    while True:  # objects cover < 50 % of the canvas, so this ends after a few tries
-        x0 = rng.randint(0, image_size - side)
-        y0 = rng.randint(0, image_size - side)
-        box = (x0, y0, x0 + side, y0 + side)
-        if not any(boxes_touch(box, o.box) for o in objects):
-            return Dot(color, box)
+    x0, y0 = rng.choice(dot_spots(image_size))
+    box = (x0, y0, x0 + side, y0 + side)
+    assert not any(boxes_touch(box, o.box) for o in objects)
+    return Dot(rng.choice(DOT_COLOR_NAMES), box)
 
 
 def sample_scene(rng: random.Random, image_size: int) -> Scene:
@@ -239,12 +248,11 @@ def _only_of_color(scene: Scene, color: str) -> SceneObject:
     return found[0]
 
 
-def _answer_position(scene: Scene, c1: str, relation: str, c2: str) -> str:
-    a, b = _only_of_color(scene, c1), _only_of_color(scene, c2)
-    line = column if relation == "left of" else row
-    if line(a.quadrant) == line(b.quadrant):
-        raise ValueError(f"'{relation}' is ill-defined for objects in the same column/row")
-    return "yes" if line(a.quadrant) < line(b.quadrant) else "no"
+def _answer_relation(scene: Scene, place1: str, place2: str, attribute: str) -> str:
+    a, b = _object_in(scene, place1), _object_in(scene, place2)
+    if a is b:
+        raise ValueError("a relation needs two different objects")
+    return "yes" if getattr(a, attribute) == getattr(b, attribute) else "no"
 
 
 def answer(scene: Scene, question: Question) -> str:
@@ -261,8 +269,8 @@ def answer(scene: Scene, question: Question) -> str:
         return _object_in(scene, args[0]).shape
     if skill == "count":
         return NUMBER_WORDS[len(scene.objects)]
-    if skill == "position":
-        return _answer_position(scene, *args)
+    if skill == "relation":
+        return _answer_relation(scene, *args)
     if skill == "fine":
         return scene.dot.color
     raise ValueError(f"unknown skill {skill!r}")
@@ -285,23 +293,18 @@ def _sample_place(rng: random.Random, scene: Scene, skill: str) -> Question:
     return Question(skill, (PLACES[rng.choice(scene.objects).quadrant],))
 
 
-def _sample_position(rng: random.Random, scene: Scene) -> Question | None:
-    """A balanced yes/no relation between two objects of unique colours whose quadrants differ
-    along the asked axis, so the answer is unambiguous."""
-    counts = Counter(o.color for o in scene.objects)
-    named = [o for o in scene.objects if counts[o.color] == 1]
-    options = []
-    for i, a in enumerate(named):
-        for b in named[i + 1 :]:
-            for relation, line in (("left of", column), ("above", row)):
-                if line(a.quadrant) != line(b.quadrant):
-                    options.append((relation, a, b) if line(a.quadrant) < line(b.quadrant) else (relation, b, a))
-    if not options:
+def _sample_relation(rng: random.Random, scene: Scene) -> Question | None:
+    """Same colour / same shape between two occupied places, balanced yes/no when the scene allows."""
+    if len(scene.objects) < 2:
         return None
-    relation, first, second = rng.choice(options)  # first is left of / above second
+    attribute = rng.choice(ATTRIBUTES)
+    pairs = [(a, b) for i, a in enumerate(scene.objects) for b in scene.objects[i + 1 :]]
+    want = rng.random() < 0.5
+    matching = [(a, b) for a, b in pairs if (getattr(a, attribute) == getattr(b, attribute)) == want]
+    a, b = rng.choice(matching or pairs)
     if rng.random() < 0.5:
-        first, second = second, first
-    return Question("position", (first.color, relation, second.color))
+        a, b = b, a
+    return Question("relation", (PLACES[a.quadrant], PLACES[b.quadrant], attribute))
 
 
 def sample_question(rng: random.Random, scene: Scene, skill: str) -> Question | None:
@@ -311,21 +314,26 @@ def sample_question(rng: random.Random, scene: Scene, skill: str) -> Question | 
         "color": lambda r, sc: _sample_place(r, sc, "color"),
         "shape": lambda r, sc: _sample_place(r, sc, "shape"),
         "count": lambda _rng, s: Question("count"),
-        "position": _sample_position,
+        "relation": _sample_relation,
         "fine": lambda _rng, s: Question("fine"),
     }
     return samplers[skill](rng, scene)
 
 
+# Skills that need content-based search over the image (binding, relations, the tiny dot) are
+# learned far more slowly than place lookups; training conversations ask them twice as often.
+TRAIN_ROUND = SKILLS + ("exist", "relation", "fine")
+
+
 def sample_turns(rng: random.Random, scene: Scene, n_turns: int) -> list[Question]:
-    """``n_turns`` distinct questions; skills are drawn without replacement in rounds, so the first
-    round covers every skill that is possible for the scene."""
+    """``n_turns`` distinct questions; skills are drawn without replacement in rounds of
+    ``TRAIN_ROUND`` (every skill, the slow ones twice)."""
     questions: list[Question] = []
     order: list[str] = []
     attempts = 0
     while len(questions) < n_turns:  # ends: "exist" is always possible
         if not order:
-            order = rng.sample(SKILLS, len(SKILLS))
+            order = rng.sample(TRAIN_ROUND, len(TRAIN_ROUND))
         question = sample_question(rng, scene, order.pop())
         attempts += 1
         if question is not None and (question not in questions or attempts > 50 * n_turns):
@@ -382,7 +390,7 @@ def all_texts(cfg: SyntheticConfig | None = None) -> list[str]:
     texts += [TEMPLATES["color"].format(p) for p in PLACES]
     texts += [TEMPLATES["shape"].format(p) for p in PLACES]
     texts.append(TEMPLATES["count"])
-    texts += [TEMPLATES["position"].format(a, r, b) for r in RELATIONS for a in COLOR_NAMES for b in COLOR_NAMES if a != b]
+    texts += [TEMPLATES["relation"].format(a, b, t) for t in ATTRIBUTES for a in PLACES for b in PLACES if a != b]
     texts.append(TEMPLATES["fine"])
     texts.append(DESCRIBE_PROMPT)
     texts += [f"{p} {c} {s} ," for p in PLACES for c in COLOR_NAMES for s in SHAPES]
