@@ -102,7 +102,7 @@ def visipruner(depth, heads, shallow=6, middle=9, exit=24, threshold=0.2, refere
     previous layer) exceeds `threshold` are kept (a per-sample count); before `exit`, all visual
     tokens leave. (The paper detects the middle and exit layers per sample at run time;
     `python -m train.analyze visipruner` estimates them for a model.)"""
-    s, m, e = _scaled([shallow, middle, exit], reference_depth, depth)
+    s, m, e = (_scaled([b], reference_depth, depth)[0] for b in (shallow, middle, exit))  # scaled one by one: they may coincide
     s = max(1, s)
     m = max(m, s + 1)
     e = max(e, m + 1)
@@ -144,15 +144,34 @@ def rules(depth, heads, *items):
     return [dict(r) for r in items]
 
 
+def load_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """An arch config, reading it from `path` when it points at a plan file."""
+    arch = dict(arch or {})
+    if arch.get("path"):
+        import yaml
+        from pathlib import Path
+
+        path = Path(arch["path"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"arch.path={str(path)!r}: no such plan file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a plan file holds a mapping (methods / layers / pre_llm / name)")
+        loaded.setdefault("name", path.stem)
+        return loaded
+    return arch
+
+
 def arch_name(arch: dict[str, Any]) -> str:
     """`vica`, `vica+pdrop`, `cls_knee`, `dense`, ...: the plan's name (also names run directories)."""
+    arch = load_arch(arch)
     names = list(arch.get("methods") or {}) + (["cls_knee"] if arch.get("pre_llm") else [])
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
 def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, num_kv_heads: int) -> Plan:
     """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`."""
-    arch = dict(arch or {})
+    arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
     for name, knobs in (arch.get("methods") or {}).items():

@@ -15,7 +15,7 @@ from tests.helpers import image_batch, tiny_config
 from tests.reference import reference_generate, reference_logits
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "arch"
-PRESETS = sorted(p.stem for p in CONF.glob("*.yaml"))
+PRESETS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "file")  # file: a pointer, tested separately
 VARIANTS = [(name, {}) for name in PRESETS] + [
     ("yopo", {"semantics": "post_softmax_zero"}),
     ("visipruner", {"semantics": "post_softmax_zero"}),
@@ -138,4 +138,35 @@ def test_presets_scale_to_other_depths():
     assert sum(not p.updates_visual for p in resolve_arch(shortv, 32, 32, 32).layers) == 19
     assert sum(not p.updates_visual for p in resolve_arch(shortv, 16, 4, 4).layers) == 10  # same ~59% of layers
     combo = resolve_arch({"methods": {"vica": {}, "pdrop": {}}}, 32, 32, 32)
+    for depth in range(4, 13):  # stage boundaries that coincide after scaling are separated, never merged
+        stages = resolve_arch({"methods": {"visipruner": {}}}, depth, 4, 2).layers
+        sink, select, drop = (next(i for i, p in enumerate(stages) if test(p)) for test in (
+            lambda p: p.text_reads_visual == "sink", lambda p: p.select is not None, lambda p: p.drop_visual))
+        assert sink == 0 < select < drop < depth
+    with pytest.raises(ConfigError, match="visipruner needs at least 4 layers"):
+        resolve_arch({"methods": {"visipruner": {}}}, 3, 4, 2)
     assert combo.name == "vica+pdrop" and sum(p.select is not None for p in combo.layers) == 3
+
+
+@pytest.mark.parametrize("name", ["vica", "xattn", "yopo", "pdrop", "shortv"])
+def test_plans_train(name):
+    """`python -m train arch=<name>` trains with the plan active: every trainable parameter the plan
+    uses gets a gradient, and a few steps on a fixed batch reduce the loss."""
+    model = plan_model(name, {})
+    model.train()
+    input_ids, mask, pixels = image_batch(model.config, batch=2)
+    labels = input_ids.clone()
+    labels[:, : 3 + model.config.num_image_tokens + 1] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids, mask, pixels, labels=labels).loss
+        loss.backward()
+        if not losses:
+            assert model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+            for block in model.xattn.values():
+                assert block.attn_gate.grad is not None and block.q_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
