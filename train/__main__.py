@@ -1,8 +1,11 @@
 """`python -m train [hydra overrides]`: see conf/train.yaml."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from .cli import expand_plan_files
 from .run import run
 
 
@@ -13,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = sys.argv[:1] + expand_plan_files(sys.argv[1:])
     main()
