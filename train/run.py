@@ -113,12 +113,13 @@ def run(cfg: DictConfig) -> dict:
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in ("val", "eff", "perf", "train")}
     summary = {
         "run_dir": str(out_dir),
         "model": spec.name,
         "arch": plan.name,
         "steps": trainer.global_step,
+        "flops": flops_convention(cfg),
         "best_checkpoint": best,
         "seconds": {"data": round(data_seconds, 1), "fit": round(fit_seconds, 1), "total": round(time.time() - start, 1)},
         "metrics": metrics,
@@ -132,6 +133,14 @@ def run(cfg: DictConfig) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def flops_convention(cfg: DictConfig) -> dict | None:
+    """How eff/*flops* were counted (recorded beside them)."""
+    eff = (cfg.callbacks or {}).get("efficiency")
+    if not eff:
+        return None
+    return {"convention": eff.convention, "scope": eff.scope, "per": "sample, prefill, decoder layers"}
 
 
 def print_summary(summary: dict) -> None:

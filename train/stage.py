@@ -28,6 +28,12 @@ class StageConfig:
         return cls(**d)
 
 
+def unused_vision_modules(model: nn.Module) -> list[nn.Module]:
+    """Vision layers after the feature layer and the post-layernorm (LLaVA reads an earlier layer)."""
+    tower = model.vision_tower
+    return [*tower.encoder.layers[model.config.vision_layers_used :], tower.post_layernorm]
+
+
 def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
     """Set `requires_grad` per part and return trainable parameter counts per part."""
     parts = {
@@ -39,6 +45,8 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
     counts = {}
     for name, (module, trainable) in parts.items():
         module.requires_grad_(trainable)
+    for module in unused_vision_modules(model):  # never reach the LLM: no gradient, and DDP would complain
+        module.requires_grad_(False)
     for name, (module, _) in parts.items():
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("stage %s: trainable parameters %s", stage.name, counts)

@@ -1,0 +1,110 @@
+"""Efficiency and throughput metrics logged beside accuracy (DESIGN.md section 5 names).
+
+`EfficiencyMetrics` measures, at every evaluation, on the first validation batch: prefill latency,
+decode speed and KV-cache size of the model's plan, plus the analytic FLOPs of that plan (per
+sample, decoder layers; convention and scope as configured) and peak memory. `Throughput` logs
+training tokens/s and, on GPUs with a known peak, MFU.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import lightning as L
+import torch
+
+from models.flops import Shape, prefill_flops
+from models.plan import Plan
+
+# dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated memory on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class EfficiencyMetrics(L.Callback):
+    def __init__(self, convention: str = "2mac", scope: str = "total", decode_tokens: int = 8):
+        self.convention, self.scope, self.decode_tokens = convention, scope, decode_tokens
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0:
+            return
+        model = module.model
+        ids, mask, pixels = batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"]
+        n_v = model.config.num_image_tokens if pixels is not None else 0
+        n_text = float(mask.sum(1).float().mean()) - (n_v if pixels is not None else 0)
+        shape = Shape.from_hf(model.text_config)
+        kw = dict(convention=self.convention, ffn="swiglu")
+        plan_flops = prefill_flops(shape, model.plan, n_v, round(n_text), scope=self.scope, **kw)
+        dense_flops = prefill_flops(shape, Plan.dense(shape.layers), n_v, round(n_text), scope=self.scope, **kw)
+        visual = prefill_flops(shape, model.plan, n_v, round(n_text), scope="visual_side", **kw)
+
+        sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        out = model(ids, mask, pixels, logits="last", use_cache=True)
+        sync()
+        prefill_ms = 1e3 * (time.perf_counter() - t)
+        state, token = out.cache, out.logits.argmax(-1)
+        t = time.perf_counter()
+        for _ in range(self.decode_tokens):
+            token = model.decode_step(token, state).argmax(-1)
+        sync()
+        decode_ms = 1e3 * (time.perf_counter() - t) / self.decode_tokens
+        b = ids.shape[0]
+        module.log_dict(
+            {
+                "eff/prefill_tflops": plan_flops / 1e12,
+                "eff/visual_tflops": visual / 1e12,
+                "eff/flops_ratio": plan_flops / dense_flops if dense_flops else 1.0,
+                "eff/prefill_ms": prefill_ms / b,  # per sample, batched prefill
+                "eff/decode_ms_per_token": decode_ms,  # one step for the whole batch
+                "eff/kv_cache_mb": state.nbytes / b / 2**20,  # per sample, after the decoded tokens
+                "eff/peak_mem_mb": peak_memory_mb(ids.device),
+            },
+            sync_dist=False,
+            batch_size=b,
+        )
+
+
+class Throughput(L.Callback):
+    """Training tokens per second (all ranks together) and MFU on GPUs with a known peak."""
+
+    def __init__(self):
+        self._t = None
+        self._peak = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self._t
+        tokens = int(batch["attention_mask"].sum()) * trainer.world_size
+        metrics = {"perf/tokens_per_s": tokens / seconds}
+        if batch["input_ids"].is_cuda:
+            peak = self._device_peak()
+            if peak:
+                model = module.model
+                shape = Shape.from_hf(model.text_config)
+                n_v = model.config.num_image_tokens if batch["pixel_values"] is not None else 0
+                b, length = batch["input_ids"].shape
+                step_flops = 3 * prefill_flops(shape, model.plan, n_v, length - n_v) * b  # forward + backward
+                metrics["perf/mfu"] = step_flops / seconds / peak
+        module.log_dict(metrics, batch_size=batch["input_ids"].shape[0])
+
+    def _device_peak(self) -> float | None:
+        if self._peak is None:
+            name = torch.cuda.get_device_name()
+            self._peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+        return self._peak or None
