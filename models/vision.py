@@ -19,6 +19,29 @@ def build_vision_tower(config: PretrainedConfig) -> nn.Module:
     return AutoModel.from_config(config)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions (MAE): the first half of the channels encodes the patch row,
+    the second half its column, each as sines and cosines over geometric frequencies. `[grid*grid, dim]`."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a vision hidden_size divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angle = coord[:, None].double() * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+@torch.no_grad()
+def init_sincos_positions(tower: nn.Module, grid: int) -> None:
+    """Start a randomly initialised tower's (learned) patch positions from `sincos_2d` (the CLS row,
+    CLIP only, keeps its init). Trained from scratch, a tower then knows where each patch is from
+    step 0 instead of learning it, which speeds up every place-based skill of small models."""
+    table = tower.embeddings.position_embedding.weight
+    table[table.shape[0] - grid * grid :] = sincos_2d(grid, table.shape[1]).to(table)
+
+
 def vision_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, n_layers: int) -> torch.Tensor:
     """Hidden state after `n_layers` encoder layers (HF `hidden_states[n_layers]`)."""
     dtype = tower.embeddings.patch_embedding.weight.dtype

@@ -88,3 +88,27 @@ def test_invalid_values_fail_at_config_time():
         tiny_config(vision_feature_layer=-5)
     with pytest.raises(ConfigError, match="image_token_id"):
         tiny_config(image_token_id=999)
+
+
+def test_sincos_vision_positions_for_towers_built_from_config(tmp_path):
+    from models.vision import sincos_2d
+
+    table = sincos_2d(4, 8)
+    assert table.shape == (16, 8)
+    assert torch.equal(table[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))  # patch (0, 0): sin 0, cos 0
+    assert torch.equal(table[1, :4], table[0, :4]) and not torch.equal(table[1, 4:], table[0, 4:])  # same row
+    assert torch.equal(table[4, 4:], table[0, 4:]) and not torch.equal(table[4, :4], table[0, :4])  # same column
+
+    cfg = OmegaConf.to_container(compose_train([]).model, resolve=True)
+    spec = ModelSpec.from_dict(cfg)
+    assert spec.vision_position_init == "sincos2d"
+    model = spec.build()
+    grid, width = spec.mllm_config.grid_size, spec.mllm_config.vision["hidden_size"]
+    assert torch.equal(model.vision_tower.embeddings.position_embedding.weight, sincos_2d(grid, width))
+    model.vision_tower.embeddings.position_embedding.weight.data.add_(1.0)
+    model.save_pretrained(tmp_path / "ckpt")  # a pretrained tower keeps its trained positions
+    loaded = ModelSpec.from_dict({**cfg, "pretrained": str(tmp_path / "ckpt"), "config": {}}).build()
+    assert torch.equal(loaded.vision_tower.embeddings.position_embedding.weight,
+                      model.vision_tower.embeddings.position_embedding.weight)
+    with pytest.raises(ConfigError, match="vision_position_init must be"):
+        ModelSpec.from_dict({**cfg, "vision_position_init": "sincos"})

@@ -20,6 +20,7 @@ from data.chat import TEMPLATES
 from data.tokenizer import load_or_train, load_pretrained_tokenizer, template_corpus
 from models import MLLM, MLLMConfig
 from models.checkpoint import build, load_components, load_pretrained
+from models.vision import init_sincos_positions
 from models.methods import resolve_arch
 from models.plan import Plan
 from models.config import ConfigError, check_keys
@@ -41,6 +42,7 @@ class ModelSpec:
     system_prompt: str | None = None
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
     _mllm_config: MLLMConfig | None = field(default=None, repr=False)
 
     @classmethod
@@ -51,6 +53,8 @@ class ModelSpec:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {spec.dtype!r}")
         if spec.chat_template not in TEMPLATES:
             raise ConfigError(f"model.chat_template must be one of {sorted(TEMPLATES)}, got {spec.chat_template!r}")
+        if spec.vision_position_init not in ("random", "sincos2d"):
+            raise ConfigError(f"model.vision_position_init must be 'random' or 'sincos2d', got {spec.vision_position_init!r}")
         if spec.pretrained and (spec.vision_pretrained or spec.llm_pretrained):
             raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
         return spec
@@ -81,6 +85,8 @@ class ModelSpec:
             model = load_components(self.mllm_config, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
         else:
             model = build(self.mllm_config, dtype=dtype)
+        if self.vision_position_init == "sincos2d" and not (self.pretrained or self.vision_pretrained):
+            init_sincos_positions(model.vision_tower, self.mllm_config.grid_size)
         if plan is not None:
             model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
