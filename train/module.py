@@ -42,6 +42,7 @@ class MLLMModule(L.LightningModule):
         self.pad_id = pad_id
         self.max_new_tokens = max_new_tokens
         self.eval_noimage = eval_noimage
+        self.last_val_step = -1  # global step of the last evaluation during fit
         self.tracker = AccuracyTracker()
         self._val_loss = [0.0, 0]
         self.skipped_samples = 0
@@ -103,3 +104,5 @@ class MLLMModule(L.LightningModule):
             metrics["val/loss"] = float(loss[0] / loss[1])
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.last_val_metrics = metrics
+        if self.trainer.state.fn == "fit":
+            self.last_val_step = self.global_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -36,7 +37,12 @@ def resolve_precision(precision):
 
 
 def build_strategy(cfg: DictConfig):
-    return instantiate(cfg) if "_target_" in cfg else cfg.name
+    """`name` alone selects a Lightning strategy by name; with `_target_` the rest are its arguments."""
+    if "_target_" not in cfg:
+        return cfg.name
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    kwargs.pop("name", None)
+    return instantiate(kwargs)
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -112,7 +118,8 @@ def run(cfg: DictConfig) -> dict:
     fit_seconds = time.time() - start - data_seconds
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+    if not evaluated_at_end(trainer, module, best):
+        trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in ("val", "eff", "perf", "train")}
     summary = {
         "run_dir": str(out_dir),
@@ -133,6 +140,13 @@ def run(cfg: DictConfig) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def evaluated_at_end(trainer: L.Trainer, module: MLLMModule, best: str | None) -> bool:
+    """True when fit's last evaluation ran at the final step and that step is the best checkpoint:
+    its metrics are the best model's, so evaluating again would only repeat the work."""
+    match = re.search(r"step(\d+)", Path(best).stem) if best else None
+    return bool(match) and int(match.group(1)) == trainer.global_step == module.last_val_step
 
 
 def flops_convention(cfg: DictConfig) -> dict | None:
