@@ -181,13 +181,21 @@ def _load_part(module: nn.Module, sd: dict, source: str) -> None:
         raise ValueError(f"{source} lacks {len(result.missing_keys)} weights the model needs, e.g. {result.missing_keys[:5]}")
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a tensor that owns exactly its storage: safetensors refuses views into larger buffers,
+    such as the flat parameter buffers DeepSpeed ZeRO builds."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: str = "5GB") -> Path:
     """Write config.json + safetensors atomically: a crash mid-save never leaves a partial directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {to_hub_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
         if model.lm_head.weight is model.language_model.embed_tokens.weight:
             state.pop("language_model.lm_head.weight", None)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
