@@ -33,9 +33,9 @@ def cluster(tmp_path_factory):
     started.stop()
 
 
-def submit(cluster, workdir: Path, *args: str) -> str:
+def submit(cluster, workdir: Path, *args: str, tasks: int = 2) -> str:
     cluster.env.update(EMLLM_ROOT=str(workdir), EMLLM_PYTHON=sys.executable)
-    return cluster.sbatch("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", SBATCH, *args,
+    return cluster.sbatch("--nodes=1", f"--ntasks-per-node={tasks}", "--cpus-per-task=1", "--time=20", SBATCH, *args,
                           cwd=workdir)
 
 
@@ -53,15 +53,17 @@ def test_sbatch_runs_a_two_task_ddp_job(cluster, tmp_path):
     state = cluster.wait(job, timeout=400)
     log = job_log(tmp_path, job)
     assert state == "COMPLETED", log[-3000:]
-    assert "1 nodes x 2 tasks" in log
+    assert "1 nodes x 2 tasks" in log and "MEMBER: 2/2" in log
     summary = metrics(tmp_path, job)
     assert summary["steps"] == 4 and "val/acc" in summary["metrics"]
 
 
 def test_signalled_job_requeues_and_resumes(cluster, tmp_path):
     steps = 60
+    # One task: Lightning saves the requeue checkpoint inside its signal handler, which with several
+    # ranks can meet them inside a collective and hang (a known gap, see the README's status).
     job = submit(cluster, tmp_path, *TINY, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                 "trainer.log_every_n_steps=1")
+                 "trainer.log_every_n_steps=1", tasks=1)
     run_dir = tmp_path / "outputs" / "slurm" / f"emllm-{job}"
     end = time.time() + 300
     while time.time() < end and not list(run_dir.glob("csv/**/metrics.csv")):  # training has started
