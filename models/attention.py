@@ -11,7 +11,7 @@ post-softmax semantics or a sink, which need the full probability matrix (eager)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,7 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * dh)
 
 
-@dataclass
-class Keys:
+class Keys(NamedTuple):
     """Keys and values of one layer plus the per-key facts masks need; this is also the KV cache."""
 
     k: Tensor  # [B, Hkv, S, dh] (RoPE applied)
@@ -50,10 +49,7 @@ class Keys:
     is_visual: Tensor  # [B, S]
 
     def append(self, other: "Keys") -> "Keys":
-        return Keys(*(torch.cat([a, b], dim=2 if a.dim() == 4 else 1) for a, b in zip(self._t(), other._t())))
-
-    def _t(self):
-        return (self.k, self.v, self.pos, self.valid, self.is_visual)
+        return Keys(*(torch.cat([a, b], dim=2 if a.dim() == 4 else 1) for a, b in zip(self, other)))
 
     @property
     def n(self) -> int:

@@ -149,7 +149,7 @@ def run_layers(model: MLLM, batch: dict, hook: LayerHook | None = None) -> Tenso
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
         score_next = nxt.select.scorer if nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
         runner = LayerRunner(layer, p, model.config.grid_size)
-        io = runner(text, vis, None, query_idx, score_next)
+        io = layer(text, vis, None, query_idx, p, model.config.grid_size, score_next)
         out = hook(LayerStep(i, runner, text, vis, io.text, io.vis, query_idx)) if hook else None
         text, vis = out if out is not None else (io.text, io.vis)
         scores = io.scores

@@ -10,6 +10,7 @@ serves prefill and decode (keys = cached keys + new tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from .attention import (
     merge_heads,
     split_heads,
 )
+from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
 from .streams import Stream, empty_like_visual
 
@@ -62,13 +64,18 @@ class DecodeState:
 
 def _rows(linear: nn.Linear, heads: list[int] | None, head_dim: int) -> tuple[Tensor, Tensor | None]:
     """Weight (and bias) rows of the given output heads (all when `heads` is None)."""
+    w, b = linear_weight(linear)  # W + LoRA delta when an adapter wraps the linear
     if heads is None:
-        return linear.weight, linear.bias
-    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=linear.weight.device)
-    return linear.weight[idx], None if linear.bias is None else linear.bias[idx]
+        return w, b
+    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=w.device)
+    return w[idx], None if b is None else b[idx]
 
 
 def project_heads(linear: nn.Linear, x: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
+    """The projection's output heads `heads` only (all heads: the module itself, so adapters such
+    as LoRA that wrap it apply)."""
+    if heads is None:
+        return split_heads(linear(x), head_dim)
     w, b = _rows(linear, heads, head_dim)
     return split_heads(F.linear(x, w, b), head_dim)
 
@@ -78,7 +85,8 @@ def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_d
     if heads is None:
         return o_proj(merge_heads(out))
     idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=out.device)
-    return F.linear(merge_heads(out), o_proj.weight[:, idx], o_proj.bias)
+    w, b = linear_weight(o_proj)
+    return F.linear(merge_heads(out), w[:, idx], b)
 
 
 def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
@@ -88,9 +96,10 @@ def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
     m = max(1, round(fraction * mlp.gate_proj.out_features))
 
     def part(lin, rows=True):
+        w, b = linear_weight(lin)
         if rows:
-            return lin.weight[:m], None if lin.bias is None else lin.bias[:m]
-        return lin.weight[:, :m], lin.bias
+            return w[:m], None if b is None else b[:m]
+        return w[:, :m], b
 
     g = F.linear(x, *part(mlp.gate_proj))
     u = F.linear(x, *part(mlp.up_proj))
@@ -132,16 +141,37 @@ def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str) -> T
 # --- one layer ---------------------------------------------------------------------------------
 
 
-@dataclass
-class LayerIO:
+class LayerIO(NamedTuple):
     text: Stream
     vis: Stream
     keys: Keys  # what text queries attended to (cached for decode)
     scores: Tensor | None = None  # scores for the next layer's selection
 
 
+class PlannedDecoderLayer(nn.Module):
+    """One decoder layer of the HF LLM, run under a `LayerPolicy` given at call time.
+
+    It adopts the HF layer's submodules under their HF names (`self_attn`, `mlp`, `input_layernorm`,
+    `post_attention_layernorm`), so weight names, checkpoints and exports are unchanged. All of a
+    layer's work happens inside this module's forward, and its inputs and outputs are NamedTuples of
+    tensors: that is what parameter sharding needs, since ZeRO-3 (with this class as a leaf module)
+    and FSDP2 (with this module as a `fully_shard` unit) gather the layer's weights around its
+    forward and backward, while the plan reads weight slices directly (head and FFN subsets).
+    """
+
+    def __init__(self, hf_layer: nn.Module):
+        super().__init__()
+        for name, child in hf_layer.named_children():
+            self.add_module(name, child)
+
+    def forward(
+        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, grid: int, score_next: str | None = None
+    ) -> LayerIO:
+        return LayerRunner(self, policy, grid)(text, vis, past, query_idx, score_next)
+
+
 class LayerRunner:
-    """Runs one HF decoder layer under a policy; `grid` is the patch grid side (local windows)."""
+    """Runs one decoder layer's modules under a policy; `grid` is the patch grid side (local windows)."""
 
     def __init__(self, layer: nn.Module, policy: LayerPolicy, grid: int):
         self.layer = layer
@@ -303,12 +333,11 @@ def run_decoder(
             text = text.with_h(block(text.h, text.pos, cross_keys[i]))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
         score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
-        runner = LayerRunner(layer, p, grid)
         past = state.keys[i] if state is not None else None
         if gradient_checkpointing and torch.is_grad_enabled():
-            io = checkpoint(runner, text, vis, past, query_idx, score_next, use_reentrant=False)
+            io = checkpoint(layer, text, vis, past, query_idx, p, grid, score_next, use_reentrant=False)
         else:
-            io = runner(text, vis, past, query_idx, score_next)
+            io = layer(text, vis, past, query_idx, p, grid, score_next)
         text, vis, scores = io.text, io.vis, io.scores
         if keep:
             layer_keys.append(io.keys)

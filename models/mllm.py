@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModel
 
 from .config import MLLMConfig
-from .decoder import DecodeState, run_decoder
+from .decoder import DecodeState, PlannedDecoderLayer, run_decoder
 from .plan import Plan
 from .projector import Projector
 from .pruning import cls_knee_keep
@@ -48,6 +48,7 @@ class MLLM(nn.Module):
         self.vision_tower = build_vision_tower(vision_cfg)
         self.multi_modal_projector = Projector(config.projector, vision_cfg.hidden_size, text_cfg.hidden_size)
         self.language_model = AutoModel.from_config(text_cfg)
+        self.language_model.layers = nn.ModuleList(PlannedDecoderLayer(layer) for layer in self.language_model.layers)
         self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
         self.xattn = nn.ModuleDict()
         self.gradient_checkpointing = False

@@ -9,15 +9,18 @@ tensors instead of masking a full sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-@dataclass
-class Stream:
-    """Tokens of one kind. Per-token tensors are `[B, N, ...]`; padded slots have `valid=False`."""
+class Stream(NamedTuple):
+    """Tokens of one kind. Per-token tensors are `[B, N, ...]`; padded slots have `valid=False`.
+
+    A NamedTuple (like `Keys`) so that sharding hooks (ZeRO-3, FSDP2) find the tensors a decoder
+    layer receives and returns."""
 
     h: Tensor  # hidden states [B, N, d]
     pos: Tensor  # original positions [B, N] (long)
@@ -35,25 +38,23 @@ class Stream:
     def gather(self, index: Tensor, valid: Tensor | None = None) -> "Stream":
         """Keep the tokens `index` [B, K] of each row (e.g. top-k visual tokens); `valid` marks padding."""
         out = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
+        for name, t in zip(self._fields, self):
             if t is not None:
                 idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
-                out[f.name] = torch.gather(t, 1, idx)
-        kept = replace(self, **out)
+                out[name] = torch.gather(t, 1, idx)
         if valid is not None:
-            kept.valid = kept.valid & valid
-        return kept
+            out["valid"] = out["valid"] & valid
+        return self._replace(**out)
 
     def with_h(self, h: Tensor) -> "Stream":
-        return replace(self, h=h)
+        return self._replace(h=h)
 
 
 def concat(streams: list[Stream]) -> Stream:
     """Concatenate along tokens (only the fields every stream has)."""
     if len(streams) == 1:
         return streams[0]
-    common = [f.name for f in fields(Stream) if all(getattr(s, f.name) is not None for s in streams)]
+    common = [name for name in Stream._fields if all(getattr(s, name) is not None for s in streams)]
     return Stream(**{k: torch.cat([getattr(s, k) for s in streams], 1) for k in common})
 
 
