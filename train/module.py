@@ -11,6 +11,7 @@ from models import MLLM
 from models.generation import greedy_generate
 
 from .evaluation import AccuracyTracker
+from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig, build_optimizer
 from .stage import StageConfig, apply_stage
 
@@ -31,6 +32,7 @@ class MLLMModule(L.LightningModule):
         pad_id: int,
         max_new_tokens: int = 8,
         eval_noimage: bool = True,
+        nonfinite: NonFiniteGuard | None = None,
     ):
         super().__init__()
         self.model_factory = model_factory
@@ -46,6 +48,7 @@ class MLLMModule(L.LightningModule):
         self.tracker = AccuracyTracker()
         self._val_loss = [0.0, 0]
         self.skipped_samples = 0
+        self.nonfinite = nonfinite or NonFiniteGuard()
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -57,9 +60,14 @@ class MLLMModule(L.LightningModule):
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
         self.skipped_samples += int(batch["n_skipped"])
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        loss = self.nonfinite.check(self, out.loss, bs)  # NaN on every rank when any rank's loss is NaN/Inf
+        if torch.isfinite(loss):
+            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=bs)
-        return out.loss
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.drop_gradients(self)  # a skipped (non-finite) step applies no update
 
     def configure_optimizers(self):
         total = self.trainer.max_steps

@@ -21,6 +21,7 @@ from models.plan import Plan
 
 from .factory import ModelSpec
 from .module import MLLMModule
+from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig
 from .stage import StageConfig
 
@@ -97,6 +98,7 @@ def build_module(cfg: DictConfig, spec: ModelSpec, plan: Plan, tokenizer) -> MLL
         pad_id=tokenizer.pad_token_id,
         max_new_tokens=cfg.eval.max_new_tokens,
         eval_noimage=cfg.eval.noimage,
+        nonfinite=NonFiniteGuard(**cfg.get("nonfinite", {})),
     )
 
 
