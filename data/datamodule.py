@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
@@ -11,6 +12,9 @@ from torch.utils.data import DataLoader
 from .chat import IGNORE, ChatTokenizer, pad
 from .images import decode, preprocess
 from .pipeline import ShardStream, parse_record
+from .position import StreamPosition, gather_ranks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,11 +73,16 @@ class Collator:
             "skills": [s["skill"] for s in samples],
             "keys": [s["key"] for s in samples],
             "n_skipped": sum(s["n_skipped"] for s in samples),
+            "stream_pos": samples[-1].get("stream_pos"),  # one worker made the whole batch; its last sample
         }
 
 
 class MLLMDataModule(L.LightningDataModule):
-    """Infinite shuffled training stream (step-based training) and a finite validation pass."""
+    """Infinite shuffled training stream (step-based training) and a finite validation pass.
+
+    Checkpoints hold every rank's position in the training stream (data/position.py): a resumed fit
+    trains on exactly the batches the uninterrupted run would have seen next.
+    """
 
     def __init__(
         self,
@@ -95,6 +104,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.position: StreamPosition | None = None  # after the last training batch consumed on this rank
 
     def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -107,8 +117,41 @@ class MLLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = ShardStream(self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True)
+        start = self.position  # restored from a checkpoint, or None: from the beginning
+        self.position = start or StreamPosition.start(max(1, self.num_workers))
+        ds = ShardStream(
+            self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start
+        )
         return self._loader(ds, self.batch_size)
+
+    # --- resuming: the training stream's position travels in checkpoints ---------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Called for the batch about to be trained on (prefetched batches are not consumed yet)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self.position is not None and batch.get("stream_pos"):
+            self.position = self.position.after(batch["stream_pos"])
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.position is None or getattr(self, "trainer", None) is None:
+            return {}
+        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 2]
+
+    def load_state_dict(self, state: dict) -> None:
+        positions = state.get("stream_positions")
+        if positions is None:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        position = StreamPosition.from_tensor(positions[min(rank, len(positions) - 1)])
+        if len(positions) != world or position.n_readers != max(1, self.num_workers):
+            log.warning(
+                "the checkpoint's data position was written by %d rank(s) x %d reader(s), this run has %d x %d: "
+                "the training stream cannot continue exactly and starts again from its first sample (resume with "
+                "the same trainer.devices/num_nodes and data.num_workers to continue it)",
+                len(positions), position.n_readers, world, max(1, self.num_workers),
+            )
+            return
+        self.position = position
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ShardStream(self.val_urls, self.encoder), self.eval_batch_size)

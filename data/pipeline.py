@@ -4,7 +4,8 @@ Order is a pure function of (seed, epoch, rank, world size, worker): shards are 
 split across ranks and dataloader workers (whole shards when there are enough of them, otherwise
 every k-th sample), then shuffled through a seeded buffer. Corrupt tar members or undecodable
 samples are skipped; each yielded sample carries how many were skipped before it (`n_skipped`) so
-the training process can count and log them exactly, whichever worker saw them.
+the training process can count and log them exactly, whichever worker saw them, and where it was read
+(`stream_pos`), so a resumed run continues exactly where the checkpoint left off (`start`, data/position.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+
+from .position import StreamPosition
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -39,7 +42,12 @@ def rank_and_world() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Samples from shards, transformed by `transform(raw) -> dict` (which may raise to skip a sample)."""
+    """Samples from shards, transformed by `transform(raw) -> dict` (which may raise to skip a sample).
+
+    `start` continues a stream that this rank already read up to there: each reader skips the raw samples
+    it had drawn (read from the tar, never decoded), and worker w plays reader (w + start.next_reader), so
+    the loader's round-robin hands out the batch that was next.
+    """
 
     def __init__(
         self,
@@ -49,8 +57,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         infinite: bool = False,
         max_logged_errors: int = 20,
+        start: StreamPosition | None = None,
     ):
         self.urls = list(urls)
+        self.start = start
         self.transform = transform
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -66,11 +76,23 @@ class ShardStream(IterableDataset):
             log.warning("skipping corrupt sample %s: %s: %s", where, type(err).__name__, err)
         return True  # webdataset handler protocol: continue
 
-    def _slots(self) -> tuple[int, int]:
-        rank, world = rank_and_world()
+    def _reader(self) -> tuple[int, int]:
+        """(this worker's reader index, readers per rank)."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        return rank * nw + wid, world * nw
+        if self.start is None:
+            return wid, nw
+        if self.start.n_readers != nw:
+            raise ValueError(
+                f"stream position has {self.start.n_readers} reader(s) but the loader has {nw}: "
+                "resume with the data.num_workers the checkpoint was written with"
+            )
+        return (wid + self.start.next_reader) % nw, nw
+
+    def _slots(self) -> tuple[int, int]:
+        rank, world = rank_and_world()
+        reader, nw = self._reader()
+        return rank * nw + reader, world * nw
 
     def _raw(self, epoch: int) -> Iterator[dict]:
         slot, n_slots = self._slots()
@@ -100,25 +122,32 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
-        epoch = 0
+        reader, _ = self._reader()
+        epoch, skip = self.start.positions[reader] if self.start else (0, 0)
         while True:
-            produced = 0
+            produced, drawn = 0, 0
             for raw in self._shuffled(self._raw(epoch), epoch):
+                drawn += 1
+                if drawn <= skip:  # trained on before the checkpoint (its corrupt samples were counted then)
+                    if drawn == skip:
+                        self._skipped = 0
+                    continue
                 try:
                     sample = self.transform(raw)
                 except Exception as e:  # corrupt image / json / too long: skip and count
                     self._skip(raw.get("__key__", "?"), e)
                     continue
                 sample["n_skipped"], self._skipped = self._skipped, 0
+                sample["stream_pos"] = (reader, epoch, drawn)
                 produced += 1
                 yield sample
             if not self.infinite:
                 if self._skipped:  # nothing follows to carry the count: report it here
                     log.warning("skipped %d corrupt sample(s) at the end of %d shard(s)", self._skipped, len(self.urls))
                 return
-            if produced == 0:
+            if produced == 0 and not skip:  # (a resumed epoch may legitimately have nothing left)
                 raise RuntimeError(f"no usable samples in {len(self.urls)} shard(s) (e.g. {self.urls[0]}); all were corrupt or empty")
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
 
 def parse_record(raw: dict) -> tuple[dict, bytes | None]:

@@ -189,13 +189,14 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: str = "5GB") -> Path:
-    """Write config.json + safetensors atomically: a crash mid-save never leaves a partial directory."""
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: str = "5GB", state_dict: dict | None = None) -> Path:
+    """Write config.json + safetensors atomically: a crash mid-save never leaves a partial directory.
+    `state_dict` replaces `model.state_dict()` (e.g. LoRA merged into plain weights: models.lora)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
+        state = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in (state_dict or model.state_dict()).items()}
         if model.lm_head.weight is model.language_model.embed_tokens.weight:
             state.pop("language_model.lm_head.weight", None)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)

@@ -13,7 +13,8 @@ from models.generation import greedy_generate
 from .evaluation import AccuracyTracker
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig, build_optimizer
-from .stage import StageConfig, apply_stage
+from .peft import PeftConfig, apply_training_setup
+from .stage import StageConfig
 
 
 class MLLMModule(L.LightningModule):
@@ -32,6 +33,7 @@ class MLLMModule(L.LightningModule):
         pad_id: int,
         max_new_tokens: int = 8,
         eval_noimage: bool = True,
+        peft: PeftConfig | None = None,
         nonfinite: NonFiniteGuard | None = None,
     ):
         super().__init__()
@@ -39,6 +41,7 @@ class MLLMModule(L.LightningModule):
         self.model: MLLM | None = None
         self.optim_cfg = optim
         self.stage = stage
+        self.peft = peft or PeftConfig()  # none: the stage alone decides what trains
         self.decode = decode
         self.eos_ids = eos_ids
         self.pad_id = pad_id
@@ -53,7 +56,7 @@ class MLLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.model_factory()
-            apply_stage(self.model, self.stage)
+            apply_training_setup(self.model, self.stage, self.peft)
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .factory import ModelSpec
 from .module import MLLMModule
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig
+from .peft import PeftConfig, export_model
 from .stage import StageConfig
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def build_module(cfg: DictConfig, spec: ModelSpec, plan: Plan, tokenizer) -> MLL
         model_factory=lambda: spec.build(plan),
         optim=OptimConfig.from_dict(OmegaConf.to_container(cfg.optim)),
         stage=StageConfig.from_dict(OmegaConf.to_container(cfg.stage)),
+        peft=PeftConfig.from_dict(OmegaConf.to_container(cfg.peft) if "peft" in cfg else None),
         decode=lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
         eos_ids=stop_ids(tokenizer, spec.chat_template),
         pad_id=tokenizer.pad_token_id,
@@ -135,7 +137,9 @@ def run(cfg: DictConfig) -> dict:
     }
     if cfg.export and trainer.is_global_zero:
         export_dir = out_dir / "export"
-        module.model.save_pretrained(export_dir)
+        adapter_dir = export_model(module.model, export_dir)  # LoRA: merged weights + <run>/adapter
+        if adapter_dir is not None:
+            summary["adapter"] = str(adapter_dir)
         tokenizer.save_pretrained(export_dir)
         summary["export"] = str(export_dir)
     if trainer.is_global_zero:

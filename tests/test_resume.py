@@ -1,0 +1,232 @@
+"""Resume that loses nothing: a run killed with SIGKILL and resumed continues the uninterrupted run's
+loss curve step for step; the data stream continues exactly (workers, shuffle buffer, corrupt samples);
+checkpoint saves are atomic; ckpt_path values resolve or fail clearly."""
+
+import csv
+import io
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from data.pipeline import ShardStream
+from data.position import StreamPosition
+from train import resume
+from train.checkpoint_io import AtomicCheckpointIO
+from train.resume import PeriodicCheckpoint, commit, resolve_ckpt_path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 12, 5  # an odd checkpoint step: with 2 workers the resumed loader must start at worker 1
+TINY = [
+    "run_name=resume", "trainer.accelerator=cpu", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
+    "trainer.log_every_n_steps=1", f"callbacks.last.every_n_train_steps={EVERY}",
+    "data.source.n_train=32", "data.source.n_val=8", "data.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=16",
+    "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2",
+    "export=false", "eval.noimage=false",
+]
+
+
+# --- the real thing: SIGKILL, resume, same losses ----------------------------------------------------------
+def train_cmd(tmp_path: Path, run: str) -> list[str]:
+    return [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / run}", *TINY]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: bitwise-reproducible CPU maths
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout} s")
+        time.sleep(0.05)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
+    reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted"), cwd=ROOT, env=env(), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(tmp_path / "uninterrupted" / "csv", reference)  # data and tokenizer are ready: share them
+        killed = subprocess.Popen(train_cmd(tmp_path, "run"), cwd=ROOT, env=env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        wait_for(last, killed)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        out, _ = reference.communicate(timeout=600)
+        assert reference.returncode == 0, out[-3000:]
+    finally:
+        for p in (reference, locals().get("killed")):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert not (tmp_path / "run" / "metrics.json").exists()  # it really died mid-training
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step in range(EVERY, STEPS, EVERY)
+
+    # the same command again: ckpt_path=auto finds the run directory's last.ckpt
+    resumed = subprocess.run(train_cmd(tmp_path, "run"), cwd=ROOT, env=env(), text=True, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stderr + resumed.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == STEPS
+
+    expected, got = train_losses(tmp_path / "uninterrupted"), train_losses(tmp_path / "run")
+    assert sorted(expected) == list(range(STEPS))
+    assert sorted(got) == list(range(step, STEPS))  # exactly the steps after the checkpoint, once each
+    diffs = [abs(got[s] - expected[s]) for s in got]
+    print(f"resumed at step {step}: max |loss diff| over {len(diffs)} steps = {max(diffs):.3g}")
+    assert max(diffs) <= 1e-6, {s: (expected[s], got[s]) for s in got}
+
+
+# --- the data stream continues exactly -----------------------------------------------------------------------
+def parse(raw: dict) -> dict:
+    record = json.loads(raw["json"])  # raises on the corrupt members
+    return {"key": raw["__key__"], "value": record["v"]}
+
+
+def collate(samples: list[dict]) -> dict:
+    return {"keys": [s["key"] for s in samples], "n_skipped": sum(s["n_skipped"] for s in samples),
+            "stream_pos": samples[-1]["stream_pos"]}
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("mixed")
+    urls = []
+    for shard in range(3):
+        urls.append(str(root / f"train-{shard:06d}.tar"))
+        with wds.TarWriter(urls[-1]) as w:
+            for i in range(11):
+                key = f"s{shard}-{i:02d}"
+                w.write({"__key__": key, "json": b"{broken" if i % 4 == 3 else json.dumps({"v": i}).encode()})
+    return urls
+
+
+def batches(urls, workers: int, start: StreamPosition | None = None):
+    ds = ShardStream(urls, parse, seed=5, shuffle_buffer=7, infinite=True, start=start)
+    return iter(DataLoader(ds, batch_size=3, num_workers=workers, collate_fn=collate))
+
+
+@pytest.mark.parametrize("workers,rank,consumed", [(0, 0, 9), (2, 1, 7), (2, 0, 12)])
+def test_stream_continues_exactly_from_a_position(mixed_shards, monkeypatch, workers, rank, consumed):
+    """Across epochs, with a shuffle buffer, corrupt samples, 2 ranks and a loader whose 2 workers take
+    turns: the batches after a position are the uninterrupted stream's, corrupt-sample counts included."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    later = 10
+    stream = batches(mixed_shards, workers)
+    position = StreamPosition.start(max(1, workers))
+    for batch in itertools.islice(stream, consumed):
+        position = position.after(batch["stream_pos"])
+    expected = [(b["keys"], b["n_skipped"]) for b in itertools.islice(stream, later)]
+    got = [(b["keys"], b["n_skipped"]) for b in itertools.islice(batches(mixed_shards, workers, position), later)]
+    assert got == expected
+    assert sum(n for _, n in expected) > 0  # corrupt samples were met and counted after the position
+    assert max(epoch for epoch, _ in position.positions) >= 1  # the position lies past an epoch boundary
+    assert StreamPosition.from_tensor(position.to_tensor()) == position
+
+
+def test_stream_refuses_a_position_for_another_worker_count(mixed_shards):
+    with pytest.raises(ValueError, match="data.num_workers"):
+        next(batches(mixed_shards, 0, StreamPosition.start(2)))
+
+
+# --- RNG state --------------------------------------------------------------------------------------------
+def test_rng_states_round_trip_through_a_safe_checkpoint():
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's generator
+    np.random.randn()
+    buf = io.BytesIO()
+    torch.save(resume.rng_state(), buf)
+    draws = lambda: (torch.rand(4).tolist(), random.random(), random.gauss(0, 1), np.random.randn(3).tolist())
+    before = draws()
+    draws()
+    buf.seek(0)
+    resume.set_rng_state(torch.load(buf, weights_only=True))
+    assert draws() == before
+
+
+# --- atomic saves ------------------------------------------------------------------------------------------
+class Explodes:
+    """Serialising this raises: torch.save has written part of the archive by then."""
+
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_.save_checkpoint({"global_step": 5, "w": torch.arange(4.0)}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io_.save_checkpoint({"global_step": 10, "w": torch.zeros(1 << 20), "z": Explodes()}, path)
+    ckpt = io_.load_checkpoint(path, weights_only=True)
+    assert ckpt["global_step"] == 5 and torch.equal(ckpt["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_directory_checkpoints_are_swapped_in_whole(tmp_path, monkeypatch):
+    final, staged = tmp_path / "last.ckpt", tmp_path / "last.ckpt.partial"
+    for d, tag in ((final, "old"), (staged, "new")):
+        d.mkdir()
+        (d / "latest").write_text(tag)
+    commit(staged, final)
+    assert (final / "latest").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    staged.mkdir()
+    (staged / "latest").write_text("newer")
+    real_replace, calls = os.replace, []
+
+    def dies_on_second_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("killed between the renames (simulated)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_second_rename)
+    with pytest.raises(OSError):
+        commit(staged, final)
+    monkeypatch.undo()
+    assert not final.exists() and (resume.existing(final) / "latest").read_text() == "new"
+
+
+# --- which checkpoint ------------------------------------------------------------------------------------
+def test_ckpt_path_values(tmp_path):
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        callbacks=[PeriodicCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=5)])
+    assert resolve_ckpt_path(None, trainer) is None
+    assert resolve_ckpt_path("auto", trainer) is None  # nothing yet: start fresh
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last but there is no checkpoint at .*last\.ckpt"):
+        resolve_ckpt_path("last", trainer)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope\.ckpt; ckpt_path takes"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), trainer)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"x")
+    os.utime(last, (1, 1))  # the Slurm requeue checkpoint is newer
+    assert resolve_ckpt_path("auto", trainer) == resolve_ckpt_path("last", trainer) == str(hpc)
+    os.utime(hpc, (0, 0))
+    assert resolve_ckpt_path("auto", trainer) == str(last)

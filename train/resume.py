@@ -1,0 +1,201 @@
+"""Resume that loses nothing: which checkpoint to resume from, periodic `last` checkpoints, RNG state.
+
+Together with the data position that MLLMDataModule keeps in every checkpoint (data/position.py) and
+Lightning's own model / optimizer / scheduler / loop state, a resumed fit continues the loss curve of
+the uninterrupted run (tests/test_resume.py kills a run with SIGKILL and checks this per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from data.position import gather_ranks
+
+from .checkpoint_io import fsync_dir
+
+log = logging.getLogger(__name__)
+CKPT_PATH_HELP = (
+    "ckpt_path takes a Lightning checkpoint (a .ckpt file, or a DeepSpeed checkpoint directory), "
+    "`auto` (resume from the run directory's newest last/hpc checkpoint if there is one), `last` "
+    "(the same, but required) or null (start fresh)"
+)
+
+
+# --- which checkpoint --------------------------------------------------------------------------------
+def resume_candidates(trainer: L.Trainer) -> list[Path]:
+    """Where this trainer writes resumable checkpoints: periodic and ModelCheckpoint `last` files and
+    Lightning's Slurm requeue checkpoints (`<default_root_dir>/hpc_ckpt_<n>.ckpt`)."""
+    paths = [cb.last_path for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)]
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+            paths.append(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+    root = Path(trainer.default_root_dir)
+    return list(dict.fromkeys([*paths, *root.glob("hpc_ckpt_*.ckpt")]))
+
+
+def existing(path: Path) -> Path | None:
+    """`path`, or the previous checkpoint when a crash hit between the two renames of a directory swap."""
+    for p in (path, with_suffix(path, ".old")):
+        if p.exists():
+            return p
+    return None
+
+
+def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
+    """The config's `ckpt_path` as what `trainer.fit` takes (see CKPT_PATH_HELP)."""
+    if value in (None, "", "null", "none"):
+        return None
+    if value == "hpc":
+        return value
+    if value in ("auto", "last"):
+        found = [p for p in map(existing, resume_candidates(trainer)) if p is not None]
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
+        if value == "last":
+            where = ", ".join(str(p) for p in resume_candidates(trainer)) or "(no checkpoint callback configured)"
+            raise FileNotFoundError(f"ckpt_path=last but there is no checkpoint at {where}; use ckpt_path=auto to "
+                                    "start fresh when there is none, or point ckpt_path at a checkpoint")
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; {CKPT_PATH_HELP}")
+    return str(path)
+
+
+@rank_zero_only
+def keep_csv_history(trainer: L.Trainer) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; keep the earlier attempt's as metrics.<n>.csv."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            current = Path(logger.log_dir) / "metrics.csv"
+            if current.exists():
+                n = 1
+                while (kept := current.with_name(f"metrics.{n}.csv")).exists():
+                    n += 1
+                current.rename(kept)
+                log.info("kept the previous attempt's metrics as %s", kept)
+
+
+# --- periodic last checkpoint ---------------------------------------------------------------------------
+def with_suffix(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+class PeriodicCheckpoint(Checkpoint):
+    """Every `every_n_train_steps` optimizer steps, the full training state to `<dirpath>/<filename>`,
+    so a killed run loses at most that many steps (`ckpt_path: auto` resumes from it; 0 or null: off).
+
+    The state is written under `<filename>.partial` and renamed into place once complete, on every
+    strategy: a file replaces the old one atomically; a directory (DeepSpeed, sharded FSDP) is swapped in
+    with two renames, and a crash between them leaves `<filename>.old`, which resuming falls back to.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = 200, filename: str = "last.ckpt"):
+        self.last_path = Path(dirpath) / filename
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # advanced by the optimizer step of this batch (once per accumulation)
+        n = self.every_n_train_steps
+        if n <= 0 or step == 0 or step % n or step == self._saved_step or trainer.sanity_checking:
+            return
+        self._saved_step = step
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        staged = with_suffix(self.last_path, ".partial")
+        trainer.save_checkpoint(staged)  # every rank takes part (sharded strategies write their shards)
+        if trainer.is_global_zero:
+            commit(staged, self.last_path)
+        trainer.strategy.barrier("PeriodicCheckpoint.save")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def commit(staged: Path, final: Path) -> None:
+    """Put the completely written `staged` at `final`, so that `final` (or `final.old`) is always whole."""
+    if staged.is_file() and not final.is_dir():
+        os.replace(staged, final)
+    else:
+        old = with_suffix(final, ".old")
+        _remove(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staged, final)
+        _remove(old)
+    fsync_dir(final.parent)
+
+
+# --- RNG state ---------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch / CUDA / Python / NumPy generator states as tensors (safe to load with
+    weights_only=True, and all-gatherable)."""
+    version, py_keys, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().to(torch.int64),
+        "python": torch.tensor([version, *py_keys], dtype=torch.int64),
+        "numpy": torch.tensor([*np_keys.tolist(), np_pos, np_has_gauss], dtype=torch.int64),
+        "gauss": torch.tensor([py_gauss is not None, py_gauss or 0.0, np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    py = [int(v) for v in state["python"].tolist()]
+    has_gauss, py_gauss, np_gauss = state["gauss"].tolist()
+    random.setstate((py[0], tuple(py[1:]), py_gauss if has_gauss else None))
+    keys = state["numpy"][:-2].numpy().astype(np.uint32)
+    np_pos, np_has_gauss = (int(v) for v in state["numpy"][-2:].tolist())
+    np.random.set_state(("MT19937", keys, np_pos, np_has_gauss, np_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+
+
+class RngState(L.Callback):
+    """Every rank's generator states in each checkpoint, put back right before the first resumed training
+    batch, so dropout and anything else drawing random numbers continue as if never interrupted."""
+
+    KEY = "rng_states"
+
+    def __init__(self):
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {k: gather_ranks(trainer, v) for k, v in rng_state().items()}  # [world, ...]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get(self.KEY)
+        if not states:
+            return
+        saved_world = len(states["torch"])
+        if saved_world != trainer.world_size:
+            log.warning("RNG states were saved by %d rank(s), this run has %d: random streams restart from the seed",
+                        saved_world, trainer.world_size)
+            return
+        self._pending = {k: v[trainer.global_rank] for k, v in states.items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            set_rng_state(self._pending)
+            self._pending = None
