@@ -19,11 +19,13 @@ from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
 from models.methods import arch_name
 from models.plan import Plan
 
+from .checkpoint_io import AtomicCheckpointIO
 from .factory import ModelSpec
 from .module import MLLMModule
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig
 from .peft import PeftConfig, export_model
+from .resume import keep_csv_history, resolve_ckpt_path
 from .stage import StageConfig
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         strategy=build_strategy(cfg.strategy),
         logger=loggers,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # a crash mid-save never leaves a truncated checkpoint file
     )
 
 
@@ -118,12 +121,16 @@ def run(cfg: DictConfig) -> dict:
     data_seconds = time.time() - start
     module = build_module(cfg, spec, plan, tokenizer)
     trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, trainer)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+        keep_csv_history(trainer)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.time() - start - data_seconds
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if not evaluated_at_end(trainer, module, best):
-        trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)
+        trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in ("val", "eff", "perf", "train")}
     summary = {
         "run_dir": str(out_dir),
