@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from .chat import IGNORE, ChatTokenizer, pad
 from .images import decode, preprocess
+from .even_eval import EvenEvalStream
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
 
@@ -65,13 +66,14 @@ class Collator:
         return {
             "input_ids": input_ids,
             "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad([s["labels"] for s in samples], IGNORE),
+            "labels": pad([[IGNORE] * len(s["labels"]) if s.get("padding") else s["labels"] for s in samples], IGNORE),
             "prompt_ids": prompt_ids,
             "prompt_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
             "pixel_values": torch.stack(images) if images else None,
             "answers": [s["answer"] for s in samples],
             "skills": [s["skill"] for s in samples],
             "keys": [s["key"] for s in samples],
+            "scored": [not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
             "n_skipped": sum(s["n_skipped"] for s in samples),
             "stream_pos": samples[-1].get("stream_pos"),  # one worker made the whole batch; its last sample
         }
@@ -154,4 +156,5 @@ class MLLMDataModule(L.LightningDataModule):
         self.position = position
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ShardStream(self.val_urls, self.encoder), self.eval_batch_size)
+        stream = EvenEvalStream if self.trainer is not None and self.trainer.world_size > 1 else ShardStream
+        return self._loader(stream(self.val_urls, self.encoder), self.eval_batch_size)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .config import MLLMConfig
+from .gathered import load_state_dict
 from .plan import Plan
 
 # (ours, on disk) prefix pairs; order matters for the first match on load.
@@ -109,12 +110,12 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vision_tower.head.")}
     if model.config.hf_text_config().tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and model.lm_head.weight is model.language_model.embed_tokens.weight)]
-    if strict and (missing or result.unexpected_keys):
+    missing, unexpected = load_state_dict(model, state_dict)  # gathers ZeRO-3-partitioned weights
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.lm_head.weight is model.language_model.embed_tokens.weight)]
+    if strict and (missing or unexpected):
         raise ValueError(
             f"weights in {source} do not fit the model: missing {missing[:10]}{'...' if len(missing) > 10 else ''} "
-            f"({len(missing)}), unexpected {result.unexpected_keys[:10]} ({len(result.unexpected_keys)}). "
+            f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}). "
             "Check that model.* matches the checkpoint (vision/text family, sizes, projector)."
         )
 
@@ -163,7 +164,7 @@ def load_components(config: MLLMConfig, vision_path=None, llm_path=None, dtype: 
         _load_part(model.language_model, lm, str(llm_path))
         head = sd.get("lm_head.weight")
         if head is not None and model.lm_head.weight is not model.language_model.embed_tokens.weight:
-            model.lm_head.weight.data.copy_(head)
+            load_state_dict(model.lm_head, {"weight": head})
     return model
 
 
@@ -176,9 +177,9 @@ def _shape_fields(hf_cfg, preset: dict) -> dict:
 
 
 def _load_part(module: nn.Module, sd: dict, source: str) -> None:
-    result = module.load_state_dict(sd, strict=False)
-    if result.missing_keys:
-        raise ValueError(f"{source} lacks {len(result.missing_keys)} weights the model needs, e.g. {result.missing_keys[:5]}")
+    missing, _ = load_state_dict(module, sd)
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} weights the model needs, e.g. {missing[:5]}")
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

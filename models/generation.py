@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -15,10 +16,13 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | list[int],
     pad_token_id: int = 0,
+    sync_ranks: bool = False,
 ) -> Tensor:
     """New tokens `[B, <=max_new_tokens]`; rows that finished are filled with `pad_token_id`.
 
     Works with left or right padding: each row continues from its own last valid position.
+    `sync_ranks`: keep stepping until every process is done. Needed when parameters are sharded
+    (ZeRO-3, FSDP): each forward is a collective, so a rank that stopped early would hang the rest.
     """
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
     out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True)
@@ -29,7 +33,14 @@ def greedy_generate(
         nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
         tokens.append(nxt)
         done |= torch.isin(nxt, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if _all_done(done, sync_ranks) or step == max_new_tokens - 1:
             break
         logits = model.decode_step(nxt, state)
     return torch.stack(tokens, 1)
+
+
+def _all_done(done: Tensor, sync_ranks: bool) -> bool:
+    finished = torch.tensor([int(done.all())], device=done.device)
+    if sync_ranks and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+    return bool(finished.item())

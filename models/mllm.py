@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModel
 
 from .config import MLLMConfig
+from .gathered import gathered, hf_from_config
 from .decoder import DecodeState, PlannedDecoderLayer, run_decoder
 from .plan import Plan
 from .projector import Projector
@@ -47,7 +47,7 @@ class MLLM(nn.Module):
         self.text_config = text_cfg
         self.vision_tower = build_vision_tower(vision_cfg)
         self.multi_modal_projector = Projector(config.projector, vision_cfg.hidden_size, text_cfg.hidden_size)
-        self.language_model = AutoModel.from_config(text_cfg)
+        self.language_model = hf_from_config(text_cfg)
         self.language_model.layers = nn.ModuleList(PlannedDecoderLayer(layer) for layer in self.language_model.layers)
         self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
         self.xattn = nn.ModuleDict()
@@ -76,9 +76,10 @@ class MLLM(nn.Module):
     def _init_new_weights(self, std: float) -> None:
         for m in [self.lm_head, self.multi_modal_projector.linear_1, getattr(self.multi_modal_projector, "linear_2", None)]:
             if m is not None:
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                with gathered(m.parameters()):
+                    nn.init.normal_(m.weight, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     # --- loading and saving (HF llava layout) ---------------------------------------------------
     @classmethod

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, PretrainedConfig
+from transformers import PretrainedConfig
 
 from .config import MLLMConfig
+from .gathered import gathered, hf_from_config
 
 
 def build_vision_tower(config: PretrainedConfig) -> nn.Module:
     """The HF vision model (`CLIPVisionModel` / `SiglipVisionModel`); its weight names are HF's."""
-    return AutoModel.from_config(config)
+    return hf_from_config(config)
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -39,7 +40,8 @@ def init_sincos_positions(tower: nn.Module, grid: int) -> None:
     CLIP only, keeps its init). Trained from scratch, a tower then knows where each patch is from
     step 0 instead of learning it, which speeds up every place-based skill of small models."""
     table = tower.embeddings.position_embedding.weight
-    table[table.shape[0] - grid * grid :] = sincos_2d(grid, table.shape[1]).to(table)
+    with gathered([table]), torch.no_grad():
+        table[table.shape[0] - grid * grid :] = sincos_2d(grid, table.shape[1]).to(table)
 
 
 def vision_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, n_layers: int) -> torch.Tensor:

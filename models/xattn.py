@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from .gathered import gathered
 from .attention import Keys, attend, merge_heads, split_heads
 
 
@@ -34,8 +35,10 @@ class GatedCrossAttention(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
         std = config.initializer_range
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
-            nn.init.normal_(lin.weight, std=std)
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        with gathered([lin.weight for lin in linears]):
+            for lin in linears:
+                nn.init.normal_(lin.weight, std=std)
 
     def visual_keys(self, embeds: Tensor, pos: Tensor, valid: Tensor) -> Keys:
         """K/V of the projected visual tokens (computed once per image)."""

@@ -20,10 +20,13 @@ class AccuracyTracker:
     def __init__(self):
         self.records: list[tuple[str, str, str, str | None]] = []  # skill, answer, pred, pred without image
 
-    def add(self, skills, answers, preds, preds_noimage=None) -> None:
+    def add(self, skills, answers, preds, preds_noimage=None, scored=None) -> None:
+        """`scored[i]` False leaves row i out (padding that evened out the ranks' shares)."""
         noimg = preds_noimage if preds_noimage is not None else [None] * len(preds)
-        for s, a, p, q in zip(skills, answers, preds, noimg):
-            self.records.append((s, normalize(a), normalize(p), None if q is None else normalize(q)))
+        scored = scored if scored is not None else [True] * len(preds)
+        for s, a, p, q, ok in zip(skills, answers, preds, noimg, scored):
+            if ok:
+                self.records.append((s, normalize(a), normalize(p), None if q is None else normalize(q)))
 
     def gather(self) -> list[tuple]:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

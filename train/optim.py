@@ -37,7 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions keep the full shape there
+            (no_decay if ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -50,11 +51,18 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int):
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cpu_offload: bool = False):
+    """`cpu_offload`: the optimizer states live in CPU memory (ZeRO-Offload), where DeepSpeed's
+    vectorised CPU Adam (compiled on first use) replaces torch's AdamW."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: check the stage (stage.train_*) and PEFT settings")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     warmup = int(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup, cfg.min_lr_ratio))
     return opt, sched

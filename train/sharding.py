@@ -1,0 +1,67 @@
+"""What parameter-sharding strategies need from the model, in one place.
+
+- ZeRO-3 (`strategy=deepspeed_zero3*`): every weight of a `PlannedDecoderLayer` is registered as an
+  external parameter of the layer, so the whole set is gathered around the layer's forward and
+  backward (the plan reads head and FFN slices of weights directly, which per-submodule gathering
+  would miss). DeepSpeed's leaf modules would do the same but reduce gradients in a module backward
+  hook, which only sees top-level tensor arguments, not our streams.
+- FSDP2 (`strategy=fsdp`, Lightning's ModelParallelStrategy): each decoder layer and each vision
+  encoder layer is a `fully_shard` unit, the rest of the model the root unit; `decode_step` is
+  registered as a forward method so generation unshards too.
+- Export: `full_state_dict` assembles the full weights (a collective: every rank calls it).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from torch import nn
+
+from models.decoder import PlannedDecoderLayer
+from models.gathered import gathered, is_partitioned
+
+
+def is_zero3(strategy: L.pytorch.strategies.Strategy) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def offloads_optimizer(strategy) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.config["zero_optimization"].get("offload_optimizer"))
+
+
+def shards_parameters(strategy) -> bool:
+    return is_zero3(strategy) or isinstance(strategy, ModelParallelStrategy)
+
+
+def prepare_model(model: nn.Module, strategy) -> None:
+    """Called from `configure_model`, after the model is built and its trainable parts are set."""
+    if is_zero3(strategy):
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for layer in model.language_model.layers:
+            for p in layer.parameters():
+                register_external_parameter(layer, p)
+    elif isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = strategy.device_mesh["data_parallel"]
+        for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        register_fsdp_forward_method(model, "decode_step")
+
+
+def full_state_dict(model: nn.Module, strategy) -> dict[str, torch.Tensor] | None:
+    """The full weights on CPU on rank 0 (None elsewhere); every rank must call this."""
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if strategy.global_rank == 0 else None
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        with gathered([t] if is_partitioned(t) else [], modify=False):
+            if strategy.global_rank == 0:
+                out[name] = t.detach().cpu().clone()
+    return out if strategy.global_rank == 0 else None
