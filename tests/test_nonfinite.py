@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.nonfinite_job import WeightLog, loader, make_batches, make_module
+from tests.tiny_fit import WeightLog, loader, make_batches, make_module
 from train.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_max_in_row_must_not_be_negative():
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
 def test_two_ranks_skip_together_when_one_rank_is_nonfinite(tmp_path, strategy):
-    cmd = [sys.executable, str(ROOT / "tests" / "nonfinite_job.py"), strategy, str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "tests" / "tiny_fit.py"), strategy, str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -60,10 +60,9 @@ def test_sbatch_runs_a_two_task_ddp_job(cluster, tmp_path):
 
 def test_signalled_job_requeues_and_resumes(cluster, tmp_path):
     steps = 60
-    # One task: Lightning saves the requeue checkpoint inside its signal handler, which with several
-    # ranks can meet them inside a collective and hang (a known gap, see the README's status).
+    # Two DDP ranks: the signal only sets a flag, the ranks checkpoint together (train/preemption.py)
     job = submit(cluster, tmp_path, *TINY, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                 "trainer.log_every_n_steps=1", tasks=1)
+                 "trainer.log_every_n_steps=1")
     run_dir = tmp_path / "outputs" / "slurm" / f"emllm-{job}"
     end = time.time() + 300
     while time.time() < end and not list(run_dir.glob("csv/**/metrics.csv")):  # training has started
@@ -74,9 +73,27 @@ def test_signalled_job_requeues_and_resumes(cluster, tmp_path):
     state = cluster.wait(job, timeout=600)
     log = job_log(tmp_path, job)
     assert state == "COMPLETED", log[-3000:]
-    assert "(restart 1)" in log, log[-3000:]
-    assert re.search(r"[Rr]estor\w+ .*hpc_ckpt", log), log[-3000:]
+    assert "(restart 1)" in log and "1 nodes x 2 tasks" in log, log[-3000:]
+    assert re.search(r"SIGUSR1 at step \d+: saved .*hpc_ckpt_1.ckpt", log), log[-3000:]
+    assert "requeued Slurm job" in log, log[-3000:]
+    assert re.search(r"[Rr]estor\w+ .*hpc_ckpt_1.ckpt", log), log[-3000:]
     assert metrics(tmp_path, job)["steps"] == steps
+
+
+def test_resubmitted_job_continues_the_earlier_jobs_run(cluster, tmp_path):
+    first = submit(cluster, tmp_path, *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2")
+    assert cluster.wait(first, timeout=400) == "COMPLETED", job_log(tmp_path, first)[-3000:]
+    run_dir = f"outputs/slurm/emllm-{first}"
+    cluster.env["EMLLM_RUN_DIR"] = run_dir  # the README's resubmission
+    try:
+        second = submit(cluster, tmp_path, *TINY, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    finally:
+        del cluster.env["EMLLM_RUN_DIR"]
+    state = cluster.wait(second, timeout=400)
+    log = job_log(tmp_path, second)
+    assert state == "COMPLETED", log[-3000:]
+    assert f"resuming from {tmp_path / run_dir / 'checkpoints' / 'last.ckpt'}" in log, log[-3000:]
+    assert metrics(tmp_path, first)["steps"] == 4 and not (tmp_path / "outputs" / "slurm" / f"emllm-{second}").exists()
 
 
 def test_hydra_sweep_through_submitit_slurm(cluster, tmp_path):

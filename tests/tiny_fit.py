@@ -1,7 +1,8 @@
-"""A tiny real training job whose data poisons chosen steps with NaN images (a corrupt sample makes
-the loss NaN), for tests/test_nonfinite.py. Run as a script it is a 2-rank CPU job:
+"""A tiny real training job (the MLLMModule on a few-thousand-parameter model, in-memory batches whose
+chosen steps carry NaN images, so their loss is NaN) for tests/test_nonfinite.py and
+tests/test_preemption.py. Run as a script it is a 2-rank CPU job:
 
-    python tests/nonfinite_job.py {ddp|deepspeed_zero2} OUT_DIR   # rank 1's batch at step 2 is NaN
+    python tests/tiny_fit.py {ddp|deepspeed_zero2} OUT_DIR   # rank 1's batch at step 2 is NaN
 
 and each rank writes OUT_DIR/rank<r>.json: the guard's counts and a weight fingerprint per step.
 """

@@ -25,6 +25,7 @@ from .module import MLLMModule
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig
 from .peft import PeftConfig, export_model
+from .preemption import cluster_plugins
 from .resume import keep_csv_history, resolve_ckpt_path
 from .stage import StageConfig
 
@@ -58,7 +59,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         strategy=build_strategy(cfg.strategy),
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],  # a crash mid-save never leaves a truncated checkpoint file
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # atomic saves; Slurm without Lightning's in-handler requeue
     )
 
 
