@@ -24,8 +24,11 @@ Frozen parameters (vision tower; under LoRA also the base LLM, embeddings and LM
 in host memory under zero3_offload.
 
 Gathered working set (ZeRO-3, FSDP, offload): partitioned weights are all-gathered one unit at a time
-(a decoder layer, the embedding, the LM head...), the current unit plus one prefetched:
-2 * largest_unit * 2 bytes. (DeepSpeed may keep more live: `stage3_max_live_parameters`.)
+(`train/sharding.py`: a decoder layer; under ZeRO-3 also each other module, e.g. the embedding or the
+LM head), the current unit plus one prefetched: 2 * largest_unit * 2 bytes. FSDP's root unit
+(everything outside the decoder and vision layers: embeddings, LM head, projector) stays gathered
+from the root's forward through its backward: + root * 2 bytes. (DeepSpeed may keep more live:
+`stage3_max_live_parameters`.)
 
 Activations (per sample, dense plan, bf16, what this engine's autograd graph saves for backward;
 `tests/test_memory.py` checks them against `torch.autograd.graph.saved_tensors_hooks` on a real
@@ -70,6 +73,7 @@ class Sharding:
     grads: bool
     optimizer: bool
     offload: bool = False  # partitions live in host memory, not on the GPU
+    root_gathered: bool = False  # FSDP2: the root unit's parameters stay gathered for the whole step
 
 
 STRATEGIES = {
@@ -78,7 +82,7 @@ STRATEGIES = {
     "deepspeed_zero2": Sharding(False, True, True),
     "deepspeed_zero3": Sharding(True, True, True),
     "deepspeed_zero3_offload": Sharding(True, True, True, offload=True),
-    "fsdp": Sharding(True, True, True),
+    "fsdp": Sharding(True, True, True, root_gathered=True),
 }
 
 
@@ -87,6 +91,7 @@ class ParamCounts:
     trainable: int  # Psi: what the optimizer updates
     frozen: int  # held for forward/backward only
     unit: int  # largest all-gathered unit (a decoder layer, the embedding, ...) for sharded strategies
+    root: int = 0  # parameters outside the decoder and vision layers (FSDP's root unit)
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def model_states(counts: ParamCounts, strategy: str, n_gpus: int, precision: str
     if sh.offload:
         host = sum(parts.values())
         parts = dict.fromkeys(parts, 0.0)
-    parts["gathered"] = 2.0 * counts.unit * b["params"] if sh.params else 0.0
+    gathered = 2 * counts.unit + (counts.root if sh.root_gathered else 0)
+    parts["gathered"] = float(gathered * b["params"]) if sh.params else 0.0
     parts["host"] = host
     return parts
 

@@ -39,6 +39,7 @@ def test_strategy_algebra():
     assert sum(model_states(c, "ddp", 4, "32-true")[k] for k in ("params", "grads", "optimizer")) == 16000  # 4 + 4 + 8
     z3, fsdp, off = (model_states(c, s, 4) for s in ("deepspeed_zero3", "fsdp", "deepspeed_zero3_offload"))
     assert z3 == fsdp and z3["frozen"] == 250 and z3["gathered"] == 2 * 100 * 2
+    assert model_states(dataclasses.replace(c, root=70), "fsdp", 4)["gathered"] == (2 * 100 + 70) * 2  # root unit stays gathered
     on_gpu = {k: v for k, v in off.items() if k not in ("gathered", "host")}
     assert set(on_gpu.values()) == {0.0} and off["host"] == sum(v for k, v in z3.items() if k not in ("gathered", "host"))
     assert model_states(c, "deepspeed_zero2", 1) == model_states(c, "ddp", 1)  # one rank: nothing to partition
@@ -63,6 +64,8 @@ def test_llava15_7b_parameter_counts(llava7b):
     per_layer = 128 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r (d_in + d_out) per adapted linear
     assert lora.trainable == 32 * per_layer + projector
     assert full.unit == 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # one decoder layer
+    assert full.root == 2 * 32064 * 4096 + 4096 + projector + (3 * 14 * 14 * 1024 + 1024 + 577 * 1024 + 4 * 1024)
+    # embeddings, final norm, projector; CLIP patch conv, class embedding, positions, pre/post LayerNorm
     assert lora.trainable < 0.06 * full.trainable
 
 
@@ -143,7 +146,8 @@ def test_cli_writes_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["train.memory", "model=bench_mid", "memory.gpus=2", "memory.seq_len=640", f"memory.out={tmp_path}"])
     memory.main()
     printed = json.loads(capsys.readouterr().out)
-    saved = json.loads((tmp_path / "memory-bench_mid-2gpu.json").read_text())
+    saved = json.loads((tmp_path / "memory-bench_mid-2gpu-mb1.json").read_text())
     assert printed == saved and len(saved["rows"]) == 2 * 5
     assert {r["strategy"] for r in saved["rows"]} == {"ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"}
     assert set(STRATEGIES) >= {r["strategy"] for r in saved["rows"]}
+

@@ -8,7 +8,7 @@ training freezes it:
   lora      LoRA (rank `memory.lora.r`) on the LLM's projections, projector trains fully, the base
             LLM, embeddings, LM head and vision tower frozen (as `train/peft.py` sets it up).
 Prints one JSON object on stdout, a table on stderr, and writes the JSON to
-`memory.out/memory-<model>-<N>gpu.json`.
+`memory.out/memory-<model>-<N>gpu-mb<micro_batch>.json`.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ def count_params(model: MLLM, mode: str, r: int, targets: list[str]) -> ParamCou
         raise ValueError(f"memory.lora.targets={targets} match no linear in the LLM's decoder layers")
     lora = sum(r * (lin.in_features + lin.out_features) for lin in adapters)
     layer_lora = lora // len(model.language_model.layers)
-    units = [sum(p.numel() for p in u.parameters()) for u in (
-        *model.language_model.layers, *model.vision_tower.encoder.layers,
-        model.language_model.embed_tokens, model.lm_head, model.multi_modal_projector)]
-    unit = max(units[: len(model.language_model.layers)]) + layer_lora
-    return ParamCounts(trainable=trainable + lora, frozen=total - trainable, unit=max(unit, *units))
+    layers = [*model.language_model.layers, *model.vision_tower.encoder.layers]
+    sizes = [sum(p.numel() for p in u.parameters()) for u in layers]
+    others = [sum(p.numel() for p in u.parameters()) for u in (model.language_model.embed_tokens, model.lm_head, model.multi_modal_projector)]
+    unit = max(sizes[: len(model.language_model.layers)]) + layer_lora
+    return ParamCounts(trainable=trainable + lora, frozen=total - trainable, unit=max(unit, *sizes, *others), root=total - sum(sizes))
 
 
 def act_shape(model: MLLM, seq_len: int, mode: str, r: int, targets: list[str], dropout: float) -> ActShape:
@@ -91,6 +91,7 @@ def memory_report(cfg) -> dict:
         act = act_shape(model, m.seq_len, mode, m.lora.r, targets, m.lora.dropout)
         report["modes"][mode] = {
             "trainable_params": counts.trainable, "frozen_params": counts.frozen, "largest_unit_params": counts.unit,
+            "root_unit_params": counts.root,
             "activations_per_sample_gb": {"checkpointed": round(activation_bytes(act, True) / GB, 3),
                                           "not_checkpointed": round(activation_bytes(act, False) / GB, 3)},
         }
@@ -123,7 +124,7 @@ def main() -> None:
     report = memory_report(cfg)
     out = Path(cfg.memory.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"memory-{report['model']}-{report['gpus']}gpu.json"
+    path = out / f"memory-{report['model']}-{report['gpus']}gpu-mb{report['micro_batch']}.json"
     path.write_text(json.dumps(report, indent=2))
     print(table(report), file=sys.stderr)
     print(f"results: {path}", file=sys.stderr)
