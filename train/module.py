@@ -14,6 +14,7 @@ from .evaluation import AccuracyTracker
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig, build_optimizer
 from .peft import PeftConfig, apply_training_setup
+from .sharding import excludes_frozen_weights, full_state_dict, offloads_optimizer, prepare_model, shards_parameters
 from .stage import StageConfig
 
 
@@ -57,6 +58,25 @@ class MLLMModule(L.LightningModule):
         if self.model is None:
             self.model = self.model_factory()
             apply_training_setup(self.model, self.stage, self.peft)
+            if self._trainer is not None:
+                prepare_model(self.model, self.trainer.strategy)  # ZeRO-3 layer gathering / FSDP2 units
+                # DeepSpeed checkpoints leave frozen weights out (a LoRA checkpoint holds the adapter, not
+                # the base model); on resume those come from the model as built, so they are not "missing"
+                self.strict_loading = not excludes_frozen_weights(self.trainer.strategy)
+
+    def unsharded_model(self) -> MLLM | None:
+        """The trained model as a plain module on rank 0 (None on other ranks); every rank must call
+        this. With sharded parameters (ZeRO-3, FSDP) it is rebuilt from the gathered full weights."""
+        strategy = self.trainer.strategy
+        if not shards_parameters(strategy):
+            return self.model if self.trainer.is_global_zero else None
+        state = full_state_dict(self.model, strategy)
+        if state is None:
+            return None
+        model = self.model_factory()
+        apply_training_setup(model, self.stage, self.peft)
+        model.load_state_dict(state, strict=True)
+        return model
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -76,7 +96,7 @@ class MLLMModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total < 0:
             raise ValueError("trainer.max_steps must be set (training is step-based over a streaming dataset)")
-        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total, cpu_offload=offloads_optimizer(self.trainer.strategy))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- evaluation --------------------------------------------------------------------------------
@@ -92,7 +112,7 @@ class MLLMModule(L.LightningModule):
         preds_noimage = None
         if self.eval_noimage and batch["pixel_values"] is not None:
             preds_noimage = self._generate(batch, torch.zeros_like(batch["pixel_values"]))
-        self.tracker.add(batch["skills"], batch["answers"], preds, preds_noimage)
+        self.tracker.add(batch["skills"], batch["answers"], preds, preds_noimage, scored=batch.get("scored"))
 
     def _generate(self, batch: dict, pixel_values) -> list[str]:
         tokens = greedy_generate(
@@ -103,6 +123,7 @@ class MLLMModule(L.LightningModule):
             max_new_tokens=self.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
+            sync_ranks=self._trainer is not None and self.trainer.world_size > 1,
         )
         return self.decode(tokens)
 

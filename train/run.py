@@ -27,6 +27,7 @@ from .optim import OptimConfig
 from .peft import PeftConfig, export_model
 from .preemption import cluster_plugins
 from .resume import keep_csv_history, resolve_ckpt_path
+from .sharding import is_zero3, load_zero3_weights
 from .stage import StageConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ def run(cfg: DictConfig) -> dict:
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if not evaluated_at_end(trainer, module, best):
-        trainer.validate(module, datamodule=dm, ckpt_path=best if best else None, verbose=False, weights_only=True)
+        if best and is_zero3(trainer.strategy):
+            load_zero3_weights(module.model, best)
+            best = None
+        trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in ("val", "eff", "perf", "train")}
     summary = {
         "run_dir": str(out_dir),
@@ -143,9 +147,10 @@ def run(cfg: DictConfig) -> dict:
         "seconds": {"data": round(data_seconds, 1), "fit": round(fit_seconds, 1), "total": round(time.time() - start, 1)},
         "metrics": metrics,
     }
+    model = module.unsharded_model() if cfg.export else None  # a collective under ZeRO-3 / FSDP
     if cfg.export and trainer.is_global_zero:
         export_dir = out_dir / "export"
-        adapter_dir = export_model(module.model, export_dir)  # LoRA: merged weights + <run>/adapter
+        adapter_dir = export_model(model, export_dir)  # LoRA: merged weights + <run>/adapter
         if adapter_dir is not None:
             summary["adapter"] = str(adapter_dir)
         tokenizer.save_pretrained(export_dir)

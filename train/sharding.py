@@ -19,11 +19,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrateg
 from torch import nn
 
 from models.decoder import PlannedDecoderLayer
-from models.gathered import gathered, is_partitioned
+from models.gathered import gathered, is_partitioned, load_state_dict
 
 
 def is_zero3(strategy: L.pytorch.strategies.Strategy) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def excludes_frozen_weights(strategy) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.exclude_frozen_parameters
 
 
 def offloads_optimizer(strategy) -> bool:
@@ -65,3 +69,18 @@ def full_state_dict(model: nn.Module, strategy) -> dict[str, torch.Tensor] | Non
             if strategy.global_rank == 0:
                 out[name] = t.detach().cpu().clone()
     return out if strategy.global_rank == 0 else None
+
+
+def load_zero3_weights(model: nn.Module, checkpoint_dir: str) -> None:
+    """Put the trained weights of a ZeRO-3 checkpoint directory into the live (partitioned) model.
+
+    Lightning restores ZeRO-3 checkpoints only into a training engine; `trainer.validate` builds an
+    inference engine that cannot load them. So the best checkpoint's fp32 weights are assembled from
+    its shards (on every rank: CPU memory for one full copy) and copied in, rank 0's copy counting."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="checkpoint")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    _, unexpected = load_state_dict(model, state)
+    if unexpected:
+        raise ValueError(f"{checkpoint_dir} holds weights this model does not have: {unexpected[:5]}")
