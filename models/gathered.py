@@ -81,3 +81,8 @@ def hf_from_config(config) -> nn.Module:
         model = AutoModel.from_config(config)
     initialize_weights_zero3(model)
     return model
+
+
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (its local tensor is empty)."""
+    return getattr(p, "ds_numel", p.numel())

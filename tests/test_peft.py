@@ -140,10 +140,11 @@ def test_peft_config_errors():
 
 
 @pytest.mark.slow
-def test_lora_two_cpu_ranks_ddp_then_deepspeed_zero2(tmp_path):
+def test_lora_two_cpu_ranks_ddp_then_deepspeed_zero2_and_zero3(tmp_path):
     """`peft=lora stage=finetune` on 2 gloo ranks. DDP from config: the merged export equals the
-    LoRA model of the last checkpoint. Then DeepSpeed ZeRO-2 fine-tunes that export
-    (`model.pretrained`): its export equals the base + the saved adapter (and trained projector)."""
+    LoRA model of the last checkpoint. Then DeepSpeed ZeRO-2 and ZeRO-3 fine-tune that export
+    (`model.pretrained`; under ZeRO-3 built partitioned, LoRA B re-zeroed gathered, adapter saved from
+    the gathered weights): each export equals the base + its saved adapter (and trained projector)."""
     from tests.test_distributed import train_two_ranks
 
     lora = ["peft=lora", "peft.r=4", "stage=finetune", "optim.lr=1e-2"]
@@ -157,12 +158,13 @@ def test_lora_two_cpu_ranks_ddp_then_deepspeed_zero2(tmp_path):
     batch = image_batch(exported.config, batch=2, suffix=5)
     assert (text_logits(exported, batch) - text_logits(rebuilt.eval(), batch)).abs().max().item() <= 1e-5
 
-    run2, summary2 = train_two_ranks(tmp_path / "ds", "strategy=deepspeed_zero2", f"model.pretrained={run / 'export'}", *lora)
-    check_adapter_files(Path(summary2["adapter"]))
-    exported2 = MLLM.from_pretrained(run2 / "export").eval()
-    adapted = load_adapter(MLLM.from_pretrained(run / "export"), summary2["adapter"]).eval()
-    assert (text_logits(exported2, batch) - text_logits(adapted, batch)).abs().max().item() <= 1e-5
-    assert (text_logits(exported2, batch) - text_logits(exported, batch)).abs().max().item() > 1e-3  # it trained
+    for strategy in ("deepspeed_zero2", "deepspeed_zero3"):
+        run2, summary2 = train_two_ranks(tmp_path / strategy, f"strategy={strategy}", f"model.pretrained={run / 'export'}", *lora)
+        check_adapter_files(Path(summary2["adapter"]))
+        exported2 = MLLM.from_pretrained(run2 / "export").eval()
+        adapted = load_adapter(MLLM.from_pretrained(run / "export"), summary2["adapter"]).eval()
+        assert (text_logits(exported2, batch) - text_logits(adapted, batch)).abs().max().item() <= 1e-5, strategy
+        assert (text_logits(exported2, batch) - text_logits(exported, batch)).abs().max().item() > 1e-3, strategy  # it trained
 
 
 def check_adapter_files(adapter: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, check_keys
+from models.gathered import gathered, numel, zero_init_active
 from models.lora import is_lora, merged_state_dict, save_adapter
 
 from .stage import StageConfig, apply_stage
@@ -98,6 +99,10 @@ def inject_lora(model: nn.Module, cfg: PeftConfig) -> None:
         quantize_llm(model, cfg.target_regex())
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_regex(), bias="none")
     inject_adapter_in_model(lora, model)
+    if zero_init_active():  # built partitioned: peft's init wrote into empty shards; B must start at zero
+        for m in (m for m in model.modules() if is_lora(m)):
+            with gathered([*m.lora_A.parameters(), *m.lora_B.parameters()]):
+                m.reset_lora_parameters("default", init_lora_weights=True)
     found = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_lora(m)}
     if set(cfg.target_modules) - found:
         raise ConfigError(
@@ -119,7 +124,7 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
             key = part.get(name.split(".", 1)[0], "other")
             if key == "llm" and ".lora_" in name:
                 key = "llm_lora"
-            counts[key] = counts.get(key, 0) + p.numel()
+            counts[key] = counts.get(key, 0) + numel(p)
     return counts
 
 
@@ -142,7 +147,7 @@ def apply_training_setup(model: nn.Module, stage: StageConfig, cfg: PeftConfig) 
         if cfg.train_embeddings:
             model.language_model.embed_tokens.requires_grad_(True)
     counts = trainable_counts(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(numel(p) for p in model.parameters())
     log.info("peft %s / stage %s: trainable %s of %d parameters (%s)", cfg.name, stage.name, sum(counts.values()), total, counts)
     return counts
 

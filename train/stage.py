@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.config import check_keys
+from models.gathered import numel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,6 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
     for module in unused_vision_modules(model):  # never reach the LLM: no gradient, and DDP would complain
         module.requires_grad_(False)
     for name, (module, _) in parts.items():
-        counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        counts[name] = sum(numel(p) for p in module.parameters() if p.requires_grad)
     log.info("stage %s: trainable parameters %s", stage.name, counts)
     return counts
