@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import webdataset as wds
-
 from .pipeline import ShardStream
 
 
@@ -19,8 +17,7 @@ class EvenEvalStream(ShardStream):
     def _raw(self, epoch: int) -> Iterator[dict]:
         slot, n_slots = self._slots()
         self._total = 0
-        samples = wds.tarfile_samples(({"url": u} for u in self.urls), handler=lambda e: self._skip("(tar)", e))
-        for i, sample in enumerate(samples):
+        for i, sample in enumerate(self._tar_samples(self.urls)):
             self._total += 1
             if i % n_slots == slot:
                 yield sample

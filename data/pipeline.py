@@ -102,10 +102,14 @@ class ShardStream(IterableDataset):
         by_shard = len(shards) >= n_slots
         if by_shard:
             shards = shards[slot::n_slots]
-        samples = wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(tar)", e))
+        samples = self._tar_samples(shards)
         for i, sample in enumerate(samples):
             if by_shard or i % n_slots == slot:
                 yield sample
+
+    def _tar_samples(self, shards: list[str]) -> Iterator[dict]:
+        """Raw samples of `shards` in order; unreadable tar members are skipped and counted."""
+        return wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(tar)", e))
 
     def _shuffled(self, it: Iterator[dict], epoch: int) -> Iterator[dict]:
         if not self.shuffle_buffer:

@@ -18,8 +18,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from models.decoder import PlannedDecoderLayer
-from models.gathered import gathered, is_partitioned, load_state_dict
+from models.gathered import gathered, load_state_dict
 
 
 def is_zero3(strategy: L.pytorch.strategies.Strategy) -> bool:
@@ -65,7 +64,7 @@ def full_state_dict(model: nn.Module, strategy) -> dict[str, torch.Tensor] | Non
         return state if strategy.global_rank == 0 else None
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        with gathered([t] if is_partitioned(t) else [], modify=False):
+        with gathered([t], modify=False):  # a no-op for unpartitioned tensors
             if strategy.global_rank == 0:
                 out[name] = t.detach().cpu().clone()
     return out if strategy.global_rank == 0 else None
