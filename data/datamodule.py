@@ -4,18 +4,48 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from .chat import IGNORE, ChatTokenizer, pad
+from models.config import ConfigError, check_types
+
+from .batch import Batch, Collator
+from .chat import ChatTokenizer
 from .images import decode, preprocess
 from .even_eval import EvenEvalStream
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """The `data` config group: where shards come from (`source`: an object whose `prepare()` returns
+    `data.sources.Shards`) and how they are batched (sizes per device)."""
+
+    source: Any
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        check_types(self, "data")
+        for name, ok, need in (
+            ("batch_size", self.batch_size > 0, "> 0"),
+            ("eval_batch_size", self.eval_batch_size > 0, "> 0"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"),
+            ("max_length", self.max_length > 0, "> 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"data.{name} must be {need}, got {getattr(self, name)}")
+        if not callable(getattr(self.source, "prepare", None)):
+            raise ConfigError(f"data.source must build an object with prepare() (a `_target_` such as data.sources.ShardSource), got {self.source!r}")
 
 
 @dataclass
@@ -48,34 +78,6 @@ class SampleEncoder:
             "skill": skills[-1] if skills else "all",
             "pixel_values": pixel_values,
             "truncated": enc.truncated,
-        }
-
-
-class Collator:
-    """Right-padded training inputs plus left-padded generation prompts (everything before the last reply)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, samples: list[dict]) -> dict:
-        ids = [s["input_ids"] for s in samples]
-        input_ids = pad(ids, self.pad_id)
-        prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
-        prompt_ids = pad(prompts, self.pad_id, left=True)
-        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad([[IGNORE] * len(s["labels"]) if s.get("padding") else s["labels"] for s in samples], IGNORE),
-            "prompt_ids": prompt_ids,
-            "prompt_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
-            "pixel_values": torch.stack(images) if images else None,
-            "answers": [s["answer"] for s in samples],
-            "skills": [s["skill"] for s in samples],
-            "keys": [s["key"] for s in samples],
-            "scored": [not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
-            "n_skipped": sum(s["n_skipped"] for s in samples),
-            "stream_pos": samples[-1].get("stream_pos"),  # one worker made the whole batch; its last sample
         }
 
 
@@ -127,11 +129,11 @@ class MLLMDataModule(L.LightningDataModule):
         return self._loader(ds, self.batch_size)
 
     # --- resuming: the training stream's position travels in checkpoints ---------------------------
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Called for the batch about to be trained on (prefetched batches are not consumed yet)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training and self.position is not None and batch.get("stream_pos"):
-            self.position = self.position.after(batch["stream_pos"])
+        if trainer is not None and trainer.training and self.position is not None and batch.stream_pos is not None:
+            self.position = self.position.after(batch.stream_pos)
         return batch
 
     def state_dict(self) -> dict:

@@ -7,6 +7,8 @@ The trained tokenizer fixes the special-token ids the `tiny` presets rely on:
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -72,3 +74,15 @@ def load_pretrained_tokenizer(path: str | Path):
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def task_tokenizer(texts_fn, template, system: str, vocab_size: int, cache_root: str | Path) -> PreTrainedTokenizerFast:
+    """A BPE for a model without a tokenizer, trained on the task's text as the chat `template` renders
+    it and cached under `cache_root` by the content it was trained on (so a changed task or vocabulary
+    gets its own tokenizer)."""
+
+    def corpus() -> list[str]:
+        return template_corpus(template, system, texts_fn())
+
+    digest = hashlib.sha256(json.dumps([corpus(), vocab_size]).encode()).hexdigest()[:12]
+    return load_or_train(Path(cache_root) / f"tokenizer-{digest}", corpus, vocab_size)

@@ -1,11 +1,12 @@
 """Calibration: measure what one change to a layer does to the model, then pick layers from it.
 
 ShortV's Layer Contribution, VTW's withdrawal search and ViCA's layer choice are the same
-experiment (methods.md §7): change one layer, compare the next-token distribution at the last
-prompt position with the unchanged model's, average the KL over N calibration samples. YOPO's head
-activity and VisiPruner's stages need per-head attention probabilities instead. This module holds
-that engine (variants, KL, a layer-by-layer forward, attention statistics) and the pure decision
-functions that turn scores into layer choices; `train/analyze.py` turns those into plan files.
+experiment (arXiv 2504.00502, 2405.05803, 2602.07574): change one layer, compare the next-token
+distribution at the last prompt position with the unchanged model's, average the KL over N
+calibration samples. YOPO's head activity and VisiPruner's stages need per-head attention
+probabilities instead. This module holds that engine (variants, KL, attention statistics gathered
+by a layer hook on the model's own forward) and the pure decision functions that turn scores into
+layer choices; `train/tools/analyze.py` turns those into plan files.
 
 Every variant is relative to the model's *current* plan (a checkpoint may carry one), and the
 model's plan is always restored afterwards.
@@ -17,17 +18,25 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attention import Keys, apply_rope, causal_mask, expand_kv, split_heads
-from .decoder import LayerRunner, select_visual
-from .mllm import MLLM, _last_valid, _query_index
+from .decoder import LayerHook, LayerStep
+from .mllm import MLLM
 from .plan import Plan
-from .streams import Stream, concat, empty_like_visual
+from .streams import Stream, concat
+
+class PromptBatch(Protocol):
+    """What calibration reads from a batch (`data.batch.Batch` is one): left-padded prompts and images."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    pixel_values: Tensor | None
+
 
 KL_DIRECTIONS = ("mod_base", "base_mod")  # KL(p_modified || p_base) (ShortV/VTW code) or the reverse
 
@@ -114,61 +123,27 @@ def kl_divergence(base_logp: Tensor, mod_logp: Tensor, direction: str = "mod_bas
     return (p.exp() * (p - q)).sum(-1).clamp(min=0.0)  # rounding can give -1e-12
 
 
-@dataclass
-class LayerStep:
-    """What a layer hook sees: the layer, its input streams and the outputs it produced."""
-
-    index: int
-    runner: LayerRunner
-    text_in: Stream
-    vis_in: Stream
-    text_out: Stream
-    vis_out: Stream
-    query_idx: Tensor  # [B] text-stream index of each row's last prompt token
-
-
-LayerHook = Callable[[LayerStep], "tuple[Stream, Stream] | None"]
-
-
-def run_layers(model: MLLM, batch: dict, hook: LayerHook | None = None) -> Tensor:
-    """`model(prompt_ids, prompt_mask, pixel_values, logits="last").logits`, spelled out layer by
-    layer (prefill, the model's plan) so a hook can read each layer's inputs or replace its
-    outputs. Mirrors `models.decoder.run_decoder`; a test keeps the two equal."""
-    _, text, vis = model._streams(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"])
-    query_idx = _query_index(text, None)
-    plan, embeds, scores = model.plan, vis, None
-    for i, layer in enumerate(model.language_model.layers):
-        p = plan.layers[i]
-        if p.drop_visual:
-            vis = empty_like_visual(text)
-        elif p.select is not None and p.select.source == "previous":
-            vis, _ = select_visual(vis, scores, p.select)
-        if p.xattn:
-            block = model.xattn[str(i)]
-            text = text.with_h(block(text.h, text.pos, block.visual_keys(embeds.embed, embeds.pos, embeds.valid)))
-        nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
-        score_next = nxt.select.scorer if nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
-        runner = LayerRunner(layer, p, model.config.grid_size)
-        io = layer(text, vis, None, query_idx, p, model.config.grid_size, score_next)
-        out = hook(LayerStep(i, runner, text, vis, io.text, io.vis, query_idx)) if hook else None
-        text, vis = out if out is not None else (io.text, io.vis)
-        scores = io.scores
-    return model._head(_last_valid(text))
+def last_logits(model: MLLM, batch: PromptBatch, hook: LayerHook | None = None) -> Tensor:
+    """Next-token logits [B, V] at the end of each prompt (prefill under the model's plan), with
+    `hook` observing or replacing each layer's output."""
+    return model(batch.prompt_ids, batch.prompt_mask, batch.pixel_values, logits="last", layer_hook=hook).logits
 
 
 def _freeze_text_hook(layer: int) -> LayerHook:
     """Text tokens pass layer `layer` unchanged (their K/V were still read by visual tokens)."""
-    return lambda s: (s.text_in, s.vis_out) if s.index == layer else None
+
+    def hook(step: LayerStep) -> tuple[Stream, Stream] | None:
+        return (step.text_in, step.vis_out) if step.index == layer else None
+
+    return hook
 
 
-def next_token_logprobs(model: MLLM, batch: dict, variant: Variant | None = None) -> Tensor:
+def next_token_logprobs(model: MLLM, batch: PromptBatch, variant: Variant | None = None) -> Tensor:
     """log p(next token | prompt) [B, vocab] at the last prompt position, under `variant`."""
     variant = variant or Variant()
     with plan_applied(model, variant.plan):
-        if variant.freeze_text is None:
-            logits = model(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], logits="last").logits
-        else:
-            logits = run_layers(model, batch, _freeze_text_hook(variant.freeze_text))
+        hook = None if variant.freeze_text is None else _freeze_text_hook(variant.freeze_text)
+        logits = last_logits(model, batch, hook)
     return logits.float().log_softmax(-1)
 
 
@@ -185,13 +160,14 @@ class AttentionMap:
     valid: Tensor  # [B, S]
 
 
-def layer_attention(runner: LayerRunner, text: Stream, vis: Stream) -> AttentionMap:
+def layer_attention(layer: nn.Module, text: Stream, vis: Stream) -> AttentionMap:
     """Recompute layer attention from its own norm, projections and RoPE over the full sequence,
     ignoring the plan's restrictions (the plain causal model on the tokens that reach the layer).
     Offline analysis: the full probability matrix, clarity over speed."""
     seq = concat([text, vis]) if vis.n else text
-    attn, dh = runner.attn, runner.dh
-    x = runner.layer.input_layernorm(seq.h)
+    attn = layer.self_attn
+    dh = attn.head_dim
+    x = layer.input_layernorm(seq.h)
     q = apply_rope(split_heads(attn.q_proj(x), dh), seq.cos, seq.sin)
     k = apply_rope(split_heads(attn.k_proj(x), dh), seq.cos, seq.sin)
     v = split_heads(attn.v_proj(x), dh)
@@ -238,18 +214,18 @@ class AttentionStats:
     token_norm: list[list[Tensor]] = field(default_factory=list)  # [N][L] -> [V_l]
 
 
-def attention_stats_batch(model: MLLM, batch: dict, stats: AttentionStats) -> None:
+def attention_stats_batch(model: MLLM, batch: PromptBatch, stats: AttentionStats) -> None:
     """Append one batch's statistics to `stats` (one pass over the layers, plan unchanged)."""
     per_layer: list[tuple] = []
 
     def hook(s: LayerStep):
-        m = layer_attention(s.runner, s.text_in, s.vis_in)
+        m = layer_attention(s.layer, s.text_in, s.vis_in)
         cos, norm, mass = last_token_contributions(m, s.query_idx)
         per_layer.append((head_visual_ratio(m), mass, cos, norm, s.vis_in.valid))
         return None
 
-    run_layers(model, batch, hook)
-    for b in range(batch["prompt_ids"].shape[0]):
+    last_logits(model, batch, hook)
+    for b in range(batch.prompt_ids.shape[0]):
         stats.head_ratio.append([r[b].tolist() for r, *_ in per_layer])
         stats.visual_mass_last.append([float(mass[b]) for _, mass, *_ in per_layer])
         stats.token_cos.append([cos[b][ok[b]].cpu() for *_, cos, _, ok in per_layer])
@@ -262,7 +238,7 @@ def attention_stats_batch(model: MLLM, batch: dict, stats: AttentionStats) -> No
 @torch.no_grad()
 def calibrate(
     model: MLLM,
-    batches: Sequence[dict],
+    batches: Sequence[PromptBatch],
     variants: dict[object, Variant],
     attention: bool = False,
     direction: str = "mod_base",

@@ -1,9 +1,11 @@
-"""`from_pretrained` / `save_pretrained` in the llava-hf layout (safetensors, HF weight names).
+"""llava-hf weight names and safetensors I/O: the state-dict adapter between our modules and disk.
 
 We write the names llava-hf checkpoints on the Hub use (`language_model.model.*`,
 `language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`), which every
 transformers version loads into `LlavaForConditionalGeneration`; on load we accept those, the
 transformers-v5 in-memory names (`model.language_model.*`, ...) and the v5 flattened vision names.
+Construction lives in `models.mllm.MLLM` (`from_config` / `from_pretrained` / `from_components`);
+this module never builds a model.
 """
 
 from __future__ import annotations
@@ -11,18 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers.initialization import no_init_weights
 
-from .config import MLLMConfig
 from .gathered import load_state_dict
-from .plan import Plan
 
 # (ours, on disk) prefix pairs; order matters for the first match on load.
 _SAVE_PREFIXES = [
@@ -36,6 +36,7 @@ _LOAD_PREFIXES = [
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "vision_tower."),
 ]
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def to_internal_name(key: str) -> str:
@@ -55,29 +56,8 @@ def to_hub_name(key: str) -> str:
     return key  # our own extra modules (e.g. gated cross-attention blocks) keep their names
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single or sharded safetensors, or torch .bin files)."""
-    path = Path(path)
-    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
-        index = path / index_name
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out: dict[str, torch.Tensor] = {}
-            for f in files:
-                out.update(loader(str(path / f)))
-            return out
-    if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return _load_bin(str(path / "pytorch_model.bin"))
-    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors(.index.json) or pytorch_model.bin")
-
-
-def _load_bin(file: str) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-
-
-def _require_dir(path: str | Path, what: str) -> Path:
+def checkpoint_dir(path: str | Path, what: str) -> Path:
+    """`path` as a checkpoint directory (one with config.json), or a message saying what to point at."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -87,99 +67,94 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def build(config: MLLMConfig, dtype: torch.dtype | None = None, init: bool = True, plan=None) -> nn.Module:
-    """Construct an MLLM; `init=False` skips random initialisation (weights are loaded next)."""
-    from .mllm import MLLM
-
-    previous = torch.get_default_dtype()
-    if dtype is not None:
-        torch.set_default_dtype(dtype)
-    try:
-        if init:
-            return MLLM(config, plan)
-        with no_init_weights():
-            return MLLM(config, plan)
-    finally:
-        torch.set_default_dtype(previous)
+def read_config(path: str | Path, what: str = "model.pretrained") -> dict:
+    return json.loads((checkpoint_dir(path, what) / "config.json").read_text())
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
-    """Load HF-named tensors into `model`, naming what is missing or unexpected."""
-    state_dict = {to_internal_name(k): v for k, v in state_dict.items()}
-    # SigLIP checkpoints may carry the pooling head, which LLaVA-style models never use
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vision_tower.head.")}
-    if model.config.hf_text_config().tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    missing, unexpected = load_state_dict(model, state_dict)  # gathers ZeRO-3-partitioned weights
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.lm_head.weight is model.language_model.embed_tokens.weight)]
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"weights in {source} do not fit the model: missing {missing[:10]}{'...' if len(missing) > 10 else ''} "
-            f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}). "
-            "Check that model.* matches the checkpoint (vision/text family, sizes, projector)."
-        )
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory (single or sharded safetensors, or torch .bin)."""
+    path = Path(path)
+    for index_name in (SAFETENSORS_INDEX, "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return [path / name]
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors(.index.json) or pytorch_model.bin")
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a llava-format directory (a llava-hf checkpoint or one of our exports)."""
-    path = _require_dir(path, "model.pretrained")
-    hf = json.loads((path / "config.json").read_text())
-    if hf.get("model_type") != "llava":
-        raise ValueError(
-            f"{path}/config.json has model_type {hf.get('model_type')!r}, not 'llava'. For separate vision "
-            "and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
-        )
-    config = MLLMConfig.from_hf(hf)
-    plan_dict = hf.get("efficient_mllm", {}).get("plan")
-    model = build(config, dtype=dtype, init=False, plan=Plan.from_dict(plan_dict) if plan_dict else None)
-    load_weights(model, read_state_dict(path), str(path))
-    return model
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, under their on-disk names."""
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            out.update(load_file(str(f)))
+        else:
+            out.update(torch.load(f, map_location="cpu", weights_only=True))  # never unpickle arbitrary objects
+    return out
 
 
-def load_components(config: MLLMConfig, vision_path=None, llm_path=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Build from config, then take the vision tower and/or LLM from their own HF directories.
-
-    The projector (and any LLM part not given) stays randomly initialised: this is how LLaVA's
-    stage-1 pretraining starts (CLIP + Vicuna + a new projector).
-    """
-    from transformers import AutoConfig
-
-    vision, text = dict(config.vision), dict(config.text)
-    if vision_path:
-        vcfg = AutoConfig.from_pretrained(_require_dir(vision_path, "model.vision_pretrained"))
-        vcfg = getattr(vcfg, "vision_config", vcfg)  # a full CLIP/SigLIP dir holds text + vision
-        vision = {"model_type": vcfg.model_type, **_shape_fields(vcfg, vision)}
-    if llm_path:
-        tcfg = AutoConfig.from_pretrained(_require_dir(llm_path, "model.llm_pretrained"))
-        text = {"model_type": tcfg.model_type, **_shape_fields(tcfg, text)}
-    config = MLLMConfig(**{**config.__dict__, "vision": vision, "text": text})
-    model = build(config, dtype=dtype, init=True)
-    if vision_path:
-        sd = read_state_dict(vision_path)
-        sd = {k.split("vision_model.", 1)[1]: v for k, v in sd.items() if "vision_model." in k} or sd
-        _load_part(model.vision_tower, sd, str(vision_path))
-    if llm_path:
-        sd = read_state_dict(llm_path)
-        lm = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-        _load_part(model.language_model, lm, str(llm_path))
-        head = sd.get("lm_head.weight")
-        if head is not None and model.lm_head.weight is not model.language_model.embed_tokens.weight:
-            load_state_dict(model.lm_head, {"weight": head})
-    return model
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes from safetensors headers, without reading any tensor data (None for
+    torch .bin checkpoints, whose shapes are only known after loading)."""
+    shapes = {}
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":
+            return None
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
 
 
-def _shape_fields(hf_cfg, preset: dict) -> dict:
-    """The checkpoint's values for every field our config knows, so shapes come from the checkpoint."""
-    d = hf_cfg.to_dict()
-    from .config import _known_fields
+def checkpoint_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """On-disk tensors renamed to `model`'s names: SigLIP's pooling head (never used by LLaVA-style
+    models) and a tied lm_head copy are dropped."""
+    state = {to_internal_name(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("vision_tower.head.")}
+    if _tied(model):
+        state.pop("lm_head.weight", None)
+    return state
 
-    return {k: v for k, v in _known_fields({**d, "model_type": hf_cfg.model_type}).items() if k != "model_type"}
+
+def mismatches(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong shape) names between `model` and on-disk tensor `shapes`."""
+    ours = {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()}  # ZeRO-3: full shape
+    if _tied(model):
+        ours.pop("lm_head.weight", None)
+    theirs = checkpoint_state(shapes, model)
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    wrong = [f"{k} {list(theirs[k])} vs {list(ours[k])}" for k in ours if k in theirs and tuple(theirs[k]) != ours[k]]
+    return missing, unexpected, wrong
 
 
-def _load_part(module: nn.Module, sd: dict, source: str) -> None:
-    missing, _ = load_state_dict(module, sd)
-    if missing:
-        raise ValueError(f"{source} lacks {len(missing)} weights the model needs, e.g. {missing[:5]}")
+def mismatch_message(source: str, missing: list[str], unexpected: list[str], wrong: list[str]) -> str | None:
+    if not (missing or unexpected or wrong):
+        return None
+    parts = []
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong)):
+        if names:
+            parts.append(f"{what} ({len(names)}): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}")
+    return (
+        f"the weights in {source} do not fit the model built from its config: " + "; ".join(parts)
+        + ". Check that model.* matches the checkpoint (vision/text family, sizes, projector)."
+    )
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """Load on-disk tensors into `model` (ZeRO-3 partitions included), naming what does not fit."""
+    state = checkpoint_state(state, model)
+    if strict:
+        message = mismatch_message(source, *mismatches(model, {k: tuple(v.shape) for k, v in state.items()}))
+        if message:
+            raise ValueError(message)
+    load_state_dict(model, state)
+
+
+def _tied(model: nn.Module) -> bool:
+    return model.lm_head.weight is model.language_model.embed_tokens.weight
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -190,25 +165,26 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: str = "5GB", state_dict: dict | None = None) -> Path:
-    """Write config.json + safetensors atomically: a crash mid-save never leaves a partial directory.
-    `state_dict` replaces `model.state_dict()` (e.g. LoRA merged into plain weights: models.lora)."""
+def hub_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`state` (default: the model's) on CPU under llava-hf names, a tied lm_head left out."""
+    out = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in (state or model.state_dict()).items()}
+    if _tied(model):
+        out.pop("language_model.lm_head.weight", None)
+    return out
+
+
+def write_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict, max_shard_size: str = "5GB") -> Path:
+    """Write config.json + safetensors into `path` so that it is never seen half-written: the files
+    go to a hidden sibling directory that replaces `path` by rename. Permissions follow the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.mkdir()  # mode 0o777 minus the umask, like any directory the user creates (mkdtemp would force 0700)
     try:
-        state = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in (state_dict or model.state_dict()).items()}
-        if model.lm_head.weight is model.language_model.embed_tokens.weight:
-            state.pop("language_model.lm_head.weight", None)
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
-        hf = model.config.to_hf_dict()
-        hf["efficient_mllm"]["plan"] = model.plan.to_dict()
-        hf["architectures"] = ["LlavaForConditionalGeneration"]
-        hf["dtype"] = str(model.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,7 @@ serves prefill and decode (keys = cached keys + new tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +295,23 @@ class LayerRunner:
 # --- the layer stack ---------------------------------------------------------------------------
 
 
+class LayerStep(NamedTuple):
+    """What a layer hook sees after each decoder layer: the layer and its policy, its input streams
+    and the outputs it produced, and each row's scoring token (the last prompt token)."""
+
+    index: int
+    layer: PlannedDecoderLayer
+    policy: LayerPolicy
+    text_in: Stream
+    vis_in: Stream
+    text_out: Stream
+    vis_out: Stream
+    query_idx: Tensor  # [B]
+
+
+LayerHook = Callable[[LayerStep], "tuple[Stream, Stream] | None"]  # returns replacement (text, vis) or None
+
+
 def run_decoder(
     lm: nn.Module,
     plan: Plan,
@@ -306,13 +323,16 @@ def run_decoder(
     state: DecodeState | None = None,
     use_cache: bool = False,
     gradient_checkpointing: bool = False,
+    hook: LayerHook | None = None,
 ) -> tuple[Stream, Stream, list[Keys], dict[int, Keys]]:
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
 
     Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
     new tokens and `vis` is empty. `query_idx` [B] indexes the text token that scores visual tokens
-    for selections (the last prompt token). Returns the streams, per-layer keys and the gated
-    cross-attention keys (both only kept when `use_cache` or decoding).
+    for selections (the last prompt token). `hook` is called after every layer with a `LayerStep`
+    and may replace the layer's output streams (the analysis tools measure layers this way).
+    Returns the streams, per-layer keys and the gated cross-attention keys (both only kept when
+    `use_cache` or decoding).
     """
     keep = use_cache or state is not None
     layer_keys: list[Keys] = []
@@ -338,7 +358,9 @@ def run_decoder(
             io = checkpoint(layer, text, vis, past, query_idx, p, grid, score_next, use_reentrant=False)
         else:
             io = layer(text, vis, past, query_idx, p, grid, score_next)
-        text, vis, scores = io.text, io.vis, io.scores
+        replaced = hook(LayerStep(i, layer, p, text, vis, io.text, io.vis, query_idx)) if hook is not None else None
+        text, vis = replaced if replaced is not None else (io.text, io.vis)
+        scores = io.scores
         if keep:
             layer_keys.append(io.keys)
     return text, vis, layer_keys, (cross_keys if keep else {})

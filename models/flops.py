@@ -5,7 +5,7 @@ and FFN; visual K/V where someone reads them (only the KV heads a head mask keep
 FFN where visual tokens are updated (kept heads, kept FFN neurons); attention as
 4 * heads * queries * keys * head_dim for every (query group, key set) the engine forms (no causal
 halving, like the papers and like FlopCounterMode on SDPA); scoring probes for token selection;
-gated cross-attention blocks. Conventions (methods.md section 0):
+gated cross-attention blocks. Conventions (the papers count differently, so each is explicit):
   convention: `2mac` (FLOPs) or `mac` (multiply-accumulates, VisiPruner);
   scope: `total` (every token: ShortV/FastV tables), `visual_side` (total minus the same model
          on text alone: ViCA), `visual` (visual rows only: projections, FFN and visual-to-visual

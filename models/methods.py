@@ -10,19 +10,29 @@ per-layer list under `arch.layers`, as the analysis tools emit).
 
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from .config import ConfigError, check_keys
 from .plan import Plan, resolve_plan, scale_layers
 
 Rule = dict[str, Any]
-METHODS: dict[str, Callable[..., list[Rule]]] = {}
+PLAN_BUILDERS: dict[str, Callable[..., list[Rule]]] = {}  # `arch.methods.<name>` -> builder
 
 
 def method(fn):
-    METHODS[fn.__name__] = fn
+    """Register a plan builder under its function name; its keyword parameters are its knobs."""
+    PLAN_BUILDERS[fn.__name__] = fn
     return fn
+
+
+def knobs_of(builder: Callable[..., list[Rule]]) -> list[str]:
+    """A builder's knob names: its parameters after `depth, heads`."""
+    return list(inspect.signature(builder).parameters)[2:]
 
 
 def _scaled(layers, reference_depth, depth, ranked=False, min_layer=0):
@@ -62,7 +72,7 @@ SHORTV_7B = (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12
 def shortv(depth, heads, N=19, ranked_layers=SHORTV_7B, reference_depth=32):
     """ShortV (arXiv 2504.00502): in the N layers with the lowest visual Layer Contribution, visual
     tokens are frozen (no Q, attention output or FFN); text still reads their stale K/V.
-    `ranked_layers` is the LLaVA-1.5-7B LC order; `python -m train.analyze shortv` ranks a model's own."""
+    `ranked_layers` is the LLaVA-1.5-7B LC order; `python -m train analyze shortv` ranks a model's own."""
     if not 0 < N <= len(ranked_layers):
         raise ConfigError(f"shortv.N={N} must be in 1..{len(ranked_layers)}")
     frozen = scale_layers(list(ranked_layers[:N]), reference_depth, depth, ranked=True)
@@ -101,7 +111,7 @@ def visipruner(depth, heads, shallow=6, middle=9, exit=24, threshold=0.2, refere
     `middle`, only visual tokens whose value-aware contribution to the last prompt token (in the
     previous layer) exceeds `threshold` are kept (a per-sample count); before `exit`, all visual
     tokens leave. (The paper detects the middle and exit layers per sample at run time;
-    `python -m train.analyze visipruner` estimates them for a model.)"""
+    `python -m train analyze visipruner` estimates them for a model.)"""
     s, m, e = (_scaled([b], reference_depth, depth)[0] for b in (shallow, middle, exit))  # scaled one by one: they may coincide
     s = max(1, s)
     m = max(m, s + 1)
@@ -148,13 +158,15 @@ def load_arch(arch: dict[str, Any]) -> dict[str, Any]:
     """An arch config, reading it from `path` when it points at a plan file."""
     arch = dict(arch or {})
     if arch.get("path"):
-        import yaml
-        from pathlib import Path
-
         path = Path(arch["path"]).expanduser()
         if not path.is_file():
             raise ConfigError(f"arch.path={str(path)!r}: no such plan file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"plan file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a plan file holds a mapping (methods / layers / pre_llm / name)")
         loaded.setdefault("name", path.stem)
@@ -169,25 +181,25 @@ def arch_name(arch: dict[str, Any]) -> str:
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
-def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, num_kv_heads: int) -> Plan:
+def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
     """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`."""
     arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
     for name, knobs in (arch.get("methods") or {}).items():
-        if name not in METHODS:
-            check_keys({name: 0}, set(METHODS), "arch.methods")
+        if name not in PLAN_BUILDERS:
+            check_keys({name: 0}, set(PLAN_BUILDERS), "arch.methods")
+        builder = PLAN_BUILDERS[name]
         if name == "rules":
-            built = METHODS[name](num_layers, num_heads, *(knobs or []))
+            built = builder(num_layers, num_heads, *(knobs or []))
         else:
             knobs = dict(knobs or {})
-            params = METHODS[name].__code__.co_varnames[2 : METHODS[name].__code__.co_argcount]
-            check_keys(knobs, set(params), f"arch.methods.{name}")
+            check_keys(knobs, set(knobs_of(builder)), f"arch.methods.{name}")
             try:
-                built = METHODS[name](num_layers, num_heads, **knobs)
+                built = builder(num_layers, num_heads, **knobs)
             except ConfigError as e:
                 raise ConfigError(f"arch.methods.{name}: {e}") from None
         for j, r in enumerate(built):
             all_rules[f"{name}[{j}]"] = r
     spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": arch.get("pre_llm"), "layers": arch.get("layers")}
-    return resolve_plan(spec, num_layers, num_heads, num_kv_heads)
+    return resolve_plan(spec, num_layers, num_heads)

@@ -9,14 +9,17 @@ processor layout); the model replaces them with projected patch features.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.initialization import no_init_weights
 
+from . import checkpoint
 from .config import MLLMConfig
-from .gathered import gathered, hf_from_config
-from .decoder import DecodeState, PlannedDecoderLayer, run_decoder
+from .gathered import gathered, hf_from_config, load_state_dict
+from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
 from .plan import Plan
 from .projector import Projector
 from .pruning import cls_knee_keep
@@ -64,7 +67,7 @@ class MLLM(nn.Module):
         n = self.text_config.num_hidden_layers
         if len(plan.layers) != n:
             raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
-        plan.validate(self.text_config.num_attention_heads, self.text_config.num_key_value_heads)
+        plan.validate(self.text_config.num_attention_heads)
         if plan.pre_llm is not None and not self.config.has_cls:
             raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
         for i in plan.xattn_layers:
@@ -81,17 +84,89 @@ class MLLM(nn.Module):
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
 
-    # --- loading and saving (HF llava layout) ---------------------------------------------------
+    # --- construction: the one place a model is made (from a config, a checkpoint or two backbones) --
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "MLLM":
-        from .checkpoint import load_pretrained
+    def from_config(cls, config: MLLMConfig, plan: Plan | None = None, dtype: torch.dtype | None = None, init: bool = True) -> "MLLM":
+        """A new model of `config`'s architecture in `dtype`; `init=False` skips random
+        initialisation (weights are loaded next)."""
+        previous = torch.get_default_dtype()
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            if init:
+                return cls(config, plan)
+            with no_init_weights():
+                return cls(config, plan)
+        finally:
+            torch.set_default_dtype(previous)
 
-        return load_pretrained(path, **kwargs)
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MLLM":
+        """Load a llava-format directory (a llava-hf checkpoint or one of our exports, whose plan it
+        restores). Names and shapes are checked against the safetensors headers before any tensor is
+        read, so a checkpoint that does not fit fails at once, naming the first mismatches."""
+        hf = checkpoint.read_config(path)
+        if hf.get("model_type") != "llava":
+            raise ValueError(
+                f"{path}/config.json has model_type {hf.get('model_type')!r}, not 'llava'. For separate vision "
+                "and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
+            )
+        plan_dict = hf.get("efficient_mllm", {}).get("plan")
+        model = cls.from_config(MLLMConfig.from_hf(hf), Plan.from_dict(plan_dict) if plan_dict else None, dtype=dtype, init=False)
+        shapes = checkpoint.read_shapes(path)
+        if shapes is not None:
+            message = checkpoint.mismatch_message(str(path), *checkpoint.mismatches(model, shapes))
+            if message:
+                raise ValueError(message)
+        checkpoint.load_weights(model, checkpoint.read_state_dict(path), str(path))
+        return model
 
-    def save_pretrained(self, path, **kwargs) -> None:
-        from .checkpoint import save_pretrained
+    @classmethod
+    def from_components(cls, config: MLLMConfig, vision_path=None, llm_path=None, dtype: torch.dtype | None = None) -> "MLLM":
+        """`config`'s model with the vision tower and/or LLM taken from their own HF directories (their
+        shapes replace the config's). The projector (and any part not given) starts randomly
+        initialised: this is how LLaVA's stage-1 pretraining starts (CLIP + Vicuna + a new projector)."""
+        from transformers import AutoConfig
 
-        save_pretrained(self, path, **kwargs)
+        vision = llm = None
+        if vision_path:
+            vision = AutoConfig.from_pretrained(checkpoint.checkpoint_dir(vision_path, "model.vision_pretrained"))
+            vision = getattr(vision, "vision_config", vision)  # a full CLIP/SigLIP dir holds text + vision
+        if llm_path:
+            llm = AutoConfig.from_pretrained(checkpoint.checkpoint_dir(llm_path, "model.llm_pretrained"))
+        model = cls.from_config(config.with_backbones(vision, llm), dtype=dtype)
+        if vision_path:
+            sd = checkpoint.read_state_dict(vision_path)
+            sd = {k.split("vision_model.", 1)[1]: v for k, v in sd.items() if "vision_model." in k} or sd
+            _load_part(model.vision_tower, sd, str(vision_path))
+        if llm_path:
+            sd = checkpoint.read_state_dict(llm_path)
+            _load_part(model.language_model, {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, str(llm_path))
+            head = sd.get("lm_head.weight")
+            if head is not None and model.lm_head.weight is not model.language_model.embed_tokens.weight:
+                load_state_dict(model.lm_head, {"weight": head})
+        return model
+
+    def save_pretrained(self, path, max_shard_size: str = "5GB", state_dict: dict | None = None) -> Path:
+        """A llava-format directory (safetensors, llava-hf names, our plan in config.json) that
+        `MLLM.from_pretrained` and `LlavaForConditionalGeneration.from_pretrained` load. `state_dict`
+        replaces the model's own (e.g. LoRA merged into plain weights: models.lora)."""
+        hf = self.config.to_hf_dict()
+        hf["efficient_mllm"]["plan"] = self.plan.to_dict()
+        hf["architectures"] = ["LlavaForConditionalGeneration"]
+        hf["dtype"] = str(self.dtype).removeprefix("torch.")
+        return checkpoint.write_checkpoint(path, checkpoint.hub_state_dict(self, state_dict), hf, max_shard_size)
+
+    # --- what parameter sharding needs (train/infra/sharding.py) -----------------------------------
+    def gathered_units(self) -> list[nn.Module]:
+        """Modules whose weights must be whole around their forward and backward under ZeRO-3: the
+        decoder layers, because the plan reads head and FFN slices of their weights directly."""
+        return list(self.language_model.layers)
+
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP units below the root: each vision encoder layer and each decoder layer (embeddings,
+        LM head and projector stay in the root unit)."""
+        return [*self.vision_tower.encoder.layers, *self.language_model.layers]
 
     # --- pieces ----------------------------------------------------------------------------------
     @property
@@ -112,7 +187,9 @@ class MLLM(nn.Module):
     def _rope(self, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.language_model.rotary_emb(h, pos)
 
-    def _streams(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> tuple[Layout, Stream, Stream]:
+    def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> tuple[Layout, Stream, Stream]:
+        """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
+        (token embeddings) and the visual stream (projected patch features, after pre-LLM pruning)."""
         layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
         text_h = self.language_model.embed_tokens(text_ids)
@@ -160,6 +237,7 @@ class MLLM(nn.Module):
         logits: str = "auto",
         use_cache: bool = False,
         query_pos: Tensor | None = None,
+        layer_hook: LayerHook | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch.
 
@@ -167,21 +245,23 @@ class MLLM(nn.Module):
         valid token; "none"; "auto" = "none" when `labels` are given, else "all". The loss only
         evaluates the LM head on supervised positions. `query_pos` [B]: sequence position of the
         token whose attention scores visual tokens for token selection (default: each row's last
-        valid token, i.e. the end of the prompt at inference).
+        valid token, i.e. the end of the prompt at inference). `layer_hook` observes (or replaces) each
+        layer's output streams: how the calibration tools measure layers (models/calibration.py).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        layout, text, vis = self._streams(input_ids, attention_mask, pixel_values)
+        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values)
         text, vis, keys, cross = run_decoder(
             self.language_model,
             self.plan,
             text,
             vis,
-            _query_index(text, query_pos),
+            query_index(text, query_pos),
             self.config.grid_size,
             self.xattn,
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
+            hook=layer_hook,
         )
         out = MLLMOutput()
         if labels is not None:
@@ -190,7 +270,7 @@ class MLLM(nn.Module):
         if mode == "all":
             out.logits = self._all_logits(text, vis, layout, input_ids.shape)
         elif mode == "last":
-            out.logits = self._head(_last_valid(text))
+            out.logits = self.lm_logits(last_valid_hidden(text))
         if use_cache:
             out.cache = DecodeState(keys, attention_mask.long().sum(1), cross)
         return out
@@ -206,9 +286,10 @@ class MLLM(nn.Module):
             self.language_model, self.plan, text, empty_like_visual(text), idx, self.config.grid_size, self.xattn, state=state
         )
         state.next_pos = state.next_pos + 1
-        return self._head(text.h[:, 0])
+        return self.lm_logits(text.h[:, 0])
 
-    def _head(self, h: Tensor) -> Tensor:
+    def lm_logits(self, h: Tensor) -> Tensor:
+        """Next-token logits of final hidden states (final norm, then the LM head)."""
         return self.lm_head(self.language_model.norm(h))
 
     def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
@@ -226,16 +307,16 @@ class MLLM(nn.Module):
         n = int(sel.sum())
         if n == 0:
             return text.h.sum() * 0.0, 0
-        logits = self._head(text.h[sel])
+        logits = self.lm_logits(text.h[sel])
         return F.cross_entropy(logits.float(), text_targets[sel], reduction="mean"), n
 
     def _all_logits(self, text: Stream, vis: Stream, layout: Layout, shape) -> Tensor:
         b, length = shape
         logits = text.h.new_full((b, length, self.lm_head.out_features), float("nan"))
-        _scatter_rows(logits, layout.text_index, layout.text_valid, self._head(text.h))
+        _scatter_rows(logits, layout.text_index, layout.text_valid, self.lm_logits(text.h))
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
             slot = vis.image * self.config.num_image_tokens + vis.patch
-            _scatter_rows(logits, torch.gather(layout.vis_index, 1, slot), vis.valid, self._head(vis.h))
+            _scatter_rows(logits, torch.gather(layout.vis_index, 1, slot), vis.valid, self.lm_logits(vis.h))
         return logits
 
 
@@ -244,14 +325,20 @@ def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> 
     out[rows[valid], index[valid]] = values[valid].to(out.dtype)
 
 
-def _query_index(text: Stream, query_pos: Tensor | None) -> Tensor:
+def query_index(text: Stream, query_pos: Tensor | None) -> Tensor:
     """Text-stream index of each row's scoring token: at `query_pos`, or the last valid token."""
     if query_pos is None:
         return text.pos.masked_fill(~text.valid, -1).argmax(1)
     return ((text.pos == query_pos[:, None]) & text.valid).float().argmax(1)
 
 
-def _last_valid(text: Stream) -> Tensor:
+def last_valid_hidden(text: Stream) -> Tensor:
     """Hidden state of each row's last valid text token (the one that predicts the next token)."""
-    idx = _query_index(text, None)
+    idx = query_index(text, None)
     return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]
+
+
+def _load_part(module: nn.Module, state: dict, source: str) -> None:
+    missing, _ = load_state_dict(module, state)
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} weights the model needs, e.g. {missing[:5]}")

@@ -1,7 +1,8 @@
 """Visual-compute plans: one policy per decoder layer saying what visual tokens cost there.
 
 Every method in the literature (ViCA, ShortV, YOPO, VisiPruner, VTW, FastV, PDrop, CLS-knee,
-gated cross-attention) is a composition of the per-layer decisions below (methods.md §7). The
+gated cross-attention) is a composition of the per-layer decisions below (the method -> policy
+table is in the README, "Concepts"). The
 resolved `Plan` is the single source of truth for the forward pass, the KV cache, the FLOPs model,
 the benchmark and the logged efficiency metrics.
 
@@ -134,7 +135,7 @@ class Plan:
     def xattn_layers(self) -> list[int]:
         return [i for i, p in enumerate(self.layers) if p.xattn]
 
-    def validate(self, num_heads: int, num_kv_heads: int) -> None:
+    def validate(self, num_heads: int) -> None:
         """Contradictions that only show with the whole plan; each error names the layer and field."""
         visual_left, grid_intact = True, self.pre_llm is None
         for i, p in enumerate(self.layers):
@@ -244,7 +245,7 @@ def scale_layers(indices: list[int], reference_depth: int, depth: int, ranked: b
     return sorted(unique)
 
 
-def resolve_plan(spec: dict[str, Any], num_layers: int, num_heads: int, num_kv_heads: int) -> Plan:
+def resolve_plan(spec: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
     """A resolved, validated plan from an `arch` config: `{name, rules: {rule_name: rule}, pre_llm}`."""
     spec = dict(spec)
     check_keys(spec, {"name", "rules", "pre_llm", "layers"}, "arch")
@@ -270,7 +271,7 @@ def resolve_plan(spec: dict[str, Any], num_layers: int, num_heads: int, num_kv_h
     if pre:
         check_keys(pre, {f.name for f in fields(PreSelect)}, "arch.pre_llm")
     plan = Plan(str(spec.get("name") or "+".join(spec.get("rules") or {}) or "dense"), tuple(policies), PreSelect(**pre) if pre else None)
-    plan.validate(num_heads, num_kv_heads)
+    plan.validate(num_heads)
     return plan
 
 

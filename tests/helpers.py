@@ -40,7 +40,7 @@ def tiny_model(seed: int = 0, **kw):
     from models import MLLM
 
     torch.manual_seed(seed)
-    return MLLM(tiny_config(**kw)).eval()
+    return MLLM.from_config(tiny_config(**kw)).eval()
 
 
 def image_batch(config, batch: int, prefix: int = 3, suffix: int = 6, pad_left: list[int] | None = None, seed: int = 0):

@@ -1,8 +1,9 @@
-"""`python -m train.analyze`: the calibration engine, planted cases it must find, the decision
+"""`python -m train analyze`: the calibration engine, planted cases it must find, the decision
 rules on hand-made scores, and the CLI writing plans that load, scores and figures."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,15 +11,16 @@ import yaml
 from omegaconf import OmegaConf
 
 from data.chat import ChatTokenizer
-from data.datamodule import Collator, ImageSpec, SampleEncoder
+from data.batch import Collator
+from data.datamodule import ImageSpec, SampleEncoder
 from data.pipeline import ShardStream
 from models import MLLM, MLLMConfig
 from models import calibration as cal
 from models.methods import load_arch, resolve_arch
 from tests.helpers import image_batch, tiny_config
 from tests.test_train import small_task_model_config
-from train import analyze as cli
-from train.cli import compose_cli
+from train.tools import analyze as cli
+from train.tools.cli import compose_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "arch"
 DEPTH = 6
@@ -35,7 +37,7 @@ def one_thread():
 
 def with_plan(model: MLLM, arch: dict) -> MLLM:
     t = model.text_config
-    model.set_plan(resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads))
+    model.set_plan(resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads))
     return model
 
 
@@ -43,7 +45,7 @@ def random_batches(config, n_batches=2, batch=3):
     out = []
     for seed in range(n_batches):
         ids, mask, pixels = image_batch(config, batch=batch, pad_left=[0, 2, 4][:batch], suffix=6, seed=seed)
-        out.append({"prompt_ids": ids, "prompt_mask": mask, "pixel_values": pixels})
+        out.append(SimpleNamespace(prompt_ids=ids, prompt_mask=mask, pixel_values=pixels))
     return out
 
 
@@ -60,40 +62,48 @@ def kl_per_layer(model, batches, make_variant):
 
 
 @pytest.mark.parametrize("preset", ["dense", "vica", "shortv", "fastv", "pdrop", "visipruner", "vtw", "yopo", "xattn", "cls_knee"])
-def test_layer_by_layer_forward_equals_the_model(preset):
-    """`run_layers` (which analyses hook into) must stay the model's own forward, plan included."""
+def test_layer_hook_sees_every_layer_and_changes_nothing(preset):
+    """Analyses hook into the model's own forward: a hook that keeps each layer's outputs sees every
+    layer once, in order, with its policy, and leaves the logits exactly as without a hook."""
     torch.manual_seed(0)
-    model = MLLM(tiny_config(text_layers=8, image_size=32)).eval()
+    model = MLLM.from_config(tiny_config(text_layers=8, image_size=32)).eval()
     with_plan(model, yaml.safe_load((CONF / f"{preset}.yaml").read_text()))
     for block in model.xattn.values():
         torch.nn.init.normal_(block.attn_gate)
     (batch,) = random_batches(model.config, n_batches=1)
     with torch.no_grad():
-        want = model(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], logits="last").logits
-        got = cal.run_layers(model, batch)
+        want = model(batch.prompt_ids, batch.prompt_mask, batch.pixel_values, logits="last").logits
+        seen = []
+
+        def keep(step: cal.LayerStep):
+            seen.append((step.index, step.policy))
+            return step.text_out, step.vis_out
+
+        got = cal.last_logits(model, batch, keep)
     assert torch.equal(got, want)
+    assert seen == list(enumerate(model.plan.layers))
 
 
 def test_recomputed_attention_is_the_layers_own():
     """The attention maps the statistics use, pushed through o_proj and the FFN, give exactly the
     dense layer's output at the last prompt token (same norm, projections, RoPE, masks)."""
     torch.manual_seed(0)
-    model = MLLM(tiny_config(text_layers=3)).eval()
+    model = MLLM.from_config(tiny_config(text_layers=3)).eval()
     (batch,) = random_batches(model.config, n_batches=1)
     errors = []
 
     def check(s: cal.LayerStep):
-        m = cal.layer_attention(s.runner, s.text_in, s.vis_in)
+        m = cal.layer_attention(s.layer, s.text_in, s.vis_in)
         rows = torch.arange(len(s.query_idx))
         o = (m.probs[rows, :, s.query_idx].unsqueeze(-1) * m.values).sum(2).flatten(1)  # [B, H*dh]
-        layer = s.runner.layer
+        layer = s.layer
         h = s.text_in.h[rows, s.query_idx] + layer.self_attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         errors.append((h - s.text_out.h[rows, s.query_idx]).abs().max().item())
         assert torch.allclose(m.probs.sum(-1), torch.ones(()))
 
     with torch.no_grad():
-        cal.run_layers(model, batch, check)
+        cal.last_logits(model, batch, check)
     assert len(errors) == 3 and max(errors) < 1e-5
 
 
@@ -110,7 +120,7 @@ def test_kl_direction_matches_shortv_code():
 
 
 def test_variants_restore_the_plan_and_are_relative_to_it():
-    model = with_plan(MLLM(tiny_config(text_layers=4)).eval(), {"methods": {"vtw": {"K": 2, "reference_depth": 4}}})
+    model = with_plan(MLLM.from_config(tiny_config(text_layers=4)).eval(), {"methods": {"vtw": {"K": 2, "reference_depth": 4}}})
     before = model.plan
     assert cal.withdraw_visual(before, 3) is before  # already withdrawn before layer 2: nothing to change
     assert [p.drop_visual for p in cal.withdraw_visual(before, 1).layers] == [False, True, False, False]
@@ -125,7 +135,7 @@ def test_variants_restore_the_plan_and_are_relative_to_it():
 def test_vica_knockout_finds_the_only_layer_where_text_reads_the_image():
     j = 3
     torch.manual_seed(0)
-    model = with_plan(MLLM(tiny_config(text_layers=DEPTH)).eval(), {"methods": {"vica": {"t2v_layers": [j], "reference_depth": DEPTH}}})
+    model = with_plan(MLLM.from_config(tiny_config(text_layers=DEPTH)).eval(), {"methods": {"vica": {"t2v_layers": [j], "reference_depth": DEPTH}}})
     kl = kl_per_layer(model, random_batches(model.config), cal.knock_out_text_to_visual)
     assert cal.top_k(kl, 1) == [j] and kl[j] > 0
     assert all(v < 1e-9 for i, v in enumerate(kl) if i != j), kl
@@ -135,7 +145,7 @@ def test_shortv_finds_the_only_layer_that_updates_visual_tokens():
     j = 2
     torch.manual_seed(0)
     arch = {"methods": {"rules": [{"layers": "all", "set": {"visual_update": "frozen"}}, {"layers": [j], "set": {"visual_update": "full"}}]}}
-    model = with_plan(MLLM(tiny_config(text_layers=DEPTH)).eval(), arch)
+    model = with_plan(MLLM.from_config(tiny_config(text_layers=DEPTH)).eval(), arch)
     kl = kl_per_layer(model, random_batches(model.config), cal.freeze_visual)
     assert cal.rank_ascending(kl)[-1] == j and kl[j] > 0
     assert all(v < 1e-9 for i, v in enumerate(kl) if i != j), kl
@@ -147,7 +157,7 @@ def test_layer_contribution_of_an_identity_layer_is_zero_for_both_token_types():
     exactly 0 (visual states updated there are never read: ShortV's observation)."""
     j = 1
     torch.manual_seed(0)
-    model = MLLM(tiny_config(text_layers=4)).eval()
+    model = MLLM.from_config(tiny_config(text_layers=4)).eval()
     layer = model.language_model.layers[j]
     torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
     torch.nn.init.zeros_(layer.mlp.down_proj.weight)
@@ -238,11 +248,11 @@ def checkpoint(synthetic_dir, task_tokenizer, tmp_path_factory):
     stream = ShardStream(sorted(str(p) for p in root.glob("train-*.tar")), SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3)))
     collate, samples = Collator(0), iter(stream)
     torch.manual_seed(0)
-    model = MLLM(config)
+    model = MLLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(15):
         b = collate([next(samples) for _ in range(8)])
-        loss = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"]).loss
+        loss = model(b.input_ids, b.attention_mask, b.pixel_values, labels=b.labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -262,10 +272,10 @@ def run_cli(args, capsys) -> tuple[dict, str]:
 
 def assert_loadable(plan_file: Path, model: MLLM):
     t = model.text_config
-    plan = resolve_arch(load_arch({"path": str(plan_file)}), t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads)
+    plan = resolve_arch(load_arch({"path": str(plan_file)}), t.num_hidden_layers, t.num_attention_heads)
     model.set_plan(plan)
-    cfg = compose_cli("train", [f"arch={plan_file}"])  # what `python -m train arch=<file>` composes
-    assert resolve_arch(OmegaConf.to_container(cfg.arch), t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == plan
+    cfg = compose_cli("train", ["arch=file", f"arch.path={plan_file}"])  # what `python -m train arch=file arch.path=<file>` composes
+    assert resolve_arch(OmegaConf.to_container(cfg.arch), t.num_hidden_layers, t.num_attention_heads) == plan
     return plan
 
 
@@ -273,7 +283,7 @@ def test_all_analyses_on_a_trained_checkpoint_write_loadable_plans_scores_figure
     out = tmp_path / "out"
     run_dir = checkpoint.parent  # a training run directory: its export/ is used (with its tokenizer)
     s, _ = run_cli([*shard_args, "analyze.method=all", f"analyze.checkpoint={run_dir}", f"analyze.out={out}", "analyze.wandb=true"], capsys)
-    assert s["samples"] == 6 and set(s["methods"]) == set(cli.METHODS)
+    assert s["samples"] == 6 and set(s["methods"]) == set(cli.ANALYSES)
     model = MLLM.from_pretrained(checkpoint)
     for method, r in s["methods"].items():
         plan = assert_loadable(Path(r["plan"]), model)
@@ -288,7 +298,7 @@ def test_all_analyses_on_a_trained_checkpoint_write_loadable_plans_scores_figure
         if method == "yopo":
             assert len(scores["scores"]["head_ratio_mean"]) == DEPTH
     images = list((out / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
-    assert len(images) == len(cli.METHODS) and s["wandb"].startswith(str(out / "wandb"))
+    assert len(images) == len(cli.ANALYSES) and s["wandb"].startswith(str(out / "wandb"))
 
 
 def test_analysis_is_relative_to_the_checkpoint_plan(checkpoint, shard_args, tmp_path, capsys):

@@ -1,11 +1,11 @@
-"""`python -m train.bench`: rows for every plan, dense first, ratios against dense, a results file.
+"""`python -m train bench`: rows for every plan, dense first, ratios against dense, a results file.
 (Timings themselves are benchmarks, never asserted.)"""
 
 import json
 
 import pytest
 
-from train.bench import run_bench, split_arch_list
+from train.tools.bench import run_bench, split_arch_list
 
 TINY = ["model=tiny", "bench.batch=1", "bench.n_text=8", "bench.new_tokens=2", "bench.warmup=0", "bench.repeats=1"]
 

@@ -1,11 +1,11 @@
-"""`python -m train.bench_strategies`: real 2-rank CPU runs, per-rank stats, failures reported per
+"""`python -m train bench_strategies`: real 2-rank CPU runs, per-rank stats, failures reported per
 strategy (timings are benchmarks, never asserted)."""
 
 import json
 
 import pytest
 
-from train.bench_strategies import last_error
+from train.tools.bench_strategies import last_error
 
 
 def test_last_error_finds_the_exception_or_hydras_message():
@@ -17,7 +17,7 @@ def test_last_error_finds_the_exception_or_hydras_message():
 
 @pytest.mark.slow
 def test_strategy_benchmark_runs_ddp_and_reports_a_failing_strategy(tmp_path):
-    from train.bench_strategies import run_bench_strategies
+    from train.tools.bench_strategies import run_bench_strategies
 
     rows, path = run_bench_strategies([
         "bench_strategies.strategies=[ddp,no_such_strategy]", "bench_strategies.steps=2", "bench_strategies.warmup_steps=1",

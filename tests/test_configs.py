@@ -8,9 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from models import ConfigError, MLLM, MLLMConfig
-from train.factory import ModelSpec
-from train.optim import OptimConfig
-from train.stage import StageConfig
+from train.builders import RunConfig, build
+from train.model_source import ModelSource
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MODELS = sorted(p.stem for p in Path(CONF, "model").glob("*.yaml"))
@@ -27,8 +26,8 @@ def compose_train(overrides=()):
 @pytest.mark.parametrize("model", MODELS)
 def test_model_presets_compose_and_validate(model):
     cfg = compose_train([f"model={model}"])
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    mcfg = spec.mllm_config
+    spec = build(cfg.model, "model")
+    mcfg = spec.architecture
     assert mcfg.num_image_tokens > 0
     if model.startswith("tiny"):
         spec.build()  # small enough to construct for real
@@ -41,7 +40,7 @@ def test_llava15_shapes_match_the_paper():
         mcfg = MLLMConfig.from_dict(OmegaConf.to_container(cfg.model.config, resolve=True))
         assert mcfg.num_image_tokens == n_v
         with torch.device("meta"):
-            model = MLLM(mcfg)
+            model = MLLM.from_config(mcfg)
         total = sum(p.numel() for p in model.parameters())
         assert abs(total - n_params) / n_params < 0.01, (name, total)
 
@@ -50,9 +49,12 @@ def test_llava15_shapes_match_the_paper():
 @pytest.mark.parametrize("logger", LOGGERS)
 @pytest.mark.parametrize("data", DATA)
 def test_groups_compose(stage, logger, data):
-    cfg = compose_train([f"stage={stage}", f"logger={logger}", f"data={data}"])
-    StageConfig.from_dict(OmegaConf.to_container(cfg.stage))
-    OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
+    overrides = [f"stage={stage}", f"logger={logger}", f"data={data}"]
+    if data == "shards":
+        overrides += ["data.source.train=/x/train.tar", "data.source.val=/x/val.tar"]
+    cfg = compose_train(overrides)
+    run = RunConfig.from_config(cfg)  # every config object of a run, each built once
+    assert run.stage.name == stage and run.optim.lr > 0 and run.data.batch_size > 0
 
 
 def test_stage_sets_llava_learning_rates():
@@ -70,13 +72,13 @@ def test_wrong_key_in_a_preset_names_it_and_suggests_the_fix():
     d = OmegaConf.to_container(cfg.model, resolve=True)
     d["config"]["text"]["hiden_size"] = 3
     with pytest.raises(ConfigError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\)"):
-        ModelSpec.from_dict(d).mllm_config
+        build(OmegaConf.create(d), "model").architecture
     d = OmegaConf.to_container(cfg.model, resolve=True)
     d["pretrainde"] = "/x"
     with pytest.raises(ConfigError, match="did you mean 'pretrained'"):
-        ModelSpec.from_dict(d)
+        build(OmegaConf.create(d), "model")
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
-        OptimConfig.from_dict({"lrr": 1.0})
+        build(OmegaConf.create({"_target_": "train.optim.OptimConfig", "lrr": 1.0}), "optim")
 
 
 def test_invalid_values_fail_at_config_time():
@@ -100,15 +102,16 @@ def test_sincos_vision_positions_for_towers_built_from_config(tmp_path):
     assert torch.equal(table[4, 4:], table[0, 4:]) and not torch.equal(table[4, :4], table[0, :4])  # same column
 
     cfg = OmegaConf.to_container(compose_train([]).model, resolve=True)
-    spec = ModelSpec.from_dict(cfg)
+    cfg.pop("_target_")
+    spec = ModelSource(**cfg)
     assert spec.vision_position_init == "sincos2d"
     model = spec.build()
-    grid, width = spec.mllm_config.grid_size, spec.mllm_config.vision["hidden_size"]
+    grid, width = spec.architecture.grid_size, spec.architecture.vision["hidden_size"]
     assert torch.equal(model.vision_tower.embeddings.position_embedding.weight, sincos_2d(grid, width))
     model.vision_tower.embeddings.position_embedding.weight.data.add_(1.0)
     model.save_pretrained(tmp_path / "ckpt")  # a pretrained tower keeps its trained positions
-    loaded = ModelSpec.from_dict({**cfg, "pretrained": str(tmp_path / "ckpt"), "config": {}}).build()
+    loaded = ModelSource(**{**cfg, "pretrained": str(tmp_path / "ckpt"), "config": {}}).build()
     assert torch.equal(loaded.vision_tower.embeddings.position_embedding.weight,
                       model.vision_tower.embeddings.position_embedding.weight)
     with pytest.raises(ConfigError, match="vision_position_init must be"):
-        ModelSpec.from_dict({**cfg, "vision_position_init": "sincos"})
+        ModelSource(**{**cfg, "vision_position_init": "sincos"})

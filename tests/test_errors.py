@@ -1,11 +1,13 @@
 """Bad input fails with a message that names the problem and the fix."""
 
+import json
+
 import pytest
 import torch
 
 from models import MLLM, ImageTokenMismatch
 from tests.helpers import image_batch, tiny_model
-from train.factory import ModelSpec, check_tokenizer
+from train.model_source import ModelSource, check_tokenizer
 
 
 def test_image_token_count_mismatch():
@@ -29,9 +31,9 @@ def test_text_only_batch_needs_no_image():
 def test_missing_checkpoint_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
         MLLM.from_pretrained(tmp_path / "nope")
-    spec = ModelSpec.from_dict({"name": "x", "config": {}, "pretrained": str(tmp_path / "nope")})
+    spec = ModelSource(name="x", pretrained=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        spec.mllm_config
+        spec.architecture
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
@@ -41,6 +43,15 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 
     with pytest.raises(ValueError, match="missing .*bias"):
         load_weights(other, read_state_dict(tmp_path / "a"), "a")
+
+
+def test_checkpoint_with_wrong_shapes_fails_before_reading_tensors(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96  # the weights on disk are 128 wide
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"wrong shape .*mlp\.\w+_proj\.weight \[128, 64\] vs \[96, 64\]"):
+        MLLM.from_pretrained(tmp_path / "a")
 
 
 def test_supervising_the_token_after_an_image_is_refused():

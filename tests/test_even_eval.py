@@ -5,7 +5,7 @@ import json
 import pytest
 import webdataset as wds
 
-from data.datamodule import Collator
+from data.batch import Collator
 from data.even_eval import EvenEvalStream
 
 
@@ -42,5 +42,5 @@ def test_every_rank_gets_the_same_count_and_real_samples_once(tmp_path, monkeypa
 def test_padding_rows_are_unscored_and_unsupervised():
     sample = {"key": "k", "input_ids": [1, 2, 3], "labels": [-100, 2, 3], "prompt_len": 2, "answer": "a", "skill": "s", "pixel_values": None, "n_skipped": 0}
     batch = Collator(pad_id=0)([sample, {**sample, "padding": True}])
-    assert batch["scored"] == [True, False]
-    assert batch["labels"][1].eq(-100).all() and not batch["labels"][0].eq(-100).all()
+    assert batch.scored == [True, False]
+    assert batch.labels[1].eq(-100).all() and not batch.labels[0].eq(-100).all()

@@ -6,7 +6,7 @@ import yaml
 
 from models.flops import Shape, measure_flops, plan_terms, prefill_flops
 from models.methods import resolve_arch
-from models.mllm import _query_index
+from models.mllm import query_index
 from models.plan import Plan
 from models.decoder import run_decoder
 from tests.helpers import image_batch
@@ -16,10 +16,10 @@ from tests.test_plans import CONF, PRESETS, plan_model
 def measured_decoder_flops(model, batch=2):
     input_ids, mask, pixels = image_batch(model.config, batch=batch, suffix=9)
     with torch.no_grad():
-        layout, text, vis = model._streams(input_ids, mask, pixels)
+        layout, text, vis = model.embed_inputs(input_ids, mask, pixels)
         counts = {-1: vis.n} if model.plan.pre_llm is not None else {}
         flops, _ = measure_flops(
-            run_decoder, model.language_model, model.plan, text, vis, _query_index(text, None), model.config.grid_size, model.xattn
+            run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.config.grid_size, model.xattn
         )
     return flops / batch, text.n, vis, counts
 
@@ -51,7 +51,7 @@ def arch(name, **knobs):
     if knobs:
         (m,) = a["methods"]
         a["methods"][m].update(knobs)
-    return resolve_arch(a, 32, 32, 32)
+    return resolve_arch(a, 32, 32)
 
 
 def tflops(plan, n_t=64, **kw):

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from models import MLLM
 from models.memory import GB, STRATEGIES, ActShape, ParamCounts, activation_bytes, layer_activation_bytes, model_states
-from train.bench import make_batch
-from train.cli import compose_cli
-from train.factory import ModelSpec
-from train.memory import act_shape, count_params, memory_report, meta_model, table
+from train.tools.bench import make_batch
+from train.tools.cli import compose_cli
+from train.builders import build
+from train.tools.memory import act_shape, count_params, memory_report, meta_model, table
 from train.stage import StageConfig, apply_stage
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,7 +52,7 @@ def test_strategy_algebra():
 @pytest.fixture(scope="module")
 def llava7b():
     cfg = compose_cli("memory", ["model=llava15_7b"])
-    return ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    return build(cfg.model, "model")
 
 
 def test_llava15_7b_parameter_counts(llava7b):
@@ -122,9 +122,9 @@ def test_activation_formula_matches_what_autograd_saves(overrides, lora_dropout)
     """bf16 forward of a 2-layer bench_mid model (576 visual tokens) with a loss: full fine-tuning
     (MHA and GQA) and peft LoRA (with and without dropout)."""
     cfg = compose_cli("bench", ["model=bench_mid", "model.config.text.num_hidden_layers=2", *overrides])
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    spec = build(cfg.model, "model")
     torch.manual_seed(0)
-    model = MLLM(spec.mllm_config).to(torch.bfloat16)
+    model = MLLM.from_config(spec.architecture).to(torch.bfloat16)
     mode = "finetune" if lora_dropout is None else "lora"
     ids, mask, pixels, labels = make_batch(model, 1, 64, 0)
     a = act_shape(model, ids.shape[1], mode, 8, LLAMA, lora_dropout or 0.0)
@@ -141,9 +141,9 @@ def test_activation_formula_matches_what_autograd_saves(overrides, lora_dropout)
 
 
 def test_cli_writes_results(tmp_path, capsys, monkeypatch):
-    from train import memory
+    from train.tools import memory
 
-    monkeypatch.setattr("sys.argv", ["train.memory", "model=bench_mid", "memory.gpus=2", "memory.seq_len=640", f"memory.out={tmp_path}"])
+    monkeypatch.setattr("sys.argv", ["python -m train memory", "model=bench_mid", "memory.gpus=2", "memory.seq_len=640", f"memory.out={tmp_path}"])
     memory.main()
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "memory-bench_mid-2gpu-mb1.json").read_text())

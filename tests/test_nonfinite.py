@@ -55,7 +55,7 @@ def test_a_streak_of_nonfinite_steps_stops_with_the_last_good_weights_saved(tmp_
 
 
 def test_max_in_row_must_not_be_negative():
-    with pytest.raises(ValueError, match="nonfinite.max_in_row must be >= 0"):
+    with pytest.raises(ValueError, match="nonfinite.max_in_row must be an integer >= 0"):
         NonFiniteGuard(max_in_row=-1)
 
 

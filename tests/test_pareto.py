@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from train import pareto
+from train.tools import pareto
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -71,7 +71,7 @@ def test_every_sweep_point_is_a_valid_plan_of_the_tiny_model(point):
     cfg = compose_train(["experiment=pareto_tiny", f"pareto={point}"])
     text = cfg.model.config.text
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
-    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
     assert plan.name == point.split("_")[0]  # the file name starts with the method
     for knobs in arch["methods"].values():
         assert knobs["reference_depth"] == text.num_hidden_layers  # layer numbers mean the tiny model's
@@ -261,7 +261,7 @@ def test_sweep_end_to_end_with_submitit_local(tmp_path):
         assert summary["steps"] == 2 and "eff/flops_ratio" in summary["metrics"], proc.stderr[-3000:]
     assert list((sweep / ".submitit").glob("*/*_0_log.err"))
 
-    agg = subprocess.run([sys.executable, "-m", "train.pareto", str(sweep)], cwd=ROOT, capture_output=True,
+    agg = subprocess.run([sys.executable, "-m", "train", "pareto", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert agg.returncode == 0, agg.stderr
     result = json.loads(agg.stdout)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from models import MLLM
 from models.config import ConfigError
 from models.lora import is_lora, load_adapter, merged_state_dict
 from tests.helpers import image_batch
 from tests.test_plans import plan_model
+from train.builders import build
 from train.peft import PeftConfig, apply_training_setup, export_model, trainable_counts
 from train.stage import StageConfig
 
@@ -22,7 +24,7 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 def lora_model(arch: str, r: int = 4, dropout: float = 0.0, seed: int = 0) -> MLLM:
     """A plan model with LoRA (finetune stage) whose B matrices are non-zero, so the adapter matters."""
     model = plan_model(arch, {}, seed=seed)
-    apply_training_setup(model, FINETUNE, PeftConfig.from_dict({"name": "lora", "r": r, "alpha": 2 * r, "dropout": dropout}))
+    apply_training_setup(model, FINETUNE, PeftConfig("lora", r=r, alpha=2 * r, dropout=dropout))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -32,7 +34,7 @@ def lora_model(arch: str, r: int = 4, dropout: float = 0.0, seed: int = 0) -> ML
 
 
 def merged_copy(model: MLLM) -> MLLM:
-    plain = MLLM(model.config, model.plan).eval()
+    plain = MLLM.from_config(model.config, model.plan).eval()
     plain.load_state_dict(merged_state_dict(model))
     return plain
 
@@ -69,7 +71,7 @@ def test_yopo_head_and_ffn_subsets_use_the_adapter():
     batch = image_batch(model.config, batch=2, pad_left=[0, 2], suffix=5)
     got, want = text_logits(model, batch), text_logits(merged_copy(model), batch)
     assert (got - want).abs().max().item() <= 1e-5
-    base = MLLM(model.config, model.plan).eval()
+    base = MLLM.from_config(model.config, model.plan).eval()
     base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k})
     assert (got - text_logits(base, batch)).abs().max().item() > 1e-2  # the adapter changes the output
 
@@ -84,7 +86,7 @@ def test_merged_export_and_adapter_round_trip(tmp_path):
     exported = MLLM.from_pretrained(tmp_path / "export").eval()
     assert (text_logits(exported, batch) - want).abs().max().item() <= 1e-5
     # the adapter + trained projector applied to the base weights give the same model again
-    base = MLLM(model.config, model.plan).eval()
+    base = MLLM.from_config(model.config, model.plan).eval()
     base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k})
     with torch.no_grad():
         for p in base.multi_modal_projector.parameters():
@@ -126,12 +128,12 @@ def test_gradient_checkpointing_with_lora_and_frozen_embeddings(arch):
 
 def test_peft_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'alpha'"):
-        PeftConfig.from_dict({"name": "lora", "alpah": 8})
+        build(OmegaConf.create({"_target_": "train.peft.PeftConfig", "name": "lora", "alpah": 8}), "peft")
     with pytest.raises(ConfigError, match="r > 0"):
-        PeftConfig.from_dict({"name": "lora", "r": 0})
+        PeftConfig("lora", r=0)
     if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="peft=qlora needs"):
-            PeftConfig.from_dict({"name": "qlora"})
+            PeftConfig("qlora")
     model = plan_model("vica", {})
     with pytest.raises(ConfigError, match="stage=pretrain freezes it"):
         apply_training_setup(model, StageConfig("pretrain", False, True, False), PeftConfig(name="lora"))
@@ -151,8 +153,8 @@ def test_lora_two_cpu_ranks_ddp_then_deepspeed_zero2_and_zero3(tmp_path):
     run, summary = train_two_ranks(tmp_path / "ddp", "strategy=ddp", *lora)
     check_adapter_files(Path(summary["adapter"]))
     exported = MLLM.from_pretrained(run / "export").eval()
-    rebuilt = MLLM(exported.config, exported.plan)
-    apply_training_setup(rebuilt, FINETUNE, PeftConfig.from_dict({"name": "lora", "r": 4}))
+    rebuilt = MLLM.from_config(exported.config, exported.plan)
+    apply_training_setup(rebuilt, FINETUNE, PeftConfig("lora", r=4))
     state = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     batch = image_batch(exported.config, batch=2, suffix=5)

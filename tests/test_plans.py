@@ -31,9 +31,9 @@ def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0) -> MLLM:
         (method,) = arch["methods"]
         arch["methods"][method].update(knobs)
     text = config.hf_text_config()
-    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
     torch.manual_seed(seed)
-    model = MLLM(config, plan).eval()
+    model = MLLM.from_config(config, plan).eval()
     for block in model.xattn.values():  # zero gates would make the blocks trivially equal
         torch.nn.init.normal_(block.attn_gate, std=1.0)
         torch.nn.init.normal_(block.mlp_gate, std=1.0)
@@ -79,7 +79,7 @@ def test_training_with_a_plan_gets_gradients_where_it_should():
 
 def test_xattn_blocks_start_as_identity_and_learn():
     dense = plan_model("dense", {})
-    x = MLLM(dense.config, plan_model("xattn", {}).plan).eval()
+    x = MLLM.from_config(dense.config, plan_model("xattn", {}).plan).eval()
     x.load_state_dict(dense.state_dict(), strict=False)  # same LLM weights, fresh zero-gated blocks
     input_ids, mask, pixels = image_batch(x.config, batch=2)
     text_only = x.plan  # every self-attention layer is text-only: with closed gates the image is invisible
@@ -127,24 +127,24 @@ def test_physical_savings_tokens_leave_the_streams():
 )
 def test_invalid_plans_fail_at_config_time_naming_layer_and_field(arch, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_arch(arch, num_layers=8, num_heads=4, num_kv_heads=2)
+        resolve_arch(arch, num_layers=8, num_heads=4)
 
 
 def test_presets_scale_to_other_depths():
     vica = yaml.safe_load((CONF / "vica.yaml").read_text())
-    assert [i for i, p in enumerate(resolve_arch(vica, 32, 32, 32).layers) if p.text_reads] == [0, 1, 7, 8, 9, 10, 11, 14]
-    assert [i for i, p in enumerate(resolve_arch(vica, 8, 4, 2).layers) if p.text_reads] == [0, 1, 2, 3]
+    assert [i for i, p in enumerate(resolve_arch(vica, 32, 32).layers) if p.text_reads] == [0, 1, 7, 8, 9, 10, 11, 14]
+    assert [i for i, p in enumerate(resolve_arch(vica, 8, 4).layers) if p.text_reads] == [0, 1, 2, 3]
     shortv = yaml.safe_load((CONF / "shortv.yaml").read_text())
-    assert sum(not p.updates_visual for p in resolve_arch(shortv, 32, 32, 32).layers) == 19
-    assert sum(not p.updates_visual for p in resolve_arch(shortv, 16, 4, 4).layers) == 10  # same ~59% of layers
-    combo = resolve_arch({"methods": {"vica": {}, "pdrop": {}}}, 32, 32, 32)
+    assert sum(not p.updates_visual for p in resolve_arch(shortv, 32, 32).layers) == 19
+    assert sum(not p.updates_visual for p in resolve_arch(shortv, 16, 4).layers) == 10  # same ~59% of layers
+    combo = resolve_arch({"methods": {"vica": {}, "pdrop": {}}}, 32, 32)
     for depth in range(4, 13):  # stage boundaries that coincide after scaling are separated, never merged
-        stages = resolve_arch({"methods": {"visipruner": {}}}, depth, 4, 2).layers
+        stages = resolve_arch({"methods": {"visipruner": {}}}, depth, 4).layers
         sink, select, drop = (next(i for i, p in enumerate(stages) if test(p)) for test in (
             lambda p: p.text_reads_visual == "sink", lambda p: p.select is not None, lambda p: p.drop_visual))
         assert sink == 0 < select < drop < depth
     with pytest.raises(ConfigError, match="visipruner needs at least 4 layers"):
-        resolve_arch({"methods": {"visipruner": {}}}, 3, 4, 2)
+        resolve_arch({"methods": {"visipruner": {}}}, 3, 4)
     assert combo.name == "vica+pdrop" and sum(p.select is not None for p in combo.layers) == 3
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.tiny_fit import WeightLog, loader, make_batches, make_module
-from train.preemption import RequeueOnSignal, Requeued, cluster_plugins, hpc_checkpoint_path
+from train.infra.preemption import RequeueOnSignal, Requeued, cluster_plugins, hpc_checkpoint_path
 
 
 @pytest.fixture(autouse=True)

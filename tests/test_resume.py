@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 from data.pipeline import ShardStream
 from data.position import StreamPosition
-from train import resume
-from train.checkpoint_io import AtomicCheckpointIO
-from train.resume import PeriodicCheckpoint, commit, resolve_ckpt_path
+from train.infra import resume
+from train.infra.checkpoint_io import AtomicCheckpointIO
+from train.infra.resume import PeriodicCheckpoint, commit, resolve_ckpt_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 5  # an odd checkpoint step: with 2 workers the resumed loader must start at worker 1

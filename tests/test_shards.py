@@ -10,7 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.chat import ChatTokenizer
-from data.datamodule import Collator, ImageSpec, SampleEncoder
+from data.batch import Collator
+from data.datamodule import ImageSpec, SampleEncoder
 from data.pipeline import ShardStream
 from data.synthetic import load_meta
 
@@ -31,16 +32,16 @@ def test_roundtrip_counts_and_batches(synthetic_dir, task_tokenizer):
     assert len(samples) == cfg.n_val == meta["splits"]["val"]["num_samples"]
     assert len({s["key"] for s in samples}) == cfg.n_val
     batch = Collator(task_tokenizer.pad_token_id)(samples[:5])
-    assert batch["pixel_values"].shape == (5, 3, 64, 64)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    assert ((batch["input_ids"] == 3).sum(1) == 256).all()
+    assert batch.pixel_values.shape == (5, 3, 64, 64)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    assert ((batch.input_ids == 3).sum(1) == 256).all()
     # generation prompts are left-padded and end with "ASSISTANT:"
-    assert (batch["prompt_mask"][:, -1] == 1).all()
-    ends = task_tokenizer.batch_decode(batch["prompt_ids"][:, -2:])
+    assert (batch.prompt_mask[:, -1] == 1).all()
+    ends = task_tokenizer.batch_decode(batch.prompt_ids[:, -2:])
     assert all(e.strip().endswith("ASSISTANT:") for e in ends)
-    decoded = [task_tokenizer.decode([t for t in row if t >= 0]) for row in batch["labels"].tolist()]
-    assert [d.replace("</s>", "").strip() for d in decoded] == batch["answers"]
-    assert set(batch["skills"]) <= set(meta["skills"])
+    decoded = [task_tokenizer.decode([t for t in row if t >= 0]) for row in batch.labels.tolist()]
+    assert [d.replace("</s>", "").strip() for d in decoded] == batch.answers
+    assert set(batch.skills) <= set(meta["skills"])
 
 
 def test_split_over_ranks_and_workers_is_a_partition(synthetic_dir, task_tokenizer, monkeypatch):

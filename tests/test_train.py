@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 from data.chat import ChatTokenizer
 from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
 from models import MLLM, MLLMConfig
+from models.plan import Plan
+from train.evaluation import EvalConfig
+from train.model_source import ModelSource
 from train.module import MLLMModule
 from train.optim import OptimConfig
 from train.stage import StageConfig
@@ -51,11 +55,12 @@ def test_short_training_run_decreases_loss(synthetic_dir, task_tokenizer):
     )
     torch.manual_seed(0)
     module = MLLMModule(
-        model_factory=lambda: MLLM(config),
+        ModelSource(name="small", config=asdict(config), system_prompt=""),
+        Plan.dense(config.hf_text_config().num_hidden_layers),
+        task_tokenizer,
         optim=OptimConfig(lr=3e-3, warmup_ratio=0.1),
         stage=StageConfig("scratch", True, True, True),
-        decode=lambda ids: task_tokenizer.batch_decode(ids, skip_special_tokens=True),
-        eos_ids=[2], pad_id=0, max_new_tokens=3,
+        evaluation=EvalConfig(max_new_tokens=3),
     )
     rec = LossRecorder()
     trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, callbacks=[rec], enable_checkpointing=False,

@@ -19,8 +19,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import MLLM  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+
+from data.batch import Batch  # noqa: E402
+from models.plan import Plan  # noqa: E402
 from tests.helpers import image_batch, tiny_config  # noqa: E402
+from train.model_source import ModelSource  # noqa: E402
 from train.module import MLLMModule  # noqa: E402
 from train.nonfinite import NonFiniteGuard  # noqa: E402
 from train.optim import OptimConfig  # noqa: E402
@@ -29,24 +33,27 @@ from train.stage import StageConfig  # noqa: E402
 CONFIG = dict(text_layers=2)
 
 
+class SeededModule(MLLMModule):
+    """Every rank builds the same initial weights."""
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return super().build_model()
+
+
 def make_module(max_in_row: int = 10) -> MLLMModule:
     config = tiny_config(**CONFIG)
-
-    def build():
-        torch.manual_seed(0)
-        return MLLM(config)
-
-    return MLLMModule(
-        model_factory=build,
+    return SeededModule(
+        ModelSource(name="tiny_fit", config=asdict(config)),
+        Plan.dense(config.hf_text_config().num_hidden_layers),
+        tokenizer=None,
         optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
         stage=StageConfig("scratch", True, True, True),
-        decode=lambda ids: [""] * len(ids),
-        eos_ids=[2], pad_id=0,
         nonfinite=NonFiniteGuard(max_in_row),
     )
 
 
-def make_batches(n: int, poison: set[int] = frozenset(), seed: int = 0) -> list[dict]:
+def make_batches(n: int, poison: set[int] = frozenset(), seed: int = 0) -> list[Batch]:
     """`n` training batches; those at indices in `poison` carry NaN images (their loss is NaN)."""
     config = tiny_config(**CONFIG)
     batches = []
@@ -56,11 +63,12 @@ def make_batches(n: int, poison: set[int] = frozenset(), seed: int = 0) -> list[
         labels[:, : 3 + config.num_image_tokens + 1] = -100  # supervise the text after the image
         if i in poison:
             pixels = torch.full_like(pixels, float("nan"))
-        batches.append(dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, n_skipped=0))
+        batches.append(Batch(ids, mask, labels, ids, mask, pixels, answers=[""] * 2, skills=["all"] * 2, keys=["", ""],
+                             scored=[True, True]))
     return batches
 
 
-def loader(batches: list[dict]) -> torch.utils.data.DataLoader:
+def loader(batches: list[Batch]) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 
@@ -90,7 +98,7 @@ class RankData(L.LightningDataModule):
 def main(strategy_name: str, out: Path) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
-    from train.strategies import deepspeed
+    from train.infra.strategies import deepspeed
 
     if strategy_name == "deepspeed_zero2":
         strategy = deepspeed(stage=2, logging_batch_size_per_gpu=2)

@@ -1,1 +1,2 @@
-"""Training: Hydra entry point, LightningModule, evaluation, strategies and CLIs."""
+"""Training: the job (`python -m train`: run.py, builders.py, module.py and the config objects it
+is made of), its infrastructure (`train.infra`) and the tools around it (`train.tools`)."""

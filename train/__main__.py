@@ -1,20 +1,37 @@
-"""`python -m train [hydra overrides]`: see conf/train.yaml."""
+"""`python -m train [overrides]` runs the training job (conf/train.yaml);
+`python -m train <tool> [overrides]` runs one of the tools below (each also `python -m train.tools.<tool>`).
 
+Hydra overrides always contain `=` (or start with `-`), so a bare first word names a tool.
+"""
+
+import importlib
 import sys
 
-import hydra
-from omegaconf import DictConfig
+TOOLS = {
+    "flops": "analytic FLOPs of a plan (JSON)",
+    "bench": "prefill / training step / decode timings of plans against dense (JSON + results file)",
+    "bench_strategies": "real multi-rank training per strategy: per-rank memory and step time",
+    "memory": "analytic per-GPU training memory per strategy",
+    "analyze": "calibrate a model: layer scores and plan files (ShortV, VTW, ViCA, YOPO, VisiPruner)",
+    "pareto": "aggregate a sweep: efficiency-versus-accuracy table and plots",
+}
 
-from .cli import expand_plan_files
-from .run import run
 
+def main() -> None:
+    from .builders import register_resolvers
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    summary = run(cfg)
-    return summary["metrics"].get("val/acc")  # what a Hydra sweeper optimises
+    register_resolvers()
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        tool = sys.argv.pop(1)
+        sys.argv[0] = f"python -m train {tool}"
+        importlib.import_module(f"train.tools.{tool}").main()
+    elif len(sys.argv) > 1 and sys.argv[1] in ("tools", "--tools"):
+        print("\n".join(f"python -m train {name:<17} {what}" for name, what in TOOLS.items()))
+    else:
+        from .run import main as job
+
+        job()
 
 
 if __name__ == "__main__":
-    sys.argv = sys.argv[:1] + expand_plan_files(sys.argv[1:])
     main()

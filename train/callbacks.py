@@ -1,4 +1,4 @@
-"""Efficiency and throughput metrics logged beside accuracy (DESIGN.md section 5 names).
+"""Efficiency and throughput metrics logged beside accuracy (names listed in the README, "Training").
 
 `EfficiencyMetrics` measures, at every evaluation, on the first validation batch: prefill latency,
 decode speed and KV-cache size of the model's plan, plus the analytic FLOPs of that plan (per
@@ -32,12 +32,16 @@ class EfficiencyMetrics(L.Callback):
     def __init__(self, convention: str = "2mac", scope: str = "total", decode_tokens: int = 8):
         self.convention, self.scope, self.decode_tokens = convention, scope, decode_tokens
 
+    def counting(self) -> dict:
+        """How eff/*flops* were counted (recorded beside them in metrics.json)."""
+        return {"convention": self.convention, "scope": self.scope, "per": "sample, prefill, decoder layers"}
+
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0:
             return
         model = module.model
-        ids, mask, pixels = batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"]
+        ids, mask, pixels = batch.prompt_ids, batch.prompt_mask, batch.pixel_values
         n_v = model.config.num_image_tokens if pixels is not None else 0
         n_text = float(mask.sum(1).float().mean()) - (n_v if pixels is not None else 0)
         shape = Shape.from_hf(model.text_config)
@@ -82,26 +86,26 @@ class Throughput(L.Callback):
         self._peak = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch["input_ids"].is_cuda:
+        if batch.input_ids.is_cuda:
             torch.cuda.synchronize()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch["input_ids"].is_cuda:
+        if batch.input_ids.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self._t
-        tokens = int(batch["attention_mask"].sum()) * trainer.world_size
+        tokens = int(batch.attention_mask.sum()) * trainer.world_size
         metrics = {"perf/tokens_per_s": tokens / seconds}
-        if batch["input_ids"].is_cuda:
+        if batch.input_ids.is_cuda:
             peak = self._device_peak()
             if peak:
                 model = module.model
                 shape = Shape.from_hf(model.text_config)
-                n_v = model.config.num_image_tokens if batch["pixel_values"] is not None else 0
-                b, length = batch["input_ids"].shape
+                n_v = model.config.num_image_tokens if batch.pixel_values is not None else 0
+                b, length = batch.input_ids.shape
                 step_flops = 3 * prefill_flops(shape, model.plan, n_v, length - n_v) * b  # forward + backward
                 metrics["perf/mfu"] = step_flops / seconds / peak
-        module.log_dict(metrics, batch_size=batch["input_ids"].shape[0])
+        module.log_dict(metrics, batch_size=batch.input_ids.shape[0])
 
     def _device_peak(self) -> float | None:
         if self._peak is None:

@@ -8,8 +8,24 @@ frequent answer of each skill in the evaluated set (an optimistic prior-only bas
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from models.config import ConfigError, check_types
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` config node: how answers are generated for exact-match accuracy."""
+
+    max_new_tokens: int = 8  # greedy generation length
+    noimage: bool = True  # also evaluate with blanked images (val/acc_noimage)
+
+    def __post_init__(self) -> None:
+        check_types(self, "eval")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def normalize(text: str) -> str:

@@ -2,62 +2,81 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import asdict
 
 import lightning as L
 import torch
 
+from data.batch import Batch
+from data.chat import TEMPLATES
 from models import MLLM
 from models.generation import greedy_generate
+from models.plan import Plan
 
-from .evaluation import AccuracyTracker
+from .evaluation import AccuracyTracker, EvalConfig
+from .infra.sharding import excludes_frozen_weights, full_state_dict, offloads_optimizer, prepare_model, shards_parameters
+from .model_source import ModelSource
 from .nonfinite import NonFiniteGuard
 from .optim import OptimConfig, build_optimizer
 from .peft import PeftConfig, apply_training_setup
-from .sharding import excludes_frozen_weights, full_state_dict, offloads_optimizer, prepare_model, shards_parameters
 from .stage import StageConfig
 
 
 class MLLMModule(L.LightningModule):
-    """Trains `model_factory()` (built in `configure_model`, so sharded strategies can wrap it).
+    """Trains the MLLM that `model` describes under `plan`; evaluates it by greedy generation, whose
+    answers `tokenizer` decodes (None: a module that is only trained).
 
-    `decode` turns generated ids into strings; `eos_ids` stop generation.
+    The model itself is built in `configure_model` (so sharded strategies can build it partitioned);
+    the config objects that describe it are the module's hyperparameters, so every checkpoint
+    carries what built it (`checkpoint["hyper_parameters"]`, plain values).
     """
 
     def __init__(
         self,
-        model_factory: Callable[[], MLLM],
+        model: ModelSource,
+        plan: Plan,
+        tokenizer,
         optim: OptimConfig,
         stage: StageConfig,
-        decode: Callable[[torch.Tensor], list[str]],
-        eos_ids: list[int],
-        pad_id: int,
-        max_new_tokens: int = 8,
-        eval_noimage: bool = True,
         peft: PeftConfig | None = None,
+        evaluation: EvalConfig | None = None,
         nonfinite: NonFiniteGuard | None = None,
     ):
         super().__init__()
-        self.model_factory = model_factory
+        self.source, self.plan, self.tokenizer = model, plan, tokenizer
         self.model: MLLM | None = None
         self.optim_cfg = optim
         self.stage = stage
         self.peft = peft or PeftConfig()  # none: the stage alone decides what trains
-        self.decode = decode
-        self.eos_ids = eos_ids
-        self.pad_id = pad_id
-        self.max_new_tokens = max_new_tokens
-        self.eval_noimage = eval_noimage
+        self.evaluation = evaluation or EvalConfig()
+        self.nonfinite = nonfinite or NonFiniteGuard()
+        self.eos_ids = stop_ids(tokenizer, model.chat_template) if tokenizer is not None else []
+        self.save_hyperparameters(
+            {
+                "model": asdict(model),
+                "plan": plan.to_dict(),
+                "optim": asdict(optim),
+                "stage": asdict(stage),
+                "peft": asdict(self.peft),
+                "eval": asdict(self.evaluation),
+                "nonfinite": {"max_in_row": self.nonfinite.max_in_row},
+            }
+        )
         self.last_val_step = -1  # global step of the last evaluation during fit
+        self.best_step = -1  # global step of the evaluation that produced the best checkpoint
+        self._best_path = ""
         self.tracker = AccuracyTracker()
         self._val_loss = [0.0, 0]
         self.skipped_samples = 0
-        self.nonfinite = nonfinite or NonFiniteGuard()
+
+    def build_model(self) -> MLLM:
+        model = self.source.build(self.plan)
+        apply_training_setup(model, self.stage, self.peft)
+        return model
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.model_factory()
-            apply_training_setup(self.model, self.stage, self.peft)
+            self.model = self.build_model()
             if self._trainer is not None:
                 prepare_model(self.model, self.trainer.strategy)  # ZeRO-3 layer gathering / FSDP2 units
                 # DeepSpeed checkpoints leave frozen weights out (a LoRA checkpoint holds the adapter, not
@@ -73,16 +92,15 @@ class MLLMModule(L.LightningModule):
         state = full_state_dict(self.model, strategy)
         if state is None:
             return None
-        model = self.model_factory()
-        apply_training_setup(model, self.stage, self.peft)
+        model = self.build_model()
         model.load_state_dict(state, strict=True)
         return model
 
     # --- training -----------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
-        self.skipped_samples += int(batch["n_skipped"])
-        bs = batch["input_ids"].shape[0]
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
+        self.skipped_samples += batch.n_skipped
+        bs = batch.size
         loss = self.nonfinite.check(self, out.loss, bs)  # NaN on every rank when any rank's loss is NaN/Inf
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -101,31 +119,34 @@ class MLLMModule(L.LightningModule):
 
     # --- evaluation --------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        self._note_best_checkpoint()
         self.tracker.reset()
         self._val_loss = [0.0, 0]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
         self._val_loss[0] += float(out.loss) * out.n_loss_tokens
         self._val_loss[1] += out.n_loss_tokens
-        preds = self._generate(batch, batch["pixel_values"])
+        preds = self._generate(batch)
         preds_noimage = None
-        if self.eval_noimage and batch["pixel_values"] is not None:
-            preds_noimage = self._generate(batch, torch.zeros_like(batch["pixel_values"]))
-        self.tracker.add(batch["skills"], batch["answers"], preds, preds_noimage, scored=batch.get("scored"))
+        if self.evaluation.noimage and batch.pixel_values is not None:
+            preds_noimage = self._generate(batch.blank_images())
+        self.tracker.add(batch.skills, batch.answers, preds, preds_noimage, scored=batch.scored)
 
-    def _generate(self, batch: dict, pixel_values) -> list[str]:
+    def _generate(self, batch: Batch) -> list[str]:
+        if self.tokenizer is None:
+            raise ValueError("this MLLMModule has no tokenizer, so it cannot generate answers to evaluate")
         tokens = greedy_generate(
             self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            pixel_values,
-            max_new_tokens=self.max_new_tokens,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.pixel_values,
+            max_new_tokens=self.evaluation.max_new_tokens,
             eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
+            pad_token_id=self.tokenizer.pad_token_id,
             sync_ranks=self._trainer is not None and self.trainer.world_size > 1,
         )
-        return self.decode(tokens)
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.tracker.metrics("val")
@@ -138,3 +159,23 @@ class MLLMModule(L.LightningModule):
         self.last_val_metrics = metrics
         if self.trainer.state.fn == "fit":
             self.last_val_step = self.global_step
+
+    def on_fit_end(self) -> None:
+        self._note_best_checkpoint()
+
+    def _note_best_checkpoint(self) -> None:
+        """Remember at which evaluation the best checkpoint last changed: the checkpoint callback
+        saves after each evaluation, so a new best path seen now belongs to the last evaluation."""
+        callback = self._trainer.checkpoint_callback if self._trainer is not None else None
+        best = getattr(callback, "best_model_path", "") or ""
+        if best and best != self._best_path:
+            self._best_path, self.best_step = best, self.last_val_step
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the template's stop marker."""
+    ids = {tokenizer.eos_token_id}
+    stop = TEMPLATES[template].stop.strip()
+    if stop and stop in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids(stop))
+    return sorted(i for i in ids if i is not None)

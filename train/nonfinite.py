@@ -24,6 +24,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from models.config import ConfigError
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss was NaN/Inf for too many steps in a row."""
@@ -37,8 +39,8 @@ class NonFiniteGuard:
     """
 
     def __init__(self, max_in_row: int = 10):
-        if max_in_row < 0:
-            raise ValueError(f"nonfinite.max_in_row must be >= 0 (0: never stop), got {max_in_row}")
+        if isinstance(max_in_row, bool) or not isinstance(max_in_row, int) or max_in_row < 0:
+            raise ConfigError(f"nonfinite.max_in_row must be an integer >= 0 (0: never stop), got {max_in_row!r}")
         self.max_in_row = max_in_row
         self.total = 0  # non-finite steps in this process's fit (logged as train/nonfinite_steps)
         self.in_row = 0

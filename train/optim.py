@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.config import check_keys
+from models.config import ConfigError, check_types
 
 
 @dataclass
@@ -20,16 +20,19 @@ class OptimConfig:
     warmup_ratio: float = 0.03  # of max_steps (LLaVA recipes: 0.03)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "OptimConfig":
-        check_keys(d, set(cls.__dataclass_fields__), "optim")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        cfg = cls(**d)
-        if not (cfg.lr > 0 and 0 <= cfg.warmup_ratio < 1 and 0 <= cfg.min_lr_ratio <= 1):
-            raise ValueError(f"invalid optim settings {cfg}: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1")
-        return cfg
+    def __post_init__(self) -> None:
+        check_types(self, "optim")
+        self.betas = tuple(self.betas)
+        for name, ok, need in (
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+        ):
+            if not ok:
+                raise ConfigError(f"optim.{name} must be {need}, got {getattr(self, name)}")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import ConfigError, check_keys
+from models.config import ConfigError, check_types
 from models.gathered import gathered, numel, zero_init_active
 from models.lora import is_lora, merged_state_dict, save_adapter
 
@@ -26,7 +26,7 @@ from .stage import StageConfig, apply_stage
 
 log = logging.getLogger(__name__)
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("none", "lora", "qlora")
+PEFT_NAMES = ("none", "lora", "qlora")
 
 
 @dataclass
@@ -41,21 +41,17 @@ class PeftConfig:
     train_lm_head: bool = False
     train_embeddings: bool = False
 
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "PeftConfig":
-        d = dict(d or {})
-        check_keys(d, set(cls.__dataclass_fields__), "peft")
-        cfg = cls(**d)
-        if cfg.name not in METHODS:
-            raise ConfigError(f"peft.name must be one of {list(METHODS)}, got {cfg.name!r}")
-        if cfg.enabled:
-            if not (isinstance(cfg.r, int) and cfg.r > 0 and cfg.alpha > 0 and 0 <= cfg.dropout < 1):
-                raise ConfigError(f"invalid LoRA settings r={cfg.r}, alpha={cfg.alpha}, dropout={cfg.dropout}: need r > 0, alpha > 0, 0 <= dropout < 1")
-            if not cfg.target_modules or not all(re.fullmatch(r"\w+", t) for t in cfg.target_modules):
-                raise ConfigError(f"peft.target_modules must be non-empty module names such as {LLAMA_PROJECTIONS}, got {cfg.target_modules}")
-        if cfg.name == "qlora":
+    def __post_init__(self) -> None:
+        check_types(self, "peft")
+        if self.name not in PEFT_NAMES:
+            raise ConfigError(f"peft.name must be one of {list(PEFT_NAMES)}, got {self.name!r}")
+        if self.enabled:
+            if not (self.r > 0 and self.alpha > 0 and 0 <= self.dropout < 1):
+                raise ConfigError(f"invalid LoRA settings r={self.r}, alpha={self.alpha}, dropout={self.dropout}: need r > 0, alpha > 0, 0 <= dropout < 1")
+            if not self.target_modules or not all(re.fullmatch(r"\w+", t) for t in self.target_modules):
+                raise ConfigError(f"peft.target_modules must be non-empty module names such as {LLAMA_PROJECTIONS}, got {self.target_modules}")
+        if self.name == "qlora":
             require_qlora_support()  # at config time, before any data or model work
-        return cfg
 
     @property
     def enabled(self) -> bool:

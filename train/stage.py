@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.config import check_keys
+from models.config import check_types
 from models.gathered import numel
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,8 @@ class StageConfig:
     train_projector: bool
     train_llm: bool
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "StageConfig":
-        check_keys(d, set(cls.__dataclass_fields__), "stage")
-        return cls(**d)
+    def __post_init__(self) -> None:
+        check_types(self, "stage")
 
 
 def unused_vision_modules(model: nn.Module) -> list[nn.Module]:

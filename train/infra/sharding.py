@@ -1,12 +1,12 @@
 """What parameter-sharding strategies need from the model, in one place.
 
-- ZeRO-3 (`strategy=deepspeed_zero3*`): every weight of a `PlannedDecoderLayer` is registered as an
-  external parameter of the layer, so the whole set is gathered around the layer's forward and
-  backward (the plan reads head and FFN slices of weights directly, which per-submodule gathering
-  would miss). DeepSpeed's leaf modules would do the same but reduce gradients in a module backward
+- ZeRO-3 (`strategy=deepspeed_zero3*`): every weight of each of the model's `gathered_units()` (the
+  decoder layers) is registered as an external parameter of that unit, so the whole set is gathered
+  around the unit's forward and backward (the plan reads head and FFN slices of weights directly,
+  which per-submodule gathering would miss). DeepSpeed's leaf modules would do the same but reduce gradients in a module backward
   hook, which only sees top-level tensor arguments, not our streams.
-- FSDP2 (`strategy=fsdp`, Lightning's ModelParallelStrategy): each decoder layer and each vision
-  encoder layer is a `fully_shard` unit, the rest of the model the root unit; `decode_step` is
+- FSDP2 (`strategy=fsdp`, Lightning's ModelParallelStrategy): each of the model's `shard_units()`
+  (decoder layers, vision encoder layers) is a `fully_shard` unit, the rest of the model the root unit; `decode_step` is
   registered as a forward method so generation unshards too.
 - Export: `full_state_dict` assembles the full weights (a collective: every rank calls it).
 """
@@ -42,15 +42,15 @@ def prepare_model(model: nn.Module, strategy) -> None:
     if is_zero3(strategy):
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-        for layer in model.language_model.layers:
-            for p in layer.parameters():
-                register_external_parameter(layer, p)
+        for unit in model.gathered_units():
+            for p in unit.parameters():
+                register_external_parameter(unit, p)
     elif isinstance(strategy, ModelParallelStrategy):
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = strategy.device_mesh["data_parallel"]
-        for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:
-            fully_shard(layer, mesh=mesh)
+        for unit in model.shard_units():
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
         register_fsdp_forward_method(model, "decode_step")
 

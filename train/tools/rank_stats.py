@@ -1,7 +1,7 @@
 """`RankStats`: each rank writes its own peak memory and training-step times to `<out_dir>/rank<r>.json`.
 
 Lightning logs from rank 0 only, and per-rank memory is exactly what distinguishes strategies, so
-`python -m train.bench_strategies` adds this callback (`callbacks=strategy_bench`) and reads the files.
+`python -m train bench_strategies` adds this callback (`callbacks=strategy_bench`) and reads the files.
 A step is timed from `on_train_batch_start` to `on_train_batch_end`: forward, backward, gradient
 reduction and optimizer step (data loading excluded). Memory: CUDA peak allocated on GPUs, else the
 process's peak resident set size (`train.callbacks.peak_memory_mb`), plus the resident size when
@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .callbacks import peak_memory_mb
+from ..callbacks import peak_memory_mb
 
 
 def current_rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""`python -m train.memory [model=llava15_7b] [memory.gpus=8] [memory.*=...]`
+"""`python -m train memory [model=llava15_7b] [memory.gpus=8] [memory.*=...]`
 
 Analytic per-GPU training memory of a model preset for each strategy and fine-tuning mode
 (`models/memory.py` has every formula and its source). Parameter counts come from the preset's
@@ -24,16 +24,17 @@ from torch import nn
 from models import MLLM
 from models.memory import GB, STRATEGIES, ActShape, ParamCounts, activation_bytes, estimate
 
+from ..builders import build
+from ..model_source import ModelSource
+from ..stage import StageConfig, apply_stage
 from .cli import compose_cli
-from .factory import ModelSpec
-from .stage import StageConfig, apply_stage
 
 MODES = ("finetune", "lora")
 
 
-def meta_model(spec: ModelSpec) -> MLLM:
+def meta_model(spec: ModelSource) -> MLLM:
     with torch.device("meta"):
-        return MLLM(spec.mllm_config)
+        return MLLM.from_config(spec.architecture)
 
 
 def lora_linears(layers: nn.Module, targets: list[str]) -> list[nn.Linear]:
@@ -79,7 +80,7 @@ def memory_report(cfg) -> dict:
         raise ValueError(f"memory.strategies: unknown {unknown}; known {sorted(STRATEGIES)}")
     if not (isinstance(m.lora.r, int) and m.lora.r > 0):
         raise ValueError(f"memory.lora.r must be a positive integer, got {m.lora.r}")
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    spec = build(cfg.model, "model")
     gc = spec.gradient_checkpointing if m.gradient_checkpointing is None else bool(m.gradient_checkpointing)
     targets = list(m.lora.targets)
     report = {"model": spec.name, "gpus": m.gpus, "precision": m.precision, "seq_len": m.seq_len,

@@ -1,4 +1,4 @@
-"""`python -m train.bench model=<m> arch=<a>[,<b>...] [bench.batch=..] [bench.n_visual=..]`
+"""`python -m train bench model=<m> arch=<a>[,<b>...] [bench.batch=..] [bench.n_visual=..]`
 
 Times each plan against `dense` on the same randomly initialised model in one process: prefill
 (vision tower + LLM, KV cache built), one training step (forward + backward on the answer tokens)
@@ -24,8 +24,8 @@ from omegaconf import OmegaConf, open_dict
 from models.flops import Shape, prefill_flops
 from models.plan import Plan
 
+from ..builders import build
 from .cli import compose_cli
-from .factory import ModelSpec
 
 
 def split_arch_list(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -110,9 +110,9 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
             raise ValueError(f"bench.n_visual={b.n_visual} must be a square number (a patch grid)")
         with open_dict(base):
             base.model.config.vision.image_size = side * base.model.config.vision.patch_size
-    spec = ModelSpec.from_dict(OmegaConf.to_container(base.model, resolve=True))
+    source = build(base.model, "model")
     torch.manual_seed(b.seed)
-    model = spec.build()
+    model = source.build()
     for p in model.parameters():
         p.requires_grad_(True)
     batch = make_batch(model, b.batch, b.n_text, b.seed)
@@ -122,7 +122,7 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
     rows = []
     for arch in ["dense"] + [a for a in archs if a != "dense"]:
         cfg = compose_cli("bench", overrides + [f"arch={arch}"])
-        plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))
+        plan = source.plan(OmegaConf.to_container(cfg.arch, resolve=True))
         model.set_plan(plan)
         timing = time_plan(model, batch, base)
         rows.append({"arch": plan.name, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing,
@@ -131,8 +131,8 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
         r["time_ratio"] = round(r["prefill_ms"] / rows[0]["prefill_ms"], 4)
     out = Path(b.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{spec.name}-nv{n_v}-b{b.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"config": OmegaConf.to_container(base.bench, resolve=True), "model": spec.name,
+    path = out / f"bench-{source.name}-nv{n_v}-b{b.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"config": OmegaConf.to_container(base.bench, resolve=True), "model": source.name,
                                 "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print(f"results: {path}", file=sys.stderr)
     return rows

@@ -1,4 +1,4 @@
-"""`python -m train.bench_strategies [bench_strategies.strategies=[ddp,deepspeed_zero2]] [bench_strategies.*=...]`
+"""`python -m train bench_strategies [bench_strategies.strategies=[ddp,deepspeed_zero2]] [bench_strategies.*=...]`
 
 Runs the real multi-process training (`python -m train strategy=<s> trainer.devices=<n> ...`, a few
 steps of the dense plan at `stage=finetune`, no evaluation, checkpoint or export) once per strategy,
@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 
 from models.memory import STRATEGIES, model_states
 
+from ..builders import build, build_data
 from .cli import compose_cli
-from .factory import ModelSpec
 from .memory import count_params, meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +92,7 @@ def last_error(stderr: str) -> str:
 def estimated_states_mb(b) -> dict[str, float]:
     """Analytic params + grads + optimizer + frozen per rank (fp32 on CPU, bf16-mixed on GPUs)."""
     cfg = compose_cli("memory", [f"model={b.model}"])
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    counts = count_params(meta_model(spec), "finetune", 1, [])
+    counts = count_params(meta_model(build(cfg.model, "model")), "finetune", 1, [])
     precision = "32-true" if b.accelerator == "cpu" else "bf16-mixed"
     out = {}
     for s in b.strategies:
@@ -105,10 +104,8 @@ def estimated_states_mb(b) -> dict[str, float]:
 
 def prepare_data(b, out: Path) -> None:
     """Generate the runs' synthetic data and tokenizer once, here, so no run's peak memory includes it."""
-    from .run import build_data
-
     cfg = compose_cli("train", train_overrides(b, "ddp", out / "prepare"))
-    build_data(cfg, ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+    build_data(build(cfg.model, "model"), build(cfg.data, "data"), cfg.paths.data_dir, cfg.seed)
 
 
 def run_bench_strategies(argv: list[str] | None = None) -> tuple[list[dict], Path]:

@@ -1,13 +1,13 @@
-"""`python -m train.analyze <shortv|vtw|vica|yopo|visipruner|all> [analyze.checkpoint=DIR] [overrides]`
+"""`python -m train analyze <shortv|vtw|vica|yopo|visipruner|all> [analyze.checkpoint=DIR] [overrides]`
 
 (the method may also be given as `analyze.method=<name>`.)
 
 Finds the layers (and heads) that matter for visual tokens on N calibration samples and writes, in
-`analyze.out`: `plan_<method>.yaml` (load it with `python -m train arch=<that file>`),
+`analyze.out`: `plan_<method>.yaml` (train with it: `python -m train arch=file arch.path=<that file>`),
 `scores_<method>.json` (raw per-layer / per-head numbers and the settings) and `<method>.png`.
 Prints one JSON summary on stdout, e.g.
-    python -m train.analyze shortv analyze.checkpoint=outputs/tiny-dense/<run>/export
-    python -m train.analyze all model=llava15_7b model.pretrained=/ckpt/llava-1.5-7b-hf \
+    python -m train analyze shortv analyze.checkpoint=outputs/tiny-dense/<run>/export
+    python -m train analyze all model=llava15_7b model.pretrained=/ckpt/llava-1.5-7b-hf \
         data=shards data.source.train=... data.source.val=... analyze.samples=40
 
 Analyses (models/calibration.py has the engine and the rules):
@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable
@@ -39,17 +39,19 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from data.batch import Batch
 from models import MLLM
 from models import calibration as cal
 from models.config import ConfigError, check_keys
 from models.methods import resolve_arch
 from models.plan import Plan
 
+from ..builders import build, build_data
+from ..model_source import ModelSource
 from . import analyze_plots as plots
 from .cli import compose_cli
-from .factory import ModelSpec
 
-METHODS = ("shortv", "vtw", "vica", "yopo", "visipruner")
+ANALYSES = ("shortv", "vtw", "vica", "yopo", "visipruner")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -86,8 +88,8 @@ class Result:
 
 def parse_methods(name: str) -> list[str]:
     if name == "all":
-        return list(METHODS)
-    check_keys({name: 0}, set(METHODS) | {"all"}, "analyze.method")
+        return list(ANALYSES)
+    check_keys({name: 0}, set(ANALYSES) | {"all"}, "analyze.method")
     return [name]
 
 
@@ -112,19 +114,19 @@ def checkpoint_dir(path: str) -> Path:
     return p
 
 
-def model_spec(cfg: DictConfig) -> tuple[ModelSpec, ModelSpec]:
-    """(model spec, tokenizer spec): a checkpoint replaces the model's weights and architecture;
+def model_sources(cfg: DictConfig) -> tuple[ModelSource, ModelSource]:
+    """(model, tokenizer source): a checkpoint replaces the model's weights and architecture;
     its own tokenizer is preferred, else one is trained on the data like for the tiny presets."""
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    spec = build(cfg.model, "model")
     if cfg.analyze.checkpoint:
         ckpt = checkpoint_dir(cfg.analyze.checkpoint)
-        spec = replace(spec, pretrained=str(ckpt), vision_pretrained=None, llm_pretrained=None, _mllm_config=None)
+        spec = replace(spec, pretrained=str(ckpt), vision_pretrained=None, llm_pretrained=None)
         if not spec.tokenizer and not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
-            return spec, replace(spec, pretrained=None, _mllm_config=spec.mllm_config)
+            return spec, replace(spec, pretrained=None, config=asdict(spec.architecture))
     return spec, spec
 
 
-def load_model(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> MLLM:
+def load_model(cfg: DictConfig, spec: ModelSource, device: torch.device) -> MLLM:
     """The model under its base plan: `arch=...` when given, else the checkpoint's own plan."""
     if not (spec.pretrained or spec.vision_pretrained or spec.llm_pretrained):
         print("warning: no checkpoint given (analyze.checkpoint / model.pretrained): analysing randomly initialised weights",
@@ -134,15 +136,13 @@ def load_model(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> MLLM:
     return spec.build(plan).to(device).eval()
 
 
-def calibration_batches(cfg: DictConfig, spec: ModelSpec, model: MLLM) -> list[dict]:
+def calibration_batches(cfg: DictConfig, spec: ModelSource, model: MLLM) -> list[Batch]:
     """N samples with an image from the data's shards, encoded and collated as for evaluation
     (left-padded prompts: everything before the last reply)."""
     from data.pipeline import ShardStream
 
-    from .run import build_data
-
     a = cfg.analyze
-    _, dm = build_data(cfg, spec)
+    _, dm = build_data(spec, build(cfg.data, "data"), cfg.paths.data_dir, cfg.seed)
     urls = dm.val_urls if a.split == "val" else dm.train_urls
     stream = ShardStream(urls, dm.encoder, seed=cfg.seed, shuffle_buffer=int(a.shuffle_buffer))
     samples = list(islice((s for s in stream if s["pixel_values"] is not None), int(a.samples)))
@@ -154,8 +154,8 @@ def calibration_batches(cfg: DictConfig, spec: ModelSpec, model: MLLM) -> list[d
     batches = []
     for i in range(0, len(samples), int(a.batch_size)):
         b = dm.collate(samples[i : i + int(a.batch_size)])
-        batches.append({"prompt_ids": b["prompt_ids"].to(device), "prompt_mask": b["prompt_mask"].to(device),
-                        "pixel_values": b["pixel_values"].to(device, model.dtype)})
+        batches.append(replace(b, prompt_ids=b.prompt_ids.to(device), prompt_mask=b.prompt_mask.to(device),
+                               pixel_values=b.pixel_values.to(device, model.dtype)))
     return batches
 
 
@@ -180,7 +180,7 @@ def variants_for(methods: list[str], model: MLLM, knobs: DictConfig) -> tuple[di
     for key, v in wanted.items():
         try:
             if v.plan is not None:
-                v.plan.validate(t.num_attention_heads, t.num_key_value_heads)
+                v.plan.validate(t.num_attention_heads)
             out[key] = v
         except ConfigError as e:
             skipped.append(f"{key[0]} layer {key[1]} not measured (score NaN): {e}")
@@ -382,16 +382,16 @@ NEEDS_ATTENTION = {"yopo", "visipruner"}
 def verify_plan(arch: dict, model: MLLM) -> Plan:
     """The emitted plan resolves for this model and the model accepts it (never write a plan that fails later)."""
     t = model.text_config
-    plan = resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads)
+    plan = resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads)
     with cal.plan_applied(model, plan):
         pass
     return plan
 
 
 def write_plan(path: Path, r: Result, source: str, n: int) -> None:
-    header = [f"# Plan written by `python -m train.analyze analyze.method={r.method}` on {source}",
+    header = [f"# Plan written by `python -m train analyze analyze.method={r.method}` on {source}",
               f"# from {n} calibration samples ({time.strftime('%Y-%m-%d %H:%M')}); raw scores: scores_{r.method}.json.",
-              f"# Train / evaluate with it: python -m train arch={path}"] + [f"# note: {x}" for x in r.notes]
+              f"# Train / evaluate with it: python -m train arch=file arch.path={path}"] + [f"# note: {x}" for x in r.notes]
     path.write_text("\n".join(header) + "\n" + yaml.dump(r.arch, Dumper=PlanDumper, sort_keys=False))
 
 
@@ -416,12 +416,12 @@ def analyze(cfg: DictConfig) -> dict:
     if a.threads:
         torch.set_num_threads(int(a.threads))
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
-    spec, tok_spec = model_spec(cfg)
+    spec, tok_spec = model_sources(cfg)
     model = load_model(cfg, spec, device)
     depth = model.text_config.num_hidden_layers
     check_layer_knobs(a, methods, depth)
     batches = calibration_batches(cfg, tok_spec, model)
-    n = sum(b["prompt_ids"].shape[0] for b in batches)
+    n = sum(b.size for b in batches)
     variants, skipped = variants_for(methods, model, a)
     kl, stats = cal.calibrate(model, batches, variants, attention=bool(NEEDS_ATTENTION & set(methods)),
                               direction=str(a.kl_direction), progress=bool(a.progress))
@@ -453,7 +453,7 @@ def analyze(cfg: DictConfig) -> dict:
 
 
 def method_shorthand(argv: list[str]) -> list[str]:
-    """`python -m train.analyze shortv ...` = `python -m train.analyze analyze.method=shortv ...`."""
+    """`python -m train analyze shortv ...` = `python -m train analyze analyze.method=shortv ...`."""
     return [f"analyze.method={a}" if "=" not in a and not a.startswith("-") else a for a in argv]
 
 

@@ -1,4 +1,4 @@
-"""`python -m train.pareto <sweep_dir> [<sweep_dir> ...] [--out DIR] [--wandb]`
+"""`python -m train pareto <sweep_dir> [<sweep_dir> ...] [--out DIR] [--wandb]`
 
 Efficiency versus accuracy over the runs of a sweep (e.g. `python -m train -m experiment=pareto_tiny`).
 Every run directory below the sweep directories (one with `metrics.json` or `.hydra/`) becomes a
@@ -78,7 +78,7 @@ def find_run_dirs(sweep_dir: Path, top: bool = True) -> list[Path]:
     found = []
     for child in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         if child.name in SKIP_DIRS or child.name.startswith(".") or (child / "pareto.csv").exists():
-            continue  # run internals, hidden (.submitit) and earlier `train.pareto --out` directories
+            continue  # run internals, hidden (.submitit) and earlier `python -m train pareto --out` directories
         if _is_run(child):
             found.append(child)
         else:
@@ -539,7 +539,7 @@ def report_failures(failures: Sequence[Failure], stream=None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.pareto", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m train pareto", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories (or single run directories)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the first sweep directory)")

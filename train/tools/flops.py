@@ -1,35 +1,32 @@
-"""`python -m train.flops model=<m> arch=<a> [flops.n_text=..] [flops.convention=..] [flops.scope=..]`
+"""`python -m train flops model=<m> arch=<a> [flops.n_text=..] [flops.convention=..] [flops.scope=..]`
 
 Prints one JSON object with the analytic prefill TFLOPs of the plan and of dense on the same
 model (per sample, decoder layers, see `models/flops.py` for what is counted), e.g.
-    python -m train.flops model=llava15_7b arch=shortv       # ratio 0.55 (ShortV table: 4.7 / 8.5)
-    python -m train.flops model=llava15_7b arch=vica flops.scope=visual_side flops.n_text=46   # 0.31 / 7.65
+    python -m train flops model=llava15_7b arch=shortv       # ratio 0.55 (ShortV table: 4.7 / 8.5)
+    python -m train flops model=llava15_7b arch=vica flops.scope=visual_side flops.n_text=46   # 0.31 / 7.65
 """
 
 from __future__ import annotations
 
 import json
 
-from omegaconf import OmegaConf
-
 from models.flops import Shape, prefill_flops
 from models.plan import Plan
 
+from ..builders import model_and_plan
 from .cli import compose_cli
-from .factory import ModelSpec
 
 
 def flops_report(cfg) -> dict:
-    spec = ModelSpec.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))
+    model, plan = model_and_plan(cfg)
     f = cfg.flops
-    shape = Shape.from_hf(spec.mllm_config.hf_text_config())
-    n_visual = f.n_visual if f.n_visual is not None else spec.mllm_config.num_image_tokens
+    shape = Shape.from_hf(model.architecture.hf_text_config())
+    n_visual = f.n_visual if f.n_visual is not None else model.architecture.num_image_tokens
     kw = dict(convention=f.convention, scope=f.scope, ffn=f.ffn)
     dense = prefill_flops(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)
     planned = prefill_flops(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep, **kw)
     return {
-        "model": spec.name,
+        "model": model.name,
         "arch": plan.name,
         "n_visual": n_visual,
         "n_text": f.n_text,

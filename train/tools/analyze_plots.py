@@ -1,4 +1,4 @@
-"""Figures for `python -m train.analyze`: one per analysis, readable without the code.
+"""Figures for `python -m train analyze`: one per analysis, readable without the code.
 
 Every figure says in its title what was changed and what was measured, labels its axes with units,
 and marks what the analysis chose. Matplotlib runs headless (Agg).

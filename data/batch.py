@@ -1,0 +1,66 @@
+"""The training/evaluation batch as one typed object, and the collator that builds it.
+
+Every consumer (the LightningModule, the efficiency callbacks, the analysis tools) reads the same
+named fields. Lightning moves the tensors to the device field by field (dataclasses are collections
+to it); the lists of strings stay on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .chat import IGNORE, pad
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [B, L] right-padded prompt + answer (training and the loss)
+    attention_mask: Tensor  # [B, L]
+    labels: Tensor  # [B, L], IGNORE outside assistant replies
+    prompt_ids: Tensor  # [B, P] left-padded: everything before the last reply (generation)
+    prompt_mask: Tensor  # [B, P]
+    pixel_values: Tensor | None  # [n_images, 3, H, W] or None for text-only batches
+    answers: list[str]  # the last reply of each row (exact-match target)
+    skills: list[str]  # what each row tests ("all" when the data has no skills)
+    keys: list[str]  # shard sample keys (for messages about bad samples)
+    scored: list[bool]  # False: a padding row that evens out the ranks' evaluation shares
+    n_skipped: int = 0  # corrupt samples skipped while this batch was read
+    stream_pos: tuple[int, int, int] | None = None  # training-stream position of the last row (resume)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def blank_images(self) -> "Batch":
+        """The same batch with every image replaced by zeros (the normalised mean image)."""
+        return replace(self, pixel_values=None if self.pixel_values is None else torch.zeros_like(self.pixel_values))
+
+
+class Collator:
+    """Right-padded training inputs plus left-padded generation prompts (everything before the last reply)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        ids = [s["input_ids"] for s in samples]
+        prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
+        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        pos = samples[-1].get("stream_pos")  # one worker made the whole batch; its last sample
+        return Batch(
+            input_ids=pad(ids, self.pad_id),
+            attention_mask=pad([[1] * len(s) for s in ids], 0),
+            labels=pad([[IGNORE] * len(s["labels"]) if s.get("padding") else s["labels"] for s in samples], IGNORE),
+            prompt_ids=pad(prompts, self.pad_id, left=True),
+            prompt_mask=pad([[1] * len(p) for p in prompts], 0, left=True),
+            pixel_values=torch.stack(images) if images else None,
+            answers=[s["answer"] for s in samples],
+            skills=[s["skill"] for s in samples],
+            keys=[s["key"] for s in samples],
+            scored=[not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
+            n_skipped=sum(s["n_skipped"] for s in samples),
+            stream_pos=tuple(int(v) for v in pos) if pos is not None else None,
+        )

@@ -1,0 +1,151 @@
+"""From the composed Hydra config to the objects a run is made of.
+
+One idiom for every config node: a `_target_` names the class, Hydra instantiates it, and our
+classes (dataclasses) validate their own values in `__post_init__`. `build` adds what Hydra's
+errors lack: unknown keys named with the closest valid spelling, and our `ConfigError`s surfacing
+as themselves. The training job (`train/run.py`) and the tools (`train/tools/`) both build from here;
+nothing here imports the job's entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.chat import ChatTokenizer
+from data.datamodule import DataConfig, ImageSpec, MLLMDataModule, SampleEncoder
+from models.config import ConfigError, check_keys
+from models.methods import arch_name
+from models.plan import Plan
+
+from .evaluation import EvalConfig
+from .infra.checkpoint_io import AtomicCheckpointIO
+from .infra.preemption import cluster_plugins
+from .model_source import ModelSource
+from .module import MLLMModule
+from .nonfinite import NonFiniteGuard
+from .optim import OptimConfig
+from .peft import PeftConfig
+from .stage import StageConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the Hydra config tree
+HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the config tree uses (`${arch_name:${arch}}` names run directories);
+    called by every entry point before Hydra composes."""
+    OmegaConf.register_new_resolver("arch_name", arch_name, replace=True)
+
+
+def build(node: DictConfig, where: str):
+    """Instantiate the config node at `where` (its `_target_` with the node's values)."""
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"{where} needs a `_target_` naming the class it configures")
+    target = get_object(node._target_)
+    if dataclasses.is_dataclass(target):
+        allowed = {f.name for f in dataclasses.fields(target)} | HYDRA_KEYS
+        check_keys(dict(node), allowed, where)
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        raise (cause or ConfigError(f"{where}: {e}")) from None
+
+
+@dataclass
+class RunConfig:
+    """A training run's config objects, each built once from the composed config."""
+
+    model: ModelSource
+    plan: Plan
+    data: DataConfig
+    optim: OptimConfig
+    stage: StageConfig
+    peft: PeftConfig
+    evaluation: EvalConfig
+    nonfinite: NonFiniteGuard
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "RunConfig":
+        model, plan = model_and_plan(cfg)
+        return cls(
+            model=model,
+            plan=plan,
+            data=build(cfg.data, "data"),
+            optim=build(cfg.optim, "optim"),
+            stage=build(cfg.stage, "stage"),
+            peft=build(cfg.peft, "peft"),
+            evaluation=build(cfg.eval, "eval"),
+            nonfinite=build(cfg.nonfinite, "nonfinite"),
+        )
+
+
+def model_and_plan(cfg: DictConfig) -> tuple[ModelSource, Plan]:
+    """The model source and its resolved plan (a bad plan fails here, before any data work)."""
+    model = build(cfg.model, "model")
+    return model, model.plan(OmegaConf.to_container(cfg.arch, resolve=True))
+
+
+def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed: int = 0):
+    """Prepare shards (generating the synthetic task if needed), the tokenizer and the data module."""
+    shards = data.source.prepare()
+    tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
+    arch = model.architecture
+    chat = ChatTokenizer(tokenizer, model.chat_template, arch.num_image_tokens, data.max_length, model.system_prompt)
+    image = ImageSpec(arch.hf_vision_config().image_size, arch.image_mean, arch.image_std)
+    dm = MLLMDataModule(
+        shards.train,
+        shards.val,
+        SampleEncoder(chat, image),
+        pad_id=tokenizer.pad_token_id,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=seed,
+    )
+    return tokenizer, dm
+
+
+def build_module(run: RunConfig, tokenizer) -> MLLMModule:
+    return MLLMModule(run.model, run.plan, tokenizer, run.optim, run.stage, run.peft, run.evaluation, run.nonfinite)
+
+
+def resolve_precision(precision):
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def build_strategy(cfg: DictConfig):
+    """`name` alone selects a Lightning strategy by name; with `_target_` the rest are its arguments."""
+    if "_target_" not in cfg:
+        return cfg.name
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    kwargs.pop("name", None)
+    return instantiate(kwargs)
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+    return instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        strategy=build_strategy(cfg.strategy),
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # atomic saves; Slurm without Lightning's in-handler requeue
+    )

@@ -1,0 +1,106 @@
+"""The `model` config group as an object: which MLLM to build and how text reaches it.
+
+A model either builds from `config` (random init), loads a llava-format directory (`pretrained`),
+or combines separate vision / LLM directories (`vision_pretrained`, `llm_pretrained`) with a new
+projector; the three routes are `MLLM.from_config / from_pretrained / from_components`. The
+tokenizer is the checkpoint's (or `tokenizer`), else one trained on the task's text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from data.chat import TEMPLATES
+from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
+from models import MLLM, MLLMConfig
+from models.checkpoint import read_config
+from models.config import ConfigError, check_types
+from models.methods import resolve_arch
+from models.plan import Plan
+from models.vision import init_sincos_positions
+
+DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    vision_pretrained: str | None = None
+    llm_pretrained: str | None = None
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 1024
+    chat_template: str = "vicuna"
+    system_prompt: str | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
+
+    def __post_init__(self) -> None:
+        check_types(self, "model")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.chat_template not in TEMPLATES:
+            raise ConfigError(f"model.chat_template must be one of {sorted(TEMPLATES)}, got {self.chat_template!r}")
+        if self.vision_position_init not in ("random", "sincos2d"):
+            raise ConfigError(f"model.vision_position_init must be 'random' or 'sincos2d', got {self.vision_position_init!r}")
+        if self.pretrained and (self.vision_pretrained or self.llm_pretrained):
+            raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
+
+    @cached_property
+    def architecture(self) -> MLLMConfig:
+        """The checkpoint's architecture when loading a llava directory, else the preset's `config`."""
+        if self.pretrained:
+            return MLLMConfig.from_hf(read_config(self.pretrained))
+        return MLLMConfig.from_dict(self.config)
+
+    def plan(self, arch: dict[str, Any]) -> Plan:
+        """The `arch` config resolved for this model's depth and heads (fails at config time)."""
+        text = self.architecture.hf_text_config()
+        return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
+
+    def build(self, plan: Plan | None = None) -> MLLM:
+        dtype = DTYPES[self.dtype]
+        if self.pretrained:
+            model = MLLM.from_pretrained(self.pretrained, dtype=dtype)
+        elif self.vision_pretrained or self.llm_pretrained:
+            model = MLLM.from_components(self.architecture, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
+        else:
+            model = MLLM.from_config(self.architecture, dtype=dtype)
+        if self.vision_position_init == "sincos2d" and not (self.pretrained or self.vision_pretrained):
+            init_sincos_positions(model.vision_tower, self.architecture.grid_size)
+        if plan is not None:
+            model.set_plan(plan)
+        model.gradient_checkpointing = self.gradient_checkpointing
+        return model
+
+    def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path):
+        """The configured / checkpoint tokenizer, or a BPE trained on the data (cached by content)."""
+        source = self.tokenizer or self.pretrained or self.llm_pretrained
+        if source:
+            tok = load_pretrained_tokenizer(source)
+        else:
+            template = TEMPLATES[self.chat_template]
+            system = template.default_system if self.system_prompt is None else self.system_prompt
+            tok = task_tokenizer(texts, template, system, self.tokenizer_vocab_size, cache_root)
+        check_tokenizer(tok, self.architecture)
+        return tok
+
+
+def check_tokenizer(tok, config: MLLMConfig) -> None:
+    """Fail before training when tokenizer and model disagree on ids or vocabulary size."""
+    vocab = config.hf_text_config().vocab_size
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if image_id != config.image_token_id:
+        raise ConfigError(
+            f"tokenizer maps <image> to {image_id} but model.config.image_token_id={config.image_token_id}; "
+            "set model.config.image_token_id (or use the checkpoint's tokenizer)"
+        )
+    if len(tok) > vocab:
+        raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}; raise model.config.text.vocab_size")
