@@ -174,8 +174,11 @@ def load_arch(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-def arch_name(arch: dict[str, Any]) -> str:
-    """`vica`, `vica+pdrop`, `cls_knee`, `dense`, ...: the plan's name (also names run directories)."""
+def arch_name(arch: dict[str, Any] | None) -> str:
+    """`vica`, `vica+pdrop`, `cls_knee`, `dense`, ...: the plan's name (also names run directories);
+    `own_plan` without an arch (a checkpoint evaluated under the plan it carries)."""
+    if arch is None:
+        return "own_plan"
     arch = load_arch(arch)
     names = list(arch.get("methods") or {}) + (["cls_knee"] if arch.get("pre_llm") else [])
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")

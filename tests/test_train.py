@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from data.chat import ChatTokenizer
@@ -72,30 +73,74 @@ def test_short_training_run_decreases_loss(synthetic_dir, task_tokenizer):
     assert {"val/acc", "val/acc_noimage", "val/acc_majority", "val/loss", "val/acc/fine"} <= set(m)
 
 
-def test_main_job_end_to_end(tmp_path):
-    """`python -m train` on a cut-down default: metrics.json, resolved config, checkpoints, export."""
+DATA = ["data.source.n_train=48", "data.source.n_val=24", "data.num_workers=0", "data.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """`python -m train` on a cut-down default (run once, read by the tests below)."""
+    root = tmp_path_factory.mktemp("main_job")
     cmd = [
         sys.executable, "-m", "train",
-        f"paths.root_dir={tmp_path}", "run_name=smoke",
-        "trainer.max_steps=6", "trainer.val_check_interval=3",
-        "data.source.n_train=48", "data.source.n_val=24", "data.num_workers=0", "data.batch_size=4",
+        f"paths.root_dir={root}", "run_name=smoke",
+        "trainer.max_steps=6", "trainer.val_check_interval=3", *DATA,
         "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = list((tmp_path / "outputs" / "smoke").iterdir())
+    run_dirs = list((root / "outputs" / "smoke").iterdir())
     assert len(run_dirs) == 1
-    run = run_dirs[0]
+    return root, run_dirs[0], proc
+
+
+def test_main_job_end_to_end(main_job):
+    """metrics.json, resolved config, checkpoints, and an export equal to the best checkpoint."""
+    _, run, proc = main_job
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 6
-    for key in ["val/acc", "val/acc_noimage", "val/acc_majority", "val/loss", "val/acc/count"]:
+    for key in ["val/acc", "val/acc_exact", "val/acc_noimage", "val/acc_majority", "val/loss", "val/acc/count"]:
         assert key in summary["metrics"]
     assert "val/acc" in proc.stdout and str(run / "metrics.json") in proc.stdout
     assert "${" not in (run / "config.yaml").read_text()  # resolved
     assert (run / "checkpoints" / "last.ckpt").exists()
+    ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["plan"]["name"] == summary["arch"] == "vica"  # checkpoints carry what built them
+    assert ckpt["hyper_parameters"]["optim"]["lr"] > 0 and ckpt["hyper_parameters"]["model"]["name"] == "tiny"
     # the export is the best checkpoint's weights, loadable by from_pretrained
     exported = MLLM.from_pretrained(run / "export")
-    ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, state[name]), name
+
+
+def evaluate(root: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    cmd = [sys.executable, "-m", "train", "evaluate", f"paths.root_dir={root}", *DATA, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    runs = sorted((root / "outputs" / "eval").glob("*/*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return proc, json.loads(runs[-1].read_text()) if proc.returncode == 0 else None
+
+
+def test_evaluate_reproduces_the_runs_final_metrics(main_job):
+    """`python -m train evaluate` on the export, under the plan it carries: the run's val metrics exactly,
+    without an optimizer or a training step; under another plan: that plan's metrics and FLOPs."""
+    root, run, _ = main_job
+    trained = json.loads((run / "metrics.json").read_text())
+    proc, evaluated = evaluate(root, f"model.pretrained={run / 'export'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluated["steps"] == 0 and evaluated["arch"] == "vica" and evaluated["checkpoint"] == str(run / "export")
+    assert "export" not in evaluated and "configure_optimizers" not in proc.stderr
+    val = {k: v for k, v in trained["metrics"].items() if k.startswith("val/")}
+    assert val and {k: evaluated["metrics"][k] for k in val} == val
+    assert evaluated["metrics"]["eff/flops_ratio"] == trained["metrics"]["eff/flops_ratio"]
+
+    proc, dense = evaluate(root, f"model.pretrained={run / 'export'}", "arch=dense")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert dense["arch"] == "dense" and dense["metrics"]["eff/flops_ratio"] == 1.0
+
+
+def test_evaluate_refuses_plans_that_need_training(main_job):
+    root, run, _ = main_job
+    proc, _ = evaluate(root, f"model.pretrained={run / 'export'}", "arch=xattn")
+    assert proc.returncode != 0 and "needs training" in proc.stderr
+    proc, _ = evaluate(root)
+    assert proc.returncode != 0 and "set model.pretrained" in proc.stderr

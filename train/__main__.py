@@ -1,12 +1,14 @@
 """`python -m train [overrides]` runs the training job (conf/train.yaml);
+`python -m train evaluate [overrides]` runs it without training (conf/evaluate.yaml);
 `python -m train <tool> [overrides]` runs one of the tools below (each also `python -m train.tools.<tool>`).
 
-Hydra overrides always contain `=` (or start with `-`), so a bare first word names a tool.
+Hydra overrides always contain `=` (or start with `-`), so a bare first word names a job or a tool.
 """
 
 import importlib
 import sys
 
+JOBS = {"evaluate": "evaluate a trained model under any plan, no training (the job with conf/evaluate.yaml)"}
 TOOLS = {
     "flops": "analytic FLOPs of a plan (JSON)",
     "bench": "prefill / training step / decode timings of plans against dense (JSON + results file)",
@@ -21,12 +23,17 @@ def main() -> None:
     from .builders import register_resolvers
 
     register_resolvers()
-    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+    if len(sys.argv) > 1 and sys.argv[1] in JOBS:
+        sys.argv[1:2] = [f"--config-name={sys.argv[1]}"]  # the job, composed from another primary config
+        from .run import main as job
+
+        job()
+    elif len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         tool = sys.argv.pop(1)
         sys.argv[0] = f"python -m train {tool}"
         importlib.import_module(f"train.tools.{tool}").main()
     elif len(sys.argv) > 1 and sys.argv[1] in ("tools", "--tools"):
-        print("\n".join(f"python -m train {name:<17} {what}" for name, what in TOOLS.items()))
+        print("\n".join(f"python -m train {name:<17} {what}" for name, what in {**JOBS, **TOOLS}.items()))
     else:
         from .run import main as job
 

@@ -93,7 +93,8 @@ class RunConfig:
 def model_and_plan(cfg: DictConfig) -> tuple[ModelSource, Plan]:
     """The model source and its resolved plan (a bad plan fails here, before any data work)."""
     model = build(cfg.model, "model")
-    return model, model.plan(OmegaConf.to_container(cfg.arch, resolve=True))
+    arch = cfg.get("arch")
+    return model, model.plan(None if arch is None else OmegaConf.to_container(arch, resolve=True))
 
 
 def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed: int = 0):

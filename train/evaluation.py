@@ -1,4 +1,11 @@
-"""Exact-match VQA accuracy per skill, with the two baselines that show the image is really used.
+"""VQA accuracy per skill, with the two baselines that show the image is really used.
+
+Answers are extracted the way benchmark harnesses read short answers (POPE's yes/no parser and
+MMBench's option matcher read the start of the reply; VQAv2's normaliser lower-cases and strips
+punctuation and articles): the reply's first line, normalised, cut to as many words as the
+reference answer has. So a reply that never stops ("five even even ...") counts by the answer it
+starts with, and a model that ignores the image scores about `val/acc_majority` instead of 0.
+`val/acc_exact` keeps the strict reading (the whole normalised reply must equal the answer).
 
 `val/acc_noimage`: the same model with every image blanked (a constant image at the normalised
 mean); it should fall to about `val/acc_majority`, the accuracy of always answering the most
@@ -7,6 +14,7 @@ frequent answer of each skill in the evaluated set (an optimistic prior-only bas
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -28,13 +36,26 @@ class EvalConfig:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+ARTICLES = {"a", "an", "the"}
+
+
 def normalize(text: str) -> str:
-    return text.strip().lower().rstrip(".").strip()
+    """Lower-case words without punctuation or articles (VQAv2-style), single-spaced."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ARTICLES)
+
+
+def extract_answer(reply: str, reference: str) -> str:
+    """The answer a harness reads from `reply`: its first non-empty line, normalised, cut to the
+    number of words of the (normalised) reference."""
+    first = next((line for line in reply.splitlines() if line.strip()), "")
+    return " ".join(normalize(first).split()[: max(1, len(normalize(reference).split()))])
 
 
 class AccuracyTracker:
     def __init__(self):
-        self.records: list[tuple[str, str, str, str | None]] = []  # skill, answer, pred, pred without image
+        # skill, answer, extracted prediction, exact prediction, extracted prediction without the image
+        self.records: list[tuple[str, str, str, str, str | None]] = []
 
     def add(self, skills, answers, preds, preds_noimage=None, scored=None) -> None:
         """`scored[i]` False leaves row i out (padding that evened out the ranks' shares)."""
@@ -42,7 +63,8 @@ class AccuracyTracker:
         scored = scored if scored is not None else [True] * len(preds)
         for s, a, p, q, ok in zip(skills, answers, preds, noimg, scored):
             if ok:
-                self.records.append((s, normalize(a), normalize(p), None if q is None else normalize(q)))
+                q = None if q is None else extract_answer(q, a)
+                self.records.append((s, normalize(a), extract_answer(p, a), normalize(p), q))
 
     def gather(self) -> list[tuple]:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -61,11 +83,12 @@ class AccuracyTracker:
         majority = {s: Counter(r[1] for r in rs).most_common(1)[0][0] for s, rs in by_skill.items()}
         out = {
             f"{prefix}/acc": _mean(r[1] == r[2] for r in records),
+            f"{prefix}/acc_exact": _mean(r[1] == r[3] for r in records),
             f"{prefix}/acc_majority": _mean(r[1] == majority[r[0]] for r in records),
             f"{prefix}/n_samples": float(len(records)),
         }
-        if records[0][3] is not None:
-            out[f"{prefix}/acc_noimage"] = _mean(r[1] == r[3] for r in records)
+        if records[0][4] is not None:
+            out[f"{prefix}/acc_noimage"] = _mean(r[1] == r[4] for r in records)
         if len(by_skill) > 1:
             for s, rs in sorted(by_skill.items()):
                 out[f"{prefix}/acc/{s}"] = _mean(r[1] == r[2] for r in rs)

@@ -60,9 +60,13 @@ class ModelSource:
             return MLLMConfig.from_hf(read_config(self.pretrained))
         return MLLMConfig.from_dict(self.config)
 
-    def plan(self, arch: dict[str, Any]) -> Plan:
-        """The `arch` config resolved for this model's depth and heads (fails at config time)."""
+    def plan(self, arch: dict[str, Any] | None) -> Plan:
+        """The `arch` config resolved for this model's depth and heads (fails at config time); no
+        `arch`: the checkpoint's own plan (dense for checkpoints without one, e.g. llava-hf's)."""
         text = self.architecture.hf_text_config()
+        if arch is None:
+            saved = read_config(self.pretrained).get("efficient_mllm", {}).get("plan") if self.pretrained else None
+            return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
         return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
 
     def build(self, plan: Plan | None = None) -> MLLM:

@@ -1,0 +1,45 @@
+"""What a run reports: `metrics.json` (the final metrics beside what produced them) and the summary
+printed at the end. Training runs and evaluation-only runs write the same file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+from .callbacks import EfficiencyMetrics
+
+REPORTED = ("val", "eff", "perf", "train", "data", "bench")  # metric namespaces kept in metrics.json
+
+
+def logged_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in REPORTED}
+
+
+def flops_counting(trainer: L.Trainer) -> dict | None:
+    """How eff/*flops* were counted, from the callback that counted them."""
+    return next((cb.counting() for cb in trainer.callbacks if isinstance(cb, EfficiencyMetrics)), None)
+
+
+def write_report(summary: dict, out_dir: str | Path) -> None:
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    what = f"{summary['steps']} steps" if summary["steps"] else f"evaluated {summary.get('checkpoint', '')}"
+    skills = "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("val/acc/"))
+    lines = [
+        "",
+        f"== {summary['model']} / {summary['arch']}: {what} in {summary['seconds']['total']} s ==",
+        f"val/acc {m.get('val/acc', float('nan')):.3f}   acc_noimage {m.get('val/acc_noimage', float('nan')):.3f}   "
+        f"acc_majority {m.get('val/acc_majority', float('nan')):.3f}   val/loss {m.get('val/loss', float('nan')):.4f}",
+        *([f"per skill: {skills}"] if skills else []),
+        f"metrics:  {summary['run_dir']}/metrics.json",
+        f"config:   {summary['run_dir']}/config.yaml",
+    ]
+    if "export" in summary:
+        lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / LlavaForConditionalGeneration.from_pretrained)")
+    print("\n".join(lines), flush=True)
