@@ -24,22 +24,23 @@ class Shards:
 
 
 class SyntheticSource:
-    """The shapes VQA task of `data.synthetic`, generated once per config under `root`."""
+    """The shapes VQA task of `data.synthetic`, generated once per config in its own directory
+    below the cache directory `root` (`synthetic-s<seed>-<hash of the config>`)."""
 
     def __init__(self, root: str, **synthetic):
-        from .synthetic import SyntheticConfig
+        from .synthetic import SyntheticConfig, cache_dir
 
-        self.root = Path(root)
         self.cfg = SyntheticConfig(**synthetic)
+        self.dir = cache_dir(root, self.cfg)
 
     def prepare(self) -> Shards:
         from .synthetic import all_texts, ensure_generated
 
-        meta = ensure_generated(self.root, self.cfg)
+        meta = ensure_generated(self.dir, self.cfg)
         splits = meta["splits"]
         return Shards(
-            train=[str(self.root / s) for s in splits["train"]["shards"]],
-            val=[str(self.root / s) for s in splits["val"]["shards"]],
+            train=[str(self.dir / s) for s in splits["train"]["shards"]],
+            val=[str(self.dir / s) for s in splits["val"]["shards"]],
             texts=lambda: all_texts(self.cfg),
             skills=list(meta["skills"]),
         )
