@@ -14,6 +14,7 @@ from .images import decode, preprocess
 from .even_eval import EvenEvalStream
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
+from .workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class MLLMDataModule(L.LightningDataModule):
         pad_id: int,
         batch_size: int = 16,
         eval_batch_size: int = 64,
-        num_workers: int = 1,
+        num_workers: int | str = 1,  # or "auto" (data/workers.py)
         shuffle_buffer: int = 1000,
         seed: int = 0,
     ):
@@ -103,7 +104,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.encoder = encoder
         self.collate = Collator(pad_id)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.position: StreamPosition | None = None  # after the last training batch consumed on this rank
