@@ -17,6 +17,7 @@ from .images import decode, preprocess
 from .even_eval import EvenEvalStream
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
+from .workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,16 @@ class DataConfig:
     source: Any
     batch_size: int = 16
     eval_batch_size: int = 64
-    num_workers: int = 1
+    num_workers: int | str = 1  # a count, or `auto` (data/workers.py)
     shuffle_buffer: int = 1000
     max_length: int = 2048
 
     def __post_init__(self) -> None:
         check_types(self, "data")
+        resolve_num_workers(self.num_workers)  # fails now, naming the setting, rather than at the first batch
         for name, ok, need in (
             ("batch_size", self.batch_size > 0, "> 0"),
             ("eval_batch_size", self.eval_batch_size > 0, "> 0"),
-            ("num_workers", self.num_workers >= 0, ">= 0"),
             ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"),
             ("max_length", self.max_length > 0, "> 0"),
         ):
@@ -96,7 +97,7 @@ class MLLMDataModule(L.LightningDataModule):
         pad_id: int,
         batch_size: int = 16,
         eval_batch_size: int = 64,
-        num_workers: int = 1,
+        num_workers: int | str = 1,  # or "auto" (data/workers.py)
         shuffle_buffer: int = 1000,
         seed: int = 0,
     ):
@@ -105,7 +106,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.encoder = encoder
         self.collate = Collator(pad_id)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.position: StreamPosition | None = None  # after the last training batch consumed on this rank

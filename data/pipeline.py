@@ -3,9 +3,11 @@
 Order is a pure function of (seed, epoch, rank, world size, worker): shards are shuffled per epoch,
 split across ranks and dataloader workers (whole shards when there are enough of them, otherwise
 every k-th sample), then shuffled through a seeded buffer. Corrupt tar members or undecodable
-samples are skipped; each yielded sample carries how many were skipped before it (`n_skipped`) so
-the training process can count and log them exactly, whichever worker saw them, and where it was read
-(`stream_pos`), so a resumed run continues exactly where the checkpoint left off (`start`, data/position.py).
+samples (broken image, malformed JSON, missing fields) are skipped and logged with their shard and key;
+each yielded sample carries how many were skipped before it (`n_skipped`; in a finite stream the last
+sample also carries those after it) so the training process can count and log them exactly
+(`data/skipped_samples`), whichever worker saw them, and where it was read (`stream_pos`), so a resumed
+run continues exactly where the checkpoint left off (`start`, data/position.py).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class ShardStream(IterableDataset):
 
     def _tar_samples(self, shards: list[str]) -> Iterator[dict]:
         """Raw samples of `shards` in order; unreadable tar members are skipped and counted."""
-        return wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(tar)", e))
+        return wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(unreadable tar member)", e))
 
     def _shuffled(self, it: Iterator[dict], epoch: int) -> Iterator[dict]:
         if not self.shuffle_buffer:
@@ -126,6 +128,25 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
+        if self.infinite:
+            return self._samples()
+        return self._counting_trailing_skips(self._samples())
+
+    def _counting_trailing_skips(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """A finite stream holds its newest sample back, so the last one it yields also carries the
+        samples skipped after it (an evaluation set's bad last sample is counted too)."""
+        last = None
+        for sample in samples:
+            if last is not None:
+                yield last
+            last = sample
+        if last is not None:
+            last["n_skipped"], self._skipped = last["n_skipped"] + self._skipped, 0
+            yield last
+        elif self._skipped:
+            log.warning("all %d sample(s) of %d shard(s) were skipped (e.g. %s)", self._skipped, len(self.urls), self.urls[0])
+
+    def _samples(self) -> Iterator[dict]:
         reader, _ = self._reader()
         epoch, skip = self.start.positions[reader] if self.start else (0, 0)
         while True:
@@ -139,27 +160,42 @@ class ShardStream(IterableDataset):
                 try:
                     sample = self.transform(raw)
                 except Exception as e:  # corrupt image / json / too long: skip and count
-                    self._skip(raw.get("__key__", "?"), e)
+                    self._skip(sample_name(raw), e)
                     continue
                 sample["n_skipped"], self._skipped = self._skipped, 0
                 sample["stream_pos"] = (reader, epoch, drawn)
                 produced += 1
                 yield sample
             if not self.infinite:
-                if self._skipped:  # nothing follows to carry the count: report it here
-                    log.warning("skipped %d corrupt sample(s) at the end of %d shard(s)", self._skipped, len(self.urls))
                 return
             if produced == 0 and not skip:  # (a resumed epoch may legitimately have nothing left)
                 raise RuntimeError(f"no usable samples in {len(self.urls)} shard(s) (e.g. {self.urls[0]}); all were corrupt or empty")
             epoch, skip = epoch + 1, 0
 
 
+def sample_name(raw: dict) -> str:
+    """Where a raw sample came from, for the log: its key and shard."""
+    return f"{raw.get('__key__', '?')!r} of {raw.get('__url__', '?')}"
+
+
 def parse_record(raw: dict) -> tuple[dict, bytes | None]:
-    """The JSON record and the image bytes (None for text-only samples) of a raw shard sample."""
+    """The JSON record and the image bytes (None for text-only samples) of a raw shard sample.
+
+    Raises ValueError naming what is wrong when the record is not a LLaVA record: malformed JSON, no
+    non-empty `conversations` list, or a turn without string `from` and `value`."""
     if "json" not in raw:
         raise ValueError("sample has no .json member")
-    record = json.loads(raw["json"])
+    try:
+        record = json.loads(raw["json"])
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"malformed JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"the JSON is a {type(record).__name__}, not an object")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("record has no non-empty 'conversations' list")
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise ValueError(f"conversation turn {i} is not an object with string 'from' and 'value': {turn!r:.80}")
     image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
-    if "conversations" not in record:
-        raise ValueError("record has no 'conversations'")
     return record, image

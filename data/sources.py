@@ -5,14 +5,17 @@ Each source is selected by `_target_` in `conf/data/*.yaml` and answers `prepare
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import webdataset as wds
 
-from .pipeline import expand_urls
+from .pipeline import expand_urls, parse_record, sample_name
+
+log = logging.getLogger(__name__)
+MAX_LOGGED_SKIPS = 20
 
 
 @dataclass
@@ -24,22 +27,23 @@ class Shards:
 
 
 class SyntheticSource:
-    """The shapes VQA task of `data.synthetic`, generated once per config under `root`."""
+    """The shapes VQA task of `data.synthetic`, generated once per config in its own directory
+    below the cache directory `root` (`synthetic-s<seed>-<hash of the config>`)."""
 
     def __init__(self, root: str, **synthetic):
-        from .synthetic import SyntheticConfig
+        from .synthetic import SyntheticConfig, cache_dir
 
-        self.root = Path(root)
         self.cfg = SyntheticConfig(**synthetic)
+        self.dir = cache_dir(root, self.cfg)
 
     def prepare(self) -> Shards:
         from .synthetic import all_texts, ensure_generated
 
-        meta = ensure_generated(self.root, self.cfg)
+        meta = ensure_generated(self.dir, self.cfg)
         splits = meta["splits"]
         return Shards(
-            train=[str(self.root / s) for s in splits["train"]["shards"]],
-            val=[str(self.root / s) for s in splits["val"]["shards"]],
+            train=[str(self.dir / s) for s in splits["train"]["shards"]],
+            val=[str(self.dir / s) for s in splits["val"]["shards"]],
             texts=lambda: all_texts(self.cfg),
             skills=list(meta["skills"]),
         )
@@ -60,10 +64,25 @@ class ShardSource:
         return Shards(train=train, val=val, texts=lambda: self._texts(train))
 
     def _texts(self, urls: list[str]) -> list[str]:
-        out = []
-        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=wds.ignore_and_continue):
-            if "json" in sample:
-                out.extend(t["value"] for t in json.loads(sample["json"]).get("conversations", []))
+        """Conversation text of the first `tokenizer_samples` records; bad samples are skipped and logged."""
+        out, skipped = [], 0
+
+        def skip(where: str, err: Exception) -> bool:
+            nonlocal skipped
+            skipped += 1
+            if skipped <= MAX_LOGGED_SKIPS:
+                log.warning("tokenizer corpus: skipping sample %s: %s: %s", where, type(err).__name__, err)
+            return True  # webdataset handler protocol: continue
+
+        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=lambda e: skip("(unreadable tar member)", e)):
+            try:
+                record, _ = parse_record(sample)
+            except ValueError as e:
+                skip(sample_name(sample), e)
+                continue
+            out.extend(t["value"] for t in record["conversations"])
             if len(out) >= self.tokenizer_samples:
                 break
+        if skipped:
+            log.warning("tokenizer corpus: skipped %d bad sample(s) in %d shard(s)", skipped, len(urls))
         return out

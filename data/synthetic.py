@@ -15,7 +15,6 @@ can be checked on hand-built scenes; ``generate`` / ``ensure_generated`` write t
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import io
 import json
@@ -31,6 +30,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from webdataset import TarWriter
+
+from .locking import locked
 
 FORMAT_VERSION = 7  # bump whenever the sample content for a given config changes
 
@@ -103,6 +104,12 @@ def config_hash(cfg: SyntheticConfig) -> str:
     """Identifies the dataset content: the config plus the format version."""
     payload = json.dumps({"format_version": FORMAT_VERSION, "config": asdict(cfg)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_dir(root: str | Path, cfg: SyntheticConfig) -> Path:
+    """The dataset's directory in a cache shared by runs: named by every generation parameter and the
+    format version, so runs with different configs never write (or read) each other's shards."""
+    return Path(root) / f"synthetic-s{cfg.seed}-{config_hash(cfg)}"
 
 
 def sample_rng(seed: int, split: str, index: int) -> random.Random:
@@ -517,14 +524,14 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 def ensure_generated(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
     """Cached ``generate``: reuses a complete dataset with the same config hash. A file lock next
     to ``out_dir`` makes concurrent callers (several trainers started at once) wait for a single
-    generator and then reuse its output."""
+    generator and then reuse its output. A complete dataset of ``cfg`` is never rewritten; one of another
+    config is replaced, so a cache shared by runs of different configs names ``out_dir`` with
+    ``cache_dir``."""
     out_dir = Path(out_dir)
     meta = load_meta(out_dir, cfg)
     if meta is not None:
         return meta
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / (out_dir.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(out_dir):
         meta = load_meta(out_dir, cfg)  # another process may have finished while we waited
         if meta is not None:
             return meta

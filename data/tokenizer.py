@@ -6,14 +6,16 @@ The trained tokenizer fixes the special-token ids the `tiny` presets rely on:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .locking import locked
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 
@@ -52,14 +54,16 @@ def load_or_train(directory: str | Path, texts_fn, vocab_size: int) -> PreTraine
     """Reuse the tokenizer saved in `directory`, or train one on `texts_fn()` and save it there."""
     directory = Path(directory)
     if not (directory / "tokenizer.json").exists():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with open(directory.with_name(directory.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a job starts here: one trains, the others wait
+        with locked(directory):  # every rank of a job starts here: one trains, the others wait
             if not (directory / "tokenizer.json").exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-                tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-                train_bpe(texts_fn(), vocab_size).save_pretrained(tmp)
-                tmp.replace(directory)  # atomic: a half-written tokenizer is never picked up
+                try:
+                    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+                    train_bpe(texts_fn(), vocab_size).save_pretrained(tmp)
+                    tmp.replace(directory)  # atomic: a half-written tokenizer is never picked up
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
     return AutoTokenizer.from_pretrained(directory)
 
 

@@ -3,7 +3,8 @@
 Text tokens read the projected visual tokens through new parameters; `tanh` gates start at zero,
 so inserting blocks into a pretrained LLM leaves it unchanged until training opens them. Queries
 and keys get a per-head RMSNorm (Mllama); no RoPE on this path. Visual K/V are computed once per
-image at prefill and cached for decoding.
+image at prefill and cached for decoding. The block's MLP is the decoder family's own (Llama's
+reads `mlp_bias`, which Qwen2 configs lack).
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from .gathered import gathered
 from .attention import Keys, attend, merge_heads, split_heads
+
+
+MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP}  # text config model_type -> its decoder layers' MLP
+
+
+def family_mlp(config: PretrainedConfig) -> nn.Module:
+    if config.model_type not in MLPS:
+        raise ValueError(f"gated cross-attention has no MLP for {config.model_type!r} decoders (known: {sorted(MLPS)})")
+    return MLPS[config.model_type](config)
 
 
 class GatedCrossAttention(nn.Module):
@@ -31,7 +42,7 @@ class GatedCrossAttention(nn.Module):
         self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = family_mlp(config)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
         std = config.initializer_range

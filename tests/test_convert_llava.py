@@ -61,13 +61,13 @@ def test_shards_contents_and_reports(llava, tmp_path):
     assert (summary["written"], summary["missing"], summary["corrupt"]) == (5, 1, 2)
     assert summary["first_missing"] == ["coco/missing.jpg"]
 
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "train-manifest.json").read_text())
     assert [s["name"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
     assert [s["records"] for s in manifest["shards"]] == [[0, 3], [3, 6], [6, 8]]
     assert (manifest["written"], manifest["text_only"], manifest["missing"], manifest["corrupt"]) == (5, 1, 1, 2)
-    assert (out / "missing_images.txt").read_text() == "coco/missing.jpg\n"
-    assert (out / "corrupt_images.txt").read_text() == "coco/bad.jpg\ngqa/truncated.png\n"
+    assert (out / "train-missing_images.txt").read_text() == "coco/missing.jpg\n"
+    assert (out / "train-corrupt_images.txt").read_text() == "coco/bad.jpg\ngqa/truncated.png\n"
     assert not list(out.glob("*.tmp"))
 
     urls = [str(out / s["name"]) for s in manifest["shards"]]
@@ -106,8 +106,8 @@ def test_resume_after_interruption_matches_clean_run(llava, tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             run(json_path, root, out)
     assert (out / "train-000000.tar").is_file() and (out / "train-000001.tar.tmp").is_file()
-    assert not (out / "train-000001.tar").exists() and not (out / "manifest.json").exists()
-    progress = json.loads((out / "progress.json").read_text())
+    assert not (out / "train-000001.tar").exists() and not (out / "train-manifest.json").exists()
+    progress = json.loads((out / "train-progress.json").read_text())
     assert [s["name"] for s in progress["shards"]] == ["train-000000.tar"] and progress["next_record"] == 3
     first_shard_stamp = (out / "train-000000.tar").stat().st_mtime_ns
 
@@ -154,6 +154,58 @@ def test_max_samples_and_prefix(llava, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["trial-000000.tar", "trial-000001.tar"]
 
 
+def test_image_paths_that_leave_the_image_folder_are_refused_unless_allowed(tmp_path, capsys):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "ok.png")
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(tmp_path / "secret.png")  # beside the image folder, not in it
+    outside = ["../secret.png", str(tmp_path / "secret.png"), "sub/../../secret.png"]
+    records = [{"id": "ok", "image": "ok.png", "conversations": turns("q")}]
+    records += [{"id": f"o{i}", "image": path, "conversations": turns("q")} for i, path in enumerate(outside)]
+    json_path = tmp_path / "in.json"
+    json_path.write_text(json.dumps(records))
+
+    refused = run(json_path, root, tmp_path / "out")
+    assert (refused["written"], refused["outside"], refused["missing"]) == (1, 3, 0)
+    assert refused["first_outside"] == outside
+    assert (tmp_path / "out" / "train-outside_images.txt").read_text().splitlines() == outside
+    shard = (tmp_path / "out" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "secret.png").read_bytes() not in shard
+
+    cl.main(["--json", str(json_path), "--images", str(root), "--out", str(tmp_path / "allowed"), "--no-progress",
+             "--allow-outside-images"])
+    allowed = json.loads(capsys.readouterr().out)
+    assert (allowed["written"], allowed["outside"]) == (4, 0)
+
+
+def test_train_and_val_share_an_output_folder(llava, tmp_path):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    train = run(json_path, root, out, prefix="train")
+    val = run(json_path, root, out, prefix="val", max_samples=3)
+    assert (train["written"], val["written"]) == (5, 2)
+    for prefix, shards in (("train", 3), ("val", 1)):
+        manifest = json.loads((out / f"{prefix}-manifest.json").read_text())
+        assert [s["name"] for s in manifest["shards"]] == [f"{prefix}-{k:06d}.tar" for k in range(shards)]
+    assert run(json_path, root, out, prefix="train")["resumed_shards"] == 3  # each resumes its own progress
+    assert run(json_path, root, out, prefix="val", max_samples=3)["resumed_shards"] == 1
+
+
+def test_rerun_retries_images_restored_since_the_last_run(llava, tmp_path):
+    json_path, root, _ = llava
+    out = tmp_path / "out"
+    assert run(json_path, root, out)["missing"] == 1
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "coco" / "missing.jpg")  # restored
+
+    again = run(json_path, root, out)
+    assert (again["missing"], again["written"], again["retried_shards"], again["resumed_shards"]) == (0, 6, 1, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} != stamps
+    run(json_path, root, tmp_path / "clean")
+    assert read_dir(out) == read_dir(tmp_path / "clean")
+    assert run(json_path, root, out)["retried_shards"] == 0  # nothing left to retry: no shard is rewritten
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -180,6 +232,6 @@ def test_cli(llava, tmp_path, capsys):
              "--samples-per-shard", "5", "--no-progress"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == 2 and summary["written"] == 5 and summary["missing"] == 1
-    assert summary["manifest"] == str(out / "manifest.json")
+    assert summary["manifest"] == str(out / "train-manifest.json")
     with pytest.raises(SystemExit, match="file not found"):
         cl.main(["--json", str(tmp_path / "nope.json"), "--images", str(root), "--out", str(out)])

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from train.tools import pareto
@@ -145,6 +144,20 @@ def fake_run(sweep: Path, num: int, point: str, job_id: str, finished: bool = Tr
     return d
 
 
+class Planted:
+    """Unpickling this creates `path`: a stand-in for code someone planted in a sweep directory."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def planted_pickle(sweep: Path) -> bytes:
+    return pickle.dumps(("error", Planted(sweep / "PLANTED_CODE_RAN")))
+
+
 @pytest.fixture
 def fake_sweep(tmp_path):
     sweep = tmp_path / "multiruns" / "pareto_tiny" / "2026-01-01_00-00-00"
@@ -157,19 +170,20 @@ def fake_sweep(tmp_path):
     (jobs / "104" / "104_0_log.err").write_text(
         "Seed set to 0\rEpoch 0:  10%|#  | 120/1200\rEpoch 0:  50%|#####  | 600/1200\n"
         "slurmstepd: error: *** STEP 104.0 CANCELLED AT 2026-01-01T01:00:00 DUE TO TIME LIMIT ***\n")
-    # raised: submitit recorded Hydra's failed JobReturn
-    fake_run(sweep, 5, "shortv_n2", job_id="105", finished=False)
+    # raised inside the run: Hydra caught it (submitit's result pickle holds it), train/__main__.py wrote error.txt
+    run = fake_run(sweep, 5, "shortv_n2", job_id="105", finished=False)
+    (run / "error.txt").write_text('Traceback (most recent call last):\n  File "train/run.py", line 120, in run\n'
+                                   "    plan = spec.plan(arch)\nValueError: arch.methods.shortv: shortv.N=99 must be in 1..19\n")
     (jobs / "105").mkdir()
-    failed = JobReturn()
-    failed.status = JobStatus.FAILED
-    failed.return_value = ValueError("arch.methods.shortv: shortv.N=99 must be in 1..19")
-    (jobs / "105" / "105_0_result.pkl").write_bytes(pickle.dumps(("success", failed)))
+    (jobs / "105" / "105_0_result.pkl").write_bytes(planted_pickle(sweep))
     (jobs / "105" / "105_0_log.err").write_text("Seed set to 0\n")
     # lost: a submitted job that crashed before Hydra made its run directory
     (jobs / "106").mkdir()
-    (jobs / "106" / "106_submitted.pkl").write_bytes(b"")
-    (jobs / "106" / "106_0_log.err").write_text("ModuleNotFoundError: No module named 'train'\n")
-    (jobs / "106" / "106_0_result.pkl").write_bytes(pickle.dumps(("error", "Traceback ...\nModuleNotFoundError: No module named 'train'")))
+    (jobs / "106" / "106_submitted.pkl").write_bytes(planted_pickle(sweep))
+    (jobs / "106" / "106_0_log.err").write_text(
+        "submitit ERROR (2026-01-01 00:00:01,000) - Submitted job triggered an exception\nTraceback (most recent call last):\n"
+        '  File "<frozen runpy>", line 198, in _run_module_as_main\nModuleNotFoundError: No module named \'train\'\n')
+    (jobs / "106" / "106_0_result.pkl").write_bytes(planted_pickle(sweep))
     (sweep / "7_empty").mkdir()
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     return sweep
@@ -206,6 +220,14 @@ def test_aggregator_tables_plots_and_reports_failures(fake_sweep, capsys):
     for path in summary["plots"].values():
         assert Path(path).read_bytes()[:8] == PNG and Path(path).stat().st_size > 20_000
     assert summary["wandb"] is None
+
+
+def test_planted_pickles_are_never_loaded(fake_sweep, capsys):
+    pickle.loads(planted_pickle(fake_sweep.parent))  # what loading one does
+    assert (fake_sweep.parent / "PLANTED_CODE_RAN").exists()
+    assert pareto.main([str(fake_sweep)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_failed"] == 4
+    assert not (fake_sweep / "PLANTED_CODE_RAN").exists()
 
 
 def test_aggregator_without_finished_runs_says_so(tmp_path, capsys):

@@ -353,3 +353,47 @@ def test_cli(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["train"] == 4 and summary["val"] == 6
     assert Path(summary["meta"]).is_file()
+
+
+def _read_own_samples(root, n_train, n_val, barrier, results):
+    """Prepares the shared cache for one config, waits until the other process has prepared its own,
+    then reads every sample its shard lists name."""
+    from data.sources import SyntheticSource
+
+    source = SyntheticSource(str(root), **{**syn.asdict(SMALL), "n_train": n_train, "n_val": n_val})
+    shards = source.prepare()
+    barrier.wait(60)
+    keys = {split: [s["__key__"] for s in wds.tarfile_samples({"url": u} for u in urls)]
+            for split, urls in (("train", shards.train), ("val", shards.val))}
+    results.put((n_train, keys))
+
+
+def test_concurrent_runs_of_different_sizes_each_read_their_own_samples(tmp_path):
+    """Two runs sharing one data cache, started together with different sizes: each one trains and
+    evaluates on exactly the samples of its own config (one used to rewrite the other's shards)."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    sizes = [(20, 6), (30, 12)]
+    procs = [ctx.Process(target=_read_own_samples, args=(tmp_path, n_train, n_val, barrier, results))
+             for n_train, n_val in sizes]
+    for p in procs:
+        p.start()
+    seen = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for n_train, n_val in sizes:
+        assert seen[n_train]["train"] == [f"train-{i:06d}" for i in range(n_train)]
+        assert seen[n_train]["val"] == [f"val-{i:06d}" for i in range(n_val)]
+    assert len(list(tmp_path.glob("synthetic-s3-*/meta.json"))) == 2
+
+
+def test_cache_dir_is_keyed_on_every_generation_parameter_and_the_format_version(tmp_path, monkeypatch):
+    base = syn.cache_dir(tmp_path, SMALL)
+    changed = {"seed": 4, "n_train": 31, "n_val": 19, "image_size": 96, "turns_per_image": 5, "describe": False,
+               "samples_per_shard": 9}
+    assert set(changed) == set(syn.asdict(SMALL))  # a new field must be added here (and is hashed)
+    dirs = {syn.cache_dir(tmp_path, SyntheticConfig(**{**syn.asdict(SMALL), k: v})) for k, v in changed.items()}
+    assert base not in dirs and len(dirs) == len(changed)
+    monkeypatch.setattr(syn, "FORMAT_VERSION", syn.FORMAT_VERSION + 1)
+    assert syn.cache_dir(tmp_path, SMALL) != base

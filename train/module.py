@@ -125,6 +125,7 @@ class MLLMModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
+        self.skipped_samples += batch.n_skipped  # bad evaluation samples count like training ones
         self._val_loss[0] += float(out.loss) * out.n_loss_tokens
         self._val_loss[1] += out.n_loss_tokens
         preds = self._generate(batch)
@@ -156,6 +157,7 @@ class MLLMModule(L.LightningModule):
         if loss[1] > 0:
             metrics["val/loss"] = float(loss[0] / loss[1])
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        self.log("data/skipped_samples", float(self.skipped_samples), sync_dist=False, rank_zero_only=False)
         self.last_val_metrics = metrics
         if self.trainer.state.fn == "fit":
             self.last_val_step = self.global_step

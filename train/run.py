@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -30,7 +31,11 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()  # also in launcher processes (submitit), which re-resolve the config
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Exception:  # the run directory keeps why (a sweep job's error is otherwise only in a pickle)
+        Path(cfg.paths.output_dir, "error.txt").write_text(traceback.format_exc())
+        raise
     return summary["metrics"].get("val/acc")  # what a Hydra sweeper optimises
 
 

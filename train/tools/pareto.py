@@ -11,8 +11,10 @@ and seconds. Writes to --out (default: the first sweep directory):
 one marker per method, dense as the reference, the Pareto frontier (highest accuracy at no more
 cost) as a step line, and a second panel for the fine-detail skill when the runs have it.
 Runs without results (failed, killed, still running, or empty directories) are listed with the
-reason found (the job's exception, the tail of its submitit .err log or of its Hydra log) on
-stderr and in pareto.md; the rest are still tabulated and drawn. A JSON summary goes to stdout.
+reason found (the exception in the run's error.txt or in its submitit .err log, the tail of that log
+or of its Hydra log) on stderr and in pareto.md; the rest are still tabulated and drawn. A JSON
+summary goes to stdout. Only text, JSON and YAML are read: never submitit's result pickles (loading a
+pickle runs code, and the sweep directory may be someone else's).
 With --wandb, or when the runs logged to W&B, a summary run holds the table, scatter charts and
 the PNGs (offline unless WANDB_MODE or the runs' logger say otherwise; `wandb sync` uploads it).
 """
@@ -24,7 +26,6 @@ import csv
 import json
 import math
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,33 +162,29 @@ def arch_knobs(arch: dict) -> dict[str, Any]:
 
 
 def failure_reason(d: Path, sweep_dir: Path, hydra_cfg: dict) -> tuple[str, list[str]]:
-    """Why a run has no metrics.json: the exception submitit recorded, else the tail of the job's
-    submitit .err log, else the tail of its Hydra job log."""
+    """Why a run has no metrics.json: the exception in its error.txt (train/__main__.py writes it) or in
+    its submitit .err log, else whether submitit saw the job end, with the tail of the first log found."""
     reason = "no metrics.json: the job failed, was killed, or is still running"
     job_id = str((hydra_cfg.get("job") or {}).get("id") or "")
     files = submitit_files(sweep_dir, job_id) if job_id else {}
-    if "result" in files:
-        error = submitit_error(files["result"])
-        if error:
-            last = error.strip().splitlines()[-1] if error.strip() else error
-            return f"no metrics.json: the job raised {last}", [f"log: {files[k]}" for k in ("err", "out") if k in files]
+    logs = [p for p in [d / "error.txt", files.get("err"), files.get("out"), *sorted(d.glob("*.log"))] if p and p.is_file()]
+    error = next(filter(None, (raised(read_text(p)) for p in logs)), None)
+    if error:
+        reason = f"no metrics.json: the job raised {error}"
+    elif "result" in files:  # only its existence: submitit writes it when the job function returns or raises
+        reason = "no metrics.json: the job ended without results (see its log)"
     elif files:
         reason = "no metrics.json and no submitit result: the job was killed (time limit, memory, preemption) or is still running"
-    for key in ("err", "out"):
-        if key in files:
-            tail = log_tail(files[key])
-            if tail:
-                return reason, [f"{files[key]}:"] + tail
-    job_log = sorted(d.glob("*.log"))
-    if job_log:
-        tail = log_tail(job_log[0])
+    for path in logs:
+        tail = log_tail(path)
         if tail:
-            return reason, [f"{job_log[0]}:"] + tail
+            return reason, [f"{path}:"] + tail
     return reason, []
 
 
 def submitit_files(sweep_dir: Path, job_id: str) -> dict[str, Path]:
-    """The submitit files of one job (`.submitit/<job id>/<job id>_<task>_{log.err,log.out,result.pkl}`)."""
+    """The submitit files of one job (`.submitit/<job id>/<job id>_<task>_{log.err,log.out,result.pkl}`);
+    the result pickle is only ever tested for existence."""
     out: dict[str, Path] = {}
     for folder in sweep_dir.glob("**/.submitit"):
         for p in sorted(folder.glob(f"*/{job_id}_*")):
@@ -197,30 +194,27 @@ def submitit_files(sweep_dir: Path, job_id: str) -> dict[str, Path]:
     return out
 
 
-def submitit_error(path: Path) -> str | None:
-    """The error in a submitit result pickle: ('error', traceback) or ('success', a failed JobReturn).
-    (Unpickles a file that this sweep's own jobs wrote.)"""
+def read_text(path: Path) -> str:
+    """A log's text with progress-bar redraws collapsed to their last state ('' if unreadable)."""
     try:
-        with open(path, "rb") as f:
-            status, value = pickle.load(f)
-    except Exception:  # noqa: BLE001 - a broken or foreign pickle is just not a reason
+        text = path.read_bytes().decode(errors="replace")  # keeps the \r of progress bars (read_text would not)
+    except OSError:
+        return ""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n"))
+
+
+def raised(text: str) -> str | None:
+    """The exception line (`ValueError: ...`) that ends the last Python traceback in a log, if any."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
         return None
-    if status == "error":
-        return str(value).strip()
-    err = getattr(value, "_return_value", None)
-    if str(getattr(value, "status", "")).endswith("FAILED") and isinstance(err, BaseException):
-        return f"{type(err).__name__}: {err}"
-    return None
+    return next((line.strip() for line in lines[starts[-1] + 1:] if line.strip() and not line[0].isspace()), None)
 
 
 def log_tail(path: Path, n: int = 12) -> list[str]:
     """The last n non-empty lines of a log (progress-bar redraws collapsed to their last state)."""
-    try:
-        text = path.read_bytes().decode(errors="replace")  # keeps the \r of progress bars (read_text would not)
-    except OSError:
-        return []
-    lines = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-    return ["  | " + line for line in lines if line.strip()][-n:]
+    return ["  | " + line for line in read_text(path).split("\n") if line.strip()][-n:]
 
 
 def collect(sweep_dirs: Sequence[Path]) -> tuple[list[Run], list[Failure]]:
@@ -246,8 +240,8 @@ def lost_jobs(sweep_dir: Path, seen_ids: set[str]) -> list[Failure]:
         files = submitit_files(sweep_dir, folder.name)
         if not ({"err", "out", "result"} & set(files)):
             continue  # queued or never ran: nothing to report yet
-        error = submitit_error(files["result"]) if "result" in files else None
-        reason = f"submitit job {folder.name} made no run directory" + (f": {error.splitlines()[-1]}" if error else "")
+        error = next(filter(None, (raised(read_text(files[k])) for k in ("err", "out") if k in files)), None)
+        reason = f"submitit job {folder.name} made no run directory" + (f": {error}" if error else "")
         details = ([f"{files['err']}:"] + log_tail(files["err"])) if "err" in files else []
         lost.append(Failure(folder, f"job {folder.name}", reason, details))
     return lost
