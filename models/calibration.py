@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Keys, apply_rope, causal_mask, expand_kv, split_heads
-from .decoder import LayerRunner, select_visual
+from .blind_scores import image_keys_for
+from .decoder import LayerRunner, select_before_layer
 from .mllm import MLLM, _last_valid, _query_index
 from .plan import Plan
 from .streams import Stream, concat, empty_like_visual
@@ -134,7 +135,8 @@ def run_layers(model: MLLM, batch: dict, hook: LayerHook | None = None) -> Tenso
     """`model(prompt_ids, prompt_mask, pixel_values, logits="last").logits`, spelled out layer by
     layer (prefill, the model's plan) so a hook can read each layer's inputs or replace its
     outputs. Mirrors `models.decoder.run_decoder`; a test keeps the two equal."""
-    _, text, vis = model._streams(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"])
+    layout, text, vis = model._streams(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"])
+    image_keys = image_keys_for(model.plan, layout.vis_valid, batch["pixel_values"], model.config.num_image_tokens)
     query_idx = _query_index(text, None)
     plan, embeds, scores = model.plan, vis, None
     for i, layer in enumerate(model.language_model.layers):
@@ -142,12 +144,12 @@ def run_layers(model: MLLM, batch: dict, hook: LayerHook | None = None) -> Tenso
         if p.drop_visual:
             vis = empty_like_visual(text)
         elif p.select is not None and p.select.source == "previous":
-            vis, _ = select_visual(vis, scores, p.select)
+            vis = select_before_layer(vis, p.select, scores, model.config.grid_size, image_keys)
         if p.xattn:
             block = model.xattn[str(i)]
             text = text.with_h(block(text.h, text.pos, block.visual_keys(embeds.embed, embeds.pos, embeds.valid)))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
-        score_next = nxt.select.scorer if nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
+        score_next = nxt.select.scorer if nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         runner = LayerRunner(layer, p, model.config.grid_size)
         io = layer(text, vis, None, query_idx, p, model.config.grid_size, score_next)
         out = hook(LayerStep(i, runner, text, vis, io.text, io.vis, query_idx)) if hook else None
