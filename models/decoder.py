@@ -31,6 +31,7 @@ from .attention import (
     merge_heads,
     split_heads,
 )
+from .blind_scores import blind_scores
 from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
 from .streams import Stream, empty_like_visual
@@ -127,6 +128,13 @@ def select_visual(vis: Stream, scores: Tensor, sel: Select) -> tuple[Stream, Ten
     index = torch.gather(top, 1, order)
     valid = torch.gather(rank_valid, 1, order)
     return vis.gather(index, valid), index
+
+
+def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | None, grid: int, image_keys: Tensor | None) -> Stream:
+    """The visual tokens a layer keeps under a selection made before it: scored by the previous
+    layer's attention (`attention_scores`), or by a scorer that reads none (random, uniform)."""
+    scores = attention_scores if sel.reads_attention else blind_scores(sel, vis.image, vis.patch, grid, image_keys)
+    return select_visual(vis, scores, sel)[0]
 
 
 def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str) -> Tensor:
@@ -324,12 +332,14 @@ def run_decoder(
     use_cache: bool = False,
     gradient_checkpointing: bool = False,
     hook: LayerHook | None = None,
+    image_keys: Tensor | None = None,
 ) -> tuple[Stream, Stream, list[Keys], dict[int, Keys]]:
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
 
     Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
     new tokens and `vis` is empty. `query_idx` [B] indexes the text token that scores visual tokens
-    for selections (the last prompt token). `hook` is called after every layer with a `LayerStep`
+    for selections (the last prompt token); `image_keys` [B, I] seed random selections
+    (`models.blind_scores.image_keys_for`). `hook` is called after every layer with a `LayerStep`
     and may replace the layer's output streams (the analysis tools measure layers this way).
     Returns the streams, per-layer keys and the gated cross-attention keys (both only kept when
     `use_cache` or decoding).
@@ -345,14 +355,14 @@ def run_decoder(
             if p.drop_visual:
                 vis = empty_like_visual(text)
             elif p.select is not None and p.select.source == "previous":
-                vis, _ = select_visual(vis, scores, p.select)
+                vis = select_before_layer(vis, p.select, scores, grid, image_keys)
         if p.xattn:
             block = xattn[str(i)]
             if i not in cross_keys:
                 cross_keys[i] = block.visual_keys(embeds.embed, embeds.pos, embeds.valid)
             text = text.with_h(block(text.h, text.pos, cross_keys[i]))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
-        score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.source == "previous" else None
+        score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         past = state.keys[i] if state is not None else None
         if gradient_checkpointing and torch.is_grad_enabled():
             io = checkpoint(layer, text, vis, past, query_idx, p, grid, score_next, use_reentrant=False)

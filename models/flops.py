@@ -108,20 +108,24 @@ def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swi
                pre_llm_keep: float = 0.22, counts: dict[int, int] | None = None) -> tuple[Counter, list[int]]:
     """Prefill FLOPs per term summed over layers, and the visual tokens present in each layer.
 
+    A pre-LLM step (pooling, dominant tokens, CLS knee) sets the visual tokens of every layer.
     Data-dependent token counts (threshold selection, CLS knee) use assumed fractions
     (`threshold_keep`: VisiPruner's 10.3 of 576 tokens; `pre_llm_keep`: 2409.01162's 22%) unless
-    `counts` gives the measured count after each layer's selection (key -1: after pre-LLM pruning).
+    `counts` gives the measured count after each layer's selection (key -1: after the pre-LLM step).
+    The pre-LLM step's own work (pooling, the tower's dominance scores) is outside the decoder and
+    not counted.
     """
     counts = counts or {}
     ffn_mats = {"swiglu": 3, "2mat": 2}[ffn]
     n_v = n_visual
     if plan.pre_llm is not None:
-        n_v = counts.get(-1, max(plan.pre_llm.min_keep, round(pre_llm_keep * n_visual)))
+        exact = plan.pre_llm.tokens(n_visual)
+        n_v = counts.get(-1, exact if exact is not None else max(plan.pre_llm.min_keep, round(pre_llm_keep * n_visual)))
     n_v0 = n_v
     total, present = Counter(), []
     for i, p in enumerate(plan.layers):
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
-        score_next = nxt is not None and nxt.select is not None and nxt.select.source == "previous"
+        score_next = nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer
         if p.drop_visual:
             n_v = 0
         elif p.select is not None and p.select.source == "previous":

@@ -1,7 +1,8 @@
 """The papers' architectures as plan builders: knobs in, per-layer rules out.
 
 Each builder receives its knobs (defaults = the paper's LLaVA-1.5 settings, with layer indices for
-`reference_depth` layers) and returns rules `{layers, set}` for the actual depth; `resolve_arch`
+`reference_depth` layers) and returns rules `{layers, set}` for the actual depth, or a pre-LLM
+step `{pre_llm: {...}}` (at most one per plan); `resolve_arch`
 applies the rules of every method in the `arch` config in order (so `arch=[vica,pdrop]` composes)
 and validates the result. Knobs are plain config values, so sweeps override them directly, e.g.
 `arch.methods.fastv.R=0.75`. A plan written by hand uses the `rules` method (or an explicit
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import ConfigError, check_keys
-from .plan import Plan, resolve_plan, scale_layers
+from .plan import Plan, PreSelect, resolve_plan, scale_layers
 
 Rule = dict[str, Any]
 PLAN_BUILDERS: dict[str, Callable[..., list[Rule]]] = {}  # `arch.methods.<name>` -> builder
@@ -148,6 +149,42 @@ def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32):
     return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio}}}]
 
 
+# The field's simple baselines (arXiv 2511.02650, 2502.11501). Keep fractions 1/3, 2/9 and 1/9 are
+# LLaVA-1.5's 192 / 128 / 64 of 576 visual tokens. K=0 selects before the first layer, so the whole
+# LLM sees the kept tokens (how UniPruneBench applies them); K > 0 selects before layer K, like FastV.
+
+
+@method
+def random(depth, heads, keep=1 / 3, K=0, seed=0, reference_depth=32):
+    """Random visual tokens before layer K: ceil(keep * n) per row, drawn per image from a local
+    generator seeded by `seed` and the image's pixels (`models/blind_scores.py`): the same seed
+    and image keep the same tokens, the global RNG is untouched."""
+    return [{"layers": _scaled([K], reference_depth, depth), "set": {"select": {"scorer": "random", "keep": keep, "seed": seed}}}]
+
+
+@method
+def uniform(depth, heads, keep=1 / 3, K=0, reference_depth=32):
+    """Spatially uniform visual tokens before layer K: the ceil(keep * g^2) tokens of an even
+    lattice over the g x g patch grid (`models.blind_scores.uniform_lattice`)."""
+    return [{"layers": _scaled([K], reference_depth, depth), "set": {"select": {"scorer": "uniform", "keep": keep}}}]
+
+
+@method
+def pool(depth, heads, kernel=2):
+    """`kernel` x `kernel` average pooling of the projector output before the LLM: a 24 x 24 grid
+    becomes 144 tokens with kernel 2, 64 (1/9) with kernel 3. The pooled tokens take the first
+    positions of the image span; text positions stay as the prompt's n_v `<image>` tokens put them."""
+    return [{"pre_llm": {"method": "pool", "kernel": kernel}}]
+
+
+@method
+def dominant(depth, heads, keep=1 / 3):
+    """VisionZip's dominant tokens (arXiv 2412.04467) before the LLM: the ceil(keep * n_v) tokens
+    the tower's CLS attends to most in its feature layer (SigLIP: the most attended on average);
+    VisionZip's merged contextual tokens are not built."""
+    return [{"pre_llm": {"method": "dominant", "keep": keep}}]
+
+
 @method
 def rules(depth, heads, *items):
     """Hand-written rules: `[{layers: [..] | all, reference_depth: D, ranked: bool, from_layer: i, set: {...}}]`."""
@@ -180,7 +217,7 @@ def arch_name(arch: dict[str, Any] | None) -> str:
     if arch is None:
         return "own_plan"
     arch = load_arch(arch)
-    names = list(arch.get("methods") or {}) + (["cls_knee"] if arch.get("pre_llm") else [])
+    names = list(arch.get("methods") or {}) + ([arch["pre_llm"].get("method", "cls_knee")] if arch.get("pre_llm") else [])
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
@@ -189,6 +226,7 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
     arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
+    pre_llm = {"arch.pre_llm": arch["pre_llm"]} if arch.get("pre_llm") else {}
     for name, knobs in (arch.get("methods") or {}).items():
         if name not in PLAN_BUILDERS:
             check_keys({name: 0}, set(PLAN_BUILDERS), "arch.methods")
@@ -203,6 +241,15 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
             except ConfigError as e:
                 raise ConfigError(f"arch.methods.{name}: {e}") from None
         for j, r in enumerate(built):
-            all_rules[f"{name}[{j}]"] = r
-    spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": arch.get("pre_llm"), "layers": arch.get("layers")}
+            if "pre_llm" in r:
+                try:
+                    PreSelect(**r["pre_llm"])
+                except ConfigError as e:
+                    raise ConfigError(f"arch.methods.{name}: {e}") from None
+                pre_llm[f"arch.methods.{name}"] = r["pre_llm"]
+            else:
+                all_rules[f"{name}[{j}]"] = r
+    if len(pre_llm) > 1:
+        raise ConfigError(f"{' and '.join(pre_llm)} each set the step before the LLM; a plan has at most one, keep one of them")
+    spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": next(iter(pre_llm.values()), None), "layers": arch.get("layers")}
     return resolve_plan(spec, num_layers, num_heads)

@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
 from . import checkpoint
+from .blind_scores import image_keys_for
 from .config import MLLMConfig
 from .gathered import gathered, hf_from_config, load_state_dict
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
 from .plan import Plan
 from .projector import Projector
-from .pruning import cls_knee_keep
+from .pruning import cls_knee_keep, features_and_dominance, pool_tokens, top_keep
 from .streams import Layout, Stream, empty_like_visual
 from .vision import build_vision_tower, image_features
 from .xattn import GatedCrossAttention
@@ -68,8 +69,11 @@ class MLLM(nn.Module):
         if len(plan.layers) != n:
             raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
         plan.validate(self.text_config.num_attention_heads)
-        if plan.pre_llm is not None and not self.config.has_cls:
+        if plan.pre_llm is not None and plan.pre_llm.method == "cls_knee" and not self.config.has_cls:
             raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
+        if plan.needs_patch_grid and self.config.num_image_tokens != self.config.grid_size**2:
+            raise ValueError(f"plan {plan.name!r} pools or spreads visual tokens over the patch grid, but they include the CLS "
+                             "token (vision_feature_select_strategy=full); use vision_feature_select_strategy=default")
         for i in plan.xattn_layers:
             if str(i) not in self.xattn:
                 block = GatedCrossAttention(self.text_config)
@@ -174,15 +178,24 @@ class MLLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Projected visual tokens `[n_images, n_v, d]` and, for pre-LLM pruning, a keep mask
-        `[n_images, n_v]` (None without pruning). A frozen tower runs without autograd."""
+        """Projected visual tokens `[n_images, n_v, d]` and, for a pre-LLM step, a keep mask
+        `[n_images, n_v]` (None without one): pruning keeps tokens in place, pooling puts the
+        pooled tokens in the first slots. A frozen tower runs without autograd."""
+        pre = self.plan.pre_llm
         trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            features, cls = image_features(self.vision_tower, pixel_values, self.config)
-        keep = None
-        if self.plan.pre_llm is not None:
-            keep = cls_knee_keep(features, cls, self.plan.pre_llm.min_keep)
-        return self.multi_modal_projector(features), keep
+            if pre is not None and pre.method == "dominant":
+                features, cls, dominance = features_and_dominance(self.vision_tower, pixel_values, self.config)
+            else:
+                features, cls = image_features(self.vision_tower, pixel_values, self.config)
+        tokens, keep = self.multi_modal_projector(features), None
+        if pre is not None and pre.method == "cls_knee":
+            keep = cls_knee_keep(features, cls, pre.min_keep)
+        elif pre is not None and pre.method == "dominant":
+            keep = top_keep(dominance, pre.tokens(features.shape[1]))
+        elif pre is not None and pre.method == "pool":
+            tokens, keep = pool_tokens(tokens, self.config.grid_size, pre.kernel)
+        return tokens, keep
 
     def _rope(self, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         return self.language_model.rotary_emb(h, pos)
@@ -219,7 +232,7 @@ class MLLM(nn.Module):
         pos = torch.gather(layout.positions, 1, layout.vis_index)
         slot = torch.arange(v, device=h.device).expand(b, v)
         vis = Stream(h, pos, layout.vis_valid, *self._rope(h, pos), patch=slot % n_v, image=slot // n_v, embed=h)
-        if keep is not None:  # pre-LLM pruning: pruned tokens never enter the LLM
+        if keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
             kept = torch.zeros_like(layout.vis_valid)
             kept[layout.vis_valid] = keep.reshape(-1)
             count = kept.sum(1)
@@ -262,6 +275,7 @@ class MLLM(nn.Module):
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
+            image_keys=image_keys_for(self.plan, layout.vis_valid, pixel_values, self.config.num_image_tokens),
         )
         out = MLLMOutput()
         if labels is not None:

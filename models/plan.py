@@ -1,8 +1,9 @@
 """Visual-compute plans: one policy per decoder layer saying what visual tokens cost there.
 
 Every method in the literature (ViCA, ShortV, YOPO, VisiPruner, VTW, FastV, PDrop, CLS-knee,
-gated cross-attention) is a composition of the per-layer decisions below (the method -> policy
-table is in the README, "Concepts"). The
+gated cross-attention) and the field's simple baselines (random and uniform selection, pooling,
+dominant tokens) is a composition of the per-layer decisions below (the method -> policy table is
+in the README, "Concepts"). The
 resolved `Plan` is the single source of truth for the forward pass, the KV cache, the FLOPs model,
 the benchmark and the logged efficiency metrics.
 
@@ -25,8 +26,11 @@ TEXT_READS_VISUAL = ("full", "none", "sink")
 KV_SOURCE = ("current", "embed")
 SELF_ATTN = ("full", "local", "none")
 SEMANTICS = ("renorm", "post_softmax_zero")
-SCORERS = ("attn_last", "value_aware")
+ATTENTION_SCORERS = ("attn_last", "value_aware")
+BLIND_SCORERS = ("random", "uniform")  # read no attention, so they are valid before layer 0 too
+SCORERS = ATTENTION_SCORERS + BLIND_SCORERS
 SCORE_SOURCES = ("previous", "current")
+PRE_LLM_METHODS = ("cls_knee", "dominant", "pool")
 
 
 def _choice(name: str, value, options) -> None:
@@ -42,6 +46,9 @@ class Select:
     PDrop). `value_aware`: norm of each visual token's contribution P[last, j] * V_j to the last
     token's attention output (VisiPruner). `source=previous` scores with the previous layer's
     attention (FastV, VisiPruner); `current` with this layer's own Q/K (PDrop).
+    Scorers that read no attention (`models/blind_scores.py`), valid before any layer including
+    layer 0 (where selecting is pruning before the LLM): `random` (seeded by `seed` and the image;
+    arXiv 2511.02650's control) and `uniform` (an even lattice over the full patch grid).
     Budget: `keep` (fraction of the current tokens) or `threshold` (score > threshold, a
     per-sample count); `min_keep` guards against empty sets.
     """
@@ -51,6 +58,7 @@ class Select:
     keep: float | None = None
     threshold: float | None = None
     min_keep: int = 1
+    seed: int = 0  # scorer=random only
 
     def __post_init__(self) -> None:
         _choice("select.scorer", self.scorer, SCORERS)
@@ -61,8 +69,27 @@ class Select:
             raise ConfigError(f"select.keep must be in (0, 1], got {self.keep}")
         if self.scorer == "value_aware" and self.source != "previous":
             raise ConfigError("select.scorer=value_aware scores the previous layer's attention output (source=previous)")
+        if self.scorer in BLIND_SCORERS:
+            if self.source != "previous":
+                raise ConfigError(f"select.scorer={self.scorer} reads no attention and selects before the layer; drop select.source "
+                                  "(source=current is for attention scorers)")
+            if self.keep is None:
+                raise ConfigError(f"select.scorer={self.scorer} needs keep (a fraction of the tokens), not threshold")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"select.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.seed != 0 and self.scorer != "random":
+            raise ConfigError(f"select.seed={self.seed} only seeds scorer=random, not scorer={self.scorer}")
         if self.min_keep < 1:
             raise ConfigError("select.min_keep must be >= 1")
+
+    @property
+    def reads_attention(self) -> bool:
+        return self.scorer in ATTENTION_SCORERS
+
+    @property
+    def scores_previous_layer(self) -> bool:
+        """The previous layer must score the visual tokens (its last prompt token's attention)."""
+        return self.reads_attention and self.source == "previous"
 
     def budget(self, n: int) -> int:
         """Tokens kept from `n` with a fractional budget (at least `min_keep`)."""
@@ -71,15 +98,51 @@ class Select:
 
 @dataclass(frozen=True)
 class PreSelect:
-    """Pre-LLM pruning of the vision tower output (arXiv 2409.01162): cosine similarity of each patch
-    feature to the CLS feature, sorted; keep the tokens before the knee of that curve (Kneedle:
-    the point farthest from the chord), never fewer than `min_keep`."""
+    """A step between the projector and the LLM that changes the visual tokens entering it
+    (`models/pruning.py`); the prompt keeps its n_v `<image>` tokens.
+
+    `cls_knee` (arXiv 2409.01162): cosine similarity of each patch feature to the CLS feature,
+    sorted; keep the tokens before the knee of that curve (Kneedle: the point farthest from the
+    chord), never fewer than `min_keep`.
+    `dominant`: VisionZip's dominant tokens (arXiv 2412.04467, without its merged contextual
+    tokens): the ceil(keep * n_v) tokens that the tower's CLS attends to most in its feature layer
+    (heads averaged; a tower without CLS, SigLIP: the mean attention each token receives).
+    `pool`: `kernel` x `kernel` average pooling of the projector output over the patch grid, from
+    the top-left; a grid side that `kernel` does not divide ends in partial windows (their mean).
+    The ceil(g / kernel)^2 pooled tokens, in raster order, take the first slots (and positions) of
+    the image span; text positions do not change.
+    Pruning methods keep their tokens in place, with their original positions.
+    """
 
     method: str = "cls_knee"
     min_keep: int = 1
+    keep: float | None = None  # dominant
+    kernel: int | None = None  # pool
 
     def __post_init__(self) -> None:
-        _choice("pre_llm.method", self.method, ("cls_knee",))
+        _choice("pre_llm.method", self.method, PRE_LLM_METHODS)
+        if (self.keep is not None) != (self.method == "dominant"):
+            raise ConfigError(f"pre_llm.keep is the budget of method=dominant only (got method={self.method}, keep={self.keep})")
+        if (self.kernel is not None) != (self.method == "pool"):
+            raise ConfigError(f"pre_llm.kernel is the window of method=pool only (got method={self.method}, kernel={self.kernel})")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise ConfigError(f"pre_llm.keep must be in (0, 1], got {self.keep}")
+        if self.kernel is not None and (not isinstance(self.kernel, int) or self.kernel < 1):
+            raise ConfigError(f"pre_llm.kernel must be an integer >= 1, got {self.kernel!r}")
+        if self.min_keep < 1:
+            raise ConfigError("pre_llm.min_keep must be >= 1")
+
+    def tokens(self, n_visual: int) -> int | None:
+        """Visual tokens of an `n_visual`-token image that enter the LLM; None when the count
+        depends on the image (cls_knee)."""
+        if self.method == "dominant":
+            return max(min(self.min_keep, n_visual), int(math.ceil(self.keep * n_visual - 1e-9)))
+        if self.method == "pool":
+            grid = math.isqrt(n_visual)
+            if grid * grid != n_visual:
+                raise ValueError(f"pre_llm.method=pool needs a square patch grid, but an image has {n_visual} visual tokens")
+            return math.ceil(grid / self.kernel) ** 2
+        return None
 
 
 @dataclass(frozen=True)
@@ -132,6 +195,16 @@ class Plan:
         return self.pre_llm is None and all(p == DENSE for p in self.layers)
 
     @property
+    def needs_patch_grid(self) -> bool:
+        """Pooling and uniform selection place tokens on the g x g patch grid (no CLS token among them)."""
+        pooled = self.pre_llm is not None and self.pre_llm.method == "pool"
+        return pooled or any(p.select is not None and p.select.scorer == "uniform" for p in self.layers)
+
+    @property
+    def draws_random(self) -> bool:
+        return any(p.select is not None and p.select.scorer == "random" for p in self.layers)
+
+    @property
     def xattn_layers(self) -> list[int]:
         return [i for i, p in enumerate(self.layers) if p.xattn]
 
@@ -148,9 +221,12 @@ class Plan:
             if p.drop_visual:
                 visual_left = False
             if p.select is not None:
+                if p.select.scorer == "uniform" and not grid_intact:
+                    raise ConfigError(f"{where}: select.scorer=uniform spreads tokens over the full patch grid, but tokens were "
+                                      "pruned or pooled before it; select uniformly before the first pruning step")
                 grid_intact = False
                 prev = self.layers[i - 1] if i > 0 else None
-                if p.select.source == "previous" and (prev is None or not prev.text_reads or prev.mask_semantics != "renorm"):
+                if p.select.scores_previous_layer and (prev is None or not prev.text_reads or prev.mask_semantics != "renorm"):
                     raise ConfigError(
                         f"{where}: select.source=previous scores the previous layer's text->visual attention, "
                         f"which {'does not exist' if prev is None else 'is off or post-softmax there'}; use source=current"

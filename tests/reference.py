@@ -4,6 +4,9 @@ Every token of the original sequence is computed in every layer with full attent
 plans act only through masks: pre-softmax -inf for blocked keys (renorm semantics), zeroed
 probabilities after the softmax (post_softmax_zero), zeroed outputs for tokens that are not
 updated, pruned heads or FFN neurons, and a `present` mask for tokens that left the sequence.
+Pre-LLM steps act through the features and keep mask of `model.encode_images` (pooled tokens fill
+the first slots of each image span, the other slots are absent); selections that read no
+attention use the scores of `models/blind_scores.py`.
 The physical engine in `models/decoder.py` must give the same text logits.
 """
 
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import apply_rope
+from models.blind_scores import blind_scores, row_image_keys
 from models.plan import Select
 
 
@@ -29,6 +33,11 @@ def _scores_and_select(probs_q, v, vis_mask, sel: Select, present):
         s = probs_q.mean(1)
     else:
         s = (probs_q.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()
+    return _keep_top(s, vis_mask, sel, present)
+
+
+def _keep_top(s, vis_mask, sel: Select, present):
+    """The present mask after keeping each row's best-scoring present visual tokens (scores [B, L])."""
     cand = vis_mask & present
     s = s.masked_fill(~cand, float("-inf"))
     new = present & ~vis_mask
@@ -67,6 +76,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
     slot[is_vis] = torch.cat([torch.arange(int(r.sum())) for r in is_vis]) if is_vis.any() else slot[is_vis]
     patch, image = slot % n_v, slot // n_v
     g = cfg.grid_size
+    keys = row_image_keys(pixel_values, is_vis.sum(1) // n_v) if is_vis.any() else None
     row, col = patch // g, patch % g
     cos, sin = lm.rotary_emb(h, pos)
     if query_pos is None:
@@ -83,6 +93,8 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         n_rep = H // tcfg.num_key_value_heads
         if p.drop_visual:
             present = present & ~is_vis
+        elif p.select is not None and p.select.source == "previous" and not p.select.reads_attention:
+            present = _keep_top(blind_scores(p.select, image, patch, g, keys), is_vis, p.select, present)
         elif p.select is not None and p.select.source == "previous":
             probs_q, v_full = scores_probs
             present = _scores_and_select(probs_q, v_full, is_vis, p.select, present)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from models.blind_scores import image_keys_for
 from models.flops import Shape, measure_flops, plan_terms, prefill_flops
 from models.methods import resolve_arch
 from models.mllm import query_index
@@ -17,9 +18,12 @@ def measured_decoder_flops(model, batch=2):
     input_ids, mask, pixels = image_batch(model.config, batch=batch, suffix=9)
     with torch.no_grad():
         layout, text, vis = model.embed_inputs(input_ids, mask, pixels)
-        counts = {-1: vis.n} if model.plan.pre_llm is not None else {}
+        pre = model.plan.pre_llm
+        counts = {-1: vis.n} if pre is not None and pre.tokens(model.config.num_image_tokens) is None else {}  # CLS knee: measured
+        keys = image_keys_for(model.plan, layout.vis_valid, pixels, model.config.num_image_tokens)
         flops, _ = measure_flops(
-            run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.config.grid_size, model.xattn
+            run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.config.grid_size, model.xattn,
+            image_keys=keys,
         )
     return flops / batch, text.n, vis, counts
 
@@ -69,3 +73,18 @@ def test_reproduces_paper_tables():
     assert tflops(arch("vica"), n_t=46, scope="visual_side") == pytest.approx(0.31, abs=0.01)
     assert tflops(arch("vica"), n_t=46, scope="visual_side") / tflops(dense, n_t=46, scope="visual_side") == pytest.approx(0.041, abs=0.002)
     assert tflops(dense, n_t=74, scope="visual", convention="mac") == pytest.approx(3.82, abs=0.01)  # VisiPruner
+
+
+@pytest.mark.parametrize("name, knobs, kept", [
+    ("random", {}, 192), ("uniform", {"keep": 2 / 9}, 128), ("dominant", {"keep": 1 / 9}, 64), ("pool", {}, 144), ("pool", {"kernel": 3}, 64),
+    ("random", {"keep": 0.3333333333}, 192), ("uniform", {"keep": 0.2222222222}, 128), ("dominant", {"keep": 0.1111111111}, 64),
+])
+def test_baselines_before_the_llm_cost_the_dense_model_on_fewer_tokens(name, knobs, kept):
+    """Selecting before layer 0 or a pre-LLM step: every layer sees `kept` visual tokens, no probe."""
+    assert prefill_flops(LLAVA7B, arch(name, **knobs), 576, 64) == prefill_flops(LLAVA7B, Plan.dense(32), kept, 64)
+
+
+def test_random_selection_later_in_the_llm_costs_full_layers_before_it():
+    plan = arch("random", K=16)
+    terms, present = plan_terms(LLAVA7B, plan, 576, 64)
+    assert present == [576] * 16 + [192] * 16 and "probe" not in terms

@@ -20,6 +20,9 @@ VARIANTS = [(name, {}) for name in PRESETS] + [
     ("yopo", {"semantics": "post_softmax_zero"}),
     ("visipruner", {"semantics": "post_softmax_zero"}),
     ("pdrop", {"ratio": 0.3}),
+    ("random", {"K": 16, "seed": 7}),  # selections that read no attention, in the middle of the LLM
+    ("uniform", {"K": 8, "keep": 0.25}),
+    ("pool", {"kernel": 3}),  # 8 x 8 grid: partial windows at the edges
 ]
 
 
@@ -123,6 +126,16 @@ def test_physical_savings_tokens_leave_the_streams():
         ({"methods": {"fastv": {"R": 0.5, "KK": 2}}}, "did you mean 'K'"),
         ({"methods": {"fastvv": {}}}, "did you mean 'fastv'"),
         ({"methods": {"rules": [{"layers": [0], "set": {"select": {"keep": 0.5}}}]}}, "layer 0: select.source=previous"),
+        ({"methods": {"fastv": {"K": 8}, "uniform": {"K": 16}}}, "layer 4: select.scorer=uniform spreads tokens over the full patch grid"),
+        ({"methods": {"pool": {}, "uniform": {}}}, "layer 0: select.scorer=uniform spreads tokens over the full patch grid"),
+        ({"methods": {"rules": [{"layers": [2], "set": {"select": {"scorer": "random", "source": "current", "keep": 0.5}}}]}},
+         "select.scorer=random reads no attention"),
+        ({"methods": {"rules": [{"layers": [2], "set": {"select": {"scorer": "uniform", "threshold": 0.1}}}]}}, "needs keep"),
+        ({"methods": {"rules": [{"layers": [2], "set": {"select": {"keep": 0.5, "seed": 3}}}]}}, "select.seed=3 only seeds scorer=random"),
+        ({"methods": {"random": {"seed": -1}}}, "select.seed must be an integer"),
+        ({"methods": {"pool": {}}, "pre_llm": {"method": "cls_knee"}}, "arch.pre_llm and arch.methods.pool each set the step before the LLM"),
+        ({"methods": {"pool": {"kernel": 0}}}, "arch.methods.pool: pre_llm.kernel must be an integer >= 1"),
+        ({"methods": {"dominant": {"keep": 1.5}}}, "arch.methods.dominant: pre_llm.keep must be in"),
     ],
 )
 def test_invalid_plans_fail_at_config_time_naming_layer_and_field(arch, message):
