@@ -16,6 +16,7 @@ TOOLS = {
     "memory": "analytic per-GPU training memory per strategy",
     "analyze": "calibrate a model: layer scores and plan files (ShortV, VTW, ViCA, YOPO, VisiPruner)",
     "pareto": "aggregate a sweep: efficiency-versus-accuracy table and plots",
+    "time_to_accuracy": "val/acc against training wall-clock of runs evaluated along the way",
 }
 
 

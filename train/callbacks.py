@@ -79,11 +79,44 @@ class EfficiencyMetrics(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Training tokens per second (all ranks together) and MFU on GPUs with a known peak."""
+    """Training tokens per second (all ranks together), MFU on GPUs with a known peak, and at every
+    evaluation during fit `perf/train_seconds`: the wall-clock spent training so far (data loading
+    included, evaluations excluded, earlier attempts of a resumed run included), the x axis of
+    time-to-accuracy curves (`python -m train time_to_accuracy`)."""
 
     def __init__(self):
         self._t = None
         self._peak = None
+        self.train_seconds = 0.0  # before the current stretch of training
+        self._stretch_start: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self._elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+    def _elapsed(self) -> float:
+        return self.train_seconds + (time.perf_counter() - self._stretch_start if self._stretch_start is not None else 0.0)
+
+    def on_train_start(self, trainer, module):
+        self._stretch_start = time.perf_counter()
+
+    def on_validation_start(self, trainer, module):
+        if trainer.state.fn == "fit" and self._stretch_start is not None:
+            self.train_seconds = self._elapsed()
+            self._stretch_start = None
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.state.fn == "fit":
+            module.log("perf/train_seconds", self.train_seconds, sync_dist=False)
+
+    def on_validation_end(self, trainer, module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stretch_start = time.perf_counter()
+
+    def on_train_end(self, trainer, module):
+        self.train_seconds, self._stretch_start = self._elapsed(), None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch.input_ids.is_cuda:

@@ -45,6 +45,7 @@ TABLE_METRICS = [
 SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "export", "csv", "wandb"}
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "p", "8"]
 REFERENCE = "dense"
+FINE = "fine"  # the fine-detail skill of the default task (one visual token carries the answer)
 
 
 @dataclass
@@ -301,24 +302,40 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, dict) else str(v)
 
 
-def build_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run, cheapest (FLOPs) first, with the frontier membership for each cost axis."""
+def protocol(r: Run) -> str:
+    """How the point's model was obtained: the base evaluated as is, fine-tuned from it, or from scratch."""
+    if not r.steps:
+        return "training-free"
+    return f"fine-tuned {r.steps} steps" if (r.config.get("model") or {}).get("pretrained") else f"from scratch {r.steps} steps"
+
+
+def build_rows(runs: Sequence[Run], accuracy: str = "val/acc") -> list[dict[str, Any]]:
+    """One row per run, cheapest (FLOPs) first, with the frontier membership (on `accuracy`) for each
+    cost axis."""
     names = skills(runs)
     varying = varying_knobs(runs)
     rows = []
     for r in runs:
-        row = {"point": r.label, "method": r.method, "model": r.model, "knobs": knob_text(r.knobs),
+        row = {"point": r.label, "method": r.method, "protocol": protocol(r), "model": r.model, "knobs": knob_text(r.knobs),
                "varied": knob_text(r.knobs, varying.get(r.method)), "steps": r.steps, "seconds": r.seconds}
         for k in TABLE_METRICS[:4] + [f"val/acc/{s}" for s in names] + TABLE_METRICS[4:]:
             row[k] = r.metrics.get(k, math.nan)
+        coarse = [r.metrics[f"val/acc/{s}"] for s in names if s != FINE and f"val/acc/{s}" in r.metrics]
+        row["val/acc_coarse"] = sum(coarse) / len(coarse) if coarse and FINE in names else math.nan
+        if accuracy not in row:
+            row[accuracy] = r.metrics.get(accuracy, math.nan)
         row["run_dir"] = str(r.dir)
         rows.append(row)
     for axis, (metric, _, _) in COST_AXES.items():
-        front = set(pareto_front([(row[metric], row["val/acc"]) for row in rows]))
+        front = set(pareto_front([(row[metric], row[accuracy]) for row in rows]))
         for i, row in enumerate(rows):
             row[f"frontier_{axis}"] = i in front
-    rows.sort(key=lambda row: (_nan_last(row["eff/flops_ratio"]), -row["val/acc"], row["point"]))
+    rows.sort(key=lambda row: (_nan_last(row["eff/flops_ratio"]), -_nan_zero(row[accuracy]), row["point"]))
     return rows
+
+
+def _nan_zero(x: float) -> float:
+    return 0.0 if x is None or not math.isfinite(x) else x
 
 
 def _nan_last(x: float) -> float:
@@ -354,10 +371,14 @@ def _cell(v: Any, digits: int = 3) -> str:
     return "–" if v is None else str(v).replace("|", "\\|")
 
 
-def write_markdown(rows: Sequence[dict], runs: Sequence[Run], failures: Sequence[Failure], sweep_dirs, path: Path) -> None:
+def write_markdown(rows: Sequence[dict], runs: Sequence[Run], failures: Sequence[Failure], sweep_dirs, path: Path,
+                   accuracy: str = "val/acc") -> None:
     names = skills(runs)
     detail = [f"val/acc/{s}" for s in names if s == "fine"]
-    cols = [("point", "point", None), ("method", "method", None), ("knobs", "knobs", None), ("val/acc", "acc", 3)]
+    cols = [("point", "point", None), ("method", "method", None), ("protocol", "protocol", None), ("knobs", "knobs", None),
+            (accuracy, accuracy.removeprefix("val/"), 3)]
+    if detail:
+        cols += [("val/acc_coarse", "coarse", 3)]
     cols += [(k, k.split("/")[-1], 3) for k in detail]
     cols += [("val/acc_noimage", "acc no image", 3), ("eff/flops_ratio", "FLOPs ratio", 3),
              ("eff/prefill_ms", "prefill ms", 2), ("eff/decode_ms_per_token", "decode ms/token", 2),
@@ -370,8 +391,10 @@ def write_markdown(rows: Sequence[dict], runs: Sequence[Run], failures: Sequence
         f"- {convention_text(runs)}",
         "- prefill ms: measured at evaluation on the training device, batched prefill divided by the batch; "
         "decode ms/token: one greedy step for the whole batch; KV MB: per sample",
-        "- acc: exact match on the validation set (per-skill accuracies in pareto.csv); "
-        "front: on the Pareto frontier (no other run is as accurate at no more cost)",
+        f"- {accuracy}: on the validation set, answers read harness-style (train/evaluation.py); coarse: mean of "
+        "the skills other than fine detail (per-skill accuracies in pareto.csv); protocol: the base evaluated "
+        "as is (training-free), fine-tuned from it, or trained from scratch; front: on the Pareto frontier "
+        "(no other run is as accurate at no more cost)",
         "",
         "| " + " | ".join(c[1] for c in cols) + " |",
         "|" + "|".join("---" if c[2] is None else "---:" for c in cols) + "|",
@@ -403,58 +426,67 @@ def method_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def plot(rows: Sequence[dict], axis: str, path: Path, title: str, convention: str, n_failed: int) -> Path:
+def plot(rows: Sequence[dict], axis: str, path: Path, title: str, convention: str, n_failed: int,
+         accuracy: str = "val/acc") -> Path:
+    """One panel per accuracy (overall; with a fine-detail skill also the coarse skills and the fine one)
+    against the cost axis: one marker and colour per method, hollow when training-free, a line through
+    each method's points of one protocol, dense as the reference line, the Pareto frontier in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     metric, _, xlabel = COST_AXES[axis]
-    panels = [("val/acc", "accuracy, all skills (exact match)")]
-    if any(math.isfinite(row.get("val/acc/fine", math.nan)) for row in rows):
-        panels.append(("val/acc/fine", "accuracy, fine-detail questions (val/acc/fine)"))
+    panels = [(accuracy, f"{accuracy} (all questions)")]
+    if any(math.isfinite(row.get(f"val/acc/{FINE}", math.nan)) for row in rows) and accuracy == "val/acc":
+        panels += [("val/acc_coarse", "coarse skills (mean of the skills but fine detail)"),
+                   (f"val/acc/{FINE}", "fine detail (one visual token carries the answer)")]
     styles = method_styles([row["method"] for row in rows])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 5.2), squeeze=False)
     for ax, (ykey, ylabel) in zip(axes[0], panels):
         pts = [(row[metric], row.get(ykey, math.nan)) for row in rows]
         ok = [i for i, (x, y) in enumerate(pts) if math.isfinite(x) and math.isfinite(y)]
         for method, st in styles.items():
-            idx = sorted((i for i in ok if rows[i]["method"] == method), key=lambda i: pts[i][0])
-            if not idx:
-                continue
-            xs, ys = [pts[i][0] for i in idx], [pts[i][1] for i in idx]
-            label = f"{method} (reference)" if method == REFERENCE else method
-            ax.scatter(xs, ys, marker=st["marker"], color=st["color"], s=st["s"], zorder=st["zorder"], label=label,
-                       edgecolors="white", linewidths=0.6)
-            if len(idx) > 1:
-                ax.plot(xs, ys, color=st["color"], alpha=0.35, lw=1, zorder=2)
-            for i in idx:
-                if rows[i]["varied"]:
-                    ax.annotate(rows[i]["varied"], pts[i], textcoords="offset points", xytext=(5, 4), fontsize=7,
-                                color=st["color"])
+            for proto in sorted({rows[i]["protocol"] for i in ok if rows[i]["method"] == method}):
+                idx = sorted((i for i in ok if rows[i]["method"] == method and rows[i]["protocol"] == proto), key=lambda i: pts[i][0])
+                xs, ys = [pts[i][0] for i in idx], [pts[i][1] for i in idx]
+                free = proto == "training-free" and method != REFERENCE
+                ax.scatter(xs, ys, marker=st["marker"], s=st["s"], zorder=st["zorder"], linewidths=1.2,
+                           facecolors="white" if free else st["color"], edgecolors=st["color"])
+                if len(idx) > 1:
+                    ax.plot(xs, ys, color=st["color"], alpha=0.35, lw=1, ls=":" if free else "-", zorder=2)
+                for i in idx:
+                    if rows[i]["varied"]:
+                        ax.annotate(rows[i]["varied"], pts[i], textcoords="offset points", xytext=(5, 4), fontsize=7,
+                                    color=st["color"])
         for i in ok:
-            if rows[i]["method"] == REFERENCE:
+            if rows[i]["method"] == REFERENCE and rows[i]["protocol"] == "training-free":
                 ax.axhline(pts[i][1], color="black", ls=":", lw=1, zorder=1)
         majority = [row.get("val/acc_majority", math.nan) for row in rows]
         majority = [m for m in majority if math.isfinite(m)]
         if ykey == "val/acc" and majority:
-            ax.axhline(sum(majority) / len(majority), color="#999999", ls="--", lw=1, zorder=1,
-                       label="majority-answer baseline")
+            ax.axhline(sum(majority) / len(majority), color="#999999", ls="--", lw=1, zorder=1)
         front = pareto_front([pts[i] for i in ok])
         if front:
             fx = [pts[ok[j]][0] for j in front]
             fy = [pts[ok[j]][1] for j in front]
             right = max(pts[i][0] for i in ok)
-            ax.step(fx + [right], fy + [fy[-1]], where="post", color="#d62728", lw=1.5, alpha=0.8, zorder=3,
-                    label="Pareto frontier")
+            ax.step(fx + [right], fy + [fy[-1]], where="post", color="#d62728", lw=1.5, alpha=0.8, zorder=3)
             ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="#d62728", lw=1.2, zorder=6)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_xlim(left=0)
         _accuracy_limits(ax, [pts[i][1] for i in ok] + (majority if ykey == "val/acc" else []))
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
+    handles = [Line2D([], [], marker=st["marker"], color=st["color"], ls="", markersize=8,
+                      label=f"{m} (reference)" if m == REFERENCE else m) for m, st in styles.items()]
+    handles += [Line2D([], [], marker="o", color="gray", markerfacecolor="white", ls="", label="hollow: training-free"),
+                Line2D([], [], marker="o", color="gray", ls="", label="filled: trained (fine-tuned / scratch)"),
+                Line2D([], [], color="#d62728", lw=1.5, label="Pareto frontier"),
+                Line2D([], [], color="black", ls=":", lw=1, label="dense base"),
+                Line2D([], [], color="#999999", ls="--", lw=1, label="majority-answer baseline")]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
     note = f"; {n_failed} run(s) without results not shown" if n_failed else ""
     foot = convention if axis == "flops" else "latency measured at evaluation on the training device: batched prefill / batch"
     fig.text(0.5, -0.01, foot, ha="center", va="top", fontsize=8, color="#555555")
@@ -503,7 +535,8 @@ def log_wandb(rows: Sequence[dict], plots: dict[str, Path], summary: dict, setti
     try:
         log = {"pareto/table": table}
         for axis, (metric, _, xlabel) in COST_AXES.items():
-            log[f"pareto/acc_vs_{axis}"] = wandb.plot.scatter(table, metric, "val/acc", title=f"val/acc vs {xlabel}")
+            accuracy = summary["accuracy"]
+            log[f"pareto/acc_vs_{axis}"] = wandb.plot.scatter(table, metric, accuracy, title=f"{accuracy} vs {xlabel}")
             log[f"pareto/plot_{axis}"] = wandb.Image(str(plots[axis]))
         run.log(log)
         run.summary.update({"n_runs": summary["n_runs"], "n_failed": summary["n_failed"],
@@ -538,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories (or single run directories)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the first sweep directory)")
     p.add_argument("--wandb", action="store_true", help="log a W&B summary run (offline unless WANDB_MODE=online)")
+    p.add_argument("--metric", default="val/acc", help="the accuracy axis: a metric in the runs' metrics.json, e.g. "
+                   "bench/pope/accuracy from python -m train evaluate eval.lmms_tasks=[...] (default: val/acc)")
     args = p.parse_args(argv)
 
     missing = [str(d) for d in args.sweep_dirs if not d.is_dir()]
@@ -552,13 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = args.out or args.sweep_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    rows = build_rows(runs)
+    rows = build_rows(runs, args.metric)
+    if not any(math.isfinite(row[args.metric]) for row in rows):
+        print(f"pareto: no run has {args.metric} in its metrics.json", file=sys.stderr)
+        return 2
     convention = convention_text(runs)
     name = args.sweep_dirs[0].resolve().name
     title = "/".join(args.sweep_dirs[0].resolve().parts[-2:])
     write_csv(rows, out / "pareto.csv")
-    write_markdown(rows, runs, failures, args.sweep_dirs, out / "pareto.md")
-    plots = {axis: plot(rows, axis, out / f"{stem}.png", title, convention, len(failures))
+    write_markdown(rows, runs, failures, args.sweep_dirs, out / "pareto.md", args.metric)
+    plots = {axis: plot(rows, axis, out / f"{stem}.png", title, convention, len(failures), args.metric)
              for axis, (_, stem, _) in COST_AXES.items()}
     summary = {
         "sweep_dirs": [str(d) for d in args.sweep_dirs],
@@ -568,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n_runs": len(runs),
         "n_failed": len(failures),
         "failed": [_failure_json(f) for f in failures],
-        "frontier": {axis: [_frontier_json(row, metric) for row in sorted(rows, key=lambda r: r[metric])
+        "accuracy": args.metric,
+        "frontier": {axis: [_frontier_json(row, metric, args.metric) for row in sorted(rows, key=lambda r: r[metric])
                             if row[f"frontier_{axis}"]] for axis, (metric, _, _) in COST_AXES.items()},
         "flops_convention": convention,
         "wandb": None,
@@ -584,8 +623,8 @@ def _failure_json(f: Failure) -> dict:
     return {"run_dir": str(f.dir), "point": f.label, "reason": f.reason}
 
 
-def _frontier_json(row: dict, metric: str) -> dict:
-    return {"point": row["point"], "method": row["method"], "val/acc": row["val/acc"], metric: row[metric]}
+def _frontier_json(row: dict, metric: str, accuracy: str) -> dict:
+    return {"point": row["point"], "method": row["method"], accuracy: row[accuracy], metric: row[metric]}
 
 
 if __name__ == "__main__":
