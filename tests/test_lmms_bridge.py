@@ -10,8 +10,7 @@ from PIL import Image
 
 from data.chat import TEMPLATES, ChatTokenizer, render
 from data.images import preprocess
-from data.synthetic import SyntheticConfig, make_sample
-from models import MLLM, MLLMConfig
+from models import MLLM
 from models.config import CLIP_MEAN, CLIP_STD, ConfigError
 from models.generation import greedy_generate
 from models.methods import resolve_arch
@@ -21,6 +20,8 @@ from train.lmms.preprocess import ImageProcessing
 from train.lmms.processor import EvalProcessor
 from train.lmms.prompts import PromptEncoder, jinja_template
 from train.lmms.scoring import continuation_logprobs, generate
+
+from tests.lmms_helpers import synthetic_questions, task_model_config
 
 # llava-hf/llava-1.5-7b-hf's processor files (preprocessor_config.json and its chat template)
 LLAVA_HF_PREPROCESSOR = {
@@ -39,32 +40,8 @@ LLAVA_HF_CHAT_TEMPLATE = (
 )
 
 
-def task_model_config(layers: int = 4) -> MLLMConfig:
-    """A model for the synthetic task's 1024-token tokenizer: 64 px images, 16 visual tokens."""
-    return MLLMConfig(
-        vision=dict(model_type="siglip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=2, image_size=64, patch_size=16),
-        text=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vision_feature_select_strategy="full", image_token_id=3, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-    )
-
-
 def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def synthetic_questions(n: int) -> list[tuple[str, str, Image.Image]]:
-    """(question, answer, image) of the first `n` synthetic validation samples."""
-    from data.synthetic import render as render_scene
-
-    cfg = SyntheticConfig(seed=0, n_val=n)
-    out = []
-    for i in range(n):
-        scene, record = make_sample(cfg, "val", i)
-        question = record["conversations"][0]["value"].removeprefix("<image>\n")
-        out.append((question, record["conversations"][1]["value"], render_scene(scene)))
-    return out
 
 
 # --- images ---------------------------------------------------------------------------------------
