@@ -202,3 +202,22 @@ def test_continuation_scores_equal_a_full_forward_and_do_not_depend_on_the_batch
     assert answers[0] == reference[: reference.index(eos) if eos in reference else len(reference)]
     with_stop = [a + [eos] if len(a) < 4 else a for a in answers]
     assert all(greedy for _, greedy in continuation_logprobs(model, prompts, with_stop, pixels, processor.pad_id))
+
+
+def test_llava_hf_layout_directory(tmp_path, task_tokenizer):
+    """A directory laid out like llava-hf/llava-1.5-7b-hf: CLIPImageProcessor config without do_pad, the
+    chat template in the processor's chat_template.json, EOS in generation_config.json."""
+    config = task_model_config()
+    MLLM(config).save_pretrained(tmp_path)
+    task_tokenizer.save_pretrained(tmp_path)
+    size = {"shortest_edge": 64}, {"height": 64, "width": 64}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**LLAVA_HF_PREPROCESSOR, "size": size[0], "crop_size": size[1]}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_HF_CHAT_TEMPLATE}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    processor = EvalProcessor.from_pretrained(tmp_path, config)
+    assert processor.prompts.render("what shape ?", 1) == "USER: <image>\nwhat shape ? ASSISTANT:"
+    assert processor.images == ImageProcessing(64, 64, CLIP_MEAN, CLIP_STD, pad_to_square=True)
+    assert processor.stop_ids == [2]
+    assert not EvalProcessor.from_pretrained(tmp_path, config, pad_to_square=False).images.pad_to_square
+    vicuna = EvalProcessor.from_pretrained(tmp_path, config, chat_template="vicuna", system_prompt="")
+    assert vicuna.prompts.render("what shape ?", 1) == "USER: <image>\nwhat shape ? ASSISTANT:"

@@ -65,11 +65,11 @@ class EfficientMLLM(lmms):
             )
         if not pretrained:
             raise ValueError("efficient_mllm needs --model_args pretrained=<checkpoint directory> (llava-hf or our export)")
-        device = _device(device)
+        batch_size, device, pad_to_square = _batch_size(batch_size), _device(device), _bool(pad_to_square)  # fail before loading
         model = MLLM.from_pretrained(pretrained, dtype=_dtype(dtype, device))
         if arch:
             model.set_plan(resolve_plan(str(arch), model.config))
-        processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, _bool(pad_to_square))
+        processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, pad_to_square)
         log.info("efficient_mllm: %s, plan %s, %s, images %s", pretrained, model.plan.name, model.dtype, processor.images)
         self._bind(model.to(device).eval(), processor, batch_size)
 
@@ -90,11 +90,9 @@ class EfficientMLLM(lmms):
         return cls(**extra, **args)
 
     def _bind(self, model: MLLM, processor: EvalProcessor, batch_size: int | str) -> None:
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"efficient_mllm: batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)")
         self._model = model
         self.processor = processor
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = _batch_size(batch_size)
 
     @property
     def model(self) -> MLLM:
@@ -224,6 +222,12 @@ def _flatten(visuals):
             yield from _flatten(v)
         elif v is not None:
             yield v
+
+
+def _batch_size(value: int | str) -> int:
+    if not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"efficient_mllm: batch_size must be a positive integer, got {value!r} ('auto' is not supported)")
+    return int(value)
 
 
 def _device(device: str | None) -> str:
