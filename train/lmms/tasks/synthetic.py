@@ -44,7 +44,7 @@ def write_synthetic_tasks(out_dir: str | Path, n: int, seed: int = 0, image_size
         raise ValueError(f"n must be >= 1, got {n}")
     out_dir = Path(out_dir).resolve()
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    cfg = SyntheticConfig(seed=seed, n_val=n, image_size=image_size)
+    cfg = SyntheticConfig(seed=seed, image_size=image_size)
     docs: dict[str, list[dict]] = {t: [] for t in TASKS}
     index = 0
     while any(len(d) < n for d in docs.values()):
