@@ -29,7 +29,7 @@ def run_lmms_tasks(
     manager = TaskManager(include_path=paths, model_name="efficient_mllm")
     lm = EfficientMLLM.from_model(model, processor, batch_size)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0)
-    return flatten_results(out["results"])
+    return {} if out is None else flatten_results(out["results"])  # lmms-eval returns scores on rank 0 only
 
 
 def flatten_results(results: dict) -> dict[str, float]:
