@@ -170,11 +170,11 @@ def run_cli(export: Path, arch: str, tasks_dir: Path, out: Path, batch_size: int
            "--model_args", f"pretrained={export},arch={arch},dtype=float32,device=cpu,batch_size={batch_size}",
            "--tasks", ",".join(TASKS), "--include_path", str(tasks_dir), "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "not found in available models" not in proc.stdout + proc.stderr, (
+    assert "Model 'efficient_mllm' not found" not in proc.stdout + proc.stderr, (
         "efficient_mllm is not registered with lmms-eval: reinstall the project (pip install -e .) to record its "
         "lmms_eval.models entry point"
     )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (results_file,) = out.rglob("*_results.json")
     samples = {t: sorted((json.loads(line) for f in out.rglob(f"*_samples_{t}.jsonl") for line in f.read_text().splitlines()),
                          key=lambda s: s["doc_id"]) for t in TASKS}
