@@ -8,8 +8,10 @@ nothing breaks and nothing huge is pulled by accident:
   * otherwise the CPU build `torch==2.13.0` (set TORCH_INDEX_URL, e.g.
     https://download.pytorch.org/whl/cpu, where the default index would serve a CUDA wheel).
 Then the project is installed editable with its test extra, and `python -m train ARGS` runs.
+`--eval` also installs lmms-eval (train/lmms/) without the requirements its package declares: they
+would pull torchvision, opencv, yt-dlp, ... and pin wandb==0.25.0; the harness needs only EVAL_DEPS.
 
-    python3 train/bootstrap.py [--venv .venv] [--no-run] [hydra overrides for python -m train ...]
+    python3 train/bootstrap.py [--venv .venv] [--no-run] [--eval] [hydra overrides for python -m train ...]
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_TORCH = "torch==2.13.0"
+# What `python -m lmms_eval` and its local json tasks import, installed with their dependencies
+# (nothing already installed changes). Plain typepy: typepy[datetime] would downgrade python-dateutil.
+EVAL_DEPS = [
+    "datasets==5.2.0", "evaluate==0.4.6", "loguru==0.7.3", "sacrebleu==2.6.0", "tenacity==9.2.1", "pytz==2026.6",
+    "typepy==1.3.5", "mbstrdecoder==1.1.5", "pathvalidate==3.3.1", "tcolorpy==0.1.7", "accelerate>=0.29.1",
+]
+# Installed without dependencies, after EVAL_DEPS: lmms-eval itself, and its results-table writer
+# whose requirement typepy[datetime] caps python-dateutil<3.
+EVAL_NO_DEPS = ["lmms-eval==0.7.3", "pytablewriter==1.2.1", "DataProperty==1.1.1", "tabledata==1.3.5"]
 
 
 def has_torch(python: str) -> bool:
@@ -45,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", default=str(ROOT / ".venv"), help="virtual environment to create or reuse")
     parser.add_argument("--no-run", action="store_true", help="only set up, do not run the main job")
+    parser.add_argument("--eval", action="store_true", help="also install lmms-eval (python -m lmms_eval --model efficient_mllm)")
     args, overrides = parser.parse_known_args()
 
     env_dir = Path(args.venv)
@@ -60,6 +72,9 @@ def main() -> None:
             index = os.environ.get("TORCH_INDEX_URL")
             pip(python, CPU_TORCH, *(["--index-url", index] if index else []))
     pip(python, "-e", f"{ROOT}[test]")
+    if args.eval:
+        pip(python, *EVAL_DEPS)
+        pip(python, "--no-deps", *EVAL_NO_DEPS)
     if args.no_run:
         print(f"ready: {python} -m train", flush=True)
         return

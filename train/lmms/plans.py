@@ -1,0 +1,49 @@
+"""`arch=` for evaluation: a preset name (conf/arch/<name>.yaml), a plan YAML file, or several
+joined by `+` (lmms-eval splits model_args on commas), resolved like the training job does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from models import MLLMConfig
+from models.config import ConfigError
+from models.methods import load_arch, resolve_arch
+from models.plan import Plan
+
+ARCH_DIR = Path(__file__).resolve().parents[2] / "conf" / "arch"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.yaml") if p.stem != "file")
+
+
+def load_arch_spec(arch: str) -> dict:
+    """The arch config of `arch`: parts are merged in order, as Hydra composes `arch=[a,b]`."""
+    merged: dict = {}
+    parts = [p.strip() for p in arch.split("+") if p.strip()]
+    if not parts:
+        raise ConfigError("arch is empty; give a preset name (e.g. fastv), a plan .yaml file, or names joined by '+'")
+    for part in parts:
+        if part.endswith((".yaml", ".yml")) or "/" in part:
+            spec = load_arch({"path": str(Path(part).expanduser().resolve())})
+        else:
+            file = ARCH_DIR / f"{part}.yaml"
+            if part == "file" or not file.is_file():
+                raise ConfigError(f"arch {part!r} is neither a preset ({', '.join(presets())}) nor a .yaml plan file")
+            spec = yaml.safe_load(file.read_text()) or {}
+        for key, value in spec.items():
+            if key == "methods":
+                merged.setdefault("methods", {}).update(value or {})
+            else:
+                merged[key] = value
+    if len(parts) > 1:
+        merged.pop("name", None)  # the combination is named after its methods
+    return merged
+
+
+def resolve_plan(arch: str, config: MLLMConfig) -> Plan:
+    """The plan of `arch` for this model's depth and heads (models.methods.resolve_arch)."""
+    text = config.hf_text_config()
+    return resolve_arch(load_arch_spec(arch), text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)

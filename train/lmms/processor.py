@@ -1,0 +1,98 @@
+"""Everything besides the weights that evaluation needs: tokenizer, prompt format, image
+preprocessing and the ids that end a reply, read from a checkpoint directory the way it was trained."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.chat import IMAGE, TEMPLATES
+from data.tokenizer import load_pretrained_tokenizer
+from models import MLLMConfig
+
+from .preprocess import ImageProcessing
+from .prompts import PromptEncoder, jinja_template
+
+FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml"}  # data/chat.py template when a checkpoint has none
+CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_template.jinja", "chat_template.json", "generation_config.json"
+
+
+@dataclass
+class EvalProcessor:
+    tokenizer: object
+    prompts: PromptEncoder
+    images: ImageProcessing
+    stop_ids: list[int]  # generation ends at any of these (EOS and the template's end-of-reply token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @classmethod
+    def for_training(cls, tokenizer, config: MLLMConfig, chat_template: str, system_prompt: str | None = None) -> "EvalProcessor":
+        """What a training run used: its tokenizer, data/chat.py template and image preprocessing."""
+        template = _template(chat_template)
+        system = template.default_system if system_prompt is None else system_prompt
+        stops = [tokenizer.eos_token_id, *_single_token_ids(tokenizer, [template.stop.strip()])]
+        return cls._build(tokenizer, config, jinja_template(template, system), ImageProcessing.for_model(config), stops)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: MLLMConfig,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        pad_to_square: bool | None = None,
+    ) -> "EvalProcessor":
+        """From a checkpoint directory (llava-hf or our export with its eval files, see export.py).
+
+        Prompt format: `chat_template` (a data/chat.py name) when given, else the directory's chat
+        template, else the data/chat.py template of the LLM family. `system_prompt` applies to
+        data/chat.py templates (default: the template's own)."""
+        path = Path(path)
+        tokenizer = load_pretrained_tokenizer(path)
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        if image_id != config.image_token_id:
+            raise ValueError(f"{path}: the tokenizer maps {IMAGE} to {image_id} but config.json says image_token_index={config.image_token_id}")
+        stops = [tokenizer.eos_token_id, *_generation_eos(path)]
+        jinja = None if chat_template else (tokenizer.chat_template or _legacy_chat_template(path))
+        if jinja is None:
+            template = _template(chat_template or FAMILY_TEMPLATES[config.text_family])
+            system = template.default_system if system_prompt is None else system_prompt
+            jinja = jinja_template(template, system)
+            stops += _single_token_ids(tokenizer, [template.stop.strip()])
+        elif system_prompt is not None:
+            raise ValueError(f"system_prompt applies to data/chat.py templates; {path} has its own chat template (pass chat_template=<name> to replace it)")
+        return cls._build(tokenizer, config, jinja, ImageProcessing.from_pretrained(path, config, pad_to_square), stops)
+
+    @classmethod
+    def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images: ImageProcessing, stops: list[int]) -> "EvalProcessor":
+        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, config.num_image_tokens)
+        return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}))
+
+
+def _template(name: str):
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)} (data/chat.py)")
+    return TEMPLATES[name]
+
+
+def _single_token_ids(tokenizer, texts: list[str]) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in texts if t and t in vocab]
+
+
+def _legacy_chat_template(path: Path) -> str | None:
+    """Processor chat templates of older llava-hf revisions (`chat_template.json`)."""
+    file = path / LEGACY_CHAT_TEMPLATE_FILE
+    return json.loads(file.read_text()).get("chat_template") if file.is_file() else None
+
+
+def _generation_eos(path: Path) -> list[int]:
+    file = path / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return []
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]

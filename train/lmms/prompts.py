@@ -1,0 +1,106 @@
+"""Evaluation prompts: a question and its images -> the token ids the model was trained to answer.
+
+Prompts go through a Jinja chat template in the Hugging Face message format (a user message whose
+content is image parts then a text part): the checkpoint's own template when it has one (llava-hf
+ships one), else one generated from our data/chat.py template, which renders exactly what training
+rendered (`jinja_template`). `<image>` placeholders are expanded to the model's visual-token count,
+as data.chat.ChatTokenizer does for training.
+"""
+
+from __future__ import annotations
+
+from data.chat import IMAGE, Template
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+
+
+def _literal(text: str) -> str:
+    """A Jinja string literal for `text`."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def jinja_template(template: Template, system: str) -> str:
+    """An HF chat template that renders messages like data.chat.render(template, system, ...).
+
+    `system` is the default system prompt (the one used in training); a leading system message
+    replaces it. Image parts become `<image>\\n`, as in LLaVA's training data."""
+    if template.name == "plain":
+        raise ValueError("the 'plain' template (LLaVA stage-1 captioning) drops the question text; such a model cannot be evaluated on VQA tasks")
+    sys_pre, sys_post = template.system_fmt.split("{system}")
+    user_pre, user_post = template.user_fmt.split("{text}")
+    reply_lead = " " if template.name == "vicuna" else ""  # data.chat.render puts a space before vicuna replies
+    return "".join([
+        "{%- set ns = namespace(text='') -%}",
+        "{%- if not messages or messages[0]['role'] != 'system' -%}",
+        f"{{%- set default = {_literal(system)} -%}}",
+        f"{{%- if default -%}}{{{{ {_literal(sys_pre)} ~ default ~ {_literal(sys_post)} }}}}{{%- endif -%}}",
+        "{%- endif -%}",
+        "{%- for message in messages -%}",
+        "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}",
+        "{%- else -%}{%- set ns.text = '' -%}{%- for part in message['content'] -%}",
+        f"{{%- if part['type'] == 'image' -%}}{{%- set ns.text = ns.text ~ {_literal(IMAGE + chr(10))} -%}}",
+        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text ~ part['text'] -%}{%- endif -%}",
+        "{%- endfor -%}{%- endif -%}",
+        f"{{%- if message['role'] == 'system' -%}}{{%- if ns.text -%}}{{{{ {_literal(sys_pre)} ~ ns.text ~ {_literal(sys_post)} }}}}{{%- endif -%}}",
+        f"{{%- elif message['role'] == 'user' -%}}{{{{ {_literal(user_pre)} ~ ns.text ~ {_literal(user_post)} }}}}",
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {_literal(template.assistant_prefix + reply_lead)} ~ ns.text ~ {_literal(template.stop)} }}}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{{{ {_literal(template.assistant_prefix)} }}}}{{%- endif -%}}",
+    ])
+
+
+class PromptEncoder:
+    """Renders a question with `n_images` images through `chat_template` and tokenises it."""
+
+    def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int):
+        self.tok = tokenizer
+        self.chat_template = chat_template
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+
+    def render(self, text: str, n_images: int) -> str:
+        """The prompt string, ending where the assistant's reply begins.
+
+        `<image>` placeholders already in `text` (some tasks write them) are kept; otherwise one image
+        part per image precedes the text. Templates that only read string content (they would print
+        the parts list) get `<image>\\n` per image before the text instead."""
+        inline = text.count(IMAGE)
+        if inline not in (0, n_images):
+            raise ValueError(f"the prompt has {inline} {IMAGE} placeholders but the document has {n_images} image(s)")
+        parts = [] if inline else [{"type": "image"}] * n_images
+        prompt = self._apply([{"role": USER, "content": [*parts, {"type": "text", "text": text}]}])
+        if prompt.count(IMAGE) != n_images or "'type':" in prompt:
+            prompt = self._apply([{"role": USER, "content": (IMAGE + "\n") * (n_images - inline) + text}])
+        if prompt.count(IMAGE) != n_images:
+            raise ValueError(f"the chat template rendered {prompt.count(IMAGE)} {IMAGE} placeholders for {n_images} image(s): {prompt!r}")
+        return prompt
+
+    def _apply(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a rendered string; BOS is added unless the template already wrote it."""
+        bos = self.tok.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tok(text, add_special_tokens=add_special)["input_ids"])
+
+    def encode(self, text: str, n_images: int) -> list[int]:
+        """Prompt ids of a question with `n_images` images (each `<image>` expanded)."""
+        return self.expand(self.tokenize(self.render(text, n_images)))
+
+    def expand(self, ids: list[int]) -> list[int]:
+        """Each `<image>` id repeated `num_image_tokens` times (the model's input layout)."""
+        out = []
+        for t in ids:
+            out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+        return out
+
+    def continuation(self, prompt: str, continuation: str) -> list[int]:
+        """Ids of `continuation` right after `prompt`: tokenise both together and cut at the prompt's
+        length (how lm-eval splits them, so BPE merges across the boundary are scored as the model reads them)."""
+        whole, head = self.tokenize(prompt + continuation), self.tokenize(prompt)
+        ids = whole[len(head) :]
+        if not ids:
+            raise ValueError(f"continuation {continuation!r} has no tokens after the prompt")
+        return ids
