@@ -132,7 +132,7 @@ def test_export_with_eval_files_is_evaluated_as_trained(tmp_path, task_tokenizer
     """write_eval_files makes from_pretrained(export) prompt, preprocess and stop like training did."""
     config = task_model_config()
     torch.manual_seed(0)
-    MLLM(config).save_pretrained(tmp_path)
+    MLLM.from_config(config).save_pretrained(tmp_path)
     task_tokenizer.save_pretrained(tmp_path)
     bare = EvalProcessor.from_pretrained(tmp_path, config)  # no eval files: vicuna with its default system prompt
     written = write_eval_files(tmp_path, "vicuna", system_prompt="")
@@ -151,7 +151,7 @@ def test_export_with_eval_files_is_evaluated_as_trained(tmp_path, task_tokenizer
 def test_arch_names_files_and_combinations_resolve_like_training(tmp_path):
     config = task_model_config(layers=8)
     text = config.hf_text_config()
-    dims = (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    dims = (text.num_hidden_layers, text.num_attention_heads)
     fastv = resolve_plan("fastv", config)
     assert fastv == resolve_arch({"methods": {"fastv": {"K": 2, "R": 0.5, "reference_depth": 32}}}, *dims)
     combined = load_arch_spec("vica+pdrop")
@@ -181,7 +181,7 @@ def full_forward_logprob(model, prompt: list[int], continuation: list[int], pixe
 def test_continuation_scores_equal_a_full_forward_and_do_not_depend_on_the_batch(task_tokenizer, arch):
     config = task_model_config()
     torch.manual_seed(0)
-    model = MLLM(config).eval()
+    model = MLLM.from_config(config).eval()
     model.set_plan(resolve_plan(arch, config))
     processor = EvalProcessor.for_training(task_tokenizer, config, "vicuna", system_prompt="")
     samples = synthetic_questions(5)
@@ -208,7 +208,7 @@ def test_llava_hf_layout_directory(tmp_path, task_tokenizer):
     """A directory laid out like llava-hf/llava-1.5-7b-hf: CLIPImageProcessor config without do_pad, the
     chat template in the processor's chat_template.json, EOS in generation_config.json."""
     config = task_model_config()
-    MLLM(config).save_pretrained(tmp_path)
+    MLLM.from_config(config).save_pretrained(tmp_path)
     task_tokenizer.save_pretrained(tmp_path)
     size = {"shortest_edge": 64}, {"height": 64, "width": 64}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**LLAVA_HF_PREPROCESSOR, "size": size[0], "crop_size": size[1]}))

@@ -53,12 +53,12 @@ def export_dir(tmp_path_factory, task_tokenizer):
                         eval_batch_size=8, num_workers=0, shuffle_buffer=50)
     dm.setup("fit")
     torch.manual_seed(0)
-    model = MLLM(config)
+    model = MLLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     batches = iter(dm.train_dataloader())
     for _ in range(100):
         b = next(batches)
-        loss = model(b["input_ids"], b["attention_mask"], b["pixel_values"], labels=b["labels"]).loss
+        loss = model(b.input_ids, b.attention_mask, b.pixel_values, labels=b.labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -220,3 +220,19 @@ def test_run_lmms_tasks_scores_do_not_depend_on_the_batch_size(export_dir, tasks
     gqa = docs(tasks_dir, "synthetic_gqa")[:4]
     answers = own(export_dir, "fastv", tasks_dir)["answers"]["synthetic_gqa"][:4]
     assert limited == {"bench/synthetic_gqa/exact_match": sum(exact(a) == exact(d["answer"]) for a, d in zip(answers, gqa)) / 4}
+
+
+# --- through the training job's evaluation ---------------------------------------------------------
+def test_train_evaluate_writes_benchmark_scores_into_metrics_json(export_dir, tasks_dir, tmp_path):
+    """`python -m train evaluate ... eval.lmms_tasks=[...]`: the benchmark scores of the checkpoint
+    under the plan land in metrics.json as bench/<task>/<metric>, equal to our own evaluation."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    cmd = [sys.executable, "-m", "train", "evaluate", f"paths.root_dir={tmp_path}", f"model.pretrained={export_dir}",
+           "arch=fastv", "data.source.n_train=48", "data.source.n_val=24", "data.num_workers=0",
+           f"eval.lmms_tasks=[{','.join(TASKS)}]", f"eval.lmms_include_path={tasks_dir}", "eval.lmms_batch_size=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (metrics_file,) = (tmp_path / "outputs" / "eval").glob("*/*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())["metrics"]
+    assert "val/acc" in metrics and "eff/flops_ratio" in metrics
+    assert_scores_match(metrics, own(export_dir, "fastv", tasks_dir))

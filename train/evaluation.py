@@ -14,9 +14,10 @@ frequent answer of each skill in the evaluated set (an optimistic prior-only bas
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -29,11 +30,17 @@ class EvalConfig:
 
     max_new_tokens: int = 8  # greedy generation length
     noimage: bool = True  # also evaluate with blanked images (val/acc_noimage)
+    lmms_tasks: list[str] = field(default_factory=list)  # lmms-eval tasks run after validation (bench/<task>/<metric>)
+    lmms_include_path: str | None = None  # a directory of local task YAMLs
+    lmms_batch_size: int = 8
+    lmms_limit: float | None = None  # documents per task (a fraction if < 1)
 
     def __post_init__(self) -> None:
         check_types(self, "eval")
         if self.max_new_tokens < 1:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.lmms_tasks and importlib.util.find_spec("lmms_eval") is None:
+            raise ConfigError("eval.lmms_tasks needs lmms-eval: python3 train/bootstrap.py --no-run --eval (README: Benchmarks)")
 
 
 ARTICLES = {"a", "an", "the"}

@@ -20,6 +20,7 @@ from models.plan import Plan
 from .builders import CONF_DIR, RunConfig, build_data, build_module, build_trainer, register_resolvers
 from .infra.resume import keep_csv_history, resolve_ckpt_path
 from .infra.sharding import is_zero3, load_zero3_weights
+from .lmms.export import write_eval_files
 from .model_source import ModelSource
 from .module import MLLMModule
 from .peft import export_model
@@ -61,6 +62,7 @@ def run(cfg: DictConfig) -> dict:
         best = None
     else:
         best = fit_and_evaluate(cfg, trainer, module, dm)
+    bench = benchmark_scores(job, module, trainer) if job.evaluation.lmms_tasks else {}
     summary = {
         "run_dir": str(out_dir),
         "model": job.model.name,
@@ -70,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
         "flops": flops_counting(trainer),
         "best_checkpoint": best,
         "seconds": {"data": round(data_seconds, 1), "fit": round(time.time() - start - data_seconds, 1), "total": round(time.time() - start, 1)},
-        "metrics": logged_metrics(trainer),
+        "metrics": {**logged_metrics(trainer), **bench},
     }
     model = module.unsharded_model() if cfg.export and not evaluate_only else None  # a collective under ZeRO-3 / FSDP
     if model is not None and trainer.is_global_zero:
@@ -79,6 +81,7 @@ def run(cfg: DictConfig) -> dict:
         if adapter_dir is not None:
             summary["adapter"] = str(adapter_dir)
         tokenizer.save_pretrained(export_dir)
+        write_eval_files(export_dir, job.model.chat_template, job.model.system_prompt, tokenizer)  # prompts + preprocessing
         summary["export"] = str(export_dir)
     if trainer.is_global_zero:
         write_report(summary, out_dir)
@@ -99,6 +102,23 @@ def fit_and_evaluate(cfg: DictConfig, trainer: L.Trainer, module: MLLMModule, dm
             best = None
         trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     return best
+
+
+def benchmark_scores(job: RunConfig, module: MLLMModule, trainer: L.Trainer) -> dict[str, float]:
+    """`eval.lmms_tasks` on the evaluated model (its plan), through lmms-eval, as `bench/<task>/<metric>`;
+    prompts and preprocessing are the checkpoint's own (train/lmms/processor.py), else the training run's."""
+    from .lmms.processor import EvalProcessor
+    from .lmms.run import run_lmms_tasks
+
+    e, model = job.evaluation, module.model
+    if job.model.pretrained and trainer.global_step == 0:
+        processor = EvalProcessor.from_pretrained(job.model.pretrained, model.config)
+    else:
+        processor = EvalProcessor.for_training(module.tokenizer, model.config, job.model.chat_template, job.model.system_prompt)
+    scores = run_lmms_tasks(model, processor, e.lmms_tasks, e.lmms_include_path, e.lmms_batch_size, e.lmms_limit)
+    for logger in trainer.loggers:
+        logger.log_metrics(scores, step=trainer.global_step)
+    return scores
 
 
 def check_evaluable(model: ModelSource, plan: Plan) -> None:

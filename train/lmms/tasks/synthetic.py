@@ -70,3 +70,19 @@ def write_synthetic_tasks(out_dir: str | Path, n: int, seed: int = 0, image_size
             f"include: {base}\ntask: {task}\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         )
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.lmms.tasks.synthetic", description=write_synthetic_tasks.__doc__)
+    p.add_argument("out", type=Path, help="directory for the tasks (the --include_path / eval.lmms_include_path)")
+    p.add_argument("--n", type=int, default=200, help="documents per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    args = p.parse_args(argv)
+    print(write_synthetic_tasks(args.out, args.n, args.seed, args.image_size))
+
+
+if __name__ == "__main__":
+    main()
