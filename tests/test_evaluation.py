@@ -6,10 +6,8 @@ from dataclasses import asdict
 import lightning as L
 import torch
 
-from data.chat import ChatTokenizer
-from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
 from models.methods import resolve_arch
-from tests.test_train import small_task_model_config
+from tests.test_train import small_task_data, small_task_model_config
 from train.evaluation import AccuracyTracker, EvalConfig, extract_answer, normalize
 from train.model_source import ModelSource
 from train.module import MLLMModule
@@ -39,13 +37,7 @@ def test_a_model_that_ignores_the_image_scores_about_the_majority(synthetic_dir,
     accuracy with and without images is the same and lands near the majority baseline."""
     root, _ = synthetic_dir
     config = small_task_model_config()
-    chat = ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system="")
-    dm = MLLMDataModule(
-        sorted(str(p) for p in root.glob("train-*.tar")),
-        sorted(str(p) for p in root.glob("val-*.tar")),
-        SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3)),
-        pad_id=0, batch_size=16, eval_batch_size=60, num_workers=0, shuffle_buffer=200,
-    )
+    dm = small_task_data(root, task_tokenizer, config, batch_size=16, eval_batch_size=60, shuffle_buffer=200)
     text = config.hf_text_config()
     blind = resolve_arch({"name": "blind", "methods": {"rules": [{"layers": [0], "set": {"drop_visual": True}}]}},
                          text.num_hidden_layers, text.num_attention_heads)

@@ -44,16 +44,21 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_short_training_run_decreases_loss(synthetic_dir, task_tokenizer):
-    root, _ = synthetic_dir
-    config = small_task_model_config()
-    chat = ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system="")
-    dm = MLLMDataModule(
+def small_task_data(root, tokenizer, config, **loader) -> MLLMDataModule:
+    """The synthetic shards of `root` encoded for `config` (vicuna template, no system prompt)."""
+    chat = ChatTokenizer(tokenizer, "vicuna", config.num_image_tokens, 512, system="")
+    return MLLMDataModule(
         sorted(str(p) for p in root.glob("train-*.tar")),
         sorted(str(p) for p in root.glob("val-*.tar")),
         SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3)),
-        pad_id=0, batch_size=8, eval_batch_size=30, num_workers=0, shuffle_buffer=50,
+        pad_id=0, num_workers=0, **loader,
     )
+
+
+def test_short_training_run_decreases_loss(synthetic_dir, task_tokenizer):
+    root, _ = synthetic_dir
+    config = small_task_model_config()
+    dm = small_task_data(root, task_tokenizer, config, batch_size=8, eval_batch_size=30, shuffle_buffer=50)
     torch.manual_seed(0)
     module = MLLMModule(
         ModelSource(name="small", config=asdict(config), system_prompt=""),
