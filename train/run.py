@@ -88,9 +88,9 @@ def run(cfg: DictConfig) -> dict:
     with exit_when_stopped_by_signal(trainer):  # SIGTERM: checkpoint saved, exit 143 (train/infra/preemption.py)
         if evaluate_only:
             trainer.validate(module, datamodule=dm, verbose=False)
-            best = None
+            best, fit_metrics = None, {}
         else:
-            best = fit_and_evaluate(trainer, module, dm, ckpt_path)
+            best, fit_metrics = fit_and_evaluate(trainer, module, dm, ckpt_path)
     summary = {
         "run_dir": str(out_dir),
         "model": job.model.name,
@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
         "flops": flops_counting(trainer),
         "best_checkpoint": best,
         "seconds": {"data": round(data_seconds, 1), "fit": round(time.time() - start - data_seconds, 1)},
-        "metrics": logged_metrics(trainer),
+        "metrics": {**fit_metrics, **logged_metrics(trainer)},  # the final evaluation's over fit's last values
     }
     model = module.unsharded_model() if cfg.export and not evaluate_only else None  # a collective under ZeRO-3 / FSDP
     if model is not None and trainer.is_global_zero:
@@ -118,18 +118,21 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def fit_and_evaluate(trainer: L.Trainer, module: MLLMModule, dm, ckpt_path: str | None) -> str | None:
-    """Fit (resuming from `ckpt_path`), then make sure the reported metrics are the best checkpoint's."""
+def fit_and_evaluate(trainer: L.Trainer, module: MLLMModule, dm, ckpt_path: str | None) -> tuple[str | None, dict]:
+    """Fit (resuming from `ckpt_path`), then make sure the reported metrics are the best checkpoint's.
+    Returns the best checkpoint and the metrics at the end of fit (train/loss, ...), which an evaluation
+    run afterwards clears from the trainer."""
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    fit_metrics = logged_metrics(trainer)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if not evaluated_at_end(trainer, module, best):
         if best and is_zero3(trainer.strategy):
             load_zero3_weights(module.model, best)
             best = None
         trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
-    return best
+    return best, fit_metrics
 
 
 def check_evaluable(model: ModelSource, plan: Plan) -> None:

@@ -117,9 +117,9 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
 
 def read_record(path: str | Path) -> dict | None:
     """A file checkpoint's top-level entries (tensors memory-mapped, not read), for the checks made before
-    any data work; None for checkpoint directories (checked when Lightning loads them)."""
+    any data work; None for checkpoint directories (checked when Lightning loads them) and `hpc`."""
     path = Path(path)
-    return None if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
 
 
 @rank_zero_only
@@ -151,8 +151,9 @@ def writes_directories(strategy) -> bool:
 
 
 class PeriodicCheckpoint(Checkpoint):
-    """Every `every_n_train_steps` optimizer steps, the full training state to `<dirpath>/<filename>`,
-    so a killed run loses at most that many steps (`ckpt_path: auto` resumes from it; 0 or null: off).
+    """Every `every_n_train_steps` optimizer steps and at the final one, the full training state to
+    `<dirpath>/<filename>`, so a killed run loses at most that many steps (`ckpt_path: auto` resumes from
+    it; 0 or null: only the final step).
 
     A file goes through the trainer's CheckpointIO (train/infra/checkpoint_io.py: a temporary file
     beside it, one rename). A directory (DeepSpeed, FSDP2) is written as `<filename>.partial` and
@@ -174,7 +175,11 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # advanced by the optimizer step of this batch (once per accumulation)
         n = self.every_n_train_steps
-        if n <= 0 or step == 0 or step % n or step == self._saved_step or trainer.sanity_checking:
+        periodic = n > 0 and step % n == 0
+        # the final step too: Lightning's ModelCheckpoint rewrites last.ckpt only when an evaluation saved a
+        # new best, and a run resumed or extended (resume.extend_to) must continue from its last step
+        final = step == trainer.max_steps
+        if step == 0 or not (periodic or final) or step == self._saved_step or trainer.sanity_checking:
             return
         self._saved_step = step
         self.save(trainer)
