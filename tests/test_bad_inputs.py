@@ -44,6 +44,7 @@ CASES = [  # (id, arguments after `python -m train`, words the message contains)
     ("callback-setting", ["callbacks.preemption.when=sometimes"], ["callbacks.preemption.when must be one of"]),
     ("evaluate-needs-weights", ["evaluate"], ["set model.pretrained"]),
     ("evaluate-plan-needs-training", ["evaluate", "model.pretrained={export}", "arch=xattn"], ["needs training"]),
+    ("evaluate-extend", ["evaluate", "model.pretrained={export}", "resume.extend_to=5"], ["does not train"]),
     ("tool-unknown-arch", ["flops", "arch=nope"], ["Could not find 'arch/nope'"]),
 ]
 

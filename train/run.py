@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -58,14 +59,17 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     out_dir = Path(cfg.paths.output_dir)
     resume = build(cfg.resume, "resume") if "resume" in cfg else ResumeOptions()
+    evaluate_only = cfg.trainer.max_steps == 0
+    if resume.extend_to and evaluate_only:
+        raise ConfigError("resume.extend_to continues a training run; `python -m train evaluate` does not train")
     if resume.extend_to:
         cfg.trainer.max_steps = resume.extend_to
-    evaluate_only = cfg.trainer.max_steps == 0
     config = OmegaConf.to_container(cfg, resolve=True)
     if not evaluate_only and cfg.ckpt_path in ("auto", "last"):
         finished = finished_summary(out_dir, config, cfg.trainer.max_steps)
         if finished is not None:
-            print_finished(finished)
+            if rank_zero_only.rank == 0:
+                print_finished(finished)
             return finished
     L.seed_everything(cfg.seed, workers=True)
     job = RunConfig.from_config(cfg)  # every config error surfaces here, before any data work

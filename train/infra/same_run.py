@@ -43,7 +43,7 @@ EXPERIMENT = (
 HOW_IT_RUNS = ("data.num_workers", "data.eval_batch_size", "model.gradient_checkpointing")
 DEVICES = ("trainer.devices", "trainer.num_nodes")
 NOT_COMPARED = ("ckpt_path", "resume")
-ABSENT = "(absent)"
+ABSENT = object()  # a key one of the two configs does not have
 
 
 @dataclass
@@ -79,7 +79,7 @@ def reshards(config: dict) -> bool:
 
 
 def show(value: Any) -> str:
-    text = ABSENT if value is ABSENT else repr(value)
+    text = "(absent)" if value is ABSENT else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
