@@ -11,9 +11,12 @@ this module never builds a model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +26,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .gathered import load_state_dict
+
+log = logging.getLogger(__name__)
+# huggingface_hub names this logger by its file path; it is the logger of the module defining the function
+HF_SAVE_LOGGER = getattr(sys.modules[save_torch_state_dict.__module__], "logger", logging.getLogger("huggingface_hub"))
 
 # (ours, on disk) prefix pairs; order matters for the first match on load.
 _SAVE_PREFIXES = [
@@ -181,8 +188,12 @@ def write_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: d
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     tmp.mkdir()  # mode 0o777 minus the umask, like any directory the user creates (mkdtemp would force 0700)
     try:
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        with quiet(HF_SAVE_LOGGER):  # its "successfully saved to" names `tmp`, gone after the rename
+            save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        file_mode = tmp.stat().st_mode & 0o666  # 0o666 minus the umask (safetensors creates its files 0600)
+        for f in tmp.iterdir():
+            f.chmod(file_mode)
         if path.exists():
             old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(path, old)
@@ -193,4 +204,16 @@ def write_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.info("model weights saved to %s", path)
     return path
+
+
+@contextmanager
+def quiet(logger: logging.Logger, level: int = logging.WARNING):
+    """Hide `logger`'s messages below `level` for the duration."""
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -73,7 +73,7 @@ def test_deepspeed_zero3_two_cpu_ranks_shards_parameters_and_resumes(tmp_path):
         assert sum(t.numel() for t in shard["optimizer_state_dict"]["fp32_flat_groups"]) == pytest.approx(trained / 2, abs=64)
     assert_export_matches(run, consolidated)  # gathered on export == consolidated from the shards
 
-    resumed, summary = train_two_ranks(tmp_path / "b", "strategy=deepspeed_zero3", f"ckpt_path={ckpt_dir}", "trainer.max_steps=6", steps=6)
+    resumed, summary = train_two_ranks(tmp_path / "b", "strategy=deepspeed_zero3", f"ckpt_path={ckpt_dir}", "resume.extend_to=6", steps=6)
     assert MLLM.from_pretrained(resumed / "export").state_dict().keys() == MLLM.from_pretrained(run / "export").state_dict().keys()
 
 
@@ -98,5 +98,5 @@ def test_fsdp2_two_cpu_ranks_distributed_checkpoint_and_resume(tmp_path):
     dcp_to_torch_save(ckpt_dir, tmp_path / "full.pt")
     assert_export_matches(run, torch.load(tmp_path / "full.pt", weights_only=True)["state_dict"])
 
-    resumed, _ = train_two_ranks(tmp_path / "b", "strategy=fsdp", f"ckpt_path={ckpt_dir}", "trainer.max_steps=6", steps=6)
+    resumed, _ = train_two_ranks(tmp_path / "b", "strategy=fsdp", f"ckpt_path={ckpt_dir}", "resume.extend_to=6", steps=6)
     assert (resumed / "export" / "config.json").is_file()

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from data.pipeline import ShardStream
 from data.position import StreamPosition
+from models.config import ConfigError
 from train.infra import resume
 from train.infra.checkpoint_io import AtomicCheckpointIO
 from train.infra.resume import PeriodicCheckpoint, commit, resolve_ckpt_path
@@ -208,10 +209,58 @@ def test_directory_checkpoints_are_swapped_in_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         commit(staged, final)
     monkeypatch.undo()
-    assert not final.exists() and (resume.existing(final) / "latest").read_text() == "new"
+    assert not final.exists() and [p.name for p in resume.variants(final)] == ["last.ckpt.partial", "last.ckpt.old"]
+    resume.tidy([tmp_path])  # at the next start: the complete staged copy finishes the swap
+    assert (final / "latest").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def fit_with_periodic_checkpoints(root: Path, steps: int = 2, every: int = 1, **trainer_kw) -> L.Trainer:
+    from tests.tiny_fit import loader, make_batches, make_module
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=root, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[PeriodicCheckpoint(str(root / "checkpoints"), every_n_train_steps=every)],
+                        plugins=[AtomicCheckpointIO()], **trainer_kw)
+    trainer.fit(make_module(), loader(make_batches(steps)))
+    return trainer
+
+
+def test_a_file_checkpoint_is_written_with_one_rename(tmp_path, monkeypatch):
+    """A kill between two renames used to leave a complete last.ckpt.partial that resuming ignored."""
+    real_replace, renames = os.replace, []
+
+    def recording_replace(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    fit_with_periodic_checkpoints(tmp_path, steps=1)
+    assert len(renames) == 1 and renames[0][0].endswith(".partial") and renames[0][1] == "last.ckpt"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_training_start_removes_what_interrupted_saves_left(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    debris = [ckpts / ".last.ckpt.4242.abcd1234.partial", tmp_path / ".hpc_ckpt_1.ckpt.4242.abcd1234.partial",
+              ckpts / "last.ckpt.partial", tmp_path / ".export.abcd1234.partial"]
+    for p in debris[:2]:
+        p.write_bytes(b"half a checkpoint")
+    for p in debris[2:]:  # an incomplete DeepSpeed directory and a half-written export
+        (p / "checkpoint").mkdir(parents=True)
+    fit_with_periodic_checkpoints(tmp_path, steps=1, every=0)
+    assert not any(p.exists() for p in debris)
 
 
 # --- which checkpoint ------------------------------------------------------------------------------------
+def save_ckpt(path: Path, step: int, mtime: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step}, path)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
 def test_ckpt_path_values(tmp_path):
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         callbacks=[PeriodicCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=5)])
@@ -221,12 +270,32 @@ def test_ckpt_path_values(tmp_path):
         resolve_ckpt_path("last", trainer)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope\.ckpt; ckpt_path takes"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), trainer)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.parent.mkdir()
-    last.write_bytes(b"x")
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"x")
-    os.utime(last, (1, 1))  # the Slurm requeue checkpoint is newer
+    last = save_ckpt(tmp_path / "checkpoints" / "last.ckpt", 5, mtime=1)
+    hpc = save_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 7)  # the Slurm requeue checkpoint is newer
     assert resolve_ckpt_path("auto", trainer) == resolve_ckpt_path("last", trainer) == str(hpc)
     os.utime(hpc, (0, 0))
     assert resolve_ckpt_path("auto", trainer) == str(last)
+
+
+def test_a_complete_staged_checkpoint_is_resumed_from(tmp_path):
+    """What a kill between the two renames of the earlier save left: the run restarted from step 0."""
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        callbacks=[PeriodicCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=5)])
+    staged = save_ckpt(tmp_path / "checkpoints" / "last.ckpt.partial", 5)
+    assert resolve_ckpt_path("auto", trainer) == str(staged)
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_previous_good_one(tmp_path, caplog):
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        callbacks=[PeriodicCheckpoint(str(tmp_path / "checkpoints"), every_n_train_steps=5)])
+    best = save_ckpt(tmp_path / "checkpoints" / "step000005.ckpt", 5, mtime=1)
+    last = save_ckpt(tmp_path / "checkpoints" / "last.ckpt", 10)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed while copying, disk full, ...
+    with caplog.at_level("WARNING"):
+        assert resolve_ckpt_path("auto", trainer) == str(best)
+    assert f"skipped {last}: unreadable, truncated or corrupt" in caplog.text and f"resuming from {best} instead" in caplog.text
+    with pytest.raises(ConfigError, match=rf"ckpt_path={last} is unreadable, truncated or corrupt"):
+        resolve_ckpt_path(str(last), trainer)
+    best.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"ckpt_path=auto: no usable checkpoint to resume from .*last\.ckpt.*step000005\.ckpt"):
+        resolve_ckpt_path("auto", trainer)

@@ -86,7 +86,7 @@ def test_resubmitted_job_continues_the_earlier_jobs_run(cluster, tmp_path):
     run_dir = f"outputs/slurm/emllm-{first}"
     cluster.env["EMLLM_RUN_DIR"] = run_dir  # the README's resubmission
     try:
-        second = submit(cluster, tmp_path, *TINY, "trainer.max_steps=4", "trainer.val_check_interval=4")
+        second = submit(cluster, tmp_path, *TINY, "trainer.max_steps=2", "resume.extend_to=4", "trainer.val_check_interval=4")
     finally:
         del cluster.env["EMLLM_RUN_DIR"]
     state = cluster.wait(second, timeout=400)

@@ -3,6 +3,7 @@
 `python -m train <tool> [overrides]` runs one of the tools below (each also `python -m train.tools.<tool>`).
 
 Hydra overrides always contain `=` (or start with `-`), so a bare first word names a job or a tool.
+Bad input (a wrong key or value, a missing file) exits 2 with one paragraph (train/errors.py).
 """
 
 import importlib
@@ -20,25 +21,35 @@ TOOLS = {
 }
 
 
+def run_job() -> None:
+    from . import errors
+    from .run import main as job
+
+    try:
+        job()
+    except SystemExit as e:
+        if e.code == 1 and not errors.job_started():  # Hydra refused the command line or config (it printed why)
+            raise SystemExit(errors.EXIT_BAD_INPUT) from None
+        raise
+
+
 def main() -> None:
     from .builders import register_resolvers
+    from .errors import exit_on_input_error
 
     register_resolvers()
     if len(sys.argv) > 1 and sys.argv[1] in JOBS:
         sys.argv[1:2] = [f"--config-name={sys.argv[1]}"]  # the job, composed from another primary config
-        from .run import main as job
-
-        job()
+        run_job()
     elif len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         tool = sys.argv.pop(1)
         sys.argv[0] = f"python -m train {tool}"
-        importlib.import_module(f"train.tools.{tool}").main()
+        with exit_on_input_error():
+            importlib.import_module(f"train.tools.{tool}").main()
     elif len(sys.argv) > 1 and sys.argv[1] in ("tools", "--tools"):
         print("\n".join(f"python -m train {name:<17} {what}" for name, what in {**JOBS, **TOOLS}.items()))
     else:
-        from .run import main as job
-
-        job()
+        run_job()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,17 @@ HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
 def register_resolvers() -> None:
     """OmegaConf resolvers the config tree uses (`${arch_name:${arch}}` names run directories);
     called by every entry point before Hydra composes."""
-    OmegaConf.register_new_resolver("arch_name", arch_name, replace=True)
+    OmegaConf.register_new_resolver("arch_name", run_dir_arch_name, replace=True)
+
+
+def run_dir_arch_name(arch) -> str:
+    """`arch_name` for naming the run directory. A bad arch (e.g. a plan file that is not valid YAML)
+    is named `invalid_arch` here, so that the job starts and reports the ConfigError itself (Hydra
+    would print it inside an interpolation traceback)."""
+    try:
+        return arch_name(arch)
+    except ConfigError:
+        return "invalid_arch"
 
 
 def build(node: DictConfig, where: str):
@@ -93,6 +103,7 @@ class RunConfig:
 def model_and_plan(cfg: DictConfig) -> tuple[ModelSource, Plan]:
     """The model source and its resolved plan (a bad plan fails here, before any data work)."""
     model = build(cfg.model, "model")
+    model.check_weights()
     arch = cfg.get("arch")
     return model, model.plan(None if arch is None else OmegaConf.to_container(arch, resolve=True))
 
@@ -139,7 +150,7 @@ def build_strategy(cfg: DictConfig):
     return instantiate(kwargs)
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
     return instantiate(
@@ -147,6 +158,6 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         precision=resolve_precision(cfg.trainer.precision),
         strategy=build_strategy(cfg.strategy),
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *extra_callbacks],
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # atomic saves; Slurm without Lightning's in-handler requeue
     )

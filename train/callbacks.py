@@ -63,17 +63,26 @@ class EfficiencyMetrics(L.Callback):
         sync()
         decode_ms = 1e3 * (time.perf_counter() - t) / self.decode_tokens
         b = ids.shape[0]
+        # analytic counts (equal on every rank) and peaks: the ranks' maximum; measured times and cache
+        # sizes: their mean (with several ranks each measures its own first batch)
         module.log_dict(
             {
                 "eff/prefill_tflops": plan_flops / 1e12,
                 "eff/visual_tflops": visual / 1e12,
                 "eff/flops_ratio": plan_flops / dense_flops if dense_flops else 1.0,
+                "eff/peak_mem_mb": peak_memory_mb(ids.device),
+            },
+            sync_dist=True,
+            reduce_fx="max",
+            batch_size=b,
+        )
+        module.log_dict(
+            {
                 "eff/prefill_ms": prefill_ms / b,  # per sample, batched prefill
                 "eff/decode_ms_per_token": decode_ms,  # one step for the whole batch
                 "eff/kv_cache_mb": state.nbytes / b / 2**20,  # per sample, after the decoded tokens
-                "eff/peak_mem_mb": peak_memory_mb(ids.device),
             },
-            sync_dist=False,
+            sync_dist=True,
             batch_size=b,
         )
 
@@ -109,7 +118,7 @@ class Throughput(L.Callback):
 
     def on_validation_epoch_end(self, trainer, module):
         if trainer.state.fn == "fit":
-            module.log("perf/train_seconds", self.train_seconds, sync_dist=False)
+            module.log("perf/train_seconds", self.train_seconds, sync_dist=True, reduce_fx="max")
 
     def on_validation_end(self, trainer, module):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:

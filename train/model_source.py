@@ -18,7 +18,7 @@ import torch
 from data.chat import TEMPLATES
 from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
-from models.checkpoint import read_config
+from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
 from models.config import ConfigError, check_types
 from models.methods import resolve_arch
 from models.plan import Plan
@@ -68,6 +68,28 @@ class ModelSource:
             saved = read_config(self.pretrained).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
         return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
+
+    def check_weights(self) -> None:
+        """Fail before any data work when `pretrained`'s weights do not fit the model its config.json
+        describes: safetensors headers against that model built on the meta device (no memory, no
+        tensor read). MLLM.from_pretrained checks the same when it loads."""
+        if not self.pretrained:
+            return
+        hf = read_config(self.pretrained)
+        if hf.get("model_type") != "llava":
+            raise ConfigError(
+                f"model.pretrained: {self.pretrained}/config.json has model_type {hf.get('model_type')!r}, not 'llava'. "
+                "For separate vision and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
+            )
+        shapes = read_shapes(self.pretrained)
+        if shapes is None:  # torch .bin weights: shapes are only known after loading them
+            return
+        saved_plan = hf.get("efficient_mllm", {}).get("plan")
+        with torch.device("meta"):
+            model = MLLM.from_config(self.architecture, Plan.from_dict(saved_plan) if saved_plan else None, init=False)
+        message = mismatch_message(f"model.pretrained={self.pretrained}", *mismatches(model, shapes))
+        if message:
+            raise ConfigError(message)
 
     def build(self, plan: Plan | None = None) -> MLLM:
         dtype = DTYPES[self.dtype]

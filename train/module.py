@@ -156,8 +156,10 @@ class MLLMModule(L.LightningModule):
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
         if loss[1] > 0:
             metrics["val/loss"] = float(loss[0] / loss[1])
-        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
-        self.log("data/skipped_samples", float(self.skipped_samples), sync_dist=False, rank_zero_only=False)
+        # gathered above, so equal on every rank: synced with "max", which keeps them exact (and tells
+        # Lightning they are reduced); skipped samples are counted per rank and summed
+        self.log_dict(metrics, sync_dist=True, reduce_fx="max")
+        self.log("data/skipped_samples", float(self.skipped_samples), sync_dist=True, reduce_fx="sum")
         self.last_val_metrics = metrics
         if self.trainer.state.fn == "fit":
             self.last_val_step = self.global_step

@@ -73,7 +73,7 @@ class NonFiniteGuard:
     def _stop(self, trainer: L.Trainer) -> None:
         ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         path = Path(ckpt_dir) / f"nonfinite-step{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(path)  # every rank (DeepSpeed writes its shards collectively)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank (DeepSpeed writes its shards collectively)
         raise NonFiniteLossError(
             f"training loss was NaN/Inf for {self.in_row} steps in a row at step {trainer.global_step} "
             f"({self.total} non-finite steps in total); stopping. Skipped steps applied no update, so the "

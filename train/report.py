@@ -27,13 +27,28 @@ def write_report(summary: dict, out_dir: str | Path) -> None:
     print_summary(summary)
 
 
+def print_finished(summary: dict) -> None:
+    """A run directory whose run already finished: say so, and where its results are."""
+    print(f"this run already finished ({summary['steps']} steps); its results are left as they are in "
+          f"{summary['run_dir']}/metrics.json. To train it further: resume.extend_to=<steps>; for a new run: "
+          "another hydra.run.dir", flush=True)
+    print_summary(summary)
+
+
+def wall_time(seconds: dict) -> str:
+    """Every attempt's seconds (a resumed run's earlier attempts included)."""
+    earlier = seconds.get("earlier_attempts") or []
+    total = seconds.get("all_attempts", seconds["total"])
+    return f"{total} s" + (f" ({len(earlier) + 1} attempts)" if earlier else "")
+
+
 def print_summary(summary: dict) -> None:
     m = summary["metrics"]
     what = f"{summary['steps']} steps" if summary["steps"] else f"evaluated {summary.get('checkpoint', '')}"
     skills = "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("val/acc/"))
     lines = [
         "",
-        f"== {summary['model']} / {summary['arch']}: {what} in {summary['seconds']['total']} s ==",
+        f"== {summary['model']} / {summary['arch']}: {what} in {wall_time(summary['seconds'])} ==",
         f"val/acc {m.get('val/acc', float('nan')):.3f}   acc_noimage {m.get('val/acc_noimage', float('nan')):.3f}   "
         f"acc_majority {m.get('val/acc_majority', float('nan')):.3f}   val/loss {m.get('val/loss', float('nan')):.4f}",
         *([f"per skill: {skills}"] if skills else []),

@@ -11,20 +11,26 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoint import read_shapes
 from models.config import ConfigError
 from models.plan import Plan
 
-from .builders import CONF_DIR, RunConfig, build_data, build_module, build_trainer, register_resolvers
-from .infra.resume import keep_csv_history, resolve_ckpt_path
+from .builders import CONF_DIR, RunConfig, build, build_data, build_module, build_trainer, register_resolvers
+from .errors import exit_on_input_error, input_error, mark_job_started
+from .infra.preemption import exit_when_stopped_by_signal
+from .infra.resume import keep_csv_history, read_record, resolve_ckpt_path
+from .infra.same_run import ResumeOptions, RunRecord, finished_summary
 from .infra.sharding import is_zero3, load_zero3_weights
 from .lmms.export import write_eval_files
 from .model_source import ModelSource
 from .module import MLLMModule
 from .peft import export_model
-from .report import flops_counting, logged_metrics, write_report
+from .report import flops_counting, logged_metrics, print_finished, write_report
 
 log = logging.getLogger(__name__)
 
@@ -32,36 +38,64 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()  # also in launcher processes (submitit), which re-resolve the config
-    try:
-        summary = run(cfg)
-    except Exception:  # the run directory keeps why (a sweep job's error is otherwise only in a pickle)
-        Path(cfg.paths.output_dir, "error.txt").write_text(traceback.format_exc())
-        raise
+    mark_job_started()
+    with exit_on_input_error(enabled=not in_sweep()):  # bad input: one paragraph, exit 2 (train/errors.py)
+        try:
+            summary = run(cfg)
+        except Exception as e:  # the run directory keeps why (a sweep job's error is otherwise only in a pickle)
+            if in_sweep() or input_error(e) is None:  # a refused command leaves a run directory as it was
+                Path(cfg.paths.output_dir, "error.txt").write_text(traceback.format_exc())
+            raise
     return summary["metrics"].get("val/acc")  # what a Hydra sweeper optimises
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run(cfg: DictConfig) -> dict:
     """Fit, evaluate the best checkpoint on the val shards and export it; with `trainer.max_steps=0`
-    only evaluate `model.pretrained` under the plan (`python -m train evaluate`). Returns the report."""
+    only evaluate `model.pretrained` under the plan (`python -m train evaluate`). Returns the report.
+    A run directory that already holds this run's final report is left alone (train/infra/same_run.py)."""
+    started = time.time()
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume = build(cfg.resume, "resume") if "resume" in cfg else ResumeOptions()
+    evaluate_only = cfg.trainer.max_steps == 0
+    if resume.extend_to and evaluate_only:
+        raise ConfigError("resume.extend_to continues a training run; `python -m train evaluate` does not train")
+    if resume.extend_to:
+        cfg.trainer.max_steps = resume.extend_to
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not evaluate_only and cfg.ckpt_path in ("auto", "last"):
+        finished = finished_summary(out_dir, config, cfg.trainer.max_steps)
+        if finished is not None:
+            if rank_zero_only.rank == 0:
+                print_finished(finished)
+            return finished
     L.seed_everything(cfg.seed, workers=True)
     job = RunConfig.from_config(cfg)  # every config error surfaces here, before any data work
-    evaluate_only = cfg.trainer.max_steps == 0
     if evaluate_only:
         check_evaluable(job.model, job.plan)
+    record = RunRecord(config, started, resume.allow_changes, ignore=("trainer.max_steps",) if resume.extend_to else ())
+    trainer = build_trainer(cfg, extra_callbacks=[record])
+    ckpt_path = None if evaluate_only else resolve_ckpt_path(cfg.ckpt_path, trainer)
+    if ckpt_path and (saved := read_record(ckpt_path)) is not None:
+        record.resumed(saved, ckpt_path)  # a changed experiment is refused before any data work
+    # the run directory changes only now that the run is going ahead
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    keep_csv_history(trainer)  # whenever this run directory is used again
 
     start = time.time()
     tokenizer, dm = build_data(job.model, job.data, cfg.paths.data_dir, cfg.seed)
     data_seconds = time.time() - start
     module = build_module(job, tokenizer)
-    trainer = build_trainer(cfg)
-    if evaluate_only:
-        trainer.validate(module, datamodule=dm, verbose=False)
-        best = None
-    else:
-        best = fit_and_evaluate(cfg, trainer, module, dm)
+    with exit_when_stopped_by_signal(trainer):  # SIGTERM: checkpoint saved, exit 143 (train/infra/preemption.py)
+        if evaluate_only:
+            trainer.validate(module, datamodule=dm, verbose=False)
+            best, fit_metrics = None, {}
+        else:
+            best, fit_metrics = fit_and_evaluate(trainer, module, dm, ckpt_path)
     bench = benchmark_scores(job, module, trainer) if job.evaluation.lmms_tasks else {}
     summary = {
         "run_dir": str(out_dir),
@@ -71,8 +105,8 @@ def run(cfg: DictConfig) -> dict:
         "checkpoint": job.model.pretrained,
         "flops": flops_counting(trainer),
         "best_checkpoint": best,
-        "seconds": {"data": round(data_seconds, 1), "fit": round(time.time() - start - data_seconds, 1), "total": round(time.time() - start, 1)},
-        "metrics": {**logged_metrics(trainer), **bench},
+        "seconds": {"data": round(data_seconds, 1), "fit": round(time.time() - start - data_seconds, 1)},
+        "metrics": {**fit_metrics, **logged_metrics(trainer), **bench},  # the final evaluation's over fit's last values
     }
     model = module.unsharded_model() if cfg.export and not evaluate_only else None  # a collective under ZeRO-3 / FSDP
     if model is not None and trainer.is_global_zero:
@@ -83,25 +117,29 @@ def run(cfg: DictConfig) -> dict:
         tokenizer.save_pretrained(export_dir)
         write_eval_files(export_dir, job.model.chat_template, job.model.system_prompt, tokenizer)  # prompts + preprocessing
         summary["export"] = str(export_dir)
+    this_attempt = round(record.seconds(), 1)
+    summary["seconds"].update(total=this_attempt, earlier_attempts=record.earlier,
+                              all_attempts=round(sum(record.earlier) + this_attempt, 1))
     if trainer.is_global_zero:
         write_report(summary, out_dir)
     return summary
 
 
-def fit_and_evaluate(cfg: DictConfig, trainer: L.Trainer, module: MLLMModule, dm) -> str | None:
-    """Fit (resuming per `ckpt_path`), then make sure the reported metrics are the best checkpoint's."""
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, trainer)
+def fit_and_evaluate(trainer: L.Trainer, module: MLLMModule, dm, ckpt_path: str | None) -> tuple[str | None, dict]:
+    """Fit (resuming from `ckpt_path`), then make sure the reported metrics are the best checkpoint's.
+    Returns the best checkpoint and the metrics at the end of fit (train/loss, ...), which an evaluation
+    run afterwards clears from the trainer."""
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-        keep_csv_history(trainer)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    fit_metrics = logged_metrics(trainer)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if not evaluated_at_end(trainer, module, best):
         if best and is_zero3(trainer.strategy):
             load_zero3_weights(module.model, best)
             best = None
         trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
-    return best
+    return best, fit_metrics
 
 
 def benchmark_scores(job: RunConfig, module: MLLMModule, trainer: L.Trainer) -> dict[str, float]:

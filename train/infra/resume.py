@@ -1,4 +1,5 @@
-"""Resume that loses nothing: which checkpoint to resume from, periodic `last` checkpoints, RNG state.
+"""Resume that loses nothing: which checkpoint to resume from (skipping truncated or corrupt ones),
+periodic `last` checkpoints, RNG state.
 
 Together with the data position that MLLMDataModule keeps in every checkpoint (data/position.py) and
 Lightning's own model / optimizer / scheduler / loop state, a resumed fit continues the loss curve of
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from data.position import gather_ranks
+from models.config import ConfigError
 
 from .checkpoint_io import fsync_dir
 
@@ -44,24 +47,60 @@ def resume_candidates(trainer: L.Trainer) -> list[Path]:
     return list(dict.fromkeys([*paths, *root.glob("hpc_ckpt_*.ckpt")]))
 
 
-def existing(path: Path) -> Path | None:
-    """`path`, or the previous checkpoint when a crash hit between the two renames of a directory swap."""
-    for p in (path, with_suffix(path, ".old")):
-        if p.exists():
-            return p
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """The run directory and the directories the checkpoint callbacks write to."""
+    dirs = [Path(trainer.default_root_dir), *(cb.last_path.parent for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint))]
+    dirs += [Path(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return list(dict.fromkeys(dirs))
+
+
+def variants(path: Path) -> list[Path]:
+    """`path` and what an interrupted directory swap (`commit`) leaves: the complete staged
+    `<path>.partial` and the previous `<path>.old`. Which of them is usable, `checkpoint_problem` says."""
+    return [p for p in (path, with_suffix(path, ".partial"), with_suffix(path, ".old")) if p.exists()]
+
+
+def newest_first(paths) -> list[Path]:
+    return sorted(dict.fromkeys(paths), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (truncated, corrupt, incomplete), or None when it can. A file is
+    opened the way resuming opens it (weights_only, memory-mapped: no tensor data is read); DeepSpeed and
+    distributed checkpoint directories write `latest` / `meta.pt` last, so without them a save was cut short."""
+    if path.is_dir():
+        if (path / "latest").is_file() or (path / "meta.pt").is_file():
+            return None
+        return "an incomplete checkpoint directory (no `latest` or `meta.pt`: its save was interrupted)"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to open it is the answer
+        return f"unreadable, truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
 
 
 def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
-    """The config's `ckpt_path` as what `trainer.fit` takes (see CKPT_PATH_HELP)."""
+    """The config's `ckpt_path` as what `trainer.fit` takes (see CKPT_PATH_HELP). Under auto / last an
+    unusable newest checkpoint is skipped, with a warning naming it, for the next usable one (an older
+    last/hpc checkpoint, else another checkpoint in the run's checkpoint directories, e.g. the best)."""
     if value in (None, "", "null", "none"):
         return None
     if value == "hpc":
         return value
     if value in ("auto", "last"):
-        found = [p for p in map(existing, resume_candidates(trainer)) if p is not None]
-        if found:
-            return str(max(found, key=lambda p: p.stat().st_mtime))
+        primary = newest_first(v for p in resume_candidates(trainer) for v in variants(p))
+        others = newest_first(p for d in checkpoint_dirs(trainer) for p in d.glob("*.ckpt") if p not in primary)
+        skipped = []
+        for path in [*primary, *others]:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped:
+                    log.warning("skipped %s; resuming from %s instead", "; ".join(skipped), path)
+                return str(path)
+            skipped.append(f"{path}: {problem}")
+        if skipped:
+            raise ConfigError(f"ckpt_path={value}: no usable checkpoint to resume from ({'; '.join(skipped)}). Remove them "
+                              "to start this run directory afresh, or point ckpt_path at a good checkpoint")
         if value == "last":
             where = ", ".join(str(p) for p in resume_candidates(trainer)) or "(no checkpoint callback configured)"
             raise FileNotFoundError(f"ckpt_path=last but there is no checkpoint at {where}; use ckpt_path=auto to "
@@ -70,12 +109,23 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
     path = Path(value).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; {CKPT_PATH_HELP}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"ckpt_path={path} is {problem}; point ckpt_path at another checkpoint, or ckpt_path=null to start fresh")
     return str(path)
+
+
+def read_record(path: str | Path) -> dict | None:
+    """A file checkpoint's top-level entries (tensors memory-mapped, not read), for the checks made before
+    any data work; None for checkpoint directories (checked when Lightning loads them) and `hpc`."""
+    path = Path(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
 
 
 @rank_zero_only
 def keep_csv_history(trainer: L.Trainer) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv; keep the earlier attempt's as metrics.<n>.csv."""
+    """Lightning's CSVLogger deletes an existing metrics.csv; keep an earlier attempt's as metrics.<n>.csv
+    (whenever a run directory is used again: resumed, restarted or extended)."""
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             current = Path(logger.log_dir) / "metrics.csv"
@@ -92,13 +142,24 @@ def with_suffix(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-class PeriodicCheckpoint(Checkpoint):
-    """Every `every_n_train_steps` optimizer steps, the full training state to `<dirpath>/<filename>`,
-    so a killed run loses at most that many steps (`ckpt_path: auto` resumes from it; 0 or null: off).
+def writes_directories(strategy) -> bool:
+    """DeepSpeed and FSDP2's distributed checkpoints are directories written by the engine itself
+    (bypassing CheckpointIO); every other strategy writes one file through CheckpointIO."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return True
+    return isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", True)
 
-    The state is written under `<filename>.partial` and renamed into place once complete, on every
-    strategy: a file replaces the old one atomically; a directory (DeepSpeed, sharded FSDP) is swapped in
-    with two renames, and a crash between them leaves `<filename>.old`, which resuming falls back to.
+
+class PeriodicCheckpoint(Checkpoint):
+    """Every `every_n_train_steps` optimizer steps and at the final one, the full training state to
+    `<dirpath>/<filename>`, so a killed run loses at most that many steps (`ckpt_path: auto` resumes from
+    it; 0 or null: only the final step).
+
+    A file goes through the trainer's CheckpointIO (train/infra/checkpoint_io.py: a temporary file
+    beside it, one rename). A directory (DeepSpeed, FSDP2) is written as `<filename>.partial` and
+    swapped in (`commit`); a kill between the swap's two renames leaves the complete `.partial` and the
+    previous `.old`, and resuming takes the newer usable one. At the start of training rank 0 finishes
+    such a swap and removes what interrupted saves left behind (`tidy`).
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = 200, filename: str = "last.ckpt"):
@@ -106,19 +167,31 @@ class PeriodicCheckpoint(Checkpoint):
         self.every_n_train_steps = int(every_n_train_steps or 0)
         self._saved_step = -1
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            tidy(checkpoint_dirs(trainer))
+        trainer.strategy.barrier("PeriodicCheckpoint.tidy")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # advanced by the optimizer step of this batch (once per accumulation)
         n = self.every_n_train_steps
-        if n <= 0 or step == 0 or step % n or step == self._saved_step or trainer.sanity_checking:
+        periodic = n > 0 and step % n == 0
+        # the final step too: Lightning's ModelCheckpoint rewrites last.ckpt only when an evaluation saved a
+        # new best, and a run resumed or extended (resume.extend_to) must continue from its last step
+        final = step == trainer.max_steps
+        if step == 0 or not (periodic or final) or step == self._saved_step or trainer.sanity_checking:
             return
         self._saved_step = step
         self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
-        staged = with_suffix(self.last_path, ".partial")
-        trainer.save_checkpoint(staged)  # every rank takes part (sharded strategies write their shards)
-        if trainer.is_global_zero:
-            commit(staged, self.last_path)
+        if writes_directories(trainer.strategy):
+            staged = with_suffix(self.last_path, ".partial")
+            trainer.save_checkpoint(staged, weights_only=False)  # every rank writes its shards
+            if trainer.is_global_zero:
+                commit(staged, self.last_path)
+        else:
+            trainer.save_checkpoint(self.last_path, weights_only=False)
         trainer.strategy.barrier("PeriodicCheckpoint.save")
 
 
@@ -141,6 +214,28 @@ def commit(staged: Path, final: Path) -> None:
         os.replace(staged, final)
         _remove(old)
     fsync_dir(final.parent)
+
+
+def tidy(dirs: list[Path]) -> None:
+    """Finish directory swaps a kill interrupted, and remove what interrupted saves left: temporary
+    files (`.<name>.<pid>.<id>.partial`, `.export.<id>.partial`, gigabytes for a real model), incomplete
+    `<name>.partial` directories and `<name>.old` copies that a complete checkpoint replaced."""
+    for d in dirs:
+        for staged in sorted(d.glob("*.partial")):
+            final = staged.with_name(staged.name.removesuffix(".partial"))
+            if not staged.name.startswith(".") and not final.exists() and checkpoint_problem(staged) is None:
+                os.replace(staged, final)  # the swap had removed `final`: its staged copy is complete
+                log.info("completed the interrupted save of %s", final)
+            else:
+                _remove(staged)
+                log.info("removed %s, left by an interrupted save", staged)
+        for old in sorted(d.glob("*.old")):
+            final = old.with_name(old.name.removesuffix(".old"))
+            if old.name.startswith(".") or (final.exists() and checkpoint_problem(final) is None):
+                _remove(old)
+            elif not final.exists():
+                os.replace(old, final)
+        fsync_dir(d)
 
 
 # --- RNG state ---------------------------------------------------------------------------------------------

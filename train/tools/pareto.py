@@ -144,7 +144,7 @@ def read_run(d: Path, sweep_dir: Path) -> Run | Failure:
         model=str(summary.get("model", "")),
         knobs=arch_knobs(config.get("arch") or {}),
         steps=summary.get("steps"),
-        seconds=seconds.get("total") if isinstance(seconds, dict) else seconds,
+        seconds=seconds.get("all_attempts", seconds.get("total")) if isinstance(seconds, dict) else seconds,
         metrics=metrics,
         flops=summary.get("flops"),
         config=config,
