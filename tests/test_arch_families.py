@@ -27,7 +27,7 @@ def preset(name: str) -> dict:
 def planned_model(name: str, vision: str, text: str) -> MLLM:
     config = tiny_config(vision=vision, text=text, text_layers=4, image_size=32)
     t = config.hf_text_config()
-    plan = resolve_arch(preset(name), t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads)
+    plan = resolve_arch(preset(name), t.num_hidden_layers, t.num_attention_heads)
     torch.manual_seed(0)
     model = MLLM(config, plan).eval()
     for block in model.xattn.values():  # open the zero-initialised gates: the blocks then change the output

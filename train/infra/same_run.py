@@ -40,7 +40,8 @@ EXPERIMENT = (
     "trainer.max_steps", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
     "trainer.gradient_clip_algorithm", "trainer.precision",
 )
-HOW_IT_RUNS = ("data.num_workers", "data.eval_batch_size", "model.gradient_checkpointing")
+HOW_IT_RUNS = ("data.num_workers", "data.eval_batch_size", "model.gradient_checkpointing",
+               "data.source.root")  # the synthetic cache's location; its content is keyed on the other data.source.* keys
 DEVICES = ("trainer.devices", "trainer.num_nodes")
 NOT_COMPARED = ("ckpt_path", "resume")
 ABSENT = object()  # a key one of the two configs does not have
