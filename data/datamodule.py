@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from .chat import IGNORE, ChatTokenizer, pad
 from .images import decode, preprocess
 from .even_eval import EvenEvalStream
+from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
 
@@ -63,6 +64,7 @@ class Collator:
         prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
         prompt_ids = pad(prompts, self.pad_id, left=True)
         images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        lengths = [len(i) for i in ids]
         return {
             "input_ids": input_ids,
             "attention_mask": pad([[1] * len(s) for s in ids], 0),
@@ -76,6 +78,8 @@ class Collator:
             "scored": [not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
             "n_skipped": sum(s["n_skipped"] for s in samples),
             "stream_pos": samples[-1].get("stream_pos"),  # one worker made the whole batch; its last sample
+            "n_tokens": len(ids) * max(lengths),  # what the model processes, padding included
+            "n_padding": len(ids) * max(lengths) - sum(lengths),
         }
 
 
@@ -83,7 +87,10 @@ class MLLMDataModule(L.LightningDataModule):
     """Infinite shuffled training stream (step-based training) and a finite validation pass.
 
     Checkpoints hold every rank's position in the training stream (data/position.py): a resumed fit
-    trains on exactly the batches the uninterrupted run would have seen next.
+    trains on exactly the batches the uninterrupted run would have seen next. `group_by_length` forms
+    training batches of similar length, image and text-only apart, within buffers of
+    `group_buffer_batches` batches (data/length_groups.py); `padding_fraction` is the padded share of
+    the training tokens consumed so far (logged as data/padding_fraction).
     """
 
     def __init__(
@@ -97,8 +104,12 @@ class MLLMDataModule(L.LightningDataModule):
         num_workers: int = 1,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        group_by_length: bool = False,
+        group_buffer_batches: int = 32,
     ):
         super().__init__()
+        self.grouping = LengthGrouping(batch_size, group_buffer_batches) if group_by_length else None
+        self._tokens = [0, 0]  # padding, all: training batches consumed on this rank since the start
         self.train_urls, self.val_urls = train_urls, val_urls
         self.encoder = encoder
         self.collate = Collator(pad_id)
@@ -108,10 +119,15 @@ class MLLMDataModule(L.LightningDataModule):
         self.seed = seed
         self.position: StreamPosition | None = None  # after the last training batch consumed on this rank
 
-    def _loader(self, dataset, batch_size: int) -> DataLoader:
+    @property
+    def padding_fraction(self) -> float | None:
+        padding, total = self._tokens
+        return padding / total if total else None
+
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=batch_size,  # None: the dataset yields whole batches (length grouping)
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -122,9 +138,10 @@ class MLLMDataModule(L.LightningDataModule):
         start = self.position  # restored from a checkpoint, or None: from the beginning
         self.position = start or StreamPosition.start(max(1, self.num_workers))
         ds = ShardStream(
-            self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start
+            self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start,
+            grouping=self.grouping,
         )
-        return self._loader(ds, self.batch_size)
+        return self._loader(ds, None if self.grouping else self.batch_size)
 
     # --- resuming: the training stream's position travels in checkpoints ---------------------------
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -132,12 +149,15 @@ class MLLMDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training and self.position is not None and batch.get("stream_pos"):
             self.position = self.position.after(batch["stream_pos"])
+        if trainer is not None and trainer.training and "n_tokens" in batch:
+            self._tokens[0] += batch["n_padding"]
+            self._tokens[1] += batch["n_tokens"]
         return batch
 
     def state_dict(self) -> dict:
         if self.position is None or getattr(self, "trainer", None) is None:
             return {}
-        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 2]
+        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 3]
 
     def load_state_dict(self, state: dict) -> None:
         positions = state.get("stream_positions")

@@ -81,6 +81,8 @@ def build_data(cfg: DictConfig, spec: ModelSpec):
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.seed,
+        group_by_length=cfg.data.group_by_length,
+        group_buffer_batches=cfg.data.group_buffer_batches,
     )
     return tokenizer, dm
 
