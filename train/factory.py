@@ -20,6 +20,7 @@ from data.chat import TEMPLATES
 from data.tokenizer import load_or_train, load_pretrained_tokenizer, template_corpus
 from models import MLLM, MLLMConfig
 from models.checkpoint import build, load_components, load_pretrained
+from models.compile import compile_decoder_layers
 from models.vision import init_sincos_positions
 from models.methods import resolve_arch
 from models.plan import Plan
@@ -42,6 +43,7 @@ class ModelSpec:
     system_prompt: str | None = None
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the decoder layers (models/compile.py)
     vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
     _mllm_config: MLLMConfig | None = field(default=None, repr=False)
 
@@ -90,6 +92,8 @@ class ModelSpec:
         if plan is not None:
             model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
+        if self.compile:
+            compile_decoder_layers(model)
         return model
 
     def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path):
