@@ -265,10 +265,15 @@ class LayerRunner:
         carries its position, validity and kind)."""
         n_text = text.n
         order = sequence_order(torch.cat([text.pos, vis.pos], 1), torch.cat([text.valid, vis.valid], 1))
+        b, n = order.shape
+        rows = torch.arange(b, device=order.device)[:, None] * n
 
-        def seq(a: Tensor, b: Tensor) -> Tensor:
-            x = torch.cat([a, b], 1)
-            return torch.gather(x, 1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+        def take(x: Tensor, index: Tensor) -> Tensor:
+            """Per row `x[i, index[i]]`, as one index_select (its backward keeps no copy of `x`, gather's does)."""
+            return x.flatten(0, 1).index_select(0, (index + rows).flatten()).view(b, n, *x.shape[2:])
+
+        def seq(of_text: Tensor, of_vis: Tensor) -> Tensor:
+            return take(torch.cat([of_text, of_vis], 1), order)
 
         h, cos, sin = seq(text.h, vis.h), seq(text.cos, vis.cos), seq(text.sin, vis.sin)
         x = self.layer.input_layernorm(h)
@@ -278,11 +283,11 @@ class LayerRunner:
         h = h + self.attn.o_proj(merge_heads(sdpa(q, k, v, self.attn.scaling, causal=True)))
         h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
         slot = order.argsort(1)  # where each stream token sits in the sequence
-        h = torch.gather(h, 1, slot[:, :, None].expand(-1, -1, h.shape[-1]))
+        h = take(h, slot)
         keys = Keys(k, v, seq(text.pos, vis.pos), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         scores = None
         if score_next is not None:
-            rows = torch.arange(h.shape[0], device=h.device)
+            rows = torch.arange(b, device=h.device)
             last = slot[rows, query_idx]
             q_last = q[rows, :, last].unsqueeze(2)
             m_last = causal_mask(keys.pos[rows, last][:, None], keys.valid[rows, last][:, None], keys)[:, 0].expand(-1, self.n_heads, -1)
