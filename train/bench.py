@@ -19,6 +19,7 @@ Timings are benchmarks, not tests: they depend on the machine; the README lists 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import statistics
@@ -126,17 +127,19 @@ class HFRunner:
 
     def __init__(self, hf):
         self.model = hf
+        # the KV cache argument is `cache` in recent transformers 5.x, `past_key_values` before
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
     def prefill(self, ids, mask, pixels):
         out = self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], getattr(out, self.cache_arg)
 
     def loss(self, ids, mask, pixels, labels):
         return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
 
-    def step(self, token, past, mask):
-        out = self.model(input_ids=token[:, None], attention_mask=mask, past_key_values=past, use_cache=True)
-        return out.logits[:, -1], out.past_key_values
+    def step(self, token, cache, mask):
+        out = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{self.cache_arg: cache})
+        return out.logits[:, -1], getattr(out, self.cache_arg)
 
 
 def time_runner(runner, params, batch, b, clock: Clock) -> dict:
@@ -229,7 +232,18 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
     shape = Shape.from_hf(model.text_config)
     n_v = model.config.num_image_tokens
     dense_flops = prefill_flops(shape, Plan.dense(shape.layers), n_v, b.n_text)
-    rows = []
+    out = Path(b.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{spec.name}-{b.device}-{b.dtype}-nv{n_v}-b{b.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"config": OmegaConf.to_container(base.bench, resolve=True), "model": spec.name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        for r in rows:
+            r["time_ratio"] = round(r["prefill_ms"] / rows[0]["prefill_ms"], 4)
+        path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
     for arch in ["dense"] + [a for a in archs if a != "dense"]:
         cfg = compose_cli("bench", overrides + [f"arch={arch}"])
         plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))
@@ -237,20 +251,14 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
         timing = time_runner(OursRunner(model), params, batch, b, clock)
         rows.append({"arch": plan.name, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing,
                      "flops_ratio": round(prefill_flops(shape, plan, n_v, b.n_text) / dense_flops, 4)})
+        save()
     if b.hf:
         model.set_plan(Plan.dense(shape.layers))
         timing = time_runner(HFRunner(hf_twin(model, spec)), params, batch, b, clock)
         rows.append({"arch": HF_ROW, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing, "flops_ratio": 1.0})
         for name, key in (("prefill", "prefill_ms"), ("train_step", "train_step_ms"), ("decode", "decode_ms_per_token")):
             rows[0][f"{name}_vs_hf"] = round(rows[0][key] / rows[-1][key], 4)  # our dense time / HF's: below 1 is faster
-    for r in rows:
-        r["time_ratio"] = round(r["prefill_ms"] / rows[0]["prefill_ms"], 4)
-    out = Path(b.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{spec.name}-{b.device}-{b.dtype}-nv{n_v}-b{b.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    meta = {"config": OmegaConf.to_container(base.bench, resolve=True), "model": spec.name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        save()
     print(f"results: {path}", file=sys.stderr)
     return rows
 
