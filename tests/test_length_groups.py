@@ -76,3 +76,47 @@ def test_grouped_stream_continues_exactly_from_a_position(mixed_shards, workers,
 def test_positions_written_before_grouping_still_load():
     old = StreamPosition.from_tensor(torch.tensor([[1, 7], [0, 2], [3, 9], [1, 3]]))
     assert old == StreamPosition(((1, 7), (0, 2), (3, 9)), 1) and old.taken == (0, 0, 0)
+
+
+def test_data_module_logs_the_padding_fraction_of_grouped_batches(synthetic_dir, task_tokenizer):
+    """`data.group_by_length=true` end to end through Lightning: data/padding_fraction is logged, equals the
+    padded share of the batches trained on, and is below that of the same stream batched in order."""
+    import lightning as L
+
+    from data.chat import ChatTokenizer
+    from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
+    from models import MLLM
+    from tests.test_train import small_task_model_config
+    from train.module import MLLMModule
+    from train.optim import OptimConfig
+    from train.stage import StageConfig
+
+    root, _ = synthetic_dir
+    config = small_task_model_config()
+    encoder = SampleEncoder(ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system=""), ImageSpec(64, (0.5,) * 3, (0.5,) * 3))
+    urls = sorted(str(p) for p in root.glob("train-*.tar")), sorted(str(p) for p in root.glob("val-*.tar"))
+
+    def data(grouped: bool) -> MLLMDataModule:
+        return MLLMDataModule(*urls, encoder, pad_id=0, batch_size=4, num_workers=0, shuffle_buffer=20,
+                              group_by_length=grouped, group_buffer_batches=4)
+
+    seen = []
+
+    class Seen(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append((batch["n_padding"], batch["n_tokens"]))
+
+    dm = data(True)
+    module = MLLMModule(model_factory=lambda: MLLM(config), optim=OptimConfig(lr=1e-3), stage=StageConfig("scratch", True, True, True),
+                        decode=lambda t: [""] * len(t), eos_ids=[2], pad_id=0)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, callbacks=[Seen()], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    grouped = sum(p for p, _ in seen) / sum(t for _, t in seen)
+    assert dm.padding_fraction == pytest.approx(grouped)
+    assert float(trainer.callback_metrics["data/padding_fraction"]) == pytest.approx(grouped)
+    in_order = data(False).train_dataloader()
+    batches = list(itertools.islice(in_order, 16))
+    ungrouped = sum(b["n_padding"] for b in batches) / sum(b["n_tokens"] for b in batches)
+    print(f"padding fraction: grouped {grouped:.3f}, in stream order {ungrouped:.3f}")
+    assert grouped < 0.5 * ungrouped
