@@ -266,11 +266,11 @@ class LayerRunner:
         n_text = text.n
         order = sequence_order(torch.cat([text.pos, vis.pos], 1), torch.cat([text.valid, vis.valid], 1))
         b, n = order.shape
-        rows = torch.arange(b, device=order.device)[:, None] * n
+        row_start = torch.arange(b, device=order.device)[:, None] * n
 
         def take(x: Tensor, index: Tensor) -> Tensor:
             """Per row `x[i, index[i]]`, as one index_select (its backward keeps no copy of `x`, gather's does)."""
-            return x.flatten(0, 1).index_select(0, (index + rows).flatten()).view(b, n, *x.shape[2:])
+            return x.flatten(0, 1).index_select(0, (index + row_start).flatten()).view(b, n, *x.shape[2:])
 
         def seq(of_text: Tensor, of_vis: Tensor) -> Tensor:
             return take(torch.cat([of_text, of_vis], 1), order)

@@ -198,8 +198,12 @@ def hf_twin(model, spec: ModelSpec):
         hf = LlavaForConditionalGeneration._from_config(model.config.hf_llava_config(), attn_implementation="sdpa", dtype=model.dtype)
     ours = model.state_dict(keep_vars=True)
     hf.load_state_dict({k: ours[to_internal_name(k)] for k in hf.state_dict()}, assign=True, strict=True)
-    if spec.gradient_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:  # like ours: the decoder layers only, not the vision tower
+        lm = hf.model.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
+            lm.activation_checkpointing_enable()
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return hf
 
 
