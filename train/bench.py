@@ -96,6 +96,7 @@ def make_batch(model, batch: int, n_text: int, seed: int, device: torch.device |
     g = torch.Generator().manual_seed(seed)
     n_v, vocab = model.config.num_image_tokens, model.text_config.vocab_size
     ids = torch.randint(4, vocab, (batch, n_text + n_v), generator=g)
+    ids[ids == model.config.image_token_id] = 4  # text never holds an image token (LLaVA's id 32000 is in range)
     ids[:, 3 : 3 + n_v] = model.config.image_token_id
     size = model.config.hf_vision_config().image_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
