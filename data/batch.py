@@ -28,7 +28,9 @@ class Batch:
     keys: list[str]  # shard sample keys (for messages about bad samples)
     scored: list[bool]  # False: a padding row that evens out the ranks' evaluation shares
     n_skipped: int = 0  # corrupt samples skipped while this batch was read
-    stream_pos: tuple[int, int, int] | None = None  # training-stream position of the last row (resume)
+    stream_pos: tuple[int, ...] | None = None  # training-stream position of the last row (resume)
+    n_tokens: int = 0  # rows x longest row: what the model processes, padding included
+    n_padding: int = 0  # of those, padding
 
     @property
     def size(self) -> int:
@@ -50,6 +52,7 @@ class Collator:
         prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
         images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         pos = samples[-1].get("stream_pos")  # one worker made the whole batch; its last sample
+        lengths = [len(i) for i in ids]
         return Batch(
             input_ids=pad(ids, self.pad_id),
             attention_mask=pad([[1] * len(s) for s in ids], 0),
@@ -63,4 +66,6 @@ class Collator:
             scored=[not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
             n_skipped=sum(s["n_skipped"] for s in samples),
             stream_pos=tuple(int(v) for v in pos) if pos is not None else None,
+            n_tokens=len(ids) * max(lengths),
+            n_padding=len(ids) * max(lengths) - sum(lengths),
         )

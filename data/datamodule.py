@@ -15,6 +15,7 @@ from .batch import Batch, Collator
 from .chat import ChatTokenizer
 from .images import decode, preprocess
 from .even_eval import EvenEvalStream
+from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
 from .position import StreamPosition, gather_ranks
 from .workers import resolve_num_workers
@@ -33,6 +34,8 @@ class DataConfig:
     num_workers: int | str = 1  # a count, or `auto` (data/workers.py)
     shuffle_buffer: int = 1000
     max_length: int = 2048
+    group_by_length: bool = False  # training batches of similar length (data/length_groups.py)
+    group_buffer_batches: int = 32  # batches per grouping buffer
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -42,6 +45,7 @@ class DataConfig:
             ("eval_batch_size", self.eval_batch_size > 0, "> 0"),
             ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"),
             ("max_length", self.max_length > 0, "> 0"),
+            ("group_buffer_batches", self.group_buffer_batches > 0, "> 0"),
         ):
             if not ok:
                 raise ConfigError(f"data.{name} must be {need}, got {getattr(self, name)}")
@@ -86,7 +90,10 @@ class MLLMDataModule(L.LightningDataModule):
     """Infinite shuffled training stream (step-based training) and a finite validation pass.
 
     Checkpoints hold every rank's position in the training stream (data/position.py): a resumed fit
-    trains on exactly the batches the uninterrupted run would have seen next.
+    trains on exactly the batches the uninterrupted run would have seen next. `group_by_length` forms
+    training batches of similar length, image and text-only apart, within buffers of
+    `group_buffer_batches` batches (data/length_groups.py); `padding_fraction` is the padded share of
+    the training tokens consumed so far (logged as data/padding_fraction).
     """
 
     def __init__(
@@ -100,8 +107,12 @@ class MLLMDataModule(L.LightningDataModule):
         num_workers: int | str = 1,  # or "auto" (data/workers.py)
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        group_by_length: bool = False,
+        group_buffer_batches: int = 32,
     ):
         super().__init__()
+        self.grouping = LengthGrouping(batch_size, group_buffer_batches) if group_by_length else None
+        self._tokens = [0, 0]  # padding, all: training batches consumed on this rank since the start
         self.train_urls, self.val_urls = train_urls, val_urls
         self.encoder = encoder
         self.collate = Collator(pad_id)
@@ -111,10 +122,15 @@ class MLLMDataModule(L.LightningDataModule):
         self.seed = seed
         self.position: StreamPosition | None = None  # after the last training batch consumed on this rank
 
-    def _loader(self, dataset, batch_size: int) -> DataLoader:
+    @property
+    def padding_fraction(self) -> float | None:
+        padding, total = self._tokens
+        return padding / total if total else None
+
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
+            batch_size=batch_size,  # None: the dataset yields whole batches (length grouping)
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -125,9 +141,10 @@ class MLLMDataModule(L.LightningDataModule):
         start = self.position  # restored from a checkpoint, or None: from the beginning
         self.position = start or StreamPosition.start(max(1, self.num_workers))
         ds = ShardStream(
-            self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start
+            self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start,
+            grouping=self.grouping,
         )
-        return self._loader(ds, self.batch_size)
+        return self._loader(ds, None if self.grouping else self.batch_size)
 
     # --- resuming: the training stream's position travels in checkpoints ---------------------------
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
@@ -135,12 +152,15 @@ class MLLMDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training and self.position is not None and batch.stream_pos is not None:
             self.position = self.position.after(batch.stream_pos)
+        if trainer is not None and trainer.training:
+            self._tokens[0] += batch.n_padding
+            self._tokens[1] += batch.n_tokens
         return batch
 
     def state_dict(self) -> dict:
         if self.position is None or getattr(self, "trainer", None) is None:
             return {}
-        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 2]
+        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 3]
 
     def load_state_dict(self, state: dict) -> None:
         positions = state.get("stream_positions")

@@ -8,6 +8,7 @@ each yielded sample carries how many were skipped before it (`n_skipped`; in a f
 sample also carries those after it) so the training process can count and log them exactly
 (`data/skipped_samples`), whichever worker saw them, and where it was read (`stream_pos`), so a resumed
 run continues exactly where the checkpoint left off (`start`, data/position.py).
+With `grouping` the stream yields whole batches of similar length instead (data/length_groups.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 import logging
 import os
 import random
+from itertools import islice
 from typing import Callable, Iterator
 
 import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .length_groups import LengthGrouping
 from .position import StreamPosition
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ class ShardStream(IterableDataset):
 
     `start` continues a stream that this rank already read up to there: each reader skips the raw samples
     it had drawn (read from the tar, never decoded), and worker w plays reader (w + start.next_reader), so
-    the loader's round-robin hands out the batch that was next.
+    the loader's round-robin hands out the batch that was next. With `grouping` each reader yields lists
+    of samples (batches; use a DataLoader with batch_size=None) formed per buffer.
     """
 
     def __init__(
@@ -60,8 +64,10 @@ class ShardStream(IterableDataset):
         infinite: bool = False,
         max_logged_errors: int = 20,
         start: StreamPosition | None = None,
+        grouping: LengthGrouping | None = None,
     ):
         self.urls = list(urls)
+        self.grouping = grouping
         self.start = start
         self.transform = transform
         self.seed = seed
@@ -127,10 +133,15 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def __iter__(self) -> Iterator[dict]:
-        if self.infinite:
-            return self._samples()
-        return self._counting_trailing_skips(self._samples())
+    def __iter__(self) -> Iterator[dict] | Iterator[list[dict]]:
+        reader, _ = self._reader()
+        epoch, skip = self.start.positions[reader] if self.start else (0, 0)
+        samples = self._samples(reader, epoch, skip)
+        if not self.infinite:
+            samples = self._counting_trailing_skips(samples)
+        if self.grouping is None:
+            return samples
+        return self._grouped(samples, reader, (epoch, skip), self.start.taken[reader] if self.start else 0)
 
     def _counting_trailing_skips(self, samples: Iterator[dict]) -> Iterator[dict]:
         """A finite stream holds its newest sample back, so the last one it yields also carries the
@@ -146,9 +157,25 @@ class ShardStream(IterableDataset):
         elif self._skipped:
             log.warning("all %d sample(s) of %d shard(s) were skipped (e.g. %s)", self._skipped, len(self.urls), self.urls[0])
 
-    def _samples(self) -> Iterator[dict]:
-        reader, _ = self._reader()
-        epoch, skip = self.start.positions[reader] if self.start else (0, 0)
+    def _grouped(self, samples: Iterator[dict], reader: int, before: tuple[int, int], taken: int) -> Iterator[list[dict]]:
+        """Batches of one buffer at a time. Each batch's `stream_pos` is (reader, epoch, drawn, taken): the
+        raw position before its buffer and the batches of that buffer consumed with it; the last batch of
+        a buffer points past the buffer instead. Resuming rebuilds the buffer and drops the taken batches."""
+        slot, _ = self._slots()
+        while True:
+            buffer = list(islice(samples, self.grouping.buffer_size))
+            if not buffer:
+                return
+            batches = self.grouping.batches(buffer, random.Random(hash((self.seed, slot, *before))))
+            after = tuple(buffer[-1]["stream_pos"][1:])
+            for k, batch in enumerate(batches[taken:], start=taken + 1):
+                pos = (reader, *after, 0) if k == len(batches) else (reader, *before, k)
+                for sample in batch:
+                    sample["stream_pos"] = pos
+                yield batch
+            before, taken = after, 0
+
+    def _samples(self, reader: int, epoch: int, skip: int) -> Iterator[dict]:
         while True:
             produced, drawn = 0, 0
             for raw in self._shuffled(self._raw(epoch), epoch):

@@ -7,11 +7,17 @@ tokens (text-only queries over text+visual keys, cached keys at decode time, ...
 Two query groups exist: text queries (every layer, prefill and decode) and visual queries (only
 where visual tokens are updated). Text queries use SDPA unless a layer asks for the released
 post-softmax semantics or a sink, which need the full probability matrix (eager).
+
+Every SDPA call goes through `sdpa`, which keeps GPUs on their fast kernels: where queries and keys
+are the same tokens ordered by position with padding last (`sequence_order`), causality is
+`is_causal=True` and no mask exists; grouped-query K/V are read natively (`enable_gqa`) unless a
+mask forces the expansion. `record_sdpa_calls` lets tests see which path each call took.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +93,77 @@ def head_visual_mask(keys: Keys, heads: tuple[int, ...] | None, n_heads: int, re
     return ~keys.is_visual[:, None, None, :] | allowed_heads[None, :, None, None]
 
 
+class SdpaCall(NamedTuple):
+    """What the kernels see of one `sdpa` call. `mask`: "causal" (is_causal, nothing materialised),
+    "none", or "mask" (a boolean mask of shape `mask_shape`). `gqa`: "native" (enable_gqa),
+    "packed" (one query row per head folded onto its K/V head), "expanded" (K/V repeated in
+    memory) or "mha" (as many K/V heads as query heads)."""
+
+    mask: str
+    gqa: str
+    mask_shape: tuple[int, ...] | None
+    q_len: int
+    k_len: int
+
+
+_recorders: list[list[SdpaCall]] = []
+
+
+@contextmanager
+def record_sdpa_calls() -> Iterator[list[SdpaCall]]:
+    """Collect every `sdpa` call made inside the block, in order (tests assert on the paths)."""
+    calls: list[SdpaCall] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """q [B, H, Q, dh], k/v [B, Hkv, S, dh] -> [B, H, Q, dh].
+
+    `causal`: query i sees keys 0..i (the same tokens, ordered; see `sequence_order`), passed as
+    is_causal so flash kernels run. Grouped-query K/V go to SDPA as they are (`enable_gqa`) when
+    there is no mask; with a mask CUDA would fall back to the math kernel for GQA (transformers'
+    `use_gqa_in_sdpa`), so a single query row under a mask shared by the heads is folded onto its
+    K/V head (transformers' `pack_gqa`) and other masked calls expand K/V.
+    """
+    b, h, n_q, dh = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    if causal and (mask is not None or n_q != n_k):
+        raise ValueError("causal attention takes no mask and needs the queries to be the keys (same tokens, same order)")
+    rep = h // n_kv
+    if rep == 1:
+        gqa = "mha"
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    elif mask is None:
+        gqa = "native"
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    elif n_q == 1 and mask.shape[1] == 1:
+        gqa = "packed"
+        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, rep, dh), k, v, attn_mask=mask, scale=scale).reshape(b, h, 1, dh)
+    else:
+        gqa = "expanded"
+        out = F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), attn_mask=mask, scale=scale)
+    if _recorders:
+        kind = "causal" if causal else ("none" if mask is None else "mask")
+        _recorders[-1].append(SdpaCall(kind, gqa, None if mask is None else tuple(mask.shape), n_q, n_k))
+    return out
+
+
 def attend(q: Tensor, keys: Keys, mask: Tensor, scale: float) -> Tensor:
-    """Scaled dot-product attention with grouped-query K/V; returns [B, H, Q, dh]."""
-    h = q.shape[1]
-    return F.scaled_dot_product_attention(q, expand_kv(keys.k, h), expand_kv(keys.v, h), attn_mask=mask, scale=scale)
+    """Masked scaled dot-product attention over `keys` (grouped-query K/V); returns [B, H, Q, dh]."""
+    return sdpa(q, keys.k, keys.v, scale, mask=mask)
+
+
+def sequence_order(pos: Tensor, valid: Tensor) -> Tensor:
+    """[B, N] indices that sort each row's tokens into one causal sequence: valid tokens by
+    position, padding last. Positions of valid tokens are distinct, so on the sorted tokens
+    "key position <= query position" is "key index <= query index" for every valid query: exactly
+    is_causal (padding queries see other tokens, as `causal_mask` allows; their outputs are never read)."""
+    key = torch.where(valid, pos, pos.new_tensor(torch.iinfo(pos.dtype).max))
+    return torch.sort(key, dim=1, stable=True).indices
 
 
 def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Tensor | None = None, sink: bool = False) -> Tensor:

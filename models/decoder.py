@@ -29,6 +29,8 @@ from .attention import (
     last_query_probs,
     local_window_index,
     merge_heads,
+    sdpa,
+    sequence_order,
     split_heads,
 )
 from .blind_scores import blind_scores
@@ -138,12 +140,35 @@ def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | Non
 
 
 def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str) -> Tensor:
-    """Per-visual-token scores [B, V] from the scoring query's attention `probs` [B, H, S]."""
-    p = probs[:, :, vis_cols]  # [B, H, V]
+    """Per-visual-token scores [B, V] from the scoring query's attention `probs` [B, H, S];
+    `vis_cols` [B, V]: the key column of each visual-stream token."""
+    h = probs.shape[1]
+    p = torch.gather(probs, 2, vis_cols[:, None].expand(-1, h, -1))  # [B, H, V]
     if scorer == "attn_last":
         return p.mean(1)
-    v = expand_kv(keys.v, probs.shape[1])[:, :, vis_cols]  # [B, H, V, dh]
+    v = expand_kv(keys.v, h)
+    v = torch.gather(v, 2, vis_cols[:, None, :, None].expand(-1, h, -1, v.shape[-1]))  # [B, H, V, dh]
     return (p.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()  # ||concat_h P[last, j] V_j||
+
+
+def last_columns(keys: Keys, n: int) -> Tensor:
+    """[B, n] column indices of the last `n` keys (the visual ones, appended after the text keys)."""
+    return torch.arange(keys.n - n, keys.n, device=keys.k.device).expand(keys.k.shape[0], -1)
+
+
+def runs_as_one_sequence(p: LayerPolicy) -> bool:
+    """The layer treats visual tokens exactly like text (dense, or after a previous-layer selection):
+    it is HF's own layer on the tokens present, so it runs on them as one causal sequence."""
+    return (
+        p.updates_visual
+        and p.text_reads_visual == "full"
+        and p.visual_kv_source == "current"
+        and p.visual_self_attn == "full"
+        and p.visual_heads is None
+        and p.visual_ffn == 1.0
+        and p.mask_semantics == "renorm"
+        and (p.select is None or p.select.source == "previous")
+    )
 
 
 # --- one layer ---------------------------------------------------------------------------------
@@ -192,6 +217,8 @@ class LayerRunner:
 
     def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None) -> LayerIO:
         p, attn = self.p, self.attn
+        if past is None and vis.n > 0 and runs_as_one_sequence(p):
+            return self._one_sequence(text, vis, query_idx, score_next)
         heads = list(p.visual_heads) if p.visual_heads is not None else None
         x_text = self.layer.input_layernorm(text.h)
         k_text = self._keys(x_text, text, None, visual=False)
@@ -213,8 +240,11 @@ class LayerRunner:
         if text_sees_visual:
             keys = keys.append(k_vis)
         q_text = apply_rope(split_heads(attn.q_proj(x_text), self.dh), text.cos, text.sin)
-        base = causal_mask(text.pos, text.valid, keys)
-        out_text, scores = self._text_attention(q_text, keys, base, query_idx, score_next)
+        if past is None and not text_sees_visual and score_next is None:
+            # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
+            out_text, scores = sdpa(q_text, keys.k, keys.v, attn.scaling, causal=True), None
+        else:
+            out_text, scores = self._text_attention(q_text, keys, causal_mask(text.pos, text.valid, keys), query_idx, score_next, vis.n)
         h_text = text.h + attn.o_proj(merge_heads(out_text))
         h_text = h_text + self.layer.mlp(self.layer.post_attention_layernorm(h_text))
 
@@ -237,7 +267,43 @@ class LayerRunner:
         flag = torch.full_like(tokens.valid, visual)
         return Keys(k, v, tokens.pos, tokens.valid, flag)
 
-    def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, query_idx: Tensor, score_next: str | None):
+    def _one_sequence(self, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None) -> LayerIO:
+        """Text and visual tokens as one sequence ordered by position (padding last), so a single
+        causal SDPA call without a mask is exact; the cached keys stay in that order (every key
+        carries its position, validity and kind)."""
+        n_text = text.n
+        order = sequence_order(torch.cat([text.pos, vis.pos], 1), torch.cat([text.valid, vis.valid], 1))
+        b, n = order.shape
+        row_start = torch.arange(b, device=order.device)[:, None] * n
+
+        def take(x: Tensor, index: Tensor) -> Tensor:
+            """Per row `x[i, index[i]]`, as one index_select (its backward keeps no copy of `x`, gather's does)."""
+            return x.flatten(0, 1).index_select(0, (index + row_start).flatten()).view(b, n, *x.shape[2:])
+
+        def seq(of_text: Tensor, of_vis: Tensor) -> Tensor:
+            return take(torch.cat([of_text, of_vis], 1), order)
+
+        h, cos, sin = seq(text.h, vis.h), seq(text.cos, vis.cos), seq(text.sin, vis.sin)
+        x = self.layer.input_layernorm(h)
+        q = apply_rope(project_heads(self.attn.q_proj, x, None, self.dh), cos, sin)
+        k = apply_rope(project_heads(self.attn.k_proj, x, None, self.dh), cos, sin)
+        v = project_heads(self.attn.v_proj, x, None, self.dh)
+        h = h + self.attn.o_proj(merge_heads(sdpa(q, k, v, self.attn.scaling, causal=True)))
+        h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
+        slot = order.argsort(1)  # where each stream token sits in the sequence
+        h = take(h, slot)
+        keys = Keys(k, v, seq(text.pos, vis.pos), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
+        scores = None
+        if score_next is not None:
+            rows = torch.arange(b, device=h.device)
+            last = slot[rows, query_idx]
+            q_last = q[rows, :, last].unsqueeze(2)
+            m_last = causal_mask(keys.pos[rows, last][:, None], keys.valid[rows, last][:, None], keys)[:, 0].expand(-1, self.n_heads, -1)
+            probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
+            scores = visual_scores(probs, keys, slot[:, n_text:], score_next)
+        return LayerIO(text.with_h(h[:, :n_text]), vis.with_h(h[:, n_text:]), keys, scores)
+
+    def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, query_idx: Tensor, score_next: str | None, n_vis: int):
         p = self.p
         heads = p.visual_heads
         if p.mask_semantics == "renorm" and p.text_reads_visual != "sink":
@@ -257,7 +323,7 @@ class LayerRunner:
             q_last = q[rows, :, query_idx].unsqueeze(2)
             m_last = mask.expand(-1, self.n_heads, -1, -1)[rows, :, query_idx]
             probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-            scores = visual_scores(probs, keys, keys.is_visual[0], score_next)
+            scores = visual_scores(probs, keys, last_columns(keys, n_vis), score_next)
         return out, scores
 
     def _select_current(self, text, vis, k_text, k_vis, x_vis, x_text, query_idx):
@@ -270,7 +336,7 @@ class LayerRunner:
         last_pos, last_valid = text.pos[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
         m_last = causal_mask(last_pos, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
         probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-        scores = visual_scores(probs, keys, keys.is_visual[0], self.p.select.scorer)
+        scores = visual_scores(probs, keys, last_columns(keys, k_vis.n), self.p.select.scorer)
         kept, index = select_visual(vis, scores, self.p.select)
         k_vis = Keys(
             torch.gather(k_vis.k, 2, index[:, None, :, None].expand(-1, k_vis.k.shape[1], -1, k_vis.k.shape[3])),

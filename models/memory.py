@@ -37,10 +37,10 @@ head_dim dh, L layers, vocabulary V, vision width d_v, n supervised tokens (uppe
   per layer  16 s h     two RMSNorms (HF keeps an fp32 copy of the input, 4 bytes; the normalised
                         and the weighted output, 2 + 2; the latter is the projections' input);
                         12 s h under LoRA (a frozen norm weight needs no copy of the normalised input)
-           + 12 s dq    Q and the attention output (2 + 2) and K, V over the whole sequence for the
-                        text-query and the visual-query attention calls, expanded to all heads (2 x 4)
+           + 4 s dq     Q and the attention output (2 + 2): a dense layer is one causal SDPA call
+                        over the whole sequence (no mask; models/decoder.py `_one_sequence`)
+           + 4 s dkv    K and V at their own width dkv = kv_heads * head_dim (GQA read natively)
            + 8 s m      SwiGLU: gate output, SiLU output, up output, their product (2 bytes each)
-           + 2 s^2      the additive bf16 attention masks (text and visual queries x all keys)
            + 4 s (dh + a)   RoPE cos/sin, fp32 log-sum-exp of the attention
   LoRA adds per adapted linear 2 s r (the rank-r intermediate), and with dropout > 0 the dropped
   input and its mask, 3 s d_in (peft's `lora_dropout`).
@@ -110,6 +110,7 @@ class ActShape:
     lora_r: int = 0
     lora_inputs: tuple[int, ...] = ()  # input width of each adapted linear in one layer
     lora_dropout: float = 0.0
+    kv_heads: int | None = None  # None: as many as `heads` (MHA)
     supervised: int | None = None  # tokens with a loss (the LM head runs on these); None: s - s_v
     frozen_llm: bool = False  # LoRA: frozen norm weights and LM head keep no copy of their input
 
@@ -146,7 +147,8 @@ def model_states(counts: ParamCounts, strategy: str, n_gpus: int, precision: str
 
 def layer_activation_bytes(a: ActShape) -> float:
     s, h, m, dq = a.seq_len, a.hidden, a.ffn, a.heads * a.head_dim
-    per = (12 if a.frozen_llm else 16) * s * h + 12 * s * dq + 8 * s * m + 2 * s * s + 4 * s * (a.head_dim + a.heads)
+    dkv = (a.kv_heads or a.heads) * a.head_dim
+    per = (12 if a.frozen_llm else 16) * s * h + 4 * s * dq + 4 * s * dkv + 8 * s * m + 4 * s * (a.head_dim + a.heads)
     per += sum(2 * s * a.lora_r + (3 * s * d_in if a.lora_dropout > 0 else 0) for d_in in a.lora_inputs)
     return float(per)
 

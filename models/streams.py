@@ -80,7 +80,7 @@ class Layout:
     """Where text and image tokens sit in the original `[B, L]` sequence."""
 
     positions: Tensor  # [B, L] RoPE positions (cumulative over the attention mask, like HF generate)
-    text_index: Tensor  # [B, T] indices of text (non-image) tokens, padded
+    text_index: Tensor  # [B, T] indices of text (non-image) tokens, valid ones first, then padding
     text_valid: Tensor  # [B, T]
     vis_index: Tensor  # [B, V] indices of image tokens, padded
     vis_valid: Tensor  # [B, V]
@@ -92,8 +92,11 @@ class Layout:
         is_image = (input_ids == image_token_id) & mask
         n_image = is_image.sum(1)
         n_text = input_ids.shape[1] - n_image
-        # A stable sort puts text (0) before image (1) tokens while keeping each group's order.
-        order = torch.sort(is_image.to(torch.int8), dim=1, stable=True).indices
+        # A stable sort puts text (0) before padding (1) before image (2) tokens, keeping each group's
+        # order: the text stream is then ordered (valid tokens first, by position), which is what lets
+        # text-only layers attend with SDPA's is_causal instead of a mask (models/attention.py).
+        kind = 2 * is_image.to(torch.int8) + (~mask).to(torch.int8)  # is_image excludes padding
+        order = torch.sort(kind, dim=1, stable=True).indices
         t_max, v_max = int(n_text.max()), int(n_image.max())
         ar_t = torch.arange(t_max, device=input_ids.device)
         text_index = order[:, :t_max]

@@ -164,7 +164,8 @@ def test_layer_contribution_of_an_identity_layer_is_zero_for_both_token_types():
     batches = random_batches(model.config)
     visual = kl_per_layer(model, batches, cal.freeze_visual)
     text = kl_per_layer(model, batches, lambda plan, i: cal.Variant(freeze_text=i))
-    assert visual[j] == 0 and text[j] == 0 and visual[-1] == 0
+    assert visual[j] == 0 and text[j] == 0
+    assert visual[-1] < 1e-6  # rounding only: a dense layer runs as one causal sequence, a frozen one masked
     assert all(text[i] > 0 for i in range(4) if i != j) and visual[0] > 0
     assert cal.rank_ascending(visual)[0] == j
 
@@ -291,7 +292,7 @@ def test_all_analyses_on_a_trained_checkpoint_write_loadable_plans_scores_figure
         assert scores["settings"]["samples"] == 6 and scores["method"] == method
         assert Path(r["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if method == "shortv":
-            assert len(scores["scores"]["visual_lc"]) == DEPTH and scores["scores"]["visual_lc"][-1] == 0.0
+            assert len(scores["scores"]["visual_lc"]) == DEPTH and scores["scores"]["visual_lc"][-1] < 1e-6  # 0 up to rounding
             assert sum(not p.updates_visual for p in plan.layers) == r["chosen"]["N"] == round(19 / 32 * DEPTH)
         if method == "vica":
             assert [i for i, p in enumerate(plan.layers) if p.text_reads] == r["chosen"]["t2v_layers"]

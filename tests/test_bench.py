@@ -19,9 +19,11 @@ def test_arch_list_parsing():
 def test_bench_rows_and_results_file(tmp_path):
     rows = run_bench(["vica", "fastv"], [*TINY, "bench.n_visual=16", f"bench.out={tmp_path}"])
     assert [r["arch"] for r in rows] == ["dense", "vica", "fastv"]
-    keys = {"arch", "batch", "n_visual", "n_text", "prefill_ms", "train_step_ms", "decode_ms_per_token", "flops_ratio", "time_ratio"}
+    keys = {"arch", "batch", "n_visual", "n_text", "prefill_ms", "train_step_ms", "decode_ms_per_token", "flops_ratio", "time_ratio",
+            "prefill_peak_mb", "train_peak_mb"}
     for r in rows:
         assert set(r) == keys and r["n_visual"] == 16 and r["n_text"] == 8
+        assert r["prefill_peak_mb"] is None and r["train_peak_mb"] is None  # CPU: no allocator peaks
         assert r["prefill_ms"] > 0 and r["train_step_ms"] > 0 and r["decode_ms_per_token"] > 0
     assert rows[0]["flops_ratio"] == rows[0]["time_ratio"] == 1.0
     assert 0 < rows[1]["flops_ratio"] < rows[2]["flops_ratio"] < 1  # ViCA skips more than FastV R=50%
@@ -32,3 +34,31 @@ def test_bench_rows_and_results_file(tmp_path):
 def test_bench_rejects_a_non_square_token_count(tmp_path):
     with pytest.raises(ValueError, match="bench.n_visual=15 must be a square number"):
         run_bench(["dense"], [*TINY, "bench.n_visual=15", f"bench.out={tmp_path}"])
+
+
+def test_hf_row_on_the_same_weights_in_bf16(tmp_path):
+    """`bench.hf=true`: a row for transformers' LlavaForConditionalGeneration and our dense time over
+    HF's; `bench.dtype=bf16` runs every measurement in bf16."""
+    rows = run_bench(["vica"], [*TINY, "bench.n_visual=16", "bench.hf=true", "bench.dtype=bf16", f"bench.out={tmp_path}"])
+    assert [r["arch"] for r in rows] == ["dense", "vica", "hf_llava_sdpa"]
+    hf, dense = rows[-1], rows[0]
+    assert hf["flops_ratio"] == 1.0 and hf["prefill_ms"] > 0 and hf["train_step_ms"] > 0 and hf["decode_ms_per_token"] > 0
+    assert dense["prefill_vs_hf"] == round(dense["prefill_ms"] / hf["prefill_ms"], 4)
+    assert {"train_step_vs_hf", "decode_vs_hf"} <= set(dense)
+    (results,) = tmp_path.glob("bench-tiny-cpu-bf16-*.json")
+    assert json.loads(results.read_text())["config"]["dtype"] == "bf16"
+
+
+def test_hf_twin_shares_our_weights_and_gives_our_logits():
+    import torch
+
+    from tests.helpers import image_batch, tiny_model
+    from train.tools.bench import hf_twin
+    from train.model_source import ModelSource
+
+    model = tiny_model()
+    hf = hf_twin(model, ModelSource(name="t"))
+    assert hf.model.language_model.layers[0].self_attn.q_proj.weight is model.language_model.layers[0].self_attn.q_proj.weight
+    ids, mask, pixels = image_batch(model.config, batch=2)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask, pixels).logits, hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, atol=1e-5)

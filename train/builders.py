@@ -125,6 +125,8 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,
         seed=seed,
+        group_by_length=data.group_by_length,
+        group_buffer_batches=data.group_buffer_batches,
     )
     return tokenizer, dm
 

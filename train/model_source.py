@@ -40,6 +40,7 @@ class ModelSource:
     system_prompt: str | None = None
     dtype: str | None = None
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the decoder layers (models/compile.py)
     vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class ModelSource:
         if plan is not None:
             model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
+        if self.compile:
+            compile_decoder_layers(model)
         return model
 
     def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path):

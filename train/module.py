@@ -105,6 +105,9 @@ class MLLMModule(L.LightningModule):
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=bs)
+        padding = getattr(self.trainer.datamodule, "padding_fraction", None) if self._trainer is not None else None
+        if padding is not None:  # padded / all training tokens so far (data/datamodule.py)
+            self.log("data/padding_fraction", padding, batch_size=bs)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -67,7 +67,8 @@ def act_shape(model: MLLM, seq_len: int, mode: str, r: int, targets: list[str], 
     inputs = tuple(lin.in_features for lin in lora_linears(model.language_model.layers[0], targets)) if mode == "lora" else ()
     return ActShape(
         seq_len=seq_len, n_visual=model.config.num_image_tokens, hidden=text.hidden_size, ffn=text.intermediate_size,
-        layers=text.num_hidden_layers, heads=heads, head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        layers=text.num_hidden_layers, heads=heads, kv_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, vision_hidden=model.config.hf_vision_config().hidden_size,
         lora_r=r if mode == "lora" else 0, lora_inputs=inputs, lora_dropout=dropout if mode == "lora" else 0.0,
         frozen_llm=mode == "lora")

@@ -1,0 +1,35 @@
+"""`model.compile=true`: compiled decoder layers give the eager model's logits, loss gradients and
+greedy tokens (inductor on CPU). FastV: dense layers before and after a token selection, so the
+compiled layer meets two visual token counts (a recompile with dynamic shapes)."""
+
+import pytest
+import torch
+
+from models.compile import compile_decoder_layers
+from models.generation import greedy_generate
+from tests.helpers import image_batch
+from tests.test_plans import plan_model
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager():
+    name = "fastv"
+    torch._dynamo.reset()
+    eager = plan_model(name, {}, layers=4)
+    compiled = compile_decoder_layers(plan_model(name, {}, layers=4))
+    assert [k for k, _ in compiled.named_parameters()] == [k for k, _ in eager.named_parameters()]  # names unchanged
+    ids, mask, pixels = image_batch(eager.config, batch=2, pad_left=[0, 2])
+    with torch.no_grad():
+        want, got = (m(ids, mask, pixels).logits for m in (eager, compiled))
+    valid = mask.bool()
+    text = valid & (ids != eager.config.image_token_id)  # pruned visual positions have no logits (NaN)
+    assert (got - want)[text].abs().max().item() <= 1e-4
+    assert torch.equal(*(greedy_generate(m, ids, mask, pixels, max_new_tokens=3, eos_token_id=[-1]) for m in (eager, compiled)))
+    labels = ids.masked_fill(~valid, -100)
+    labels[:, : 5 + eager.config.num_image_tokens + 1] = -100
+    for m in (eager, compiled):
+        m.train()
+        m(ids, mask, pixels, labels=labels).loss.backward()
+    for (name_, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name_
