@@ -265,7 +265,7 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
 
     for arch in ["dense"] + [a for a in archs if a != "dense"]:
         cfg = compose_cli("bench", overrides + [f"arch={arch}"])
-        plan = source.plan(OmegaConf.to_container(cfg.arch, resolve=True))
+        plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))
         model.set_plan(plan)
         timing = time_runner(OursRunner(model), params, batch, b, clock)
         rows.append({"arch": plan.name, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing,
