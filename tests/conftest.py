@@ -31,3 +31,13 @@ def task_tokenizer(tmp_path_factory):
 
     corpus = template_corpus(TEMPLATES["vicuna"], "", all_texts())
     return load_or_train(tmp_path_factory.mktemp("tok") / "tokenizer", lambda: corpus, 1024)
+
+
+@pytest.fixture
+def restore_environ():
+    """Put os.environ back as it was: an in-process Lightning DDP run sets LOCAL_RANK / NODE_RANK, which
+    would make every later multi-process run in this session wait for ranks it never starts."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

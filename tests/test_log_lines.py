@@ -74,7 +74,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gathered_metrics_raise_no_sync_dist_warnings(monkeypatch):
+def test_gathered_metrics_raise_no_sync_dist_warnings(monkeypatch, restore_environ):
     """A one-process DDP run: distributed as far as Lightning's logging is concerned."""
     from lightning.pytorch.strategies import DDPStrategy
 
