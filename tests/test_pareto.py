@@ -52,34 +52,40 @@ def test_pareto_front_hand_checked():
 # ---------------------------------------------------------------- configs
 
 
-def test_pareto_tiny_sweeps_every_point_and_names_runs_by_point():
-    cfg = compose_train(["experiment=pareto_tiny", "pareto=fastv_r75"])
+def test_pareto_sweeps_every_point_on_the_base_and_names_runs_by_point():
+    cfg = compose_train(["experiment=pareto", "pareto=fastv_k33"])
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper.params.pareto == "glob(*)"
-    assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/multiruns/pareto_tiny/")
+    assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/multiruns/pareto/")
     HydraConfig.instance().set_config(cfg)
-    assert cfg.run_name == "tiny-fastv_r75"
-    assert OmegaConf.to_container(cfg.arch, resolve=True) == {"methods": {"fastv": {"K": 1, "R": 0.75, "reference_depth": 4}}}
-    assert 12 <= len(POINTS) <= 16 and "dense" in POINTS
+    assert cfg.run_name == "tiny-fastv_k33"
+    assert cfg.model.pretrained == f"{cfg.paths.log_dir}/base/tiny-dense/export"  # experiment=base writes it
+    assert OmegaConf.to_container(cfg.arch, resolve=True) == {"methods": {"fastv": {"K": 1, "R": 0.6666666667, "reference_depth": 4}}}
+    assert cfg.trainer.max_steps == 0  # training-free: evaluated as is
+    assert len(POINTS) >= 25 and "dense" in POINTS
+    for k in ("33", "22", "11"):  # the field's baselines at the field's ratios
+        assert {f"random_k{k}", f"uniform_k{k}", f"dominant_k{k}", f"fastv_k{k}"} <= set(POINTS)
 
 
 @pytest.mark.parametrize("point", POINTS)
 def test_every_sweep_point_is_a_valid_plan_of_the_tiny_model(point):
     from models.methods import resolve_arch
 
-    cfg = compose_train(["experiment=pareto_tiny", f"pareto={point}"])
+    cfg = compose_train(["experiment=pareto", f"pareto={point}"])
     text = cfg.model.config.text
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
     plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
-    assert plan.name == point.split("_")[0]  # the file name starts with the method
+    assert plan.name == point.removeprefix("ft_").split("_")[0]  # the file name starts with the method
     for knobs in arch["methods"].values():
-        assert knobs["reference_depth"] == text.num_hidden_layers  # layer numbers mean the tiny model's
-    if point.startswith("vica_t2v"):
-        assert len(arch["methods"]["vica"]["t2v_layers"]) == int(point[-1])
+        assert knobs.get("reference_depth", text.num_hidden_layers) == text.num_hidden_layers  # layers are the tiny model's
+    if point.startswith("ft_"):  # fine-tuned from the base: LLaVA's stage 2 for the sweep's steps
+        assert cfg.stage.name == "finetune" and cfg.trainer.max_steps == cfg.pareto_finetune.steps > 0
+    else:
+        assert cfg.trainer.max_steps == 0
 
 
 def test_submitit_local_launcher_config():
-    cfg = compose_train(["experiment=pareto_tiny", "hydra/launcher=submitit_local"])
+    cfg = compose_train(["experiment=pareto", "hydra/launcher=submitit_local"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     assert launcher["tasks_per_node"] == 1 and launcher["nodes"] == 1
@@ -93,7 +99,7 @@ def test_submitit_slurm_launcher_renders_an_sbatch_script(tmp_path, monkeypatch)
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     monkeypatch.setenv("EMLLM_SLURM_PARTITION", "gpu")
-    cfg = compose_train(["experiment=pareto_tiny", "hydra/launcher=submitit_slurm", "trainer.devices=4",
+    cfg = compose_train(["experiment=pareto", "hydra/launcher=submitit_slurm", "trainer.devices=4",
                          "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=${trainer.devices}"])
     HydraConfig.instance().set_config(cfg)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -160,7 +166,7 @@ def planted_pickle(sweep: Path) -> bytes:
 
 @pytest.fixture
 def fake_sweep(tmp_path):
-    sweep = tmp_path / "multiruns" / "pareto_tiny" / "2026-01-01_00-00-00"
+    sweep = tmp_path / "multiruns" / "pareto" / "2026-01-01_00-00-00"
     for num, point in enumerate(FAKE):
         fake_run(sweep, num, point, job_id=f"10{num}")
     # killed by the time limit: no metrics.json, no submitit result, an .err log
@@ -256,41 +262,50 @@ def test_aggregator_logs_a_wandb_summary_run_offline(fake_sweep, tmp_path, monke
 # ---------------------------------------------------------------- end to end
 
 
+SMALL_TASK = ["data.source.n_train=48", "data.source.n_val=24", "data.num_workers=0", "data.batch_size=4",
+              "eval.max_new_tokens=2", "eval.noimage=false"]
+
+
 @pytest.mark.slow
 def test_sweep_end_to_end_with_submitit_local(tmp_path):
-    """Two points and a broken one (from an extra config dir) through submitit_local with a
-    cut-down main job, then the aggregator: the good points are drawn, the broken one reported.
-    One job at a time (max_batch_size=1, the broken point last, as a failed batch ends the sweep):
-    two first jobs at once on a fresh data_dir both train the tokenizer and race on saving it."""
+    """A cut-down base, then a training-free point, a fine-tuned point and a broken one (from an extra
+    config dir) evaluated or fine-tuned from it through submitit_local, then the aggregator: the good
+    points are drawn with their protocol, the broken one reported. One job at a time
+    (max_batch_size=1, the broken point last, as a failed batch ends the sweep)."""
+    base = subprocess.run(
+        [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", "arch=dense", f"hydra.run.dir={tmp_path / 'base'}",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", "model.config.text.num_hidden_layers=2",
+         "model.config.vision.num_hidden_layers=2", *SMALL_TASK],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert base.returncode == 0, base.stderr[-3000:]
     extra = tmp_path / "extra" / "pareto"
     extra.mkdir(parents=True)
     (extra / "broken.yaml").write_text("# @package _global_\ndefaults:\n  - override /arch: shortv\n"
                                        "arch:\n  methods:\n    shortv:\n      N: 99\n")
     cmd = [
-        sys.executable, "-m", "train", "-m", "experiment=pareto_tiny", "hydra/launcher=submitit_local",
-        "pareto=dense,fastv_r75,broken", f"hydra.searchpath=[file://{tmp_path / 'extra'}]",
+        sys.executable, "-m", "train", "-m", "experiment=pareto", "hydra/launcher=submitit_local",
+        "pareto=dense,fastv_k33,ft_vica,broken", f"hydra.searchpath=[file://{tmp_path / 'extra'}]",
         "hydra.sweeper.max_batch_size=1", "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1",
-        f"paths.root_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "data.source.n_train=48", "data.source.n_val=24", "data.num_workers=0", "data.batch_size=4",
-        "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2",
-        "eval.max_new_tokens=2", "eval.noimage=false", "export=false",
+        f"paths.root_dir={tmp_path}", f"model.pretrained={tmp_path / 'base' / 'export'}", "pareto_finetune.steps=2",
+        *SMALL_TASK,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0 and "shortv.N=99" in proc.stderr  # Hydra reports the broken point at the end
-    (sweep,) = (tmp_path / "outputs" / "multiruns" / "pareto_tiny").iterdir()
-    for run in ["0_dense", "1_fastv_r75"]:
+    (sweep,) = (tmp_path / "outputs" / "multiruns" / "pareto").iterdir()
+    for run, steps in [("0_dense", 0), ("1_fastv_k33", 0), ("2_ft_vica", 2)]:
         summary = json.loads((sweep / run / "metrics.json").read_text())
-        assert summary["steps"] == 2 and "eff/flops_ratio" in summary["metrics"], proc.stderr[-3000:]
+        assert summary["steps"] == steps and "eff/flops_ratio" in summary["metrics"], proc.stderr[-3000:]
     assert list((sweep / ".submitit").glob("*/*_0_log.err"))
 
     agg = subprocess.run([sys.executable, "-m", "train", "pareto", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert agg.returncode == 0, agg.stderr
     result = json.loads(agg.stdout)
-    assert result["n_runs"] == 2 and result["n_failed"] == 1
-    assert "ConfigError" in result["failed"][0]["reason"] and "2_broken" in agg.stderr
+    assert result["n_runs"] == 3 and result["n_failed"] == 1
+    assert "ConfigError" in result["failed"][0]["reason"] and "3_broken" in agg.stderr
     rows = {r["point"]: r for r in csv.DictReader(open(result["csv"]))}
     assert rows["dense"]["method"] == "dense" and float(rows["dense"]["eff/flops_ratio"]) == 1.0
-    assert rows["fastv_r75"]["method"] == "fastv" and float(rows["fastv_r75"]["eff/flops_ratio"]) < 1.0
+    assert rows["fastv_k33"]["method"] == "fastv" and float(rows["fastv_k33"]["eff/flops_ratio"]) < 1.0
+    assert rows["fastv_k33"]["protocol"] == "training-free" and rows["ft_vica"]["protocol"] == "fine-tuned 2 steps"
     for path in result["plots"].values():
         assert Path(path).read_bytes()[:8] == PNG

@@ -98,11 +98,11 @@ def test_resubmitted_job_continues_the_earlier_jobs_run(cluster, tmp_path):
 
 def test_hydra_sweep_through_submitit_slurm(cluster, tmp_path):
     env = {**cluster.env, "EMLLM_ROOT": str(tmp_path)}
-    cmd = [sys.executable, "-m", "train", "-m", "experiment=pareto_tiny", "pareto=dense,vica_t2v1",
+    cmd = [sys.executable, "-m", "train", "-m", "arch=dense,vica",
            "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
            "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted((tmp_path / "outputs" / "multiruns" / "pareto_tiny").glob("*/*/metrics.json"))
+    runs = sorted((tmp_path / "outputs" / "multiruns").glob("*/*/metrics.json"))
     assert [json.loads(p.read_text())["arch"] for p in runs] == ["dense", "vica"]
-    assert list((tmp_path / "outputs" / "multiruns" / "pareto_tiny").glob("*/.submitit/*/*_submission.sh"))
+    assert list((tmp_path / "outputs" / "multiruns").glob("*/.submitit/*/*_submission.sh"))
