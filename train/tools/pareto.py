@@ -1,6 +1,6 @@
 """`python -m train pareto <sweep_dir> [<sweep_dir> ...] [--out DIR] [--wandb]`
 
-Efficiency versus accuracy over the runs of a sweep (e.g. `python -m train -m experiment=pareto_tiny`).
+Efficiency versus accuracy over the runs of a sweep (e.g. `python -m train -m experiment=pareto`).
 Every run directory below the sweep directories (one with `metrics.json` or `.hydra/`) becomes a
 row: method = the plan's name (`arch` in metrics.json), knobs = `arch.methods` of the run's resolved
 config.yaml, accuracy (overall, per skill), eff/* (FLOPs ratio, measured latencies, KV cache), steps

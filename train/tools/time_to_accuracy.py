@@ -1,7 +1,7 @@
 """`python -m train time_to_accuracy <run_dir> [<run_dir> ...] [--target ACC] [--out DIR]`
 
 Accuracy against training wall-clock for runs that evaluated along the way (`trainer.val_check_interval`
-below `trainer.max_steps`, e.g. `python -m train experiment=base` and `experiment=scratch_vica`): at
+below `trainer.max_steps`, e.g. `python -m train experiment=base` and `experiment=scratch arch=vica`): at
 every evaluation each run logged `val/acc` and `perf/train_seconds` (wall-clock spent training so far,
 data loading included, evaluations excluded) to its `csv/metrics.csv`. Writes to --out (default: the
 first run directory's parent):
