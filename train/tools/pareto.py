@@ -594,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     convention = convention_text(runs)
     name = args.sweep_dirs[0].resolve().name
     title = "/".join(args.sweep_dirs[0].resolve().parts[-2:])
+    if len(args.sweep_dirs) > 1:
+        title += f" + {len(args.sweep_dirs) - 1} more sweep dir(s)"
     write_csv(rows, out / "pareto.csv")
     write_markdown(rows, runs, failures, args.sweep_dirs, out / "pareto.md", args.metric)
     plots = {axis: plot(rows, axis, out / f"{stem}.png", title, convention, len(failures), args.metric)
