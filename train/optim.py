@@ -17,8 +17,12 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_ratio: float = 0.03  # of max_steps (LLaVA recipes: 0.03)
+    warmup_ratio: float = 0.03  # of the schedule's length (LLaVA recipes: 0.03)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    # Length of the warmup + cosine schedule when longer than the run (else, and when None: the run's
+    # trainer.max_steps). The run then ends at a learning rate still above the floor, as nanoGPT's
+    # lr_decay_iters can: its steps are exactly the first steps of a decay_steps-long run.
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "optim")
@@ -30,6 +34,7 @@ class OptimConfig:
             ("eps", self.eps > 0, "> 0"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("decay_steps", self.decay_steps is None or self.decay_steps >= 1, ">= 1, or null (the run's length)"),
         ):
             if not ok:
                 raise ConfigError(f"optim.{name} must be {need}, got {getattr(self, name)}")
@@ -55,7 +60,8 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cpu_offload: bool = False):
-    """`cpu_offload`: the optimizer states live in CPU memory (ZeRO-Offload), where DeepSpeed's
+    """`total_steps`: the run's length (the schedule's too, unless `cfg.decay_steps` is longer).
+    `cpu_offload`: the optimizer states live in CPU memory (ZeRO-Offload), where DeepSpeed's
     vectorised CPU Adam (compiled on first use) replaces torch's AdamW."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
@@ -66,6 +72,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cpu_of
         opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup, cfg.min_lr_ratio))
+    length = max(total_steps, cfg.decay_steps or 0)
+    warmup = int(cfg.warmup_ratio * length)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, length, warmup, cfg.min_lr_ratio))
     return opt, sched
