@@ -14,7 +14,7 @@ from data.batch import Collator
 from data.length_groups import LengthGrouping, padding_fraction
 from data.pipeline import ShardStream
 from data.position import StreamPosition
-from tests.test_resume import mixed_shards  # noqa: F401  (fixture: 3 shards of 11 samples, every 4th corrupt)
+from tests.test_resume import assert_continues_exactly, mixed_shards  # noqa: F401  (fixture: 3 shards of 11 samples, every 4th corrupt)
 
 
 def fake_sample(i: int, length: int, image: bool) -> dict:
@@ -60,15 +60,7 @@ def grouped_batches(urls, workers: int, start: StreamPosition | None = None):
 
 @pytest.mark.parametrize("workers,consumed", [(0, 5), (0, 8), (2, 7), (2, 13)])
 def test_grouped_stream_continues_exactly_from_a_position(mixed_shards, workers, consumed):  # noqa: F811
-    later = 12
-    stream = grouped_batches(mixed_shards, workers)
-    position = StreamPosition.start(max(1, workers))
-    for batch in itertools.islice(stream, consumed):
-        position = position.after(batch["stream_pos"])
-    expected = [(b["keys"], b["n_skipped"]) for b in itertools.islice(stream, later)]
-    got = [(b["keys"], b["n_skipped"]) for b in itertools.islice(grouped_batches(mixed_shards, workers, position), later)]
-    assert got == expected
-    assert sum(n for _, n in expected) > 0  # corrupt samples were met and counted after the position
+    position = assert_continues_exactly(lambda start: grouped_batches(mixed_shards, workers, start), workers, consumed, later=12)
     assert StreamPosition.from_tensor(position.to_tensor()) == position
     if workers == 0 and consumed == 5:
         assert position.taken[0] > 0  # the position lies inside a buffer: resuming rebuilds it and drops taken batches

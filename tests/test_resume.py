@@ -130,21 +130,27 @@ def batches(urls, workers: int, start: StreamPosition | None = None):
     return iter(DataLoader(ds, batch_size=3, num_workers=workers, collate_fn=collate))
 
 
+def assert_continues_exactly(make_stream, workers: int, consumed: int, later: int) -> StreamPosition:
+    """`make_stream(start)` resumed at the position after `consumed` batches yields the next `later`
+    batches of the uninterrupted stream (keys and corrupt-sample counts); returns that position."""
+    stream = make_stream(None)
+    position = StreamPosition.start(max(1, workers))
+    for batch in itertools.islice(stream, consumed):
+        position = position.after(batch["stream_pos"])
+    expected = [(b["keys"], b["n_skipped"]) for b in itertools.islice(stream, later)]
+    got = [(b["keys"], b["n_skipped"]) for b in itertools.islice(make_stream(position), later)]
+    assert got == expected
+    assert sum(n for _, n in expected) > 0  # corrupt samples were met and counted after the position
+    return position
+
+
 @pytest.mark.parametrize("workers,rank,consumed", [(0, 0, 9), (2, 1, 7), (2, 0, 12)])
 def test_stream_continues_exactly_from_a_position(mixed_shards, monkeypatch, workers, rank, consumed):
     """Across epochs, with a shuffle buffer, corrupt samples, 2 ranks and a loader whose 2 workers take
     turns: the batches after a position are the uninterrupted stream's, corrupt-sample counts included."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    later = 10
-    stream = batches(mixed_shards, workers)
-    position = StreamPosition.start(max(1, workers))
-    for batch in itertools.islice(stream, consumed):
-        position = position.after(batch["stream_pos"])
-    expected = [(b["keys"], b["n_skipped"]) for b in itertools.islice(stream, later)]
-    got = [(b["keys"], b["n_skipped"]) for b in itertools.islice(batches(mixed_shards, workers, position), later)]
-    assert got == expected
-    assert sum(n for _, n in expected) > 0  # corrupt samples were met and counted after the position
+    position = assert_continues_exactly(lambda start: batches(mixed_shards, workers, start), workers, consumed, later=10)
     assert max(epoch for epoch, _ in position.positions) >= 1  # the position lies past an epoch boundary
     assert StreamPosition.from_tensor(position.to_tensor()) == position
 
