@@ -27,6 +27,7 @@ TINY = ["trainer.accelerator=cpu", "trainer.max_steps=1", "trainer.val_check_int
 CASES = [  # (id, arguments after `python -m train`, words the message contains)
     ("lr-not-a-number", ["optim.lr=abc"], ["optim.lr must be a number", "'abc'"]),
     ("batch-size-zero", ["data.batch_size=0"], ["data.batch_size must be > 0"]),
+    ("decay-steps-zero", ["optim.decay_steps=0"], ["optim.decay_steps must be >= 1"]),
     ("workers-not-a-count", ["data.num_workers=many"], ["data.num_workers must be a count", "'auto'", "'many'"]),
     ("unknown-key", ["model.config.text.hiden_size=3"], ["hiden_size", "not in struct"]),
     ("unknown-key-added", ["+model.config.text.hiden_size=3"], ["unknown key(s) in model.text", "did you mean 'hidden_size'"]),
