@@ -17,7 +17,7 @@ from .images import decode, preprocess
 from .even_eval import EvenEvalStream
 from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
-from .position import StreamPosition, gather_ranks
+from .stream_position import StreamPosition, gather_ranks
 from .workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class SampleEncoder:
 class MLLMDataModule(L.LightningDataModule):
     """Infinite shuffled training stream (step-based training) and a finite validation pass.
 
-    Checkpoints hold every rank's position in the training stream (data/position.py): a resumed fit
+    Checkpoints hold every rank's position in the training stream (data/stream_position.py): a resumed fit
     trains on exactly the batches the uninterrupted run would have seen next. `group_by_length` forms
     training batches of similar length, image and text-only apart, within buffers of
     `group_buffer_batches` batches (data/length_groups.py); `padding_fraction` is the padded share of

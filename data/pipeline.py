@@ -7,7 +7,7 @@ samples (broken image, malformed JSON, missing fields) are skipped and logged wi
 each yielded sample carries how many were skipped before it (`n_skipped`; in a finite stream the last
 sample also carries those after it) so the training process can count and log them exactly
 (`data/skipped_samples`), whichever worker saw them, and where it was read (`stream_pos`), so a resumed
-run continues exactly where the checkpoint left off (`start`, data/position.py).
+run continues exactly where the checkpoint left off (`start`, data/stream_position.py).
 With `grouping` the stream yields whole batches of similar length instead (data/length_groups.py).
 """
 
@@ -25,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .length_groups import LengthGrouping
-from .position import StreamPosition
+from .stream_position import StreamPosition
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")

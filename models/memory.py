@@ -24,7 +24,7 @@ Frozen parameters (vision tower; under LoRA also the base LLM, embeddings and LM
 in host memory under zero3_offload.
 
 Gathered working set (ZeRO-3, FSDP, offload): partitioned weights are all-gathered one unit at a time
-(`train/sharding.py`: a decoder layer; under ZeRO-3 also each other module, e.g. the embedding or the
+(`train/infra/sharding.py`: a decoder layer; under ZeRO-3 also each other module, e.g. the embedding or the
 LM head), the current unit plus one prefetched: 2 * largest_unit * 2 bytes. FSDP's root unit
 (everything outside the decoder and vision layers: embeddings, LM head, projector) stays gathered
 from the root's forward through its backward: + root * 2 bytes. (DeepSpeed may keep more live:

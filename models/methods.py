@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import ConfigError, check_keys
-from .plan import Plan, PreSelect, resolve_plan, scale_layers
+from .plan import Plan, PreSelect, plan_from_rules, scale_layers
 
 Rule = dict[str, Any]
 PLAN_BUILDERS: dict[str, Callable[..., list[Rule]]] = {}  # `arch.methods.<name>` -> builder
@@ -252,4 +252,4 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
     if len(pre_llm) > 1:
         raise ConfigError(f"{' and '.join(pre_llm)} each set the step before the LLM; a plan has at most one, keep one of them")
     spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": next(iter(pre_llm.values()), None), "layers": arch.get("layers")}
-    return resolve_plan(spec, num_layers, num_heads)
+    return plan_from_rules(spec, num_layers, num_heads)

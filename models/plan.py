@@ -3,14 +3,13 @@
 Every method in the literature (ViCA, ShortV, YOPO, VisiPruner, VTW, FastV, PDrop, CLS-knee,
 gated cross-attention) and the field's simple baselines (random and uniform selection, pooling,
 dominant tokens) is a composition of the per-layer decisions below (the method -> policy table is
-in the README, "Concepts"). The
-resolved `Plan` is the single source of truth for the forward pass, the KV cache, the FLOPs model,
-the benchmark and the logged efficiency metrics.
+in docs/methods.md). The resolved `Plan` is the single source of truth for the forward pass, the KV
+cache, the FLOPs model, the benchmark and the logged efficiency metrics.
 
 Plans are written as *rules* (see `conf/arch/*.yaml`): each rule applies a partial policy to a set
 of layers given for a reference depth (the paper's LLaVA-1.5-7B indices) and is rescaled to the
 model's depth by `scale_layers`. Rules are applied in order, later ones overriding earlier fields,
-which is how presets combine (`arch=[vica,pdrop]`).
+which is how presets combine (`arch=[vica,pdrop]`, or `arch=vica+pdrop`).
 """
 
 from __future__ import annotations
@@ -321,7 +320,7 @@ def scale_layers(indices: list[int], reference_depth: int, depth: int, ranked: b
     return sorted(unique)
 
 
-def resolve_plan(spec: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
+def plan_from_rules(spec: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
     """A resolved, validated plan from an `arch` config: `{name, rules: {rule_name: rule}, pre_llm}`."""
     spec = dict(spec)
     check_keys(spec, {"name", "rules", "pre_llm", "layers"}, "arch")

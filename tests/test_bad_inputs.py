@@ -47,6 +47,11 @@ CASES = [  # (id, arguments after `python -m train`, words the message contains)
     ("evaluate-plan-needs-training", ["evaluate", "model.pretrained={export}", "arch=xattn"], ["needs training"]),
     ("evaluate-extend", ["evaluate", "model.pretrained={export}", "resume.extend_to=5"], ["does not train"]),
     ("tool-unknown-arch", ["flops", "arch=nope"], ["Could not find 'arch/nope'"]),
+    ("recipe-needs-weights", ["experiment=llava15_7b_finetune", "data.source.train=x.tar", "data.source.val=x.tar"],
+     ["model.pretrained is required here: a llava directory (the stage-1 export", "set model.pretrained=... on the command line"]),
+    ("recipe-batch-does-not-divide", ["experiment=llava15_7b_finetune", "trainer.devices=3", "model.pretrained={export}",
+                                      "data.source.train=x.tar", "data.source.val=x.tar"],
+     ["global_batch_size=128 is not a multiple of", "16 x 3 x 1 = 48", "change data.batch_size"]),
 ]
 
 

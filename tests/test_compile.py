@@ -33,3 +33,25 @@ def test_compiled_layers_match_eager():
     for (name_, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3), name_
+
+
+@pytest.mark.slow
+def test_the_job_trains_with_model_compile(tmp_path):
+    """`python -m train model.compile=true` takes the config path (ModelSource.build compiles the layers)
+    and trains, evaluates and exports like the eager job."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", "run_name=compiled", "model.compile=true",
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "data.source.n_train=16", "data.source.n_val=8",
+           "data.num_workers=0", "data.batch_size=4", "eval.noimage=false",
+           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "compiled").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and "val/acc" in summary["metrics"]
+    assert (run / "export" / "config.json").exists()

@@ -27,7 +27,7 @@ def compose_train(overrides=()):
 def test_model_presets_compose_and_validate(model):
     cfg = compose_train([f"model={model}"])
     spec = build(cfg.model, "model")
-    mcfg = spec.architecture
+    mcfg = spec.mllm_config
     assert mcfg.num_image_tokens > 0
     if model.startswith("tiny"):
         spec.build()  # small enough to construct for real
@@ -57,9 +57,55 @@ def test_groups_compose(stage, logger, data):
     assert run.stage.name == stage and run.optim.lr > 0 and run.data.batch_size > 0
 
 
-def test_stage_sets_llava_learning_rates():
-    assert compose_train(["stage=pretrain"]).optim.lr == 1e-3
-    assert compose_train(["stage=finetune"]).optim.lr == 2e-5
+RECIPES = {  # LLaVA-1.5's scripts/v1_5/{pretrain,finetune,finetune_lora}.sh
+    "llava15_7b_pretrain": dict(global_batch=256, lr=1e-3, projector_lr=None, strategy="deepspeed_zero2", stage="pretrain",
+                                peft="none", steps=2181, grouped=False),
+    "llava15_7b_finetune": dict(global_batch=128, lr=2e-5, projector_lr=None, strategy="deepspeed_zero3", stage="finetune",
+                                peft="none", steps=5198, grouped=True),
+    "llava15_7b_lora": dict(global_batch=128, lr=2e-4, projector_lr=2e-5, strategy="deepspeed_zero3", stage="finetune",
+                            peft="lora", steps=5198, grouped=True),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("devices, nodes", [(8, 1), (2, 2), (1, 1), (4, 1)])
+def test_llava_recipes_carry_the_published_hyper_parameters(recipe, devices, nodes):
+    from train.builders import register_resolvers
+
+    register_resolvers()
+    want = RECIPES[recipe]
+    cfg = compose_train([f"experiment={recipe}", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}"])
+    t = cfg.trainer
+    assert cfg.data.batch_size * devices * nodes * t.accumulate_grad_batches == want["global_batch"]
+    assert (cfg.optim.lr, cfg.optim.projector_lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+        want["lr"], want["projector_lr"], 0.03, 0.0)
+    assert cfg.optim.decay_steps is None and cfg.optim.min_lr_ratio == 0.0  # cosine to 0 over the run
+    assert (cfg.strategy.name, cfg.stage.name, cfg.peft.name) == (want["strategy"], want["stage"], want["peft"])
+    assert (t.max_steps, t.precision, cfg.data.max_length, cfg.model.gradient_checkpointing) == (want["steps"], "bf16-mixed", 2048, True)
+    assert cfg.data._target_ == "data.datamodule.DataConfig" and cfg.data.source._target_ == "data.sources.ShardSource"
+    assert cfg.data.group_by_length is want["grouped"] and cfg.model.name == "llava15_7b"
+    if want["peft"] == "lora":
+        assert (cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout) == (128, 256, 0.05)
+
+
+def test_a_global_batch_that_does_not_divide_names_the_fix():
+    from train.builders import register_resolvers
+
+    register_resolvers()
+    cfg = compose_train(["experiment=llava15_7b_finetune", "trainer.devices=3"])
+    with pytest.raises(Exception, match="global_batch_size=128 is not a multiple of data.batch_size x trainer.devices"):
+        OmegaConf.to_container(cfg.trainer, resolve=True)
+
+
+def test_the_main_job_is_the_default_experiment():
+    """`python -m train` carries the main job's tuning (conf/experiment/main.yaml); stage/ and trainer/ hold
+    none of it, and experiment=null leaves their neutral defaults."""
+    main, neutral = compose_train(), compose_train(["experiment=null"])
+    assert (main.trainer.max_steps, main.trainer.val_check_interval) == (800, 800)
+    assert (main.optim.lr, main.optim.warmup_ratio, main.optim.decay_steps) == (2e-3, 0.05, 1300)
+    assert (neutral.optim.lr, neutral.optim.warmup_ratio, neutral.optim.decay_steps) == (1e-3, 0.03, None)
+    for stage in STAGES:  # a stage says what trains, nothing else
+        assert set(OmegaConf.load(Path(CONF, "stage", f"{stage}.yaml"))) == {"stage"}
 
 
 def test_wrong_override_key_is_rejected_by_name():
@@ -72,7 +118,7 @@ def test_wrong_key_in_a_preset_names_it_and_suggests_the_fix():
     d = OmegaConf.to_container(cfg.model, resolve=True)
     d["config"]["text"]["hiden_size"] = 3
     with pytest.raises(ConfigError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\)"):
-        build(OmegaConf.create(d), "model").architecture
+        build(OmegaConf.create(d), "model").mllm_config
     d = OmegaConf.to_container(cfg.model, resolve=True)
     d["pretrainde"] = "/x"
     with pytest.raises(ConfigError, match="did you mean 'pretrained'"):
@@ -106,7 +152,7 @@ def test_sincos_vision_positions_for_towers_built_from_config(tmp_path):
     spec = ModelSource(**cfg)
     assert spec.vision_position_init == "sincos2d"
     model = spec.build()
-    grid, width = spec.architecture.grid_size, spec.architecture.vision["hidden_size"]
+    grid, width = spec.mllm_config.grid_size, spec.mllm_config.vision["hidden_size"]
     assert torch.equal(model.vision_tower.embeddings.position_embedding.weight, sincos_2d(grid, width))
     model.vision_tower.embeddings.position_embedding.weight.data.add_(1.0)
     model.save_pretrained(tmp_path / "ckpt")  # a pretrained tower keeps its trained positions

@@ -33,7 +33,7 @@ def test_missing_checkpoint_directory(tmp_path):
         MLLM.from_pretrained(tmp_path / "nope")
     spec = ModelSource(name="x", pretrained=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        spec.architecture
+        spec.mllm_config
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from data.batch import Collator
 from data.length_groups import LengthGrouping, padding_fraction
 from data.pipeline import ShardStream
-from data.position import StreamPosition
+from data.stream_position import StreamPosition
 from tests.test_resume import assert_continues_exactly, mixed_shards  # noqa: F401  (fixture: 3 shards of 11 samples, every 4th corrupt)
 
 

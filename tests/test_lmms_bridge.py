@@ -15,7 +15,7 @@ from models.config import CLIP_MEAN, CLIP_STD, ConfigError
 from models.generation import greedy_generate
 from models.methods import resolve_arch
 from train.lmms.export import write_eval_files
-from train.lmms.plans import load_arch_spec, resolve_plan
+from train.lmms.plans import load_arch_spec, plan_for_checkpoint
 from train.lmms.preprocess import ImageProcessing
 from train.lmms.processor import EvalProcessor
 from train.lmms.prompts import PromptEncoder, jinja_template
@@ -152,17 +152,18 @@ def test_arch_names_files_and_combinations_resolve_like_training(tmp_path):
     config = task_model_config(layers=8)
     text = config.hf_text_config()
     dims = (text.num_hidden_layers, text.num_attention_heads)
-    fastv = resolve_plan("fastv", config)
+    fastv = plan_for_checkpoint("fastv", config)
     assert fastv == resolve_arch({"methods": {"fastv": {"K": 2, "R": 0.5, "reference_depth": 32}}}, *dims)
     combined = load_arch_spec("vica+pdrop")
     assert set(combined["methods"]) == {"vica", "pdrop"}
-    assert resolve_plan("vica+pdrop", config) == resolve_arch(combined, *dims)
+    assert plan_for_checkpoint("vica+pdrop", config) == resolve_arch(combined, *dims)
+    assert plan_for_checkpoint("[vica,pdrop]", config) == plan_for_checkpoint("vica+pdrop", config)  # Hydra's list form
     plan_file = tmp_path / "my_plan.yaml"
     plan_file.write_text("methods:\n  fastv: {K: 3, R: 0.75}\n")
-    assert resolve_plan(str(plan_file), config) == resolve_arch({"methods": {"fastv": {"K": 3, "R": 0.75}}, "name": "my_plan"}, *dims)
-    assert resolve_plan("dense", config).name == "dense"
+    assert plan_for_checkpoint(str(plan_file), config) == resolve_arch({"methods": {"fastv": {"K": 3, "R": 0.75}}, "name": "my_plan"}, *dims)
+    assert plan_for_checkpoint("dense", config).name == "dense"
     with pytest.raises(ConfigError, match="neither a preset"):
-        resolve_plan("fastvv", config)
+        plan_for_checkpoint("fastvv", config)
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_continuation_scores_equal_a_full_forward_and_do_not_depend_on_the_batch
     config = task_model_config()
     torch.manual_seed(0)
     model = MLLM.from_config(config).eval()
-    model.set_plan(resolve_plan(arch, config))
+    model.set_plan(plan_for_checkpoint(arch, config))
     processor = EvalProcessor.for_training(task_tokenizer, config, "vicuna", system_prompt="")
     samples = synthetic_questions(5)
     prompts = [processor.prompts.encode(q, 1) for q, _, _ in samples]

@@ -24,7 +24,7 @@ from data.tokenizer import load_pretrained_tokenizer
 from models import MLLM
 from models.generation import greedy_generate
 from train.lmms.export import write_eval_files
-from train.lmms.plans import resolve_plan
+from train.lmms.plans import plan_for_checkpoint
 from train.lmms.tasks.synthetic import write_synthetic_tasks
 
 from tests.lmms_helpers import task_model_config
@@ -86,7 +86,7 @@ def datasets_cache(tmp_path_factory):
 
 def load_model(export: Path, arch: str) -> MLLM:
     model = MLLM.from_pretrained(export).eval()
-    model.set_plan(resolve_plan(arch, model.config))
+    model.set_plan(plan_for_checkpoint(arch, model.config))
     return model
 
 

@@ -124,7 +124,7 @@ def test_activation_formula_matches_what_autograd_saves(overrides, lora_dropout)
     cfg = compose_cli("bench", ["model=bench_mid", "model.config.text.num_hidden_layers=2", *overrides])
     spec = build(cfg.model, "model")
     torch.manual_seed(0)
-    model = MLLM.from_config(spec.architecture).to(torch.bfloat16)
+    model = MLLM.from_config(spec.mllm_config).to(torch.bfloat16)
     mode = "finetune" if lora_dropout is None else "lora"
     ids, mask, pixels, labels = make_batch(model, 1, 64, 0)
     a = act_shape(model, ids.shape[1], mode, 8, LLAMA, lora_dropout or 0.0)

@@ -22,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data.pipeline import ShardStream
-from data.position import StreamPosition
+from data.stream_position import StreamPosition
 from models.config import ConfigError
 from train.infra import resume
 from train.infra.checkpoint_io import AtomicCheckpointIO

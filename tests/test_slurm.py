@@ -60,7 +60,7 @@ def test_sbatch_runs_a_two_task_ddp_job(cluster, tmp_path):
 
 def test_signalled_job_requeues_and_resumes(cluster, tmp_path):
     steps = 60
-    # Two DDP ranks: the signal only sets a flag, the ranks checkpoint together (train/preemption.py)
+    # Two DDP ranks: the signal only sets a flag, the ranks checkpoint together (train/infra/preemption.py)
     job = submit(cluster, tmp_path, *TINY, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                  "trainer.log_every_n_steps=1")
     run_dir = tmp_path / "outputs" / "slurm" / f"emllm-{job}"

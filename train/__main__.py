@@ -3,10 +3,13 @@
 `python -m train <tool> [overrides]` runs one of the tools below (each also `python -m train.tools.<tool>`).
 
 Hydra overrides always contain `=` (or start with `-`), so a bare first word names a job or a tool.
+Plans combine as `arch=vica+pdrop` (the form lmms-eval's model_args also take) or Hydra's list
+`arch='[vica,pdrop]'`; the first is rewritten to the second before Hydra reads the command line.
 Bad input (a wrong key or value, a missing file) exits 2 with one paragraph (train/errors.py).
 """
 
 import importlib
+import re
 import sys
 
 JOBS = {"evaluate": "evaluate a trained model under any plan, no training (the job with conf/evaluate.yaml)"}
@@ -19,6 +22,22 @@ TOOLS = {
     "pareto": "aggregate a sweep: efficiency-versus-accuracy table and plots",
     "time_to_accuracy": "val/acc against training wall-clock of runs evaluated along the way",
 }
+
+
+def plan_sums_as_lists(args: list[str]) -> list[str]:
+    """`arch=vica+pdrop` -> `arch=[vica,pdrop]` (also each choice of a sweep, `arch=vica+pdrop,dense`)."""
+
+    def as_list(choice: str) -> str:
+        return f"[{','.join(choice.split('+'))}]" if "+" in choice and not choice.startswith("[") else choice
+
+    out = []
+    for arg in args:
+        match = re.fullmatch(r"(arch=)(.+)", arg)
+        if match and "+" in match[2]:
+            choices = re.split(r",(?![^\[]*\])", match[2])  # commas outside [...] separate sweep choices
+            arg = match[1] + ",".join(as_list(c) for c in choices)
+        out.append(arg)
+    return out
 
 
 def run_job() -> None:
@@ -38,6 +57,7 @@ def main() -> None:
     from .errors import exit_on_input_error
 
     register_resolvers()
+    sys.argv[1:] = plan_sums_as_lists(sys.argv[1:])
     if len(sys.argv) > 1 and sys.argv[1] in JOBS:
         sys.argv[1:2] = [f"--config-name={sys.argv[1]}"]  # the job, composed from another primary config
         run_job()

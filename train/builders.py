@@ -40,9 +40,32 @@ HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers the config tree uses (`${arch_name:${arch}}` names run directories);
-    called by every entry point before Hydra composes."""
+    """OmegaConf resolvers the config tree uses (`${arch_name:${arch}}` names run directories,
+    `${accumulation:...}` turns a recipe's global batch into gradient accumulation); called by every
+    entry point before Hydra composes."""
     OmegaConf.register_new_resolver("arch_name", run_dir_arch_name, replace=True)
+    OmegaConf.register_new_resolver("accumulation", accumulation, replace=True)
+    OmegaConf.register_new_resolver("required", required, replace=True)
+
+
+def required(key: str, what: str):
+    """`${required:model.pretrained,'a llava directory'}`: a value a recipe cannot do without. (A recipe
+    cannot use `???` for a key its groups already set: merging `???` keeps the group's value.)"""
+    raise ConfigError(f"{key} is required here: {what}; set {key}=... on the command line")
+
+
+def accumulation(global_batch: int, micro_batch: int, devices, num_nodes: int) -> int:
+    """Micro-batches per optimizer step so that `global_batch` samples make one step on
+    `devices` x `num_nodes` processes of `micro_batch` samples (the recipes' `global_batch_size`)."""
+    if not isinstance(devices, int) or isinstance(devices, bool):
+        raise ConfigError(f"global_batch_size={global_batch} needs trainer.devices as a number of devices per node, got {devices!r}")
+    per_step = micro_batch * devices * num_nodes
+    if per_step <= 0 or global_batch % per_step:
+        raise ConfigError(
+            f"global_batch_size={global_batch} is not a multiple of data.batch_size x trainer.devices x trainer.num_nodes "
+            f"= {micro_batch} x {devices} x {num_nodes} = {per_step}; change data.batch_size (or global_batch_size)"
+        )
+    return global_batch // per_step
 
 
 def run_dir_arch_name(arch) -> str:
@@ -112,7 +135,7 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
     """Prepare shards (generating the synthetic task if needed), the tokenizer and the data module."""
     shards = data.source.prepare()
     tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
-    arch = model.architecture
+    arch = model.mllm_config
     chat = ChatTokenizer(tokenizer, model.chat_template, arch.num_image_tokens, data.max_length, model.system_prompt)
     image = ImageSpec(arch.hf_vision_config().image_size, arch.image_mean, arch.image_std)
     dm = MLLMDataModule(

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf.errors import InterpolationResolutionError
 
 from models.config import ConfigError
 
@@ -35,13 +36,15 @@ def job_started() -> bool:
 
 
 def input_error(exc: BaseException | None) -> BaseException | None:
-    """The input error `exc` is or was raised from (Hydra's instantiate wraps ours), else None."""
+    """The input error `exc` is or was raised from (Hydra's instantiate wraps ours), else None. OmegaConf
+    re-raises what a resolver raised (`${accumulation:...}`, `${required:...}`) without a cause, so an
+    interpolation error is followed through the exception it was raised while handling."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, INPUT_ERRORS):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__
+        exc = exc.__cause__ or (exc.__context__ if isinstance(exc, InterpolationResolutionError) else None)
     return None
 
 

@@ -19,6 +19,7 @@ from data.chat import TEMPLATES
 from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
+from models.compile import compile_decoder_layers
 from models.config import ConfigError, check_types
 from models.methods import resolve_arch
 from models.plan import Plan
@@ -55,8 +56,9 @@ class ModelSource:
             raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
 
     @cached_property
-    def architecture(self) -> MLLMConfig:
-        """The checkpoint's architecture when loading a llava directory, else the preset's `config`."""
+    def mllm_config(self) -> MLLMConfig:
+        """The model's configuration (`MLLMConfig`): the checkpoint's when loading a llava directory,
+        else the preset's `config`. (The plan is `arch`, resolved by `plan`.)"""
         if self.pretrained:
             return MLLMConfig.from_hf(read_config(self.pretrained))
         return MLLMConfig.from_dict(self.config)
@@ -64,7 +66,7 @@ class ModelSource:
     def plan(self, arch: dict[str, Any] | None) -> Plan:
         """The `arch` config resolved for this model's depth and heads (fails at config time); no
         `arch`: the checkpoint's own plan (dense for checkpoints without one, e.g. llava-hf's)."""
-        text = self.architecture.hf_text_config()
+        text = self.mllm_config.hf_text_config()
         if arch is None:
             saved = read_config(self.pretrained).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
@@ -87,7 +89,7 @@ class ModelSource:
             return
         saved_plan = hf.get("efficient_mllm", {}).get("plan")
         with torch.device("meta"):
-            model = MLLM.from_config(self.architecture, Plan.from_dict(saved_plan) if saved_plan else None, init=False)
+            model = MLLM.from_config(self.mllm_config, Plan.from_dict(saved_plan) if saved_plan else None, init=False)
         message = mismatch_message(f"model.pretrained={self.pretrained}", *mismatches(model, shapes))
         if message:
             raise ConfigError(message)
@@ -97,11 +99,11 @@ class ModelSource:
         if self.pretrained:
             model = MLLM.from_pretrained(self.pretrained, dtype=dtype)
         elif self.vision_pretrained or self.llm_pretrained:
-            model = MLLM.from_components(self.architecture, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
+            model = MLLM.from_components(self.mllm_config, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
         else:
-            model = MLLM.from_config(self.architecture, dtype=dtype)
+            model = MLLM.from_config(self.mllm_config, dtype=dtype)
         if self.vision_position_init == "sincos2d" and not (self.pretrained or self.vision_pretrained):
-            init_sincos_positions(model.vision_tower, self.architecture.grid_size)
+            init_sincos_positions(model.vision_tower, self.mllm_config.grid_size)
         if plan is not None:
             model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
@@ -118,7 +120,7 @@ class ModelSource:
             template = TEMPLATES[self.chat_template]
             system = template.default_system if self.system_prompt is None else self.system_prompt
             tok = task_tokenizer(texts, template, system, self.tokenizer_vocab_size, cache_root)
-        check_tokenizer(tok, self.architecture)
+        check_tokenizer(tok, self.mllm_config)
         return tok
 
 

@@ -23,6 +23,7 @@ class OptimConfig:
     # trainer.max_steps). The run then ends at a learning rate still above the floor, as nanoGPT's
     # lr_decay_iters can: its steps are exactly the first steps of a decay_steps-long run.
     decay_steps: int | None = None
+    projector_lr: float | None = None  # the projector's own learning rate (LLaVA-1.5's LoRA recipe: 2e-5)
 
     def __post_init__(self) -> None:
         check_types(self, "optim")
@@ -35,19 +36,26 @@ class OptimConfig:
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("decay_steps", self.decay_steps is None or self.decay_steps >= 1, ">= 1, or null (the run's length)"),
+            ("projector_lr", self.projector_lr is None or self.projector_lr > 0, "> 0, or null (optim.lr)"),
         ):
             if not ok:
                 raise ConfigError(f"optim.{name} must be {need}, got {getattr(self, name)}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with no weight decay on biases and norm weights (all 1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions keep the full shape there
-            (no_decay if ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, projector_lr: float | None = None) -> list[dict]:
+    """Trainable parameters, with no weight decay on biases and norm weights (all 1-D tensors); with
+    `projector_lr`, the projector's parameters in groups of their own at that learning rate (LLaVA's
+    `mm_projector_lr`)."""
+    projector = {id(p) for p in model.multi_modal_projector.parameters()} if projector_lr is not None else set()
+    groups = []
+    for own_lr in (False, True):
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad and (id(p) in projector) == own_lr:
+                ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions keep the full shape there
+                (no_decay if ndim < 2 else decay).append(p)
+        extra = {"lr": projector_lr} if own_lr else {}
+        groups += [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
     return [g for g in groups if g["params"]]
 
 
@@ -63,7 +71,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cpu_of
     """`total_steps`: the run's length (the schedule's too, unless `cfg.decay_steps` is longer).
     `cpu_offload`: the optimizer states live in CPU memory (ZeRO-Offload), where DeepSpeed's
     vectorised CPU Adam (compiled on first use) replaces torch's AdamW."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.projector_lr)
     if not groups:
         raise ValueError("no trainable parameters: check the stage (stage.train_*) and PEFT settings")
     if cpu_offload:

@@ -65,6 +65,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("resume.extend_to continues a training run; `python -m train evaluate` does not train")
     if resume.extend_to:
         cfg.trainer.max_steps = resume.extend_to
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???` in a recipe or group: a value the command line must give
+        raise ConfigError(f"missing mandatory value(s): {', '.join(missing)}; set them on the command line "
+                          f"(e.g. {missing[0]}=...), see the recipe's comments for what each one is")
     config = OmegaConf.to_container(cfg, resolve=True)
     if not evaluate_only and cfg.ckpt_path in ("auto", "last"):
         finished = finished_summary(out_dir, config, cfg.trainer.max_steps)

@@ -1,7 +1,7 @@
 """Resume that loses nothing: which checkpoint to resume from (skipping truncated or corrupt ones),
 periodic `last` checkpoints, RNG state.
 
-Together with the data position that MLLMDataModule keeps in every checkpoint (data/position.py) and
+Together with the data position that MLLMDataModule keeps in every checkpoint (data/stream_position.py) and
 Lightning's own model / optimizer / scheduler / loop state, a resumed fit continues the loss curve of
 the uninterrupted run (tests/test_resume.py kills a run with SIGKILL and checks this per step).
 """
@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from data.position import gather_ranks
+from data.stream_position import gather_ranks
 from models.config import ConfigError
 
 from .checkpoint_io import fsync_dir

@@ -5,7 +5,7 @@ partitioning over gloo; Lightning's `DeepSpeedStrategy` refuses non-CUDA acceler
 DeepSpeed the root device's index as its device rank, which is None for `torch.device("cpu")`.
 `CPUDeepSpeedStrategy` indexes the CPU devices by local rank (`torch.device("cpu", i)` is plain CPU
 memory), which satisfies both, and otherwise is the stock strategy. What the model itself needs
-under ZeRO-3 / FSDP2 is in `train/sharding.py`.
+under ZeRO-3 / FSDP2 is in `train/infra/sharding.py`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def deepspeed(stage: int, config: dict[str, Any] | None = None, **kwargs: Any) -
 class FSDPStrategy(ModelParallelStrategy):
     """FSDP2 (per-parameter sharding, `fully_shard`) with every process of every node in one
     data-parallel dimension (Lightning's "auto" sizes would make the devices of a node a
-    tensor-parallel group). The model is sharded in `configure_model` (train/sharding.py)."""
+    tensor-parallel group). The model is sharded in `configure_model` (train/infra/sharding.py)."""
 
     def setup_environment(self) -> None:
         self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1

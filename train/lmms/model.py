@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models import MLLM
 
 from .compat import alias_filelock_api
-from .plans import resolve_plan
+from .plans import plan_for_checkpoint
 from .processor import EvalProcessor
 from .scoring import continuation_logprobs, generate
 
@@ -68,7 +68,7 @@ class EfficientMLLM(lmms):
         batch_size, device, pad_to_square = _batch_size(batch_size), _device(device), _bool(pad_to_square)  # fail before loading
         model = MLLM.from_pretrained(pretrained, dtype=_dtype(dtype, device))
         if arch:
-            model.set_plan(resolve_plan(str(arch), model.config))
+            model.set_plan(plan_for_checkpoint(str(arch), model.config))
         processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, pad_to_square)
         log.info("efficient_mllm: %s, plan %s, %s, images %s", pretrained, model.plan.name, model.dtype, processor.images)
         self._bind(model.to(device).eval(), processor, batch_size)

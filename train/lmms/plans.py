@@ -1,5 +1,6 @@
 """`arch=` for evaluation: a preset name (conf/arch/<name>.yaml), a plan YAML file, or several
-joined by `+` (lmms-eval splits model_args on commas), resolved like the training job does."""
+joined by `+` or listed as `[a,b]` (the two forms `python -m train arch=...` accepts too; lmms-eval
+keeps a bracketed list together when it splits model_args on commas), resolved like the training job."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ def presets() -> list[str]:
 def load_arch_spec(arch: str) -> dict:
     """The arch config of `arch`: parts are merged in order, as Hydra composes `arch=[a,b]`."""
     merged: dict = {}
-    parts = [p.strip() for p in arch.split("+") if p.strip()]
+    listed = arch.strip()
+    if listed.startswith("[") and listed.endswith("]"):
+        listed = listed[1:-1].replace(",", "+")
+    parts = [p.strip() for p in listed.split("+") if p.strip()]
     if not parts:
-        raise ConfigError("arch is empty; give a preset name (e.g. fastv), a plan .yaml file, or names joined by '+'")
+        raise ConfigError("arch is empty; give a preset name (e.g. fastv), a plan .yaml file, or names joined by '+' ([a,b] also works)")
     for part in parts:
         if part.endswith((".yaml", ".yml")) or "/" in part:
             spec = load_arch({"path": str(Path(part).expanduser().resolve())})
@@ -43,7 +47,7 @@ def load_arch_spec(arch: str) -> dict:
     return merged
 
 
-def resolve_plan(arch: str, config: MLLMConfig) -> Plan:
+def plan_for_checkpoint(arch: str, config: MLLMConfig) -> Plan:
     """The plan of `arch` for this model's depth and heads (models.methods.resolve_arch)."""
     text = config.hf_text_config()
     return resolve_arch(load_arch_spec(arch), text.num_hidden_layers, text.num_attention_heads)

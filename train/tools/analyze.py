@@ -122,7 +122,7 @@ def model_sources(cfg: DictConfig) -> tuple[ModelSource, ModelSource]:
         ckpt = checkpoint_dir(cfg.analyze.checkpoint)
         spec = replace(spec, pretrained=str(ckpt), vision_pretrained=None, llm_pretrained=None)
         if not spec.tokenizer and not any((ckpt / f).is_file() for f in TOKENIZER_FILES):
-            return spec, replace(spec, pretrained=None, config=asdict(spec.architecture))
+            return spec, replace(spec, pretrained=None, config=asdict(spec.mllm_config))
     return spec, spec
 
 

@@ -20,8 +20,8 @@ from .cli import compose_cli
 def flops_report(cfg) -> dict:
     model, plan = model_and_plan(cfg)
     f = cfg.flops
-    shape = Shape.from_hf(model.architecture.hf_text_config())
-    n_visual = f.n_visual if f.n_visual is not None else model.architecture.num_image_tokens
+    shape = Shape.from_hf(model.mllm_config.hf_text_config())
+    n_visual = f.n_visual if f.n_visual is not None else model.mllm_config.num_image_tokens
     kw = dict(convention=f.convention, scope=f.scope, ffn=f.ffn)
     dense = prefill_flops(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)
     planned = prefill_flops(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep, **kw)

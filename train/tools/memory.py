@@ -34,7 +34,7 @@ MODES = ("finetune", "lora")
 
 def meta_model(spec: ModelSource) -> MLLM:
     with torch.device("meta"):
-        return MLLM.from_config(spec.architecture)
+        return MLLM.from_config(spec.mllm_config)
 
 
 def lora_linears(layers: nn.Module, targets: list[str]) -> list[nn.Linear]:
