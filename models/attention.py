@@ -2,7 +2,8 @@
 
 A layer attends from a set of query tokens to a set of key tokens that need not be the same
 tokens (text-only queries over text+visual keys, cached keys at decode time, ...). Causality is
-`key_pos <= query_pos`, so the order in which tokens are stored never matters.
+`key_order <= query_order` (sequence order, models/streams.py), so the order in which tokens are
+stored never matters.
 
 Two query groups exist: text queries (every layer, prefill and decode) and visual queries (only
 where visual tokens are updated). Text queries use SDPA unless a layer asks for the released
@@ -50,7 +51,7 @@ class Keys(NamedTuple):
 
     k: Tensor  # [B, Hkv, S, dh] (RoPE applied)
     v: Tensor  # [B, Hkv, S, dh]
-    pos: Tensor  # [B, S]
+    order: Tensor  # [B, S] sequence order
     valid: Tensor  # [B, S]
     is_visual: Tensor  # [B, S]
 
@@ -66,13 +67,13 @@ class Keys(NamedTuple):
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-def causal_mask(q_pos: Tensor, q_valid: Tensor, keys: Keys) -> Tensor:
-    """[B, 1, Q, S] boolean mask: valid keys at or before each query's position.
+def causal_mask(q_order: Tensor, q_valid: Tensor, keys: Keys) -> Tensor:
+    """[B, 1, Q, S] boolean mask: valid keys at or before each query in sequence order.
 
     Padding queries may attend to everything: their outputs are never read, and a fully masked row
     would produce NaNs that leak through 0 * NaN into real tokens.
     """
-    allowed = keys.valid[:, None, :] & (keys.pos[:, None, :] <= q_pos[:, :, None])
+    allowed = keys.valid[:, None, :] & (keys.order[:, None, :] <= q_order[:, :, None])
     allowed = allowed | ~q_valid[:, :, None]
     return allowed[:, None]
 
@@ -157,12 +158,12 @@ def attend(q: Tensor, keys: Keys, mask: Tensor, scale: float) -> Tensor:
     return sdpa(q, keys.k, keys.v, scale, mask=mask)
 
 
-def sequence_order(pos: Tensor, valid: Tensor) -> Tensor:
+def sequence_order(order: Tensor, valid: Tensor) -> Tensor:
     """[B, N] indices that sort each row's tokens into one causal sequence: valid tokens by
-    position, padding last. Positions of valid tokens are distinct, so on the sorted tokens
-    "key position <= query position" is "key index <= query index" for every valid query: exactly
+    order, padding last. Orders of valid tokens are distinct, so on the sorted tokens
+    "key order <= query order" is "key index <= query index" for every valid query: exactly
     is_causal (padding queries see other tokens, as `causal_mask` allows; their outputs are never read)."""
-    key = torch.where(valid, pos, pos.new_tensor(torch.iinfo(pos.dtype).max))
+    key = torch.where(valid, order, order.new_tensor(torch.iinfo(order.dtype).max))
     return torch.sort(key, dim=1, stable=True).indices
 
 
@@ -196,52 +197,74 @@ def last_query_probs(q_last: Tensor, keys: Keys, base_last: Tensor, scale: float
     return torch.softmax(logits.masked_fill(~base_last, float("-inf")), dim=-1)
 
 
-def local_window_index(grid: int, window: int, device) -> tuple[Tensor, Tensor]:
-    """For each patch of a grid x grid image: indices of its window x window neighbours and validity."""
-    r = torch.arange(grid, device=device)
-    rows, cols = torch.meshgrid(r, r, indexing="ij")
-    off = torch.arange(window, device=device) - window // 2
-    dr, dc = torch.meshgrid(off, off, indexing="ij")
-    nr = rows.reshape(-1, 1) + dr.reshape(1, -1)
-    nc = cols.reshape(-1, 1) + dc.reshape(1, -1)
-    valid = (nr >= 0) & (nr < grid) & (nc >= 0) & (nc < grid)
-    index = nr.clamp(0, grid - 1) * grid + nc.clamp(0, grid - 1)
-    return index, valid  # [g*g, w*w]
+def grid_neighbours(place: Tensor, valid: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """For each visual token, the stream indices of its `window` x `window` neighbours on its own
+    unit's grid (same image and unit, rows and columns within window // 2) and which exist.
+
+    `place` [B, V, len(Place)], `valid` [B, V]. Returns `index` [B, V, w*w] (into the stream) and
+    `ok` [B, V, w*w]; offsets run row-major from (-w//2, -w//2), so the centre is the token itself
+    (always ok: no query row is ever empty, padding included). Tokens are found by a sorted key
+    lookup, so any layout works: a square LLaVA-1.5 grid, LLaVA-NeXT's tiles (partial after
+    unpadding), grids of different sizes per image."""
+    from .streams import Place
+
+    b, v, _ = place.shape
+    image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
+    on_grid = valid & (row >= 0)
+    half = window // 2
+    n_rows, n_cols = int(row.max()) + 1 + 2 * half if v else 1, int(col.max()) + 1 + 2 * half if v else 1
+    n_units = int(unit.max()) + 1 if v else 1
+    n_images = int(image.max()) + 1 if v else 1
+
+    def key(r: Tensor, c: Tensor) -> Tensor:  # rows and columns shifted by `half` so neighbours never wrap
+        rows = torch.arange(b, device=place.device).view(b, *([1] * (r.dim() - 1)))
+        cell = ((rows * n_images + image.view(*image.shape, *([1] * (r.dim() - 2)))) * n_units
+                + unit.view(*unit.shape, *([1] * (r.dim() - 2))))
+        return (cell * n_rows + (r + half)) * n_cols + (c + half)
+
+    own = torch.where(on_grid, key(row, col), torch.iinfo(torch.long).max)
+    sorted_keys, by_key = own.flatten().sort()
+    off = torch.arange(window, device=place.device) - half
+    dr, dc = (t.reshape(-1) for t in torch.meshgrid(off, off, indexing="ij"))
+    wanted = key(row[..., None] + dr, col[..., None] + dc)  # [B, V, w*w]
+    at = torch.searchsorted(sorted_keys, wanted.flatten()).clamp(max=sorted_keys.numel() - 1).view_as(wanted)
+    found = (sorted_keys[at] == wanted) & on_grid[..., None]
+    flat = by_key[at]  # index into the flattened [B * V] stream
+    index = torch.where(found, flat % max(v, 1), torch.arange(v, device=place.device)[None, :, None])
+    found[..., (window * window) // 2] = True
+    index[..., (window * window) // 2] = torch.arange(v, device=place.device)[None, :]
+    return index, found
 
 
 def attend_visual(
     q: Tensor,
     text_keys: Keys,
-    q_pos: Tensor,
+    q_order: Tensor,
     vis_k: Tensor,
     vis_v: Tensor,
-    vis_valid: Tensor,
     mode: str,
     scale: float,
     neighbours: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Visual queries that do not attend to all visual tokens: the text keys before them plus
-    either their local window (`neighbours` from `local_window_index`, gathered so the cost is
+    either their local window (`neighbours` from `grid_neighbours`, gathered so the cost is
     linear in the number of visual tokens) or only themselves (`none`). q/vis_k/vis_v: [B, H, V, dh]
     with K/V already expanded to the query heads."""
     h = q.shape[1]
     kt, vt = expand_kv(text_keys.k, h), expand_kv(text_keys.v, h)
     text_logits = (q @ kt.transpose(-1, -2)) * scale  # [B, H, V, T]
-    text_ok = text_keys.valid[:, None, None, :] & (text_keys.pos[:, None, None, :] <= q_pos[:, None, :, None])
+    text_ok = text_keys.valid[:, None, None, :] & (text_keys.order[:, None, None, :] <= q_order[:, None, :, None])
     text_logits = text_logits.masked_fill(~text_ok, float("-inf"))
     if mode == "none":
         nb_k, nb_v = vis_k.unsqueeze(3), vis_v.unsqueeze(3)  # [B, H, V, 1, dh]
-        nb_ok = torch.ones_like(vis_valid)[:, None, :, None]
+        nb_ok = torch.ones(q.shape[0], 1, q.shape[2], 1, dtype=torch.bool, device=q.device)
     else:
-        index, inside = neighbours
-        v = vis_k.shape[2]
-        n_img = v // index.shape[0]
-        # neighbour slots inside each image's block of g*g slots
-        flat = (torch.arange(n_img, device=q.device)[:, None, None] * index.shape[0] + index[None]).reshape(v, -1)
-        nb_k = vis_k[:, :, flat]  # [B, H, V, w*w, dh]
-        nb_v = vis_v[:, :, flat]
-        nb_ok = inside.repeat(n_img, 1)[None, None] & vis_valid[:, flat][:, None]
-        nb_ok[..., index.shape[1] // 2] = True  # itself: no row is ever empty (padding slots included)
+        index, found = neighbours  # [B, V, n]
+        b, hh, v, dh = vis_k.shape
+        flat = index.reshape(b, 1, -1, 1).expand(-1, hh, -1, dh)
+        nb_k = torch.gather(vis_k, 2, flat).view(b, hh, v, -1, dh)  # [B, H, V, n, dh]
+        nb_v = torch.gather(vis_v, 2, flat).view(b, hh, v, -1, dh)
+        nb_ok = found[:, None]
     nb_logits = (q.unsqueeze(3) @ nb_k.transpose(-1, -2)).squeeze(3) * scale  # [B, H, V, n]
     nb_logits = nb_logits.masked_fill(~nb_ok, float("-inf"))
     probs = torch.softmax(torch.cat([text_logits, nb_logits], -1), dim=-1)

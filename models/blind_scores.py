@@ -5,14 +5,15 @@ On LLaVA-1.5-7B, 6 of 8 published pruning methods score below random selection a
 (arXiv 2502.11501); a pruning curve needs these baselines. Both are `Select` scorers, so the
 engine keeps the top `budget` tokens exactly as for attention scores, before any layer.
 
-`random`: each image draws one uniform score per patch slot from a local CPU `torch.Generator`
+`random`: each image draws one uniform score per token from a local CPU `torch.Generator`
 seeded with `generator_seed(seed, key)`, where `key` hashes the image's pixel values (float32
-bits, exact integer arithmetic, the same on every device). So the same seed and image keep the same tokens in
-any batch, different images (rows) keep different ones, and the global torch RNG (training's
-dropout, shuffling) is never consumed.
+bits, exact integer arithmetic, the same on every device). So the same seed and image keep the
+same tokens in any batch, different images (rows) keep different ones, and the global torch RNG
+(training's dropout, shuffling) is never consumed. The budget is per image.
 
-`uniform`: the tokens of a `uniform_lattice` over the g x g patch grid, which needs every patch
-of the image present (validated in `Plan.validate`; no CLS token among the visual tokens).
+`uniform`: the tokens of a `uniform_lattice` over each unit's grid (the image for LLaVA-1.5, each
+tile for LLaVA-NeXT), the budget per unit; it needs every token of the grid present (validated in
+`Plan.validate`; no CLS token among the visual tokens).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import torch
 from torch import Tensor
 
 from .plan import Plan, Select
+from .selection import ceil_budget
+from .streams import Place, Stream
 
 _PRIME = 2**31 - 1  # hash modulus: products of two residues stay below 2**62
 
 
 def image_keys(pixel_values: Tensor) -> Tensor:
     """One int64 key in [0, 2**31 - 1) per image [N]: a position-weighted sum of its pixels'
-    float32 bit patterns modulo a prime (integer arithmetic, identical on CPU and GPU)."""
+    float32 bit patterns modulo a prime (integer arithmetic, identical on CPU and GPU). Trailing
+    zero padding (the empty tiles of a batch of tiled images) adds nothing: +0.0 has zero bits."""
     bits = pixel_values.detach().float().contiguous().view(torch.int32).reshape(len(pixel_values), -1).long()
     weights = torch.arange(1, bits.shape[1] + 1, device=bits.device) * 2654435761 % _PRIME
     return (bits % _PRIME * weights % _PRIME).sum(1) % _PRIME
@@ -45,12 +49,11 @@ def row_image_keys(pixel_values: Tensor, images_per_row: Tensor) -> Tensor:
     return torch.where(slot < images_per_row[:, None].to(keys.device), keys[index], -1)
 
 
-def image_keys_for(plan: Plan, vis_valid: Tensor, pixel_values: Tensor | None, tokens_per_image: int) -> Tensor | None:
-    """Per-row image keys when `plan` selects at random (else None); `vis_valid` [B, V] marks each
-    row's `<image>` tokens, `tokens_per_image` of them per image."""
+def image_keys_for(plan: Plan, pixel_values: Tensor | None, images_per_row: Tensor) -> Tensor | None:
+    """Per-row image keys when `plan` selects at random (else None)."""
     if not plan.draws_random or pixel_values is None or len(pixel_values) == 0:
         return None
-    return row_image_keys(pixel_values, vis_valid.sum(1) // tokens_per_image)
+    return row_image_keys(pixel_values, images_per_row)
 
 
 def generator_seed(seed: int, key: int) -> int:
@@ -61,7 +64,8 @@ def generator_seed(seed: int, key: int) -> int:
 
 def random_scores(keys: Tensor, image: Tensor, patch: Tensor, seed: int, slots: int) -> Tensor:
     """Scores [B, N] of tokens at (`image`, `patch`) [B, N] of each row: per image, `slots`
-    uniform draws of a generator seeded by (`seed`, key), indexed by patch."""
+    uniform draws of a generator seeded by (`seed`, key), indexed by patch. (A generator's first
+    draws do not depend on how many follow, so `slots` only needs to cover the largest patch.)"""
     table = torch.stack([torch.rand(slots, generator=torch.Generator().manual_seed(generator_seed(seed, k))) if k >= 0
                          else torch.zeros(slots) for k in keys.flatten().tolist()])
     table = table.view(*keys.shape, slots).to(image.device)
@@ -69,43 +73,65 @@ def random_scores(keys: Tensor, image: Tensor, patch: Tensor, seed: int, slots: 
     return table[rows, image.clamp(0, keys.shape[1] - 1), patch.clamp(0, slots - 1)]
 
 
-def uniform_lattice(grid: int, k: int) -> Tensor:
-    """Patch indices (raster order) of `k` tokens spread evenly over a `grid` x `grid` image.
+def uniform_lattice(rows: int, k: int, cols: int | None = None) -> Tensor:
+    """Indices (raster order) of `k` tokens spread evenly over a `rows` x `cols` grid (square by default).
 
-    r = clamp(round(sqrt(k)), ceil(k / grid), grid) lattice rows at y_i = floor((i + 1/2) * grid / r);
-    row i holds c_i = floor((i + 1) k / r) - floor(i k / r) tokens at x_j = floor((j + 1/2) * grid / c_i):
-    every row and column offset is centred in its cell, and the rows' counts differ by at most one.
-    For k = (grid / s)^2 this is the stride-s lattice (e.g. 64 of 24 x 24: every third row and
-    column, starting at 1).
+    r = clamp(round(sqrt(k * rows / cols)), ceil(k / cols), rows) lattice rows at
+    y_i = floor((i + 1/2) * rows / r); row i holds c_i = floor((i + 1) k / r) - floor(i k / r) tokens
+    at x_j = floor((j + 1/2) * cols / c_i): every row and column offset is centred in its cell, and the
+    rows' counts differ by at most one. For k = (grid / s)^2 this is the stride-s lattice (e.g. 64
+    of 24 x 24: every third row and column, starting at 1).
     """
-    if not 1 <= k <= grid * grid:
-        raise ValueError(f"a uniform lattice of {k} tokens does not fit a {grid}x{grid} grid")
-    rows = min(grid, max(round(math.sqrt(k)), math.ceil(k / grid)))
+    cols = rows if cols is None else cols
+    if not 1 <= k <= rows * cols:
+        raise ValueError(f"a uniform lattice of {k} tokens does not fit a {rows}x{cols} grid")
+    n_rows = min(rows, max(round(math.sqrt(k * rows / cols)), math.ceil(k / cols)))
     picked = []
-    for i in range(rows):
-        y = int((i + 0.5) * grid / rows)
-        cols = (i + 1) * k // rows - i * k // rows
-        picked += [y * grid + int((j + 0.5) * grid / cols) for j in range(cols)]
+    for i in range(n_rows):
+        y = int((i + 0.5) * rows / n_rows)
+        n = (i + 1) * k // n_rows - i * k // n_rows
+        picked += [y * cols + int((j + 0.5) * cols / n) for j in range(n)]
     return torch.tensor(picked)
 
 
-def uniform_scores(image: Tensor, patch: Tensor, grid: int, k: int) -> Tensor:
-    """Scores [B, N]: the `uniform_lattice(grid, k)` tokens of every image first, then the others;
-    ties (only when a row holds several images) go to the earlier token."""
-    on = torch.zeros(grid * grid + 1, dtype=torch.bool)
-    on[uniform_lattice(grid, k)] = True
-    on = on.to(patch.device)[patch.clamp(0, grid * grid)]
-    slot = (image * (grid * grid + 1) + patch).double()
-    return -(slot + (~on).double() * 2**40)
+def uniform_scores(vis: Stream, keep: float) -> Tensor:
+    """Scores [B, N]: 1 for the tokens of each unit's lattice (ceil(keep * n_unit) of the unit's
+    present grid, spanning its rows and columns), 0 for the others."""
+    row, col = vis.at(Place.ROW), vis.at(Place.COL)
+    on_grid = vis.valid & (row >= 0) & ~vis.extra
+    unit = torch.stack([torch.arange(row.shape[0], device=row.device)[:, None].expand_as(row),
+                        vis.image, vis.at(Place.UNIT)], -1)[on_grid]
+    scores = torch.zeros(row.shape, dtype=torch.float32, device=row.device)
+    if unit.numel() == 0:
+        return scores
+    groups, inverse = torch.unique(unit, dim=0, return_inverse=True)
+    n_groups = groups.shape[0]
+    r, c = row[on_grid], col[on_grid]
+    big = torch.iinfo(torch.long).max
+    r0 = torch.full((n_groups,), big, device=row.device).scatter_reduce_(0, inverse, r, "amin")
+    c0 = torch.full((n_groups,), big, device=row.device).scatter_reduce_(0, inverse, c, "amin")
+    r1 = torch.full((n_groups,), -1, device=row.device).scatter_reduce_(0, inverse, r, "amax")
+    c1 = torch.full((n_groups,), -1, device=row.device).scatter_reduce_(0, inverse, c, "amax")
+    n = torch.bincount(inverse, minlength=n_groups)
+    shape = torch.stack([r1 - r0 + 1, c1 - c0 + 1, n], 1)
+    on = torch.zeros_like(r, dtype=torch.bool)
+    for rows, cols, count in torch.unique(shape, dim=0).tolist():  # one lattice per grid shape
+        lattice = torch.zeros(rows * cols, dtype=torch.bool, device=row.device)
+        lattice[uniform_lattice(rows, ceil_budget(keep, count), cols)] = True
+        members = (shape[inverse] == shape.new_tensor([rows, cols, count])).all(1)
+        local = (r - r0[inverse]) * cols + (c - c0[inverse])
+        on |= members & lattice[local.clamp(0, rows * cols - 1)]
+    scores[on_grid] = on.float()
+    return scores
 
 
-def blind_scores(sel: Select, image: Tensor, patch: Tensor, grid: int, keys: Tensor | None) -> Tensor:
-    """Scores [B, N] of a `random` or `uniform` selection for tokens at (`image`, `patch`)."""
-    if image.numel() == 0:
-        return torch.zeros(image.shape, device=image.device)
+def blind_scores(sel: Select, vis: Stream, keys: Tensor | None) -> Tensor:
+    """Scores [B, N] of a `random` or `uniform` selection for the tokens of `vis`."""
+    if vis.n == 0:
+        return torch.zeros(vis.valid.shape, device=vis.valid.device)
     if sel.scorer == "uniform":
-        return uniform_scores(image, patch, grid, sel.budget(grid * grid))
+        return uniform_scores(vis, sel.keep)
     if keys is None:
         raise ValueError("select.scorer=random draws per image and needs the images' keys: pass "
-                         "image_keys=models.blind_scores.image_keys_for(plan, layout.vis_valid, pixel_values, n_v) to run_decoder")
-    return random_scores(keys, image, patch, sel.seed, grid * grid + 1)
+                         "image_keys=models.blind_scores.image_keys_for(plan, pixel_values, images_per_row) to run_decoder")
+    return random_scores(keys, vis.image, vis.patch, sel.seed, int(vis.patch.max()) + 1)

@@ -172,7 +172,7 @@ def layer_attention(layer: nn.Module, text: Stream, vis: Stream) -> AttentionMap
     k = apply_rope(split_heads(attn.k_proj(x), dh), seq.cos, seq.sin)
     v = split_heads(attn.v_proj(x), dh)
     is_visual = torch.cat([torch.zeros_like(text.valid), torch.ones_like(vis.valid)], 1)
-    allowed = causal_mask(seq.pos, seq.valid, Keys(k, v, seq.pos, seq.valid, is_visual))  # the decoder's own rule
+    allowed = causal_mask(seq.order, seq.valid, Keys(k, v, seq.order, seq.valid, is_visual))  # the decoder's own rule
     h = q.shape[1]
     k, v = expand_kv(k, h).float(), expand_kv(v, h).float()
     logits = (q.float() @ k.transpose(-1, -2)) * attn.scaling

@@ -1,9 +1,7 @@
-"""llava-hf weight names and safetensors I/O: the state-dict adapter between our modules and disk.
+"""Checkpoint directories on disk: safetensors I/O, shape checks and atomic writes.
 
-We write the names llava-hf checkpoints on the Hub use (`language_model.model.*`,
-`language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`), which every
-transformers version loads into `LlavaForConditionalGeneration`; on load we accept those, the
-transformers-v5 in-memory names (`model.language_model.*`, ...) and the v5 flattened vision names.
+The names on disk are the family's (each family's state-dict adapter, `Family.to_hub_name` /
+`to_internal_name` in `models/families/`, maps HF weight names to our modules and back).
 Construction lives in `models.mllm.MLLM` (`from_config` / `from_pretrained` / `from_components`);
 this module never builds a model.
 """
@@ -31,36 +29,7 @@ log = logging.getLogger(__name__)
 # huggingface_hub names this logger by its file path; it is the logger of the module defining the function
 HF_SAVE_LOGGER = getattr(sys.modules[save_torch_state_dict.__module__], "logger", logging.getLogger("huggingface_hub"))
 
-# (ours, on disk) prefix pairs; order matters for the first match on load.
-_SAVE_PREFIXES = [
-    ("vision_tower.", "vision_tower.vision_model."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-]
-_LOAD_PREFIXES = [
-    ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "vision_tower."),
-]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-def to_internal_name(key: str) -> str:
-    """Map any llava-hf / transformers-v5 weight name to our module names."""
-    if key.startswith("model."):
-        key = key[len("model.") :]
-    for src, dst in _LOAD_PREFIXES:
-        if key.startswith(src):
-            return dst + key[len(src) :]
-    return key
-
-
-def to_hub_name(key: str) -> str:
-    for ours, hub in _SAVE_PREFIXES:
-        if key.startswith(ours):
-            return hub + key[len(ours) :]
-    return key  # our own extra modules (e.g. gated cross-attention blocks) keep their names
 
 
 def checkpoint_dir(path: str | Path, what: str) -> Path:
@@ -116,10 +85,11 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
 
 
 def checkpoint_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """On-disk tensors renamed to `model`'s names: SigLIP's pooling head (never used by LLaVA-style
-    models) and a tied lm_head copy are dropped."""
-    state = {to_internal_name(k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("vision_tower.head.")}
+    """On-disk tensors renamed to `model`'s names (its family's adapter): tensors the model never
+    uses (e.g. SigLIP's pooling head) and a tied lm_head copy are dropped."""
+    family = model.family
+    state = {family.to_internal_name(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not family.dropped_on_load(k)}
     if _tied(model):
         state.pop("lm_head.weight", None)
     return state
@@ -173,11 +143,11 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def hub_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """`state` (default: the model's) on CPU under llava-hf names, a tied lm_head left out."""
-    out = {to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in (state or model.state_dict()).items()}
+    """`state` (default: the model's) on CPU under the family's Hub names, a tied lm_head left out."""
+    state = dict(state or model.state_dict())
     if _tied(model):
-        out.pop("language_model.lm_head.weight", None)
-    return out
+        state.pop("lm_head.weight", None)
+    return {model.family.to_hub_name(k): _own_storage(v.detach().cpu()) for k, v in state.items()}
 
 
 def write_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict, max_shard_size: str = "5GB") -> Path:

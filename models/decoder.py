@@ -25,9 +25,9 @@ from .attention import (
     attend_visual,
     causal_mask,
     expand_kv,
+    grid_neighbours,
     head_visual_mask,
     last_query_probs,
-    local_window_index,
     merge_heads,
     sdpa,
     sequence_order,
@@ -36,16 +36,19 @@ from .attention import (
 from .blind_scores import blind_scores
 from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
-from .streams import Stream, empty_like_visual
+from .selection import compact, dense_groups, keep_best
+from .streams import Place, Stream, empty_like_visual
 
 
 @dataclass
 class DecodeState:
     """What decoding needs after prefill: per-layer keys (the KV cache), cross-attention keys of
-    gated blocks, and each row's next position."""
+    gated blocks, and each row's next order and RoPE position (counted here, never read back from
+    cache lengths: a pruned layer's cache is shorter than its neighbours')."""
 
     keys: list[Keys]
-    next_pos: Tensor  # [B]
+    next_order: Tensor  # [B] sequence order of the next token (each row's own counter)
+    next_rope: Tensor  # [B] its RoPE position (the order, or the order plus the family's rope delta)
     xattn: dict[int, Keys] = field(default_factory=dict)
 
     @property
@@ -113,29 +116,25 @@ def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
 
 
 def select_visual(vis: Stream, scores: Tensor, sel: Select) -> tuple[Stream, Tensor]:
-    """Keep the best-scoring visual tokens of each row (original order kept; rows may keep
-    different counts, padded with `valid=False`). Returns the kept stream and its indices."""
-    scores = scores.masked_fill(~vis.valid, float("-inf"))
-    n_valid = vis.valid.sum(1)
-    if sel.keep is not None:
-        n_keep = torch.tensor([sel.budget(int(n)) for n in n_valid.tolist()], device=scores.device)
-    else:
-        above = (scores > sel.threshold).sum(1)
-        n_keep = torch.maximum(above, n_valid.clamp(max=sel.min_keep))
-    n_keep = torch.minimum(n_keep, n_valid)
-    k = max(1, int(n_keep.max())) if vis.n else 0
-    top = scores.topk(k, dim=1).indices
-    rank_valid = torch.arange(k, device=scores.device)[None] < n_keep[:, None]
-    order = torch.where(rank_valid, top, vis.n + top).argsort(1)  # kept tokens first, in original order
-    index = torch.gather(top, 1, order)
-    valid = torch.gather(rank_valid, 1, order)
+    """Keep the best-scoring visual tokens of each image (of each unit for `uniform`), layout
+    tokens always (models/selection.py); original order kept, rows may keep different counts
+    (padded with `valid=False`). Returns the kept stream and its indices."""
+    if vis.n == 0:
+        return vis, vis.valid.new_zeros(vis.valid.shape, dtype=torch.long)
+    rows = torch.arange(vis.h.shape[0], device=scores.device)[:, None].expand_as(vis.valid)
+    columns = (rows, vis.image, vis.at(Place.UNIT)) if sel.scorer == "uniform" else (rows, vis.image)
+    groups, n_groups = dense_groups(*columns)
+    candidates = vis.valid & ~vis.extra
+    keep = keep_best(scores.flatten(), groups.flatten(), candidates.flatten(), (vis.valid & vis.extra).flatten(), n_groups,
+                     keep=sel.keep, threshold=sel.threshold, min_keep=sel.min_keep)
+    index, valid = compact(keep.view_as(vis.valid))
     return vis.gather(index, valid), index
 
 
-def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | None, grid: int, image_keys: Tensor | None) -> Stream:
+def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | None, image_keys: Tensor | None) -> Stream:
     """The visual tokens a layer keeps under a selection made before it: scored by the previous
     layer's attention (`attention_scores`), or by a scorer that reads none (random, uniform)."""
-    scores = attention_scores if sel.reads_attention else blind_scores(sel, vis.image, vis.patch, grid, image_keys)
+    scores = attention_scores if sel.reads_attention else blind_scores(sel, vis, image_keys)
     return select_visual(vis, scores, sel)[0]
 
 
@@ -198,22 +197,21 @@ class PlannedDecoderLayer(nn.Module):
             self.add_module(name, child)
 
     def forward(
-        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, grid: int, score_next: str | None = None
+        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None
     ) -> LayerIO:
-        return LayerRunner(self, policy, grid)(text, vis, past, query_idx, score_next)
+        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next)
 
 
 class LayerRunner:
-    """Runs one decoder layer's modules under a policy; `grid` is the patch grid side (local windows)."""
+    """Runs one decoder layer's modules under a policy."""
 
-    def __init__(self, layer: nn.Module, policy: LayerPolicy, grid: int):
+    def __init__(self, layer: nn.Module, policy: LayerPolicy):
         self.layer = layer
         self.p = policy
         self.attn = layer.self_attn
         self.dh = self.attn.head_dim
         self.n_heads = self.attn.q_proj.out_features // self.dh
         self.n_kv = self.attn.k_proj.out_features // self.dh
-        self.grid = grid
 
     def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None) -> LayerIO:
         p, attn = self.p, self.attn
@@ -244,7 +242,7 @@ class LayerRunner:
             # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
             out_text, scores = sdpa(q_text, keys.k, keys.v, attn.scaling, causal=True), None
         else:
-            out_text, scores = self._text_attention(q_text, keys, causal_mask(text.pos, text.valid, keys), query_idx, score_next, vis.n)
+            out_text, scores = self._text_attention(q_text, keys, causal_mask(text.order, text.valid, keys), query_idx, score_next, vis.n)
         h_text = text.h + attn.o_proj(merge_heads(out_text))
         h_text = h_text + self.layer.mlp(self.layer.post_attention_layernorm(h_text))
 
@@ -265,14 +263,14 @@ class LayerRunner:
             full_k[:, kv_heads], full_v[:, kv_heads] = k, v
             k, v = full_k, full_v
         flag = torch.full_like(tokens.valid, visual)
-        return Keys(k, v, tokens.pos, tokens.valid, flag)
+        return Keys(k, v, tokens.order, tokens.valid, flag)
 
     def _one_sequence(self, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None) -> LayerIO:
         """Text and visual tokens as one sequence ordered by position (padding last), so a single
         causal SDPA call without a mask is exact; the cached keys stay in that order (every key
         carries its position, validity and kind)."""
         n_text = text.n
-        order = sequence_order(torch.cat([text.pos, vis.pos], 1), torch.cat([text.valid, vis.valid], 1))
+        order = sequence_order(torch.cat([text.order, vis.order], 1), torch.cat([text.valid, vis.valid], 1))
         b, n = order.shape
         row_start = torch.arange(b, device=order.device)[:, None] * n
 
@@ -292,13 +290,13 @@ class LayerRunner:
         h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
         slot = order.argsort(1)  # where each stream token sits in the sequence
         h = take(h, slot)
-        keys = Keys(k, v, seq(text.pos, vis.pos), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
+        keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         scores = None
         if score_next is not None:
             rows = torch.arange(b, device=h.device)
             last = slot[rows, query_idx]
             q_last = q[rows, :, last].unsqueeze(2)
-            m_last = causal_mask(keys.pos[rows, last][:, None], keys.valid[rows, last][:, None], keys)[:, 0].expand(-1, self.n_heads, -1)
+            m_last = causal_mask(keys.order[rows, last][:, None], keys.valid[rows, last][:, None], keys)[:, 0].expand(-1, self.n_heads, -1)
             probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
             scores = visual_scores(probs, keys, slot[:, n_text:], score_next)
         return LayerIO(text.with_h(h[:, :n_text]), vis.with_h(h[:, n_text:]), keys, scores)
@@ -333,15 +331,15 @@ class LayerRunner:
         q_last = project_heads(self.attn.q_proj, x_text[rows, query_idx].unsqueeze(1), None, self.dh)
         q_last = apply_rope(q_last, text.cos[rows, query_idx].unsqueeze(1), text.sin[rows, query_idx].unsqueeze(1))
         keys = k_text.append(k_vis)
-        last_pos, last_valid = text.pos[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
-        m_last = causal_mask(last_pos, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
+        last_order, last_valid = text.order[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
+        m_last = causal_mask(last_order, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
         probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
         scores = visual_scores(probs, keys, last_columns(keys, k_vis.n), self.p.select.scorer)
         kept, index = select_visual(vis, scores, self.p.select)
         k_vis = Keys(
             torch.gather(k_vis.k, 2, index[:, None, :, None].expand(-1, k_vis.k.shape[1], -1, k_vis.k.shape[3])),
             torch.gather(k_vis.v, 2, index[:, None, :, None].expand(-1, k_vis.v.shape[1], -1, k_vis.v.shape[3])),
-            kept.pos,
+            kept.order,
             kept.valid,
             torch.gather(k_vis.is_visual, 1, index),
         )
@@ -356,13 +354,13 @@ class LayerRunner:
         q = apply_rope(q, vis.cos, vis.sin)
         hs = heads if heads is not None else list(range(self.n_heads))
         kv_of = torch.tensor([h * self.n_kv // self.n_heads for h in hs], device=q.device)
-        tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.pos, k_text.valid, k_text.is_visual)
+        tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.order, k_text.valid, k_text.is_visual)
         if p.visual_self_attn == "full":
-            keys = tk.append(Keys(k_vis.k[:, kv_of], k_vis.v[:, kv_of], k_vis.pos, k_vis.valid, k_vis.is_visual))
-            out = attend(q, keys, causal_mask(vis.pos, vis.valid, keys), self.attn.scaling)
+            keys = tk.append(Keys(k_vis.k[:, kv_of], k_vis.v[:, kv_of], k_vis.order, k_vis.valid, k_vis.is_visual))
+            out = attend(q, keys, causal_mask(vis.order, vis.valid, keys), self.attn.scaling)
         else:
-            nb = local_window_index(self.grid, p.window, q.device) if p.visual_self_attn == "local" else None
-            out = attend_visual(q, tk, vis.pos, k_vis.k[:, kv_of], k_vis.v[:, kv_of], vis.valid, p.visual_self_attn, self.attn.scaling, nb)
+            nb = grid_neighbours(vis.place, vis.valid, p.window) if p.visual_self_attn == "local" else None
+            out = attend_visual(q, tk, vis.order, k_vis.k[:, kv_of], k_vis.v[:, kv_of], p.visual_self_attn, self.attn.scaling, nb)
         return output_heads(self.attn.o_proj, out, heads, self.dh)
 
 
@@ -392,7 +390,6 @@ def run_decoder(
     text: Stream,
     vis: Stream,
     query_idx: Tensor,
-    grid: int,
     xattn: nn.ModuleDict | None = None,
     state: DecodeState | None = None,
     use_cache: bool = False,
@@ -421,19 +418,19 @@ def run_decoder(
             if p.drop_visual:
                 vis = empty_like_visual(text)
             elif p.select is not None and p.select.source == "previous":
-                vis = select_before_layer(vis, p.select, scores, grid, image_keys)
+                vis = select_before_layer(vis, p.select, scores, image_keys)
         if p.xattn:
             block = xattn[str(i)]
             if i not in cross_keys:
-                cross_keys[i] = block.visual_keys(embeds.embed, embeds.pos, embeds.valid)
-            text = text.with_h(block(text.h, text.pos, cross_keys[i]))
+                cross_keys[i] = block.visual_keys(embeds.embed, embeds.order, embeds.valid)
+            text = text.with_h(block(text.h, text.order, cross_keys[i]))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
         score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         past = state.keys[i] if state is not None else None
         if gradient_checkpointing and torch.is_grad_enabled():
-            io = checkpoint(layer, text, vis, past, query_idx, p, grid, score_next, use_reentrant=False)
+            io = checkpoint(layer, text, vis, past, query_idx, p, score_next, use_reentrant=False)
         else:
-            io = layer(text, vis, past, query_idx, p, grid, score_next)
+            io = layer(text, vis, past, query_idx, p, score_next)
         replaced = hook(LayerStep(i, layer, p, text, vis, io.text, io.vis, query_idx)) if hook is not None else None
         text, vis = replaced if replaced is not None else (io.text, io.vis)
         scores = io.scores

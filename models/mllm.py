@@ -1,9 +1,11 @@
 """MLLM: vision tower -> projector -> causal LM decoder whose forward we own.
 
-Weights and module names are HF's (CLIP/SigLIP vision model, `LlamaModel`/`Qwen2Model`, `lm_head`),
-so llava-hf checkpoints load and our exports load back into `LlavaForConditionalGeneration`.
-The image is given as `n_v` `<image>` placeholder tokens per image in `input_ids` (the llava-hf
-processor layout); the model replaces them with projected patch features.
+Weights and module names are HF's (the family's vision model and projector, `LlamaModel`/
+`Qwen2Model`, `lm_head`), so transformers' checkpoints of every family load and our exports load
+back into transformers (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`).
+Each image is given as its placeholder tokens in `input_ids` (the HF processors' layout: one
+`<image>` id per visual token); the model replaces them with the visual tokens its family encodes
+(`models/family.py`), which also carry their place (image, tile, row, column) for the plan.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ from transformers.initialization import no_init_weights
 from . import checkpoint
 from .blind_scores import image_keys_for
 from .config import MLLMConfig
-from .gathered import gathered, hf_from_config, load_state_dict
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
+from .family import VisualTokens
+from .gathered import gathered, hf_from_config, load_state_dict
 from .plan import Plan
-from .projector import Projector
-from .pruning import cls_knee_keep, features_and_dominance, pool_tokens, top_keep
-from .streams import Layout, Stream, empty_like_visual
-from .vision import build_vision_tower, image_features
+from .pruning import apply_pre_llm, scores_needed
+from .streams import Layout, Place, Stream, empty_like_visual, images_per_row
 from .xattn import GatedCrossAttention
 
 
 class ImageTokenMismatch(ValueError):
-    """The number of `<image>` tokens does not match the images given."""
+    """The `<image>` tokens of the prompts do not match the visual tokens of the images given."""
 
 
 @dataclass
@@ -47,16 +48,18 @@ class MLLM(nn.Module):
     def __init__(self, config: MLLMConfig, plan: Plan | None = None):
         super().__init__()
         self.config = config
-        vision_cfg, text_cfg = config.hf_vision_config(), config.hf_text_config()
+        self.family = config.model_family
+        text_cfg = config.hf_text_config()
         self.text_config = text_cfg
-        self.vision_tower = build_vision_tower(vision_cfg)
-        self.multi_modal_projector = Projector(config.projector, vision_cfg.hidden_size, text_cfg.hidden_size)
+        self.family.build(self)  # vision_tower, multi_modal_projector (+ the family's own, e.g. image_newline)
         self.language_model = hf_from_config(text_cfg)
         self.language_model.layers = nn.ModuleList(PlannedDecoderLayer(layer) for layer in self.language_model.layers)
         self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
         self.xattn = nn.ModuleDict()
         self.gradient_checkpointing = False
-        self._init_new_weights(text_cfg.initializer_range)
+        with gathered(self.lm_head.parameters()):
+            nn.init.normal_(self.lm_head.weight, std=text_cfg.initializer_range)
+        self.family.init_weights(self)
         if text_cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.plan = Plan.dense(text_cfg.num_hidden_layers)
@@ -71,7 +74,7 @@ class MLLM(nn.Module):
         plan.validate(self.text_config.num_attention_heads)
         if plan.pre_llm is not None and plan.pre_llm.method == "cls_knee" and not self.config.has_cls:
             raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
-        if plan.needs_patch_grid and self.config.num_image_tokens != self.config.grid_size**2:
+        if plan.needs_patch_grid and self.config.has_cls and self.config.vision_feature_select_strategy == "full":
             raise ValueError(f"plan {plan.name!r} pools or spreads visual tokens over the patch grid, but they include the CLS "
                              "token (vision_feature_select_strategy=full); use vision_feature_select_strategy=default")
         for i in plan.xattn_layers:
@@ -79,14 +82,6 @@ class MLLM(nn.Module):
                 block = GatedCrossAttention(self.text_config)
                 self.xattn[str(i)] = block.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         self.plan = plan
-
-    def _init_new_weights(self, std: float) -> None:
-        for m in [self.lm_head, self.multi_modal_projector.linear_1, getattr(self.multi_modal_projector, "linear_2", None)]:
-            if m is not None:
-                with gathered(m.parameters()):
-                    nn.init.normal_(m.weight, std=std)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
 
     # --- construction: the one place a model is made (from a config, a checkpoint or two backbones) --
     @classmethod
@@ -106,15 +101,11 @@ class MLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MLLM":
-        """Load a llava-format directory (a llava-hf checkpoint or one of our exports, whose plan it
-        restores). Names and shapes are checked against the safetensors headers before any tensor is
-        read, so a checkpoint that does not fit fails at once, naming the first mismatches."""
+        """Load a directory of any family (written by transformers' `save_pretrained`, a Hub download
+        or one of our exports, whose plan it restores). Names and shapes are checked against the
+        safetensors headers before any tensor is read, so a checkpoint that does not fit fails at
+        once, naming the first mismatches."""
         hf = checkpoint.read_config(path)
-        if hf.get("model_type") != "llava":
-            raise ValueError(
-                f"{path}/config.json has model_type {hf.get('model_type')!r}, not 'llava'. For separate vision "
-                "and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
-            )
         plan_dict = hf.get("efficient_mllm", {}).get("plan")
         model = cls.from_config(MLLMConfig.from_hf(hf), Plan.from_dict(plan_dict) if plan_dict else None, dtype=dtype, init=False)
         shapes = checkpoint.read_shapes(path)
@@ -152,12 +143,13 @@ class MLLM(nn.Module):
         return model
 
     def save_pretrained(self, path, max_shard_size: str = "5GB", state_dict: dict | None = None) -> Path:
-        """A llava-format directory (safetensors, llava-hf names, our plan in config.json) that
-        `MLLM.from_pretrained` and `LlavaForConditionalGeneration.from_pretrained` load. `state_dict`
-        replaces the model's own (e.g. LoRA merged into plain weights: models.lora)."""
+        """A directory of the family's format (safetensors, Hub weight names, our plan in config.json)
+        that `MLLM.from_pretrained` and transformers' class of the family (e.g.
+        `LlavaForConditionalGeneration`) load. `state_dict` replaces the model's own (e.g. LoRA
+        merged into plain weights: models.lora)."""
         hf = self.config.to_hf_dict()
         hf["efficient_mllm"]["plan"] = self.plan.to_dict()
-        hf["architectures"] = ["LlavaForConditionalGeneration"]
+        hf["architectures"] = [self.family.hf_architecture]
         hf["dtype"] = str(self.dtype).removeprefix("torch.")
         return checkpoint.write_checkpoint(path, checkpoint.hub_state_dict(self, state_dict), hf, max_shard_size)
 
@@ -170,71 +162,71 @@ class MLLM(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         """FSDP units below the root: each vision encoder layer and each decoder layer (embeddings,
         LM head and projector stay in the root unit)."""
-        return [*self.vision_tower.encoder.layers, *self.language_model.layers]
+        return [*self.family.vision_layers(self), *self.language_model.layers]
 
     # --- pieces ----------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Projected visual tokens `[n_images, n_v, d]` and, for a pre-LLM step, a keep mask
-        `[n_images, n_v]` (None without one): pruning keeps tokens in place, pooling puts the
-        pooled tokens in the first slots. A frozen tower runs without autograd."""
+    def encode_images(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> VisualTokens:
+        """The visual tokens of every image (`models.family.VisualTokens`: one entry per placeholder,
+        with its place), after the plan's pre-LLM step: pruning keeps tokens in their slots, pooling
+        writes the pooled tokens into the first slots of each image."""
         pre = self.plan.pre_llm
+        return apply_pre_llm(self.family.encode(self, pixel_values, image_sizes, scores_needed(pre)), pre)
+
+    def tower_grad(self):
+        """Autograd context for the vision tower: off when the tower is frozen (stage=pretrain /
+        finetune), so it keeps no activations; the projector after it still trains."""
         trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            if pre is not None and pre.method == "dominant":
-                features, cls, dominance = features_and_dominance(self.vision_tower, pixel_values, self.config)
-            else:
-                features, cls = image_features(self.vision_tower, pixel_values, self.config)
-        tokens, keep = self.multi_modal_projector(features), None
-        if pre is not None and pre.method == "cls_knee":
-            keep = cls_knee_keep(features, cls, pre.min_keep)
-        elif pre is not None and pre.method == "dominant":
-            keep = top_keep(dominance, pre.tokens(features.shape[1]))
-        elif pre is not None and pre.method == "pool":
-            tokens, keep = pool_tokens(tokens, self.config.grid_size, pre.kernel)
-        return tokens, keep
+        return torch.set_grad_enabled(torch.is_grad_enabled() and trainable)
 
-    def _rope(self, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        return self.language_model.rotary_emb(h, pos)
+    def rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables [B, N, head_dim] of `positions` (the family's position ids)."""
+        return self.language_model.rotary_emb(h, positions)
 
-    def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> tuple[Layout, Stream, Stream]:
+    def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                     image_sizes: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
-        (token embeddings) and the visual stream (projected patch features, after pre-LLM pruning)."""
+        (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps)."""
         layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id)
+        positions = self.family.rope_positions(layout.order)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
         text_h = self.language_model.embed_tokens(text_ids)
-        text_pos = torch.gather(layout.positions, 1, layout.text_index)
-        text = Stream(text_h, text_pos, layout.text_valid, *self._rope(text_h, text_pos))
-        vis = self._visual_stream(layout, pixel_values, text)
+        text = Stream(text_h, torch.gather(layout.order, 1, layout.text_index), layout.text_valid,
+                      *self.rope(text_h, torch.gather(positions, 1, layout.text_index)))
+        vis = self._visual_stream(layout, positions, pixel_values, image_sizes, text)
         return layout, text, vis
 
-    def _visual_stream(self, layout: Layout, pixel_values: Tensor | None, text: Stream) -> Stream:
-        n_tokens = layout.vis_valid.sum(1)
-        n_v = self.config.num_image_tokens
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if int(n_tokens.sum()) != n_images * n_v or bool((n_tokens % n_v).any()):
-            raise ImageTokenMismatch(
-                f"<image> tokens per row {n_tokens.tolist()} do not match {n_images} image(s) x {n_v} visual "
-                f"tokens per image: each image needs exactly {n_v} consecutive <image> tokens "
-                f"(image_token_id={self.config.image_token_id}); tokenize prompts with data.chat.ChatTokenizer "
-                "or the checkpoint's processor, which expand one <image> placeholder to that many"
-            )
+    def _visual_stream(self, layout: Layout, positions: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None,
+                       text: Stream) -> Stream:
+        per_row = layout.image_tokens_per_row
+        n_images = self.family.image_count(pixel_values, image_sizes)
         if n_images == 0:
+            if int(per_row.sum()):
+                raise ImageTokenMismatch(
+                    f"the prompts hold {per_row.tolist()} <image> tokens per row (image_token_id={self.config.image_token_id}) "
+                    "but no images were given"
+                )
             return empty_like_visual(text)
-        features, keep = self.encode_images(pixel_values)
-        features = features.to(text.h.dtype)  # [N, n_v, d]
+        tokens = self.encode_images(pixel_values, image_sizes)
+        image_row = images_of_rows(per_row, tokens.counts, self.config.image_token_id)
         b, v = layout.vis_valid.shape
-        h = text.h.new_zeros(b, v, features.shape[-1])
-        h[layout.vis_valid] = features.reshape(-1, features.shape[-1])
-        pos = torch.gather(layout.positions, 1, layout.vis_index)
+        h = text.h.new_zeros(b, v, tokens.h.shape[-1])
+        h[layout.vis_valid] = tokens.h.to(text.h.dtype)
+        place = layout.vis_index.new_zeros(b, v, len(Place))
+        place[layout.vis_valid] = tokens.place
         slot = torch.arange(v, device=h.device).expand(b, v)
-        vis = Stream(h, pos, layout.vis_valid, *self._rope(h, pos), patch=slot % n_v, image=slot // n_v, embed=h)
-        if keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
+        place[..., Place.SLOT] = slot
+        first_image = torch.cumsum(torch.bincount(image_row, minlength=b), 0) - torch.bincount(image_row, minlength=b)
+        image_in_row = torch.arange(len(image_row), device=h.device) - first_image[image_row]
+        place[..., Place.IMAGE][layout.vis_valid] = torch.repeat_interleave(image_in_row, tokens.counts)
+        rope_pos = torch.gather(positions, 1, layout.vis_index)
+        vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h)
+        if tokens.keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
             kept = torch.zeros_like(layout.vis_valid)
-            kept[layout.vis_valid] = keep.reshape(-1)
+            kept[layout.vis_valid] = tokens.keep
             count = kept.sum(1)
             index = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(count.max()))]
             vis = vis.gather(index, torch.arange(index.shape[1], device=h.device)[None] < count[:, None])
@@ -251,31 +243,33 @@ class MLLM(nn.Module):
         use_cache: bool = False,
         query_pos: Tensor | None = None,
         layer_hook: LayerHook | None = None,
+        image_sizes: Tensor | None = None,
     ) -> MLLMOutput:
-        """Prefill (or train) on a batch.
+        """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
+        placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
+        [n_images, 2]), so rows with different images, and different token counts, share a batch.
 
         `logits`: "all" -> `[B, L, vocab]` in sequence order; "last" -> `[B, vocab]` at each row's last
         valid token; "none"; "auto" = "none" when `labels` are given, else "all". The loss only
-        evaluates the LM head on supervised positions. `query_pos` [B]: sequence position of the
+        evaluates the LM head on supervised positions. `query_pos` [B]: sequence order of the
         token whose attention scores visual tokens for token selection (default: each row's last
         valid token, i.e. the end of the prompt at inference). `layer_hook` observes (or replaces) each
         layer's output streams: how the calibration tools measure layers (models/calibration.py).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values)
+        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes)
         text, vis, keys, cross = run_decoder(
             self.language_model,
             self.plan,
             text,
             vis,
             query_index(text, query_pos),
-            self.config.grid_size,
             self.xattn,
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
-            image_keys=image_keys_for(self.plan, layout.vis_valid, pixel_values, self.config.num_image_tokens),
+            image_keys=image_keys_for(self.plan, pixel_values, images_per_row(vis)),
         )
         out = MLLMOutput()
         if labels is not None:
@@ -286,20 +280,23 @@ class MLLM(nn.Module):
         elif mode == "last":
             out.logits = self.lm_logits(last_valid_hidden(text))
         if use_cache:
-            out.cache = DecodeState(keys, attention_mask.long().sum(1), cross)
+            n = attention_mask.long().sum(1)
+            out.cache = DecodeState(keys, n, self.family.rope_positions(n[:, None])[:, 0], cross)
         return out
+
 
     @torch.no_grad()
     def decode_step(self, token_ids: Tensor, state: DecodeState) -> Tensor:
         """One decoding step: `token_ids` [B] -> next-token logits [B, vocab]; `state` is updated."""
-        pos = state.next_pos[:, None]
+        order, rope = state.next_order[:, None], state.next_rope[:, None]
         h = self.language_model.embed_tokens(token_ids[:, None])
-        text = Stream(h, pos, torch.ones_like(pos, dtype=torch.bool), *self._rope(h, pos))
+        text = Stream(h, order, torch.ones_like(order, dtype=torch.bool), *self.rope(h, rope))
         idx = torch.zeros_like(token_ids)
         text, _, state.keys, state.xattn = run_decoder(
-            self.language_model, self.plan, text, empty_like_visual(text), idx, self.config.grid_size, self.xattn, state=state
+            self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state
         )
-        state.next_pos = state.next_pos + 1
+        state.next_order = state.next_order + 1
+        state.next_rope = state.next_rope + 1
         return self.lm_logits(text.h[:, 0])
 
     def lm_logits(self, h: Tensor) -> Tensor:
@@ -329,8 +326,7 @@ class MLLM(nn.Module):
         logits = text.h.new_full((b, length, self.lm_head.out_features), float("nan"))
         _scatter_rows(logits, layout.text_index, layout.text_valid, self.lm_logits(text.h))
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
-            slot = vis.image * self.config.num_image_tokens + vis.patch
-            _scatter_rows(logits, torch.gather(layout.vis_index, 1, slot), vis.valid, self.lm_logits(vis.h))
+            _scatter_rows(logits, torch.gather(layout.vis_index, 1, vis.at(Place.SLOT)), vis.valid, self.lm_logits(vis.h))
         return logits
 
 
@@ -342,14 +338,30 @@ def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> 
 def query_index(text: Stream, query_pos: Tensor | None) -> Tensor:
     """Text-stream index of each row's scoring token: at `query_pos`, or the last valid token."""
     if query_pos is None:
-        return text.pos.masked_fill(~text.valid, -1).argmax(1)
-    return ((text.pos == query_pos[:, None]) & text.valid).float().argmax(1)
+        return text.order.masked_fill(~text.valid, -1).argmax(1)
+    return ((text.order == query_pos[:, None]) & text.valid).float().argmax(1)
 
 
 def last_valid_hidden(text: Stream) -> Tensor:
     """Hidden state of each row's last valid text token (the one that predicts the next token)."""
     idx = query_index(text, None)
     return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]
+
+
+def images_of_rows(tokens_per_row: Tensor, tokens_per_image: Tensor, image_token_id: int) -> Tensor:
+    """The prompt row [n_images] each image belongs to: images fill the rows' placeholder tokens in
+    order, so every row must hold whole images (a clear error otherwise, naming both counts)."""
+    ends = torch.cumsum(tokens_per_image, 0)
+    row_ends = torch.cumsum(tokens_per_row, 0)
+    fits = bool(torch.isin(row_ends[tokens_per_row > 0], ends).all()) and int(ends[-1]) == int(row_ends[-1])
+    if not fits:
+        raise ImageTokenMismatch(
+            f"<image> tokens per row {tokens_per_row.tolist()} do not match the {len(tokens_per_image)} image(s), which give "
+            f"{tokens_per_image.tolist()} visual tokens each: each image needs exactly its count of consecutive <image> tokens "
+            f"(image_token_id={image_token_id}); tokenize prompts with data.chat.ChatTokenizer or the checkpoint's processor, "
+            "which expand one <image> placeholder to that many"
+        )
+    return torch.searchsorted(row_ends, ends - 1, right=True)
 
 
 def _load_part(module: nn.Module, state: dict, source: str) -> None:

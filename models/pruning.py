@@ -1,31 +1,32 @@
 """Pre-LLM steps that change the visual tokens entering the LLM (`PreSelect` in `models/plan.py`).
 
-CLS-similarity knee (arXiv 2409.01162): the similarity of patch features to CLS is long-tailed: a
-few patches are very similar, most are not. Sorting it in descending order and cutting at the knee
-(Kneedle: the point farthest below the chord between the curve's ends, after normalising both
-axes) keeps a per-image number of tokens.
+Each works on `VisualTokens` (every image of a batch, one entry per placeholder slot, with its
+place), so it applies per image and per tile whatever the family:
 
-Dominant tokens (VisionZip, arXiv 2412.04467): the tokens the tower's CLS attends to most in its
-feature layer carry most of the image; VisionZip keeps them (and merges the rest into a few
-contextual tokens, which is not done here).
+* CLS-similarity knee (arXiv 2409.01162): the similarity of patch features to CLS is long-tailed:
+  a few patches are very similar, most are not. Sorting it in descending order and cutting at the
+  knee (Kneedle: the point farthest below the chord between the curve's ends, after normalising
+  both axes) keeps a per-unit number of tokens (a unit has its own CLS: an image, or a tile).
+* Dominant tokens (VisionZip, arXiv 2412.04467): the tokens the tower's CLS attends to most in its
+  feature layer carry most of the image; VisionZip keeps them (and merges the rest into a few
+  contextual tokens, which is not done here). The budget is per image.
+* Pooling: k x k average pooling of the projector output on each unit's grid, the cheapest
+  compression of LLaVA-style models (LLaVA-OneVision, arXiv 2408.03326, pools 2 x 2 for video frames).
 
-Pooling: k x k average pooling of the projector output on the patch grid, the cheapest compression
-of LLaVA-style models (LLaVA-OneVision, arXiv 2408.03326, pools 2 x 2 for video frames).
-
-Pruning returns a keep mask over each image's tokens; pooling returns the pooled tokens in the
-first slots of each image and a mask that keeps those slots.
+Pruning returns a keep mask over each image's slots; pooling writes each image's pooled tokens
+(windows in the order of their first token) into its first slots. Layout tokens (LLaVA-NeXT's
+newlines) are always kept, and pooling keeps them in their place among the windows.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import MLLMConfig
-from .vision import image_features
+from .family import VisualTokens
+from .plan import PreSelect
+from .selection import dense_groups, keep_best
+from .streams import Place
 
 
 def knee_counts(sorted_desc: Tensor, min_keep: int = 1) -> Tensor:
@@ -40,73 +41,80 @@ def knee_counts(sorted_desc: Tensor, min_keep: int = 1) -> Tensor:
     return (gap.argmax(1) + 1).clamp(min=min(min_keep, n))
 
 
-def cls_knee_keep(features: Tensor, cls: Tensor, min_keep: int = 1) -> Tensor:
-    """Boolean keep mask [N, n_v] over each image's patch features [N, n_v, d] given CLS [N, d]."""
-    sim = F.cosine_similarity(features.float(), cls.float()[:, None], dim=-1)
-    order = sim.argsort(1, descending=True)
-    counts = knee_counts(torch.gather(sim, 1, order), min_keep)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(sim.shape[1], device=sim.device).expand_as(order))
-    return rank < counts[:, None]
+def _candidates(tokens: VisualTokens) -> Tensor:
+    return tokens.place[:, Place.EXTRA] == 0
 
 
-def top_keep(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask [N, n] of each row's `k` highest scores."""
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    return keep.scatter_(1, scores.topk(k, dim=1).indices, True)
+def cls_knee_keep(tokens: VisualTokens, min_keep: int = 1) -> Tensor:
+    """Keep mask [T]: per unit, the tokens before the knee of its CLS-similarity curve."""
+    sim, cand = tokens.scores["cls_similarity"], _candidates(tokens)
+    groups, n_groups = dense_groups(tokens.image_of_token, tokens.place[:, Place.UNIT])
+    sizes = torch.bincount(groups[cand], minlength=n_groups)
+    budget = torch.zeros_like(sizes)
+    for size in sizes.unique().tolist():  # curves of one length are cut together (LLaVA-1.5: one batch)
+        if size == 0:
+            continue
+        which = (sizes == size).nonzero().flatten()
+        rows = torch.stack([sim[cand & (groups == g)] for g in which.tolist()])
+        budget[which] = knee_counts(rows.sort(1, descending=True).values, min_keep)
+    return keep_best(sim, groups, cand, ~cand, n_groups, budget=budget)
 
 
-def attention_received(attn: nn.Module, x: Tensor, from_cls: bool) -> Tensor:
-    """Head-averaged attention [N, n] each token gets in a CLIP/SigLIP attention module on its
-    input `x` [N, n, d]: from the CLS query (token 0), or averaged over all queries."""
-    n, length, _ = x.shape
-    heads = lambda t: t.view(n, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
-    k = heads(attn.k_proj(x))
-    q = heads(attn.q_proj(x[:, :1] if from_cls else x))
-    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [N, H, queries, n]
-    return probs.mean((1, 2))
+def dominant_keep(tokens: VisualTokens, pre: PreSelect) -> Tensor:
+    """Keep mask [T]: per image, the ceil(keep * n) tokens the tower attends to most."""
+    groups, n_groups = dense_groups(tokens.image_of_token)
+    cand = _candidates(tokens)
+    return keep_best(tokens.scores["dominance"], groups, cand, ~cand, n_groups, keep=pre.keep, min_keep=pre.min_keep)
 
 
-def features_and_dominance(tower: nn.Module, pixel_values: Tensor, config: MLLMConfig) -> tuple[Tensor, Tensor | None, Tensor]:
-    """`image_features` plus each feature token's dominance [N, n_v]: the attention it receives
-    in the tower's feature layer (from CLS when there is one). A forward hook reads that layer's
-    attention input inside the layer's own forward (where ZeRO-3/FSDP have gathered its weights);
-    the CLS token itself, when it is among the features, always ranks first (as in VisionZip)."""
-    n_layers = config.vision_layers_used
-    if n_layers == 0:
-        raise ValueError("pre_llm.method=dominant reads the attention of the tower's feature layer, but "
-                         "vision_feature_layer=0 is the embedding output; pick a later feature layer")
-    seen = {}
+def pool_tokens(tokens: VisualTokens, kernel: int) -> VisualTokens:
+    """`kernel` x `kernel` means over each unit's grid (windows from the top-left; a partial window
+    at a grid's edge averages what it covers). Each image's pooled tokens, layout tokens among them,
+    fill its first slots in the order of their windows' first tokens."""
+    place, h = tokens.place, tokens.h
+    t = h.shape[0]
+    image = tokens.image_of_token
+    on_grid = (place[:, Place.ROW] >= 0) & _candidates(tokens)
+    index = torch.arange(t, device=h.device)
+    # a window per (image, unit, row // k, col // k); every other token is a window of its own
+    window_row = torch.where(on_grid, place[:, Place.ROW] // kernel, -1 - index)
+    window_col = torch.where(on_grid, place[:, Place.COL] // kernel, -1)
+    window, n_windows = dense_groups(image, place[:, Place.UNIT], window_row, window_col)
+    size = torch.bincount(window, minlength=n_windows)
+    pooled = h.new_zeros(n_windows, h.shape[1]).index_add_(0, window, h) / size[:, None].to(h.dtype)
+    first = torch.full((n_windows,), t, device=h.device).scatter_reduce_(0, window, index, "amin")
+    by_first = first.argsort()  # windows in the order of their first token (image by image)
+    image_start = tokens.counts.cumsum(0) - tokens.counts
+    w_image = image[first[by_first]]
+    rank = torch.arange(n_windows, device=h.device) - (torch.bincount(w_image, minlength=len(tokens.counts)).cumsum(0)
+                                                        - torch.bincount(w_image, minlength=len(tokens.counts)))[w_image]
+    slot = image_start[w_image] + rank
+    out_h = torch.zeros_like(h)
+    out_h[slot] = pooled[by_first].to(h.dtype)
+    out_place = torch.zeros_like(place)
+    lead = first[by_first]
+    out_place[slot] = place[lead]
+    grid = on_grid[lead]
+    out_place[slot, Place.ROW] = torch.where(grid, place[lead, Place.ROW] // kernel, place[lead, Place.ROW])
+    out_place[slot, Place.COL] = torch.where(grid, place[lead, Place.COL] // kernel, place[lead, Place.COL])
+    out_place[slot, Place.PATCH] = rank
+    keep = torch.zeros(t, dtype=torch.bool, device=h.device)
+    keep[slot] = True
+    return tokens._replace(h=out_h, place=out_place, keep=keep)
 
-    def read_attention(module, args, kwargs, output):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        with torch.no_grad():
-            seen["received"] = attention_received(module, x, config.has_cls)
 
-    hook = tower.encoder.layers[n_layers - 1].self_attn.register_forward_hook(read_attention, with_kwargs=True)
-    try:
-        features, cls = image_features(tower, pixel_values, config)
-    finally:
-        hook.remove()
-    received = seen["received"]
-    if features.shape[1] < received.shape[1]:  # CLS dropped from the features (LLaVA's "default")
-        received = received[:, 1:]
-    elif config.has_cls:
-        received = received.clone()
-        received[:, 0] = math.inf
-    return features, cls, received
+def apply_pre_llm(tokens: VisualTokens, pre: PreSelect | None) -> VisualTokens:
+    """The visual tokens after the plan's pre-LLM step (unchanged without one)."""
+    if pre is None:
+        return tokens
+    if pre.method == "pool":
+        return pool_tokens(tokens, pre.kernel)
+    keep = cls_knee_keep(tokens, pre.min_keep) if pre.method == "cls_knee" else dominant_keep(tokens, pre)
+    return tokens._replace(keep=keep)
 
 
-def pool_tokens(tokens: Tensor, grid: int, kernel: int) -> tuple[Tensor, Tensor]:
-    """`kernel` x `kernel` mean of each image's tokens [N, grid^2, d] over the grid (partial windows
-    at the bottom/right edges average what they cover). Returns [N, grid^2, d] holding the
-    ceil(grid / kernel)^2 pooled tokens first (raster order, zeros after them) and their keep mask."""
-    n, n_v, d = tokens.shape
-    if n_v != grid * grid:
-        raise ValueError(f"pooling needs the {grid}x{grid} patch grid as visual tokens, got {n_v} tokens per image "
-                         "(a CLS token among them? use vision_feature_select_strategy=default)")
-    image = tokens.transpose(1, 2).reshape(n, d, grid, grid)
-    pooled = F.avg_pool2d(image, kernel, stride=kernel, ceil_mode=True).flatten(2).transpose(1, 2)  # [N, n_p, d]
-    out = torch.cat([pooled, tokens.new_zeros(n, n_v - pooled.shape[1], d)], 1)
-    keep = (torch.arange(n_v, device=tokens.device) < pooled.shape[1]).expand(n, -1)
-    return out, keep
+def scores_needed(pre: PreSelect | None) -> str | None:
+    """The per-token tower score a pre-LLM step reads (families compute it while encoding)."""
+    if pre is None:
+        return None
+    return {"cls_knee": "cls_similarity", "dominant": "dominance"}.get(pre.method)

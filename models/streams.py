@@ -1,19 +1,38 @@
 """Token streams: the decoder keeps text and visual tokens as two separate tensors.
 
-Every token carries its *original* sequence position (RoPE and causality are computed from it), so
-tokens can leave a stream (pruning, withdrawal) or be left out of a layer's queries/keys (frozen or
-text-only layers) without changing what the remaining tokens compute. Order inside a stream never
-matters for correctness, only `pos` does; that is what lets every plan run on physically smaller
-tensors instead of masking a full sequence.
+Every token carries its *sequence order* (`order`: its place in the prompt, 0..L-1 over the valid
+tokens; causality is computed from it) and the RoPE tables of its position (`cos`/`sin`, computed
+once by the model family: 1-D positions for LLaVA, kept apart from the order so that other
+position rules fit). Tokens can leave a stream (pruning, withdrawal) or be left out of a layer's
+queries/keys (frozen or text-only layers) without changing what the remaining tokens compute:
+order inside a stream never matters for correctness, only `order` does, which is what lets every
+plan run on physically smaller tensors instead of masking a full sequence.
+
+Visual tokens also carry their `place` (which image, which token of it, which tile, where on the
+tile's grid, whether it is a layout token such as LLaVA-NeXT's row newline): what plans that work
+per image, per tile or on a grid read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class Place(IntEnum):
+    """Columns of `Stream.place` [B, N, len(Place)] (long) for visual tokens."""
+
+    SLOT = 0  # index among the row's visual slots in the prompt (`Layout.vis_index`)
+    IMAGE = 1  # which image of the row
+    PATCH = 2  # index of the token inside its image's span (0..n_i-1)
+    UNIT = 3  # which grid the token belongs to inside its image: a tile (LLaVA-NeXT), the image (LLaVA-1.5)
+    ROW = 4  # row on its unit's grid (-1: not on a grid, e.g. a kept CLS token or a newline)
+    COL = 5  # column on its unit's grid
+    EXTRA = 6  # 1: a layout token (LLaVA-NeXT's row newline), kept by selections and pooling
 
 
 class Stream(NamedTuple):
@@ -23,17 +42,33 @@ class Stream(NamedTuple):
     layer receives and returns."""
 
     h: Tensor  # hidden states [B, N, d]
-    pos: Tensor  # original positions [B, N] (long)
+    order: Tensor  # sequence order [B, N] (long): causality compares it
     valid: Tensor  # [B, N] bool
-    cos: Tensor  # RoPE tables for `pos` [B, N, head_dim]
+    cos: Tensor  # RoPE tables of each token's position [B, N, head_dim]
     sin: Tensor
-    patch: Tensor | None = None  # visual only: patch index inside its image [B, N]
-    image: Tensor | None = None  # visual only: which image of the row [B, N]
+    place: Tensor | None = None  # visual only: [B, N, len(Place)] (long)
     embed: Tensor | None = None  # visual only: layer-0 embedding (projector output) [B, N, d]
 
     @property
     def n(self) -> int:
         return self.h.shape[1]
+
+    def at(self, column: Place) -> Tensor:
+        """One `place` column [B, N] (visual streams)."""
+        return self.place[..., column]
+
+    @property
+    def image(self) -> Tensor:
+        return self.at(Place.IMAGE)
+
+    @property
+    def patch(self) -> Tensor:
+        return self.at(Place.PATCH)
+
+    @property
+    def extra(self) -> Tensor:
+        """[B, N] bool: layout tokens (newlines) that selections keep."""
+        return self.at(Place.EXTRA).bool()
 
     def gather(self, index: Tensor, valid: Tensor | None = None) -> "Stream":
         """Keep the tokens `index` [B, K] of each row (e.g. top-k visual tokens); `valid` marks padding."""
@@ -50,6 +85,13 @@ class Stream(NamedTuple):
         return self._replace(h=h)
 
 
+def images_per_row(vis: Stream) -> Tensor:
+    """[B] images of each row of a visual stream that still holds every image (numbered from 0)."""
+    if vis.n == 0:
+        return vis.valid.new_zeros(vis.valid.shape[0], dtype=torch.long)
+    return (vis.image.masked_fill(~vis.valid, -1).max(1).values + 1).clamp(min=0)
+
+
 def concat(streams: list[Stream]) -> Stream:
     """Concatenate along tokens (only the fields every stream has)."""
     if len(streams) == 1:
@@ -62,15 +104,13 @@ def empty_like_visual(text: Stream) -> Stream:
     """A visual stream with zero tokens (text-only batches)."""
     b, _, d = text.h.shape
     z = text.h.new_zeros(b, 0, d)
-    zl = text.pos.new_zeros(b, 0)
     return Stream(
         h=z,
-        pos=zl,
+        order=text.order.new_zeros(b, 0),
         valid=text.valid.new_zeros(b, 0),
         cos=text.cos[:, :0],
         sin=text.sin[:, :0],
-        patch=zl,
-        image=zl,
+        place=text.order.new_zeros(b, 0, len(Place)),
         embed=z,
     )
 
@@ -79,7 +119,7 @@ def empty_like_visual(text: Stream) -> Stream:
 class Layout:
     """Where text and image tokens sit in the original `[B, L]` sequence."""
 
-    positions: Tensor  # [B, L] RoPE positions (cumulative over the attention mask, like HF generate)
+    order: Tensor  # [B, L] sequence order (cumulative over the attention mask, like HF generate's positions)
     text_index: Tensor  # [B, T] indices of text (non-image) tokens, valid ones first, then padding
     text_valid: Tensor  # [B, T]
     vis_index: Tensor  # [B, V] indices of image tokens, padded
@@ -88,7 +128,7 @@ class Layout:
     @staticmethod
     def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> "Layout":
         mask = attention_mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        order = (mask.long().cumsum(-1) - 1).clamp(min=0)
         is_image = (input_ids == image_token_id) & mask
         n_image = is_image.sum(1)
         n_text = input_ids.shape[1] - n_image
@@ -96,14 +136,18 @@ class Layout:
         # order: the text stream is then ordered (valid tokens first, by position), which is what lets
         # text-only layers attend with SDPA's is_causal instead of a mask (models/attention.py).
         kind = 2 * is_image.to(torch.int8) + (~mask).to(torch.int8)  # is_image excludes padding
-        order = torch.sort(kind, dim=1, stable=True).indices
+        sort = torch.sort(kind, dim=1, stable=True).indices
         t_max, v_max = int(n_text.max()), int(n_image.max())
         ar_t = torch.arange(t_max, device=input_ids.device)
-        text_index = order[:, :t_max]
+        text_index = sort[:, :t_max]
         text_valid = (ar_t[None] < n_text[:, None]) & torch.gather(mask, 1, text_index)
-        # image tokens of a row start right after its text tokens in `order`
+        # image tokens of a row start right after its text tokens in `sort`
         ar_v = torch.arange(v_max, device=input_ids.device)
         vis_slot = (n_text[:, None] + ar_v[None]).clamp(max=input_ids.shape[1] - 1)
-        vis_index = torch.gather(order, 1, vis_slot)
+        vis_index = torch.gather(sort, 1, vis_slot)
         vis_valid = ar_v[None] < n_image[:, None]
-        return Layout(positions, text_index, text_valid, vis_index, vis_valid)
+        return Layout(order, text_index, text_valid, vis_index, vis_valid)
+
+    @property
+    def image_tokens_per_row(self) -> Tensor:
+        return self.vis_valid.sum(1)

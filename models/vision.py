@@ -1,23 +1,23 @@
-"""Vision tower: an HF CLIP or SigLIP vision model, run only as deep as the LLaVA feature layer.
+"""CLIP / SigLIP vision towers, run only as deep as the LLaVA feature layer (LLaVA-1.5, LLaVA-NeXT).
 
-LLaVA-1.5 reads the penultimate layer, so the last encoder layer (and the post-layernorm) never
+LLaVA reads the penultimate layer, so the last encoder layer (and the post-layernorm) never
 influences the LLM; running it anyway, as `LlavaForConditionalGeneration` does, wastes 1/L of the
-tower. We run the HF modules ourselves and stop at the feature layer.
+tower. We run the HF modules ourselves and stop at the feature layer. Besides the patch features,
+a tower gives what pre-LLM steps score tokens by: the attention each patch receives in the feature
+layer (from the CLS token where there is one: VisionZip's dominance) and each patch's cosine
+similarity to the CLS feature (CLS-similarity knee).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
 
 from .config import MLLMConfig
-from .gathered import gathered, hf_from_config
-
-
-def build_vision_tower(config: PretrainedConfig) -> nn.Module:
-    """The HF vision model (`CLIPVisionModel` / `SiglipVisionModel`); its weight names are HF's."""
-    return hf_from_config(config)
+from .gathered import gathered
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -55,13 +55,58 @@ def vision_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, n_layers:
     return h
 
 
-def image_features(tower: nn.Module, pixel_values: torch.Tensor, config: MLLMConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Patch features for the projector and the CLS feature (CLIP only, for CLS-similarity pruning).
+def attention_received(attn: nn.Module, x: torch.Tensor, from_cls: bool) -> torch.Tensor:
+    """Head-averaged attention [N, n] each token gets in a CLIP/SigLIP attention module on its
+    input `x` [N, n, d]: from the CLS query (token 0), or averaged over all queries."""
+    n, length, _ = x.shape
+    heads = lambda t: t.view(n, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+    k = heads(attn.k_proj(x))
+    q = heads(attn.q_proj(x[:, :1] if from_cls else x))
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [N, H, queries, n]
+    return probs.mean((1, 2))
 
-    Returns `(features [B, n_v, d_vision], cls [B, d_vision] | None)`.
-    """
-    h = vision_hidden_states(tower, pixel_values, config.vision_layers_used)
+
+def tower_features(tower: nn.Module, pixel_values: torch.Tensor, config: MLLMConfig, scores: str | None = None):
+    """Patch features [N, n_v, d_vision] of each image (or tile) for the projector, and per feature
+    token the score a pre-LLM step asks for ([N, n_v], else None):
+
+    * `cls_similarity`: cosine similarity to the CLS feature (CLIP only, arXiv 2409.01162);
+    * `dominance`: the head-averaged attention each token receives in the feature layer, from CLS
+      when there is one (SigLIP: averaged over all queries), read by a forward hook inside the
+      layer's own forward (where ZeRO-3/FSDP have gathered its weights); a CLS token kept among the
+      features always ranks first (as in VisionZip)."""
+    n_layers = config.vision_layers_used
+    seen = {}
+    hook = None
+    if scores == "dominance":
+        if n_layers == 0:
+            raise ValueError("pre_llm.method=dominant reads the attention of the tower's feature layer, but "
+                             "vision_feature_layer=0 is the embedding output; pick a later feature layer")
+
+        def read_attention(module, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            with torch.no_grad():
+                seen["received"] = attention_received(module, x, config.has_cls)
+
+        hook = tower.encoder.layers[n_layers - 1].self_attn.register_forward_hook(read_attention, with_kwargs=True)
+    try:
+        h = vision_hidden_states(tower, pixel_values, n_layers)
+    finally:
+        if hook is not None:
+            hook.remove()
     cls = h[:, 0] if config.has_cls else None
-    if config.vision_feature_select_strategy == "default" and config.has_cls:
-        h = h[:, 1:]
-    return h, cls
+    drop_cls = config.vision_feature_select_strategy == "default" and config.has_cls
+    features = h[:, 1:] if drop_cls else h
+    score = None
+    if scores == "cls_similarity":
+        score = F.cosine_similarity(features.float(), cls.float()[:, None], dim=-1)
+    elif scores == "dominance":
+        score = seen["received"]
+        if drop_cls:
+            score = score[:, 1:]
+        elif config.has_cls:
+            score = score.clone()
+            score[:, 0] = math.inf
+    elif scores is not None:
+        raise ValueError(f"unknown tower score {scores!r} (cls_similarity, dominance)")
+    return features, score

@@ -51,16 +51,16 @@ class GatedCrossAttention(nn.Module):
             for lin in linears:
                 nn.init.normal_(lin.weight, std=std)
 
-    def visual_keys(self, embeds: Tensor, pos: Tensor, valid: Tensor) -> Keys:
+    def visual_keys(self, embeds: Tensor, order: Tensor, valid: Tensor) -> Keys:
         """K/V of the projected visual tokens (computed once per image)."""
         k = self.k_norm(split_heads(self.k_proj(embeds), self.head_dim))
         v = split_heads(self.v_proj(embeds), self.head_dim)
-        return Keys(k, v, pos, valid, torch.ones_like(valid))
+        return Keys(k, v, order, valid, torch.ones_like(valid))
 
-    def forward(self, h: Tensor, pos: Tensor, keys: Keys) -> Tensor:
-        """Text hidden states `h` [B, T, d] at positions `pos` read the visual `keys` before them."""
+    def forward(self, h: Tensor, order: Tensor, keys: Keys) -> Tensor:
+        """Text hidden states `h` [B, T, d] at sequence orders `order` read the visual `keys` before them."""
         q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(h)), self.head_dim))
-        allowed = keys.valid[:, None, :] & (keys.pos[:, None, :] < pos[:, :, None])  # [B, T, S]
+        allowed = keys.valid[:, None, :] & (keys.order[:, None, :] < order[:, :, None])  # [B, T, S]
         sees = allowed.any(-1, keepdim=True)  # rows before the image (or without one) get nothing
         mask = (allowed | ~sees)[:, None]
         out = merge_heads(attend(q, keys, mask, self.head_dim**-0.5)) * sees

@@ -58,3 +58,46 @@ def image_batch(config, batch: int, prefix: int = 3, suffix: int = 6, pad_left: 
     size = config.hf_vision_config().image_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
     return ids, mask, pixels
+
+
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # canvases of 16 px tiles: 1 x 2, 2 x 1, 2 x 2
+
+
+def tiny_next_config(text_layers: int = 3, **overrides):
+    """A tiny LLaVA-NeXT config: CLIP tiles of 16 px (a 4 x 4 grid each) over the canvases above."""
+    return tiny_config(text_layers=text_layers, family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS, **overrides)
+
+
+def next_images(seed: int = 0):
+    """A wide (1 x 2 tiles, unpadded to 2 of 4 rows), a tall (2 x 1, 2 of 4 columns) and a 2 x 2-tile image."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((10, 44), (44, 10), (31, 23))]
+
+
+def next_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5):
+    """One image per row (`next_images`), each row's own number of placeholders, left padding to the
+    longest row plus `pad_left[i]`: ids, mask, pixel_values [3, max_tiles, 3, 16, 16], image_sizes."""
+    processor = config.model_family.image_processor(config)
+    images = [processor(image) for image in next_images(seed)]
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.hf_text_config().vocab_size
+    rows = []
+    for image in images:
+        n_v = config.tokens_per_image(image.size)
+        text = torch.randint(4, vocab, (prefix + suffix,), generator=g)
+        rows.append(torch.cat([text[:prefix], torch.full((n_v,), config.image_token_id), text[prefix:]]))
+    pad_left = pad_left or [0] * len(rows)
+    length = max(len(r) + p for r, p in zip(rows, pad_left))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    tiles = max(len(im.pixels) for im in images)
+    pixels = torch.zeros(len(images), tiles, *images[0].pixels.shape[1:])
+    for i, im in enumerate(images):
+        pixels[i, : len(im.pixels)] = im.pixels
+    return ids, mask, pixels, torch.tensor([im.size for im in images])

@@ -4,9 +4,12 @@ Every token of the original sequence is computed in every layer with full attent
 plans act only through masks: pre-softmax -inf for blocked keys (renorm semantics), zeroed
 probabilities after the softmax (post_softmax_zero), zeroed outputs for tokens that are not
 updated, pruned heads or FFN neurons, and a `present` mask for tokens that left the sequence.
-Pre-LLM steps act through the features and keep mask of `model.encode_images` (pooled tokens fill
+Pre-LLM steps act through the tokens and keep mask of `model.encode_images` (pooled tokens fill
 the first slots of each image span, the other slots are absent); selections that read no
-attention use the scores of `models/blind_scores.py`.
+attention use the scores of `models/blind_scores.py`. Budgets apply per image (per tile for
+uniform lattices) and layout tokens (LLaVA-NeXT's newlines) are always kept, written here as
+plain loops over each row's groups (models/selection.py vectorises the same rule). Local windows
+are the neighbours on the token's own tile grid.
 The physical engine in `models/decoder.py` must give the same text logits.
 """
 
@@ -19,7 +22,9 @@ import torch.nn.functional as F
 
 from models.attention import apply_rope
 from models.blind_scores import blind_scores, row_image_keys
+from models.mllm import images_of_rows
 from models.plan import Select
+from models.streams import Place, Stream
 
 
 def _heads(x, dh):
@@ -27,58 +32,75 @@ def _heads(x, dh):
     return x.view(b, n, -1, dh).transpose(1, 2)
 
 
-def _scores_and_select(probs_q, v, vis_mask, sel: Select, present):
+def _scores_and_select(probs_q, v, vis_mask, sel: Select, present, place):
     """Scores of present visual tokens from one query's probs [B, H, L]; returns the new present mask."""
     if sel.scorer == "attn_last":
         s = probs_q.mean(1)
     else:
         s = (probs_q.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()
-    return _keep_top(s, vis_mask, sel, present)
+    return _keep_top(s, vis_mask, sel, present, place)
 
 
-def _keep_top(s, vis_mask, sel: Select, present):
-    """The present mask after keeping each row's best-scoring present visual tokens (scores [B, L])."""
-    cand = vis_mask & present
-    s = s.masked_fill(~cand, float("-inf"))
-    new = present & ~vis_mask
+def _keep_top(s, vis_mask, sel: Select, present, place):
+    """The present mask after keeping, in every image of every row (every tile for `uniform`), the
+    best-scoring present visual tokens (scores [B, L]); layout tokens always stay."""
+    extra = place[..., Place.EXTRA].bool()
+    new = present & (~vis_mask | extra)
     for b in range(s.shape[0]):
-        n = int(cand[b].sum())
-        if n == 0:
-            continue
-        if sel.keep is not None:
-            k = sel.budget(n)
-        else:
-            k = max(min(sel.min_keep, n), int((s[b] > sel.threshold).sum()))
-        new[b, s[b].topk(k).indices] = True
+        groups = {}
+        for j in range(s.shape[1]):
+            if vis_mask[b, j] and present[b, j] and not extra[b, j]:
+                key = (int(place[b, j, Place.IMAGE]),) + ((int(place[b, j, Place.UNIT]),) if sel.scorer == "uniform" else ())
+                groups.setdefault(key, []).append(j)
+        for members in groups.values():
+            n = len(members)
+            if sel.keep is not None:
+                k = sel.budget(n)
+            else:
+                k = max(min(sel.min_keep, n), sum(float(s[b, j]) > sel.threshold for j in members))
+            for j in sorted(members, key=lambda j: (-float(s[b, j]), j))[:k]:
+                new[b, j] = True
     return new
 
 
+def visual_places(model, is_vis, tokens):
+    """[B, L, len(Place)]: each visual position's place (its image numbered within the row)."""
+    b, L = is_vis.shape
+    place = torch.zeros(b, L, len(Place), dtype=torch.long)
+    if not is_vis.any():
+        return place
+    rows = images_of_rows(is_vis.sum(1), tokens.counts, model.config.image_token_id)
+    image_in_row = [sum(1 for r in rows[:i] if r == rows[i]) for i in range(len(rows))]
+    place[is_vis] = tokens.place
+    place[..., Place.IMAGE][is_vis] = torch.repeat_interleave(torch.tensor(image_in_row), tokens.counts)
+    return place
+
+
 @torch.no_grad()
-def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None):
-    """Text logits [B, L, V] of `model` (its plan) computed the slow masked way."""
+def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None, image_sizes=None, prompt_len=None):
+    """Text logits [B, L, V] of `model` (its plan) computed the slow masked way; only the first
+    `prompt_len` columns hold images (generated tokens are text, whatever their id)."""
     cfg, plan, lm = model.config, model.plan, model.language_model
     tcfg = model.text_config
     b, L = input_ids.shape
     valid = attention_mask.bool()
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     is_vis = (input_ids == cfg.image_token_id) & valid
+    if prompt_len is not None:
+        is_vis[:, prompt_len:] = False
     h = lm.embed_tokens(input_ids)
     present = valid.clone()
-    if is_vis.any():
-        feats, keep = model.encode_images(pixel_values)
-        h[is_vis] = feats.reshape(-1, feats.shape[-1]).to(h.dtype)
-        if keep is not None:
-            present[is_vis] = keep.reshape(-1)
+    tokens = model.encode_images(pixel_values, image_sizes) if is_vis.any() else None
+    if tokens is not None:
+        h[is_vis] = tokens.h.to(h.dtype)
+        if tokens.keep is not None:
+            present[is_vis] = tokens.keep
     embed = h.clone()
     entered = is_vis & present  # visual tokens that enter the LLM (gated blocks read all of them)
-    n_v = cfg.num_image_tokens
-    slot = torch.zeros_like(input_ids)
-    slot[is_vis] = torch.cat([torch.arange(int(r.sum())) for r in is_vis]) if is_vis.any() else slot[is_vis]
-    patch, image = slot % n_v, slot // n_v
-    g = cfg.grid_size
-    keys = row_image_keys(pixel_values, is_vis.sum(1) // n_v) if is_vis.any() else None
-    row, col = patch // g, patch % g
-    cos, sin = lm.rotary_emb(h, pos)
+    place = visual_places(model, is_vis, tokens)
+    image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
+    keys = row_image_keys(pixel_values, image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
+    cos, sin = lm.rotary_emb(h, model.family.rope_positions(pos))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values
     q_idx = ((pos == query_pos[:, None]) & valid & ~is_vis).float().argmax(1)
@@ -94,10 +116,11 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         if p.drop_visual:
             present = present & ~is_vis
         elif p.select is not None and p.select.source == "previous" and not p.select.reads_attention:
-            present = _keep_top(blind_scores(p.select, image, patch, g, keys), is_vis, p.select, present)
+            seen = Stream(h, pos, is_vis & present, cos, sin, place=place)
+            present = _keep_top(blind_scores(p.select, seen, keys), is_vis, p.select, present, place)
         elif p.select is not None and p.select.source == "previous":
             probs_q, v_full = scores_probs
-            present = _scores_and_select(probs_q, v_full, is_vis, p.select, present)
+            present = _scores_and_select(probs_q, v_full, is_vis, p.select, present, place)
         if p.xattn:
             block = model.xattn[str(li)]
             h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(embed, pos, entered)), h)
@@ -111,7 +134,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         if p.select is not None and p.select.source == "current":
             base_q = (causal & key_ok[:, None, :])[rows, q_idx]  # [B, L]
             lq = logits[rows, :, q_idx].masked_fill(~base_q[:, None], float("-inf"))
-            present = _scores_and_select(torch.softmax(lq, -1), v, is_vis, p.select, present)
+            present = _scores_and_select(torch.softmax(lq, -1), v, is_vis, p.select, present, place)
             key_ok = valid & present
         base = causal & key_ok[:, None, :]
         heads_ok = torch.zeros(H, dtype=torch.bool)
@@ -123,9 +146,10 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         if p.visual_self_attn == "full":
             vv_ok = causal
         elif p.visual_self_attn == "local":
-            same = image[:, :, None] == image[:, None, :]
+            same = (image[:, :, None] == image[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
             near = ((row[:, :, None] - row[:, None, :]).abs() <= p.window // 2) & ((col[:, :, None] - col[:, None, :]).abs() <= p.window // 2)
-            vv_ok = same & near
+            on_grid = (row >= 0) & is_vis
+            vv_ok = (same & near & on_grid[:, :, None] & on_grid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
         else:
             vv_ok = torch.eye(L, dtype=torch.bool)[None].expand(b, -1, -1)
         vis_allowed = torch.where(is_vis[:, None, :], vv_ok & key_ok[:, None, :], base)  # [B, Lq(vis rows), Lk]
@@ -159,13 +183,13 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens):
+def reference_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens, image_sizes=None):
     """Greedy decoding by re-running the reference on the growing sequence (no cache), scoring
     visual tokens with the last *prompt* token as the physical engine does at prefill."""
     query_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).max(1).values
     ids, mask, out = input_ids, attention_mask, []
     for _ in range(max_new_tokens):
-        logits = reference_logits(model, ids, mask, pixel_values, query_pos)
+        logits = reference_logits(model, ids, mask, pixel_values, query_pos, image_sizes, prompt_len=input_ids.shape[1])
         nxt = logits[:, -1].argmax(-1)
         out.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], 1)

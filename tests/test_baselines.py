@@ -15,7 +15,7 @@ from models import MLLM
 from models.blind_scores import image_keys, random_scores, uniform_lattice
 from models.methods import resolve_arch
 from models.plan import Plan
-from models.pruning import features_and_dominance
+from models.vision import tower_features
 from tests.helpers import image_batch, tiny_config
 from tests.reference import reference_logits
 from tests.test_plans import CONF, plan_model
@@ -26,7 +26,7 @@ def kept_patches(model, input_ids, mask, pixels, layer=0):
     keys = model(input_ids, mask, pixels, logits="last", use_cache=True).cache.keys[layer]
     start = (input_ids == model.config.image_token_id).float().argmax(1)
     pos = (mask.cumsum(1) - 1).gather(1, start[:, None])
-    return [sorted((keys.pos[b][keys.is_visual[b] & keys.valid[b]] - pos[b]).tolist()) for b in range(len(input_ids))]
+    return [sorted((keys.order[b][keys.is_visual[b] & keys.valid[b]] - pos[b]).tolist()) for b in range(len(input_ids))]
 
 
 def batch_of(config, images, seed=0):
@@ -138,15 +138,15 @@ def test_pool_averages_windows_and_fills_the_first_slots_of_the_image():
     dense.load_state_dict(model.state_dict())
     ids, mask, pixels = image_batch(model.config, batch=2, pad_left=[0, 2])
     with torch.no_grad():
-        tokens, keep = model.encode_images(pixels)
-        full, _ = dense.encode_images(pixels)
-        grid = full.view(2, 8, 8, -1)
+        pooled = model.encode_images(pixels)
+        tokens, keep = pooled.h.view(2, 64, -1), pooled.keep.view(2, 64)
+        grid = dense.encode_images(pixels).h.view(2, 8, 8, -1)
         want = torch.stack([grid[:, r : r + 3, c : c + 3].mean((1, 2)) for r in (0, 3, 6) for c in (0, 3, 6)], 1)
         assert torch.allclose(tokens[:, :9], want, atol=1e-6) and torch.equal(keep, torch.arange(64).expand(2, -1) < 9)
         layout, text, vis = model.embed_inputs(ids, mask, pixels)
         _, dense_text, dense_vis = dense.embed_inputs(ids, mask, pixels)
-    assert torch.equal(text.pos, dense_text.pos)  # text keeps the positions of the n_v-token prompt
-    assert torch.equal(vis.pos, dense_vis.pos[:, :9]) and torch.equal(vis.patch, torch.arange(9).expand(2, -1))
+    assert torch.equal(text.order, dense_text.order) and torch.equal(text.cos, dense_text.cos)  # text keeps the n_v-token prompt's positions
+    assert torch.equal(vis.order, dense_vis.order[:, :9]) and torch.equal(vis.patch, torch.arange(9).expand(2, -1))
     assert torch.allclose(vis.h, want, atol=1e-6)
 
 
@@ -178,7 +178,7 @@ def test_dominance_is_the_feature_layers_attention_as_hf_computes_it(vision):
     tower = MLLM(config).eval().vision_tower
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        features, _, dominance = features_and_dominance(tower, pixels, config)
+        features, dominance = tower_features(tower, pixels, config, "dominance")
         tower.set_attn_implementation("eager")
         attn = tower(pixel_values=pixels, output_attentions=True).attentions[config.vision_layers_used - 1].mean(1)
     want = attn[:, 0, 1:] if vision == "clip" else attn.mean(1)  # CLS row without CLS / mean over queries
@@ -195,7 +195,7 @@ def test_dominant_plan_on_siglip_matches_the_masked_reference():
     ids, mask, pixels = image_batch(config, batch=3, pad_left=[0, 2, 5], suffix=7)
     with torch.no_grad():
         got = model(ids, mask, pixels, logits="all").logits
-        _, keep = model.encode_images(pixels)
+        keep = model.encode_images(pixels).keep.view(3, -1)
     want = reference_logits(model, ids, mask, pixels)
     is_text = mask.bool() & (ids != config.image_token_id)
     assert (got - want)[is_text].abs().max().item() <= 1e-5

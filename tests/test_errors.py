@@ -13,10 +13,10 @@ from train.model_source import ModelSource, check_tokenizer
 def test_image_token_count_mismatch():
     model = tiny_model()
     ids, mask, pixels = image_batch(model.config, batch=2)
-    with pytest.raises(ImageTokenMismatch, match=r"\[16, 16\].*3 image\(s\) x 16"):
+    with pytest.raises(ImageTokenMismatch, match=r"per row \[16, 16\] do not match the 3 image\(s\), which give \[16, 16, 16\]"):
         model(ids, mask, torch.cat([pixels, pixels[:1]]))
     ids[0, 3] = 5  # one placeholder short in row 0
-    with pytest.raises(ImageTokenMismatch, match="exactly 16 consecutive <image> tokens"):
+    with pytest.raises(ImageTokenMismatch, match=r"\[15, 16\].*each image needs exactly its count of consecutive <image> tokens"):
         model(ids, mask, pixels)
     with pytest.raises(ImageTokenMismatch):
         model(ids, mask, None)

@@ -10,6 +10,7 @@ from models.methods import resolve_arch
 from models.mllm import query_index
 from models.plan import Plan
 from models.decoder import run_decoder
+from models.streams import images_per_row
 from tests.helpers import image_batch
 from tests.test_plans import CONF, PRESETS, plan_model
 
@@ -20,10 +21,9 @@ def measured_decoder_flops(model, batch=2):
         layout, text, vis = model.embed_inputs(input_ids, mask, pixels)
         pre = model.plan.pre_llm
         counts = {-1: vis.n} if pre is not None and pre.tokens(model.config.num_image_tokens) is None else {}  # CLS knee: measured
-        keys = image_keys_for(model.plan, layout.vis_valid, pixels, model.config.num_image_tokens)
+        keys = image_keys_for(model.plan, pixels, images_per_row(vis))
         flops, _ = measure_flops(
-            run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.config.grid_size, model.xattn,
-            image_keys=keys,
+            run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.xattn, image_keys=keys,
         )
     return flops / batch, text.n, vis, counts
 

@@ -1,6 +1,6 @@
 """The `model` config group as an object: which MLLM to build and how text reaches it.
 
-A model either builds from `config` (random init), loads a llava-format directory (`pretrained`),
+A model either builds from `config` (random init), loads a checkpoint directory of any family (`pretrained`),
 or combines separate vision / LLM directories (`vision_pretrained`, `llm_pretrained`) with a new
 projector; the three routes are `MLLM.from_config / from_pretrained / from_components`. The
 tokenizer is the checkpoint's (or `tokenizer`), else one trained on the task's text.
@@ -20,6 +20,7 @@ from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
 from models.compile import compile_decoder_layers
+from models.family import family_for_model_type
 from models.config import ConfigError, check_types
 from models.methods import resolve_arch
 from models.plan import Plan
@@ -79,11 +80,10 @@ class ModelSource:
         if not self.pretrained:
             return
         hf = read_config(self.pretrained)
-        if hf.get("model_type") != "llava":
-            raise ConfigError(
-                f"model.pretrained: {self.pretrained}/config.json has model_type {hf.get('model_type')!r}, not 'llava'. "
-                "For separate vision and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
-            )
+        try:
+            family_for_model_type(hf.get("model_type"))
+        except ConfigError as e:
+            raise ConfigError(f"model.pretrained: {self.pretrained}/{e}") from None
         shapes = read_shapes(self.pretrained)
         if shapes is None:  # torch .bin weights: shapes are only known after loading them
             return

@@ -28,9 +28,8 @@ class StageConfig:
 
 
 def unused_vision_modules(model: nn.Module) -> list[nn.Module]:
-    """Vision layers after the feature layer and the post-layernorm (LLaVA reads an earlier layer)."""
-    tower = model.vision_tower
-    return [*tower.encoder.layers[model.config.vision_layers_used :], tower.post_layernorm]
+    """Tower modules whose output never reaches the LLM (LLaVA reads an earlier layer), per family."""
+    return model.family.unused_vision_modules(model)
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:

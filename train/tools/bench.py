@@ -202,17 +202,18 @@ def warm_up(runner, params, batch) -> None:
 
 
 def hf_twin(model, spec: ModelSource):
-    """`LlavaForConditionalGeneration` (SDPA) holding the very same weight tensors as `model`."""
-    from transformers import LlavaForConditionalGeneration
+    """transformers' class of the model's family (`LlavaForConditionalGeneration`, SDPA) holding
+    the very same weight tensors as `model`."""
+    import transformers
     from transformers.initialization import no_init_weights
 
-    from models.checkpoint import to_internal_name
-
+    family = model.family
     device = model.lm_head.weight.device
     with torch.device(device), no_init_weights():
-        hf = LlavaForConditionalGeneration._from_config(model.config.hf_llava_config(), attn_implementation="sdpa", dtype=model.dtype)
+        hf_class = getattr(transformers, family.hf_architecture)
+        hf = hf_class._from_config(model.config.hf_config(), attn_implementation="sdpa", dtype=model.dtype)
     ours = model.state_dict(keep_vars=True)
-    hf.load_state_dict({k: ours[to_internal_name(k)] for k in hf.state_dict()}, assign=True, strict=True)
+    hf.load_state_dict({k: ours[family.to_internal_name(k)] for k in hf.state_dict()}, assign=True, strict=True)
     if spec.gradient_checkpointing:  # like ours: the decoder layers only, not the vision tower
         lm = hf.model.language_model
         if hasattr(lm, "activation_checkpointing_enable"):  # the name in recent transformers 5.x

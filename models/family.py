@@ -1,0 +1,186 @@
+"""The family seam: what a model family provides to the family-agnostic plan engine.
+
+A family (LLaVA-1.5, LLaVA-NeXT, ...) turns pixels and a prompt into *visual tokens with a place*
+and positions; everything after that (plans, the decoder, the KV cache, FLOPs, training) is shared.
+One module per family in `models/families/` subclasses `Family` and declares:
+
+* configuration: the HF `model_type` it reads and writes (config.json), the vision/text model types
+  it accepts, and its own checks (`validate`);
+* modules and weights: the visual front-end it attaches to the `MLLM` (tower, projector, learned
+  extras such as LLaVA-NeXT's `image_newline`) and the state-dict adapter between HF weight names
+  and ours (`to_internal_name` / `to_hub_name`);
+* visual tokens: `encode` (pixels -> projected tokens + their `Place`: image, token, tile/unit,
+  row/column on the unit's grid, layout tokens) and `tokens_per_image` (how many placeholder
+  tokens an image of a given size takes in the prompt);
+* positions: `rope_positions` (1-D sequence positions unless the family says otherwise), kept
+  apart from the sequence order that causality uses;
+* preprocessing: `image_processor` (transformers' PIL image processor of the family, or LLaVA-1.5's
+  pad-to-square), which also reports each image's size;
+* training and parallelism: the tower's sharding units and the modules that never reach the LLM.
+
+docs/adding-a-model-family.md walks through a family with LLaVA-NeXT as the worked example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .streams import Place
+
+# Annotations name `MLLMConfig` (models/config.py), `MLLM` (models/mllm.py) and PIL's `Image` as
+# strings: both modules build on this one, which therefore imports neither.
+
+
+# The per-token place columns a family fills (image-local; SLOT and IMAGE are filled by the model
+# when it lays images into prompt rows).
+LOCAL_PLACE = (Place.PATCH, Place.UNIT, Place.ROW, Place.COL, Place.EXTRA)
+
+
+class VisualTokens(NamedTuple):
+    """Every image of a batch, in batch order, as the LLM receives it (one entry per placeholder).
+
+    `h` [T, d]: projected tokens, T = sum of `counts`; `place` [T, len(Place)] (long): each token's
+    image-local place (PATCH = index in its image's span, UNIT, ROW, COL, EXTRA); `counts` [n_images]
+    (long): placeholder tokens per image; `keep` [T] (bool) or None: which entries enter the LLM
+    after a pre-LLM step (pruning keeps tokens in their slots; pooling writes the pooled tokens into
+    the first slots of each image). `scores`: per-token scores a pre-LLM step asked the family for
+    ("dominance": the tower's attention to each token; "cls_similarity": cosine to its unit's CLS)."""
+
+    h: Tensor
+    place: Tensor
+    counts: Tensor
+    keep: Tensor | None = None
+    scores: dict[str, Tensor] | None = None
+
+    @property
+    def image_of_token(self) -> Tensor:
+        """[T]: batch index of each token's image."""
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
+
+
+def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, device=None) -> Tensor:
+    """Places [rows * cols, len(Place)] of a raster-ordered `rows` x `cols` grid of one unit."""
+    n = rows * cols
+    place = torch.zeros(n, len(Place), dtype=torch.long, device=device)
+    index = torch.arange(n, device=device)
+    place[:, Place.PATCH] = first_patch + index
+    place[:, Place.UNIT] = unit
+    place[:, Place.ROW] = index // cols
+    place[:, Place.COL] = index % cols
+    return place
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image as the model takes it: `pixels` ([3, H, W], or [tiles, 3, H, W] for tiling
+    families) and its original `size` (height, width), which decides its token count."""
+
+    pixels: Tensor
+    size: tuple[int, int]
+
+
+class Family:
+    """Base class of the model families (see the module docstring for the contract)."""
+
+    name: ClassVar[str]  # `model.config.family`
+    hf_model_type: ClassVar[str]  # config.json `model_type`
+    hf_architecture: ClassVar[str]  # config.json `architectures[0]` of what `save_pretrained` writes
+    vision_types: ClassVar[dict[str, str]]  # HF vision model_type -> our short name
+    text_types: ClassVar[dict[str, str]]  # HF text model_type -> our short name
+    variable_tokens: ClassVar[bool] = False  # tokens per image depend on its size
+
+    # --- configuration ------------------------------------------------------------------------
+    def validate(self, config: "MLLMConfig") -> None:
+        """Raise ConfigError for settings this family cannot run."""
+
+    def hf_config(self, config: "MLLMConfig"):
+        """The transformers config object `save_pretrained` writes."""
+        raise NotImplementedError
+
+    def config_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """`MLLMConfig` fields read from a config.json of this family (beyond vision/text)."""
+        raise NotImplementedError
+
+    # --- modules and weights --------------------------------------------------------------------
+    def build(self, model: "MLLM") -> None:
+        """Attach the visual front-end's modules to `model` (HF module names)."""
+        raise NotImplementedError
+
+    def init_weights(self, model: "MLLM") -> None:
+        """Initialise the weights the family adds (projector, learned extras); HF's own modules
+        were initialised by transformers."""
+
+    def to_internal_name(self, key: str) -> str:
+        raise NotImplementedError
+
+    def to_hub_name(self, key: str) -> str:
+        raise NotImplementedError
+
+    def dropped_on_load(self, key: str) -> bool:
+        """On-disk tensors the model never uses (e.g. SigLIP's pooling head)."""
+        return False
+
+    # --- visual tokens --------------------------------------------------------------------------
+    def tokens_per_image(self, config: "MLLMConfig", size: tuple[int, int] | None = None) -> int:
+        """Placeholder tokens of one image of `size` (height, width) in the prompt."""
+        raise NotImplementedError
+
+    def encode(self, model: "MLLM", pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+        """Projected visual tokens of every image and their places; `scores` names a per-token
+        score a pre-LLM step needs ("dominance", "cls_similarity")."""
+        raise NotImplementedError
+
+    def image_count(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> int:
+        return 0 if pixel_values is None else pixel_values.shape[0]
+
+    # --- positions ------------------------------------------------------------------------------
+    def rope_positions(self, order: Tensor) -> Tensor:
+        """RoPE position ids [B, L] of the prompt tokens; 1-D families use the sequence order."""
+        return order
+
+    # --- preprocessing --------------------------------------------------------------------------
+    def image_processor(self, config: "MLLMConfig") -> "ImageProcessor":
+        raise NotImplementedError
+
+    # --- training and parallelism ---------------------------------------------------------------
+    def vision_layers(self, model: "MLLM") -> list[nn.Module]:
+        """The tower's repeated blocks (FSDP units)."""
+        raise NotImplementedError
+
+    def unused_vision_modules(self, model: "MLLM") -> list[nn.Module]:
+        """Tower modules after the feature layer: they never reach the LLM (no gradient)."""
+        return []
+
+
+class ImageProcessor:
+    """PIL image -> `ProcessedImage` for one family and config (training, evaluation, lmms-eval)."""
+
+    def __call__(self, image: "Image.Image") -> ProcessedImage:
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, Family] = {}  # `model.config.family` -> the family (filled by models/families/)
+
+
+def register(family_class: type[Family]) -> type[Family]:
+    """Class decorator: make a family available by its `name`."""
+    FAMILIES[family_class.name] = family_class()
+    return family_class
+
+
+def family_for_model_type(model_type: str | None) -> Family:
+    """The family whose checkpoints have this config.json `model_type` (a clear error otherwise)."""
+    from .validation import ConfigError
+
+    for family in FAMILIES.values():
+        if family.hf_model_type == model_type:
+            return family
+    known = sorted(f.hf_model_type for f in FAMILIES.values())
+    raise ConfigError(
+        f"config.json has model_type {model_type!r}, not one of the families this framework runs ({', '.join(known)}). "
+        "For separate vision and language checkpoints set model.vision_pretrained and model.llm_pretrained instead."
+    )
