@@ -9,7 +9,7 @@ serves prefill and decode (keys = cached keys + new tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -37,7 +37,7 @@ from .blind_scores import blind_scores
 from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
 from .selection import compact, dense_groups, keep_best
-from .streams import Place, Stream, empty_like_visual
+from .streams import Place, RopeTable, Stream, empty_like_visual, present_count, renumbered
 
 
 @dataclass
@@ -50,6 +50,7 @@ class DecodeState:
     next_order: Tensor  # [B] sequence order of the next token (each row's own counter)
     next_rope: Tensor  # [B] its RoPE position (the order, or the order plus the family's rope delta)
     xattn: dict[int, Keys] = field(default_factory=dict)
+    rope_shift: Tensor | None = None  # [layers, B] prompt tokens a renumbering selection removed before each layer
 
     @property
     def nbytes(self) -> int:
@@ -197,9 +198,10 @@ class PlannedDecoderLayer(nn.Module):
             self.add_module(name, child)
 
     def forward(
-        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None
+        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
+        rope: RopeTable | None = None,
     ) -> LayerIO:
-        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next)
+        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next, rope)
 
 
 class LayerRunner:
@@ -213,7 +215,15 @@ class LayerRunner:
         self.n_heads = self.attn.q_proj.out_features // self.dh
         self.n_kv = self.attn.k_proj.out_features // self.dh
 
-    def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None) -> LayerIO:
+    def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None,
+                 rope: RopeTable | None = None) -> LayerIO:
+        if past is None and self.p.select is not None and self.p.select.source == "current" and self.p.select.positions == "renumber":
+            # PyramidDrop's stage boundary: score with this layer's own Q/K at the old positions, drop,
+            # renumber the survivors, then run the layer on them as a layer without a selection
+            if vis.n:
+                vis = select_visual(vis, self._probe_scores(text, vis, query_idx), self.p.select)[0]
+                text, vis = renumbered(text, vis, rope)
+            self.p = replace(self.p, select=None)
         p, attn = self.p, self.attn
         if past is None and vis.n > 0 and runs_as_one_sequence(p):
             return self._one_sequence(text, vis, query_idx, score_next)
@@ -324,6 +334,24 @@ class LayerRunner:
             scores = visual_scores(probs, keys, last_columns(keys, n_vis), score_next)
         return out, scores
 
+    def _probe_scores(self, text: Stream, vis: Stream, query_idx: Tensor) -> Tensor:
+        """Scores [B, V] of the visual tokens by the last prompt token's attention under this layer's
+        own norm, Q and K (K of every token present, one query per row): PyramidDrop's ranking."""
+        rows = torch.arange(text.h.shape[0], device=text.h.device)
+        src = vis.embed if self.p.visual_kv_source == "embed" else vis.h
+        k_text = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(text.h), None, self.dh), text.cos, text.sin)
+        k_vis = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(src), None, self.dh), vis.cos, vis.sin)
+        x_last = self.layer.input_layernorm(text.h[rows, query_idx].unsqueeze(1))
+        q_last = apply_rope(project_heads(self.attn.q_proj, x_last, None, self.dh),
+                            text.cos[rows, query_idx].unsqueeze(1), text.sin[rows, query_idx].unsqueeze(1))
+        k = torch.cat([k_text, k_vis], 2)
+        keys = Keys(k, k, torch.cat([text.order, vis.order], 1), torch.cat([text.valid, vis.valid], 1),
+                    torch.cat([torch.zeros_like(text.valid), torch.ones_like(vis.valid)], 1))
+        last_order, last_valid = text.order[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
+        m_last = causal_mask(last_order, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
+        probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
+        return visual_scores(probs, keys, last_columns(keys, vis.n), "attn_last")
+
     def _select_current(self, text, vis, k_text, k_vis, x_vis, x_text, query_idx):
         """PDrop-style: score visual tokens with this layer's own Q/K of the last prompt token, then
         continue the layer with the kept tokens only (their values, queries and FFN)."""
@@ -396,7 +424,9 @@ def run_decoder(
     gradient_checkpointing: bool = False,
     hook: LayerHook | None = None,
     image_keys: Tensor | None = None,
-) -> tuple[Stream, Stream, list[Keys], dict[int, Keys]]:
+    rope: RopeTable | None = None,
+    rope_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Stream, Stream, list[Keys], dict[int, Keys], Tensor | None]:
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
 
     Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
@@ -404,14 +434,23 @@ def run_decoder(
     for selections (the last prompt token); `image_keys` [B, I] seed random selections
     (`models.blind_scores.image_keys_for`). `hook` is called after every layer with a `LayerStep`
     and may replace the layer's output streams (the analysis tools measure layers this way).
+    Plans whose selections renumber positions need `rope` (the RoPE tables of positions 0..P-1) at
+    prefill and `rope_fn` (the model's RoPE of a position tensor) at decode, where each layer's new
+    token sits at `state.next_rope - state.rope_shift[layer]`.
     Returns the streams, per-layer keys and the gated cross-attention keys (both only kept when
-    `use_cache` or decoding).
+    `use_cache` or decoding), and per layer the prompt tokens a renumbering removed before it
+    ([layers, B], None without renumbering).
     """
     keep = use_cache or state is not None
     layer_keys: list[Keys] = []
     cross_keys: dict[int, Keys] = dict(state.xattn) if state is not None else {}
     embeds = vis  # gated blocks read the projector output of every (pre-LLM-kept) visual token
     scores = None
+    renumbers = plan.renumbers
+    prompt_tokens = present_count(text, vis) if state is None else None
+    shift = torch.zeros_like(text.valid[:, 0], dtype=torch.long)
+    shifts = []
+    decode_base = text
     for i, layer in enumerate(lm.layers):
         p = plan.layers[i]
         if state is None:
@@ -419,6 +458,11 @@ def run_decoder(
                 vis = empty_like_visual(text)
             elif p.select is not None and p.select.source == "previous":
                 vis = select_before_layer(vis, p.select, scores, image_keys)
+                if p.select.positions == "renumber":
+                    text, vis = renumbered(text, vis, rope)
+        elif renumbers and not torch.equal(state.rope_shift[i], shift):
+            shift = state.rope_shift[i]
+            text = text._replace(**dict(zip(("cos", "sin"), rope_fn(decode_base.h, (state.next_rope - shift)[:, None]))))
         if p.xattn:
             block = xattn[str(i)]
             if i not in cross_keys:
@@ -428,12 +472,17 @@ def run_decoder(
         score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         past = state.keys[i] if state is not None else None
         if gradient_checkpointing and torch.is_grad_enabled():
-            io = checkpoint(layer, text, vis, past, query_idx, p, score_next, use_reentrant=False)
+            io = checkpoint(layer, text, vis, past, query_idx, p, score_next, rope, use_reentrant=False)
         else:
-            io = layer(text, vis, past, query_idx, p, score_next)
+            io = layer(text, vis, past, query_idx, p, score_next, rope)
         replaced = hook(LayerStep(i, layer, p, text, vis, io.text, io.vis, query_idx)) if hook is not None else None
         text, vis = replaced if replaced is not None else (io.text, io.vis)
         scores = io.scores
+        if state is None and renumbers:
+            if p.select is not None and p.select.positions == "renumber":
+                shift = prompt_tokens - present_count(io.text, io.vis)
+            shifts.append(shift)
         if keep:
             layer_keys.append(io.keys)
-    return text, vis, layer_keys, (cross_keys if keep else {})
+    rope_shift = torch.stack(shifts) if shifts else (state.rope_shift if state is not None else None)
+    return text, vis, layer_keys, (cross_keys if keep else {}), rope_shift

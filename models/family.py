@@ -92,6 +92,7 @@ class Family:
     vision_types: ClassVar[dict[str, str]]  # HF vision model_type -> our short name
     text_types: ClassVar[dict[str, str]]  # HF text model_type -> our short name
     variable_tokens: ClassVar[bool] = False  # tokens per image depend on its size
+    renumbers_positions: ClassVar[bool] = True  # 1-D positions: a selection may renumber them (PyramidDrop)
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: "MLLMConfig") -> None:

@@ -17,7 +17,7 @@ gated cross-attention blocks. Conventions (the papers count differently, so each
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .plan import LayerPolicy, Plan
 
@@ -131,6 +131,12 @@ def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swi
         elif p.select is not None and p.select.source == "previous":
             n_v = counts.get(i, selected_count(p, n_v, threshold_keep))
         kept = counts.get(i, selected_count(p, n_v, threshold_keep)) if (p.select is not None and p.select.source == "current") else None
+        if kept is not None and p.select.positions == "renumber":
+            # scored by a probe (this layer's K of every token, the last token's Q and logits), then the
+            # layer runs on the survivors at their new positions: as a layer without a selection
+            total["probe"] += _proj(n_text + n_v, s.d, s.kv_heads * s.head_dim) + _proj(1, s.d, s.heads * s.head_dim)
+            total["probe"] += 2 * s.heads * (n_text + n_v) * s.head_dim
+            p, n_v, kept = replace(p, select=None), kept, None
         terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0)
         total.update(terms)
         present.append(n_v)

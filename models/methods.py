@@ -142,11 +142,14 @@ def fastv(depth, heads, K=2, R=0.5, reference_depth=32):
 
 
 @method
-def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32):
+def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, positions="renumber"):
     """PyramidDrop (arXiv 2410.17247): at each stage boundary keep `ratio` of the remaining visual
-    tokens, scored by the last prompt token's attention computed with that layer's own Q/K."""
+    tokens, scored by the last prompt token's attention computed with that layer's own Q/K. Its
+    released code renumbers the survivors' positions (`pdrop_rank_drop` rebuilds position_ids as
+    an arange over the kept tokens, decoding subtracts the dropped count): `positions=renumber`;
+    `keep` gives the survivors their original positions instead."""
     at = _scaled(layers, reference_depth, depth, min_layer=1)
-    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio}}}]
+    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions}}}]
 
 
 # The field's simple baselines (arXiv 2511.02650, 2502.11501). Keep fractions 1/3, 2/9 and 1/9 are

@@ -26,7 +26,7 @@ from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed
-from .streams import Layout, Place, Stream, empty_like_visual, images_per_row
+from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row
 from .xattn import GatedCrossAttention
 
 
@@ -72,6 +72,9 @@ class MLLM(nn.Module):
         if len(plan.layers) != n:
             raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
         plan.validate(self.text_config.num_attention_heads)
+        if plan.renumbers and not self.family.renumbers_positions:
+            raise ValueError(f"plan {plan.name!r} renumbers RoPE positions (select.positions=renumber), which has no meaning "
+                             f"for the {self.family.name} family's positions; use select.positions=keep")
         if plan.pre_llm is not None and plan.pre_llm.method == "cls_knee" and not self.config.has_cls:
             raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
         if plan.needs_patch_grid and self.config.has_cls and self.config.vision_feature_select_strategy == "full":
@@ -186,6 +189,11 @@ class MLLM(nn.Module):
         """RoPE tables [B, N, head_dim] of `positions` (the family's position ids)."""
         return self.language_model.rotary_emb(h, positions)
 
+    def rope_table(self, like: Stream, length: int) -> RopeTable:
+        """RoPE tables of positions 0..length-1 (what renumbering selections gather from)."""
+        positions = torch.arange(length, device=like.h.device)[None]
+        return RopeTable(*self.rope(like.h[:1, :1].expand(1, length, -1), positions))
+
     def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
                      image_sizes: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
@@ -259,7 +267,7 @@ class MLLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes)
-        text, vis, keys, cross = run_decoder(
+        text, vis, keys, cross, rope_shift = run_decoder(
             self.language_model,
             self.plan,
             text,
@@ -270,6 +278,7 @@ class MLLM(nn.Module):
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
             image_keys=image_keys_for(self.plan, pixel_values, images_per_row(vis)),
+            rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
         )
         out = MLLMOutput()
         if labels is not None:
@@ -281,7 +290,7 @@ class MLLM(nn.Module):
             out.logits = self.lm_logits(last_valid_hidden(text))
         if use_cache:
             n = attention_mask.long().sum(1)
-            out.cache = DecodeState(keys, n, self.family.rope_positions(n[:, None])[:, 0], cross)
+            out.cache = DecodeState(keys, n, self.family.rope_positions(n[:, None])[:, 0], cross, rope_shift)
         return out
 
 
@@ -292,8 +301,8 @@ class MLLM(nn.Module):
         h = self.language_model.embed_tokens(token_ids[:, None])
         text = Stream(h, order, torch.ones_like(order, dtype=torch.bool), *self.rope(h, rope))
         idx = torch.zeros_like(token_ids)
-        text, _, state.keys, state.xattn = run_decoder(
-            self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state
+        text, _, state.keys, state.xattn, _ = run_decoder(
+            self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state, rope_fn=self.rope
         )
         state.next_order = state.next_order + 1
         state.next_rope = state.next_rope + 1

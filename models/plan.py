@@ -29,6 +29,7 @@ ATTENTION_SCORERS = ("attn_last", "value_aware")
 BLIND_SCORERS = ("random", "uniform")  # read no attention, so they are valid before layer 0 too
 SCORERS = ATTENTION_SCORERS + BLIND_SCORERS
 SCORE_SOURCES = ("previous", "current")
+POSITIONS = ("keep", "renumber")
 PRE_LLM_METHODS = ("cls_knee", "dominant", "pool")
 
 
@@ -49,7 +50,13 @@ class Select:
     layer 0 (where selecting is pruning before the LLM): `random` (seeded by `seed` and the image;
     arXiv 2511.02650's control) and `uniform` (an even lattice over the full patch grid).
     Budget: `keep` (fraction of the current tokens) or `threshold` (score > threshold, a
-    per-sample count); `min_keep` guards against empty sets.
+    per-sample count); `min_keep` guards against empty sets. Budgets apply per image (per tile
+    for `uniform`); layout tokens (LLaVA-NeXT's newlines) are always kept (models/selection.py).
+    `positions`: `keep` (survivors keep their RoPE positions, gaps stay: FastV, VTW, ViCA) or
+    `renumber` (from this selection on, every token's RoPE position is its rank among the tokens
+    still present, and a generated token's is the prompt's kept length plus its step, in the
+    layers after the selection: what PyramidDrop's released code does). Scoring uses the
+    positions before the selection.
     """
 
     scorer: str = "attn_last"
@@ -58,10 +65,12 @@ class Select:
     threshold: float | None = None
     min_keep: int = 1
     seed: int = 0  # scorer=random only
+    positions: str = "keep"
 
     def __post_init__(self) -> None:
         _choice("select.scorer", self.scorer, SCORERS)
         _choice("select.source", self.source, SCORE_SOURCES)
+        _choice("select.positions", self.positions, POSITIONS)
         if (self.keep is None) == (self.threshold is None):
             raise ConfigError("select needs exactly one of keep (a fraction) or threshold")
         if self.keep is not None and not 0 < self.keep <= 1:
@@ -198,6 +207,11 @@ class Plan:
         """Pooling and uniform selection place tokens on the g x g patch grid (no CLS token among them)."""
         pooled = self.pre_llm is not None and self.pre_llm.method == "pool"
         return pooled or any(p.select is not None and p.select.scorer == "uniform" for p in self.layers)
+
+    @property
+    def renumbers(self) -> bool:
+        """Some selection renumbers RoPE positions (`select.positions=renumber`)."""
+        return any(p.select is not None and p.select.positions == "renumber" for p in self.layers)
 
     @property
     def draws_random(self) -> bool:

@@ -92,6 +92,35 @@ def images_per_row(vis: Stream) -> Tensor:
     return (vis.image.masked_fill(~vis.valid, -1).max(1).values + 1).clamp(min=0)
 
 
+class RopeTable(NamedTuple):
+    """RoPE tables of the positions 0..P-1 ([1, P, head_dim] each): what renumbered tokens gather."""
+
+    cos: Tensor
+    sin: Tensor
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        index = positions.clamp(0, self.cos.shape[1] - 1)
+        return self.cos[0][index], self.sin[0][index]
+
+
+def renumbered(text: Stream, vis: Stream, table: RopeTable) -> tuple[Stream, Stream]:
+    """Both streams with every token's RoPE position replaced by its rank among the tokens present
+    (valid text and visual tokens, in sequence order): PyramidDrop's renumbering after a drop."""
+    big = torch.iinfo(text.order.dtype).max
+    present = torch.cat([text.order.masked_fill(~text.valid, big), vis.order.masked_fill(~vis.valid, big)], 1).sort(1).values
+    out = []
+    for stream in (text, vis):
+        rank = torch.searchsorted(present, stream.order.contiguous())
+        cos, sin = table.at(rank)
+        out.append(stream._replace(cos=cos.to(stream.cos.dtype), sin=sin.to(stream.sin.dtype)))
+    return out[0], out[1]
+
+
+def present_count(text: Stream, vis: Stream) -> Tensor:
+    """[B] tokens present (valid) in both streams."""
+    return text.valid.sum(1) + vis.valid.sum(1)
+
+
 def concat(streams: list[Stream]) -> Stream:
     """Concatenate along tokens (only the fields every stream has)."""
     if len(streams) == 1:

@@ -63,6 +63,11 @@ def _keep_top(s, vis_mask, sel: Select, present, place):
     return new
 
 
+def _ranks(present):
+    """RoPE positions after a renumbering selection: each token's rank among the present tokens."""
+    return (present.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def visual_places(model, is_vis, tokens):
     """[B, L, len(Place)]: each visual position's place (its image numbered within the row)."""
     b, L = is_vis.shape
@@ -121,6 +126,8 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         elif p.select is not None and p.select.source == "previous":
             probs_q, v_full = scores_probs
             present = _scores_and_select(probs_q, v_full, is_vis, p.select, present, place)
+        if p.select is not None and p.select.source == "previous" and p.select.positions == "renumber":
+            cos, sin = lm.rotary_emb(h, _ranks(valid & present))
         if p.xattn:
             block = model.xattn[str(li)]
             h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(embed, pos, entered)), h)
@@ -136,6 +143,11 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
             lq = logits[rows, :, q_idx].masked_fill(~base_q[:, None], float("-inf"))
             present = _scores_and_select(torch.softmax(lq, -1), v, is_vis, p.select, present, place)
             key_ok = valid & present
+            if p.select.positions == "renumber":  # scored at the old positions, the layer runs at the new ones
+                cos, sin = lm.rotary_emb(h, _ranks(key_ok))
+                q = apply_rope(_heads(attn.q_proj(x), dh), cos, sin)
+                k = apply_rope(_heads(attn.k_proj(xkv), dh), cos, sin).repeat_interleave(n_rep, 1)
+                logits = (q @ k.transpose(-1, -2)) * attn.scaling
         base = causal & key_ok[:, None, :]
         heads_ok = torch.zeros(H, dtype=torch.bool)
         heads_ok[list(p.visual_heads) if p.visual_heads is not None else list(range(H))] = True

@@ -24,6 +24,7 @@ def measured_decoder_flops(model, batch=2):
         keys = image_keys_for(model.plan, pixels, images_per_row(vis))
         flops, _ = measure_flops(
             run_decoder, model.language_model, model.plan, text, vis, query_index(text, None), model.xattn, image_keys=keys,
+            rope=model.rope_table(text, input_ids.shape[1]) if model.plan.renumbers else None,
         )
     return flops / batch, text.n, vis, counts
 

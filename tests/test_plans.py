@@ -20,6 +20,7 @@ VARIANTS = [(name, {}) for name in PRESETS] + [
     ("yopo", {"semantics": "post_softmax_zero"}),
     ("visipruner", {"semantics": "post_softmax_zero"}),
     ("pdrop", {"ratio": 0.3}),
+    ("pdrop", {"positions": "keep"}),  # survivors keep their positions (PDrop renumbers them, its released code)
     ("random", {"K": 16, "seed": 7}),  # selections that read no attention, in the middle of the LLM
     ("uniform", {"K": 8, "keep": 0.25}),
     ("pool", {"kernel": 3}),  # 8 x 8 grid: partial windows at the edges
@@ -67,6 +68,44 @@ def test_decode_matches_masked_reference(variant):
     got = greedy_generate(model, input_ids, mask, pixels, max_new_tokens=4, eos_token_id=[-1])
     want = reference_generate(model, input_ids, mask, pixels, max_new_tokens=4)
     assert torch.equal(got, want)
+
+
+RENUMBERED = {"methods": {"rules": [  # hand-written: renumbering after a previous-layer and a random selection
+    {"layers": [3], "set": {"select": {"scorer": "attn_last", "source": "previous", "keep": 0.5, "positions": "renumber"}}},
+    {"layers": [5], "set": {"select": {"scorer": "random", "keep": 0.5, "positions": "renumber"}}},
+]}}
+
+
+def test_renumbering_selections_match_the_masked_reference():
+    config = tiny_config(text_layers=8, image_size=32)
+    torch.manual_seed(0)
+    model = MLLM.from_config(config, resolve_arch(RENUMBERED, 8, config.hf_text_config().num_attention_heads)).eval()
+    input_ids, mask, pixels = image_batch(model.config, batch=3, pad_left=[0, 2, 5], suffix=7)
+    with torch.no_grad():
+        got = model(input_ids, mask, pixels, logits="all").logits
+    text = mask.bool() & (input_ids != model.config.image_token_id)
+    assert (got - reference_logits(model, input_ids, mask, pixels))[text].abs().max().item() <= 1e-5
+    gen = greedy_generate(model, input_ids, mask, pixels, max_new_tokens=4, eos_token_id=[-1])
+    assert torch.equal(gen, reference_generate(model, input_ids, mask, pixels, max_new_tokens=4))
+
+
+def test_pdrop_renumbers_positions_and_decoding_continues_from_the_kept_length():
+    """PyramidDrop's released code: after a stage, the survivors' positions are their ranks, and a
+    generated token sits right after the kept prompt (the state counts per layer what was removed)."""
+    model = plan_model("pdrop", {})
+    input_ids, mask, pixels = image_batch(model.config, batch=2, pad_left=[0, 3])
+    out = model(input_ids, mask, pixels, logits="last", use_cache=True)
+    stages = [i for i, p in enumerate(model.plan.layers) if p.select is not None]
+    shift = out.cache.rope_shift
+    n_v = model.config.num_image_tokens
+    removed = 0
+    kept = n_v
+    for i in range(len(model.plan.layers)):
+        if i in stages:
+            kept = model.plan.layers[i].select.budget(kept)
+            removed = n_v - kept
+        assert shift[i].tolist() == [removed, removed]
+    assert plan_model("pdrop", {"positions": "keep"})(input_ids, mask, pixels, use_cache=True, logits="last").cache.rope_shift is None
 
 
 def test_training_with_a_plan_gets_gradients_where_it_should():
