@@ -29,9 +29,19 @@ PATH = re.compile(r"(?<![\w/.\-])((?:" + "|".join(re.escape(t) for t in TOP) + r
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+NOT_SOURCES = {".git", ".venv", "outputs", "data_cache", "multirun", "logs", "wandb", "build", "__pycache__", ".cache",
+               ".pytest_cache"}  # run-time outputs and environments (.gitignore), when there is no git checkout
+
+
 def tracked(*patterns: str) -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "-z", "--", *patterns], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / p for p in out.split("\0") if p and (ROOT / p).is_file()]
+    """The repository's files matching `patterns`: git's list, or the tree without run-time outputs."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", *patterns], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        return sorted({ROOT / p for p in out.split("\0") if p and (ROOT / p).is_file()})
+    except (OSError, subprocess.CalledProcessError):
+        files = {f for pattern in patterns for f in ROOT.glob(pattern) if f.is_file()}
+        return sorted(f for f in files if not NOT_SOURCES & set(f.relative_to(ROOT).parts)
+                      and not any(part.endswith(".egg-info") for part in f.parts))
 
 
 def python_prose(path: Path) -> str:
@@ -80,7 +90,7 @@ def sources() -> dict[str, str]:
     out = {}
     for p in tracked("README.md", "docs/*.md", "docs/**/*.md"):
         out[str(p.relative_to(ROOT))] = p.read_text()
-    for p in tracked("*.py"):
+    for p in tracked("*.py", "**/*.py"):
         out[str(p.relative_to(ROOT))] = python_prose(p)
     for p in tracked("conf/*.yaml", "conf/**/*.yaml", "slurm/*", ".ci/*"):
         out[str(p.relative_to(ROOT))] = comments(p)
