@@ -9,7 +9,7 @@ serves prefill and decode (keys = cached keys + new tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -156,18 +156,24 @@ def last_columns(keys: Keys, n: int) -> Tensor:
     return torch.arange(keys.n - n, keys.n, device=keys.k.device).expand(keys.k.shape[0], -1)
 
 
+# The policy fields the one-sequence path handles at other values than dense's, each with the values
+# it handles: `run_decoder` applies them *before* the layer, which then treats the visual tokens
+# present like text. Every other field must keep its dense default, so a field added to
+# `LayerPolicy` turns the fast path off until it is listed here (tests/test_policy_fields.py).
+ONE_SEQUENCE_FIELDS: dict[str, Callable[[object], bool]] = {
+    "select": lambda s: s is None or s.source == "previous",  # chosen before the layer; source=current selects inside it
+    "drop_visual": lambda drop: True,  # the visual stream is emptied before the layer
+    "xattn": lambda block: True,  # the gated block runs on the text stream before the layer
+}
+
+
 def runs_as_one_sequence(p: LayerPolicy) -> bool:
     """The layer treats visual tokens exactly like text (dense, or after a previous-layer selection):
-    it is HF's own layer on the tokens present, so it runs on them as one causal sequence."""
-    return (
-        p.updates_visual
-        and p.text_reads_visual == "full"
-        and p.visual_kv_source == "current"
-        and p.visual_self_attn == "full"
-        and p.visual_heads is None
-        and p.visual_ffn == 1.0
-        and p.mask_semantics == "renorm"
-        and (p.select is None or p.select.source == "previous")
+    it is HF's own layer on the tokens present, so it runs on them as one causal sequence. Derived
+    from the dataclass fields: each one equals its dense default or is handled (ONE_SEQUENCE_FIELDS)."""
+    return all(
+        ONE_SEQUENCE_FIELDS[f.name](getattr(p, f.name)) if f.name in ONE_SEQUENCE_FIELDS else getattr(p, f.name) == f.default
+        for f in fields(p)
     )
 
 

@@ -1,4 +1,4 @@
-"""The package map in the README holds: imports go one way, no import cycles, tools never import the
+"""The import rules of docs/architecture.md hold: imports go one way, no import cycles, tools never import the
 job's entry point, and every `_target_` in conf/ names something that exists."""
 
 import ast

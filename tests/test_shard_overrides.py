@@ -1,5 +1,5 @@
 """Brace ranges of shard names on the command line, through a real shell: Hydra reads a bare `{` as
-the start of a dict, so the pattern must reach Hydra as a quoted string (README, conf/data/shards.yaml)."""
+the start of a dict, so the pattern must reach Hydra as a quoted string (docs/data.md, conf/data/shards.yaml)."""
 
 import shlex
 import subprocess
@@ -32,6 +32,6 @@ def test_documented_brace_range_form_reaches_the_shard_source(tmp_path):
 
 
 def test_unquoted_brace_range_is_what_hydra_refuses(tmp_path):
-    """The form the quotes protect against (if Hydra ever accepts it, the README can drop the quotes)."""
+    """The form the quotes protect against (if Hydra ever accepts it, docs/data.md can drop the quotes)."""
     proc = data_config(f"data.source.train='{tmp_path}/train-{{000000..000002}}.tar' data.source.val=v.tar")
     assert proc.returncode != 0 and "mismatched input '{'" in proc.stderr

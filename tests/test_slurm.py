@@ -84,7 +84,7 @@ def test_resubmitted_job_continues_the_earlier_jobs_run(cluster, tmp_path):
     first = submit(cluster, tmp_path, *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2")
     assert cluster.wait(first, timeout=400) == "COMPLETED", job_log(tmp_path, first)[-3000:]
     run_dir = f"outputs/slurm/emllm-{first}"
-    cluster.env["EMLLM_RUN_DIR"] = run_dir  # the README's resubmission
+    cluster.env["EMLLM_RUN_DIR"] = run_dir  # docs/cluster.md's resubmission
     try:
         second = submit(cluster, tmp_path, *TINY, "trainer.max_steps=2", "resume.extend_to=4", "trainer.val_check_interval=4")
     finally:

@@ -1,4 +1,4 @@
-"""Efficiency and throughput metrics logged beside accuracy (names listed in the README, "Training").
+"""Efficiency and throughput metrics logged beside accuracy (names listed in docs/results.md, "What a run records").
 
 `EfficiencyMetrics` measures, at every evaluation, on the first validation batch: prefill latency,
 decode speed and KV-cache size of the model's plan, plus the analytic FLOPs of that plan (per

@@ -40,7 +40,7 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.lmms_tasks and importlib.util.find_spec("lmms_eval") is None:
-            raise ConfigError("eval.lmms_tasks needs lmms-eval: python3 train/bootstrap.py --no-run --eval (README: Benchmarks)")
+            raise ConfigError("eval.lmms_tasks needs lmms-eval: python3 train/bootstrap.py --no-run --eval (docs/benchmarks.md)")
 
 
 ARTICLES = {"a", "an", "the"}

@@ -6,7 +6,7 @@ the files transformers and llava-hf checkpoints use, so `EvalProcessor.from_pret
 `efficient_mllm` model and transformers' LlavaProcessor read them the same way:
 
 * `preprocessor_config.json`: LlavaImageProcessor fields (pad to square with the mean colour, resize
-  to the tower's image size, mean/std), i.e. data/images.preprocess;
+  to the tower's image size, mean/std), i.e. `data.images.preprocess`;
 * `chat_template.jinja`: the data/chat.py template with the training system prompt baked in;
 * `generation_config.json`: `eos_token_id` = EOS and the template's end-of-reply token.
 """

@@ -37,7 +37,7 @@ class ImageProcessing:
 
     @classmethod
     def for_model(cls, config: MLLMConfig) -> "ImageProcessing":
-        """What training did (data/images.preprocess): pad, resize to the tower's size, normalise."""
+        """What training did (`data.images.preprocess`): pad, resize to the tower's size, normalise."""
         size = config.hf_vision_config().image_size
         return cls(size, size, tuple(config.image_mean), tuple(config.image_std), pad_to_square=True)
 

@@ -13,7 +13,7 @@ On CUDA, times come from CUDA events around synchronised runs and the peaks are
 on CPU the peaks are null. `bench.dtype=bf16` puts weights and activations in bf16 (the training step
 is then a pure-bf16 step: no fp32 master weights). Model presets with no weights (`llava15_7b`) are
 built with random weights directly on the device.
-Timings are benchmarks, not tests: they depend on the machine; the README lists ours.
+Timings are benchmarks, not tests: they depend on the machine; docs/results.md lists ours.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Runs the real multi-process training (`python -m train strategy=<s> trainer.devices=<n> ...`, a few
 steps of the dense plan at `stage=finetune`, no evaluation, checkpoint or export) once per strategy,
 one after another, and reports each rank's peak memory and mean step time (warm-up steps excluded),
-which the runs' `RankStats` callback writes (`train/rank_stats.py`). A failing strategy is reported
+which the runs' `RankStats` callback writes (`train/tools/rank_stats.py`). A failing strategy is reported
 with its error and the next one runs. Beside the measurements: the analytic model states per rank
 (`models/memory.py`, fp32 on CPU) for the same model and rank count.
 Prints a JSON list of rows and writes `{out}/<time>/results.json`:

@@ -4,7 +4,8 @@ Efficiency versus accuracy over the runs of a sweep (e.g. `python -m train -m ex
 Every run directory below the sweep directories (one with `metrics.json` or `.hydra/`) becomes a
 row: method = the plan's name (`arch` in metrics.json), knobs = `arch.methods` of the run's resolved
 config.yaml, accuracy (overall, per skill), eff/* (FLOPs ratio, measured latencies, KV cache), steps
-and seconds. Writes to --out (default: the first sweep directory):
+and seconds. Writes to --out (default: the first sweep directory; the repository's curve of the
+default task is kept in docs/results/, so `--out docs/results` refreshes it in place):
   pareto.csv, pareto.md       one row per finished run, cheapest first, FLOPs convention stated
   pareto_flops.png            accuracy vs prefill FLOPs relative to dense
   pareto_latency.png          accuracy vs measured prefill latency

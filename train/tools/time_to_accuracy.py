@@ -4,7 +4,8 @@ Accuracy against training wall-clock for runs that evaluated along the way (`tra
 below `trainer.max_steps`, e.g. `python -m train experiment=base` and `experiment=scratch arch=vica`): at
 every evaluation each run logged `val/acc` and `perf/train_seconds` (wall-clock spent training so far,
 data loading included, evaluations excluded) to its `csv/metrics.csv`. Writes to --out (default: the
-first run directory's parent):
+first run directory's parent; the repository's curves are kept in docs/results/, so `--out docs/results`
+refreshes them in place):
   time_to_accuracy.csv / .md   one row per evaluation of every run
   time_to_accuracy.png         val/acc against training minutes, one line per run
 and prints a JSON summary: per run its best accuracy and the training time at which it first reached
