@@ -130,6 +130,11 @@ class Family:
         """Placeholder tokens of one image of `size` (height, width) in the prompt."""
         raise NotImplementedError
 
+    def image_places(self, config: "MLLMConfig", size: tuple[int, int] | None = None) -> Tensor:
+        """The places [n, len(Place)] of one image's tokens (what `encode` gives it), for FLOPs and
+        token accounting without pixels (`models.flops.ImageTokens.from_places`)."""
+        raise NotImplementedError
+
     def encode(self, model: "MLLM", pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
         """Projected visual tokens of every image and their places; `scores` names a per-token
         score a pre-LLM step needs ("dominance", "cls_similarity")."""

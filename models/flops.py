@@ -16,10 +16,12 @@ gated cross-attention blocks. Conventions (the papers count differently, so each
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from .plan import LayerPolicy, Plan
+from .plan import LayerPolicy, Plan, PreSelect, Select
+from .selection import ceil_budget
 
 TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text"}
 VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn"}
@@ -97,17 +99,76 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
     return t, n_v
 
 
-def selected_count(p: LayerPolicy, n_v: int, threshold_keep: float) -> int:
-    """Visual tokens kept by a selection: the budget, or an assumed fraction for thresholds."""
+@dataclass(frozen=True)
+class ImageTokens:
+    """One image's visual tokens as the FLOPs model needs them: the grid cells of each unit (an
+    image, or a tile) and the tokens off the grids: layout tokens (LLaVA-NeXT's newlines, which
+    every selection keeps) and selectable ones (a kept CLS). Counts follow the engine's rules
+    (models/selection.py): budgets per image, uniform lattices and pooling per unit."""
+
+    units: tuple[tuple[tuple[int, int], ...], ...]  # per unit, its (row, col) cells
+    extra: int = 0  # layout tokens
+    off_grid: int = 0  # selectable tokens on no grid
+
+    @staticmethod
+    def square(n_visual: int) -> "ImageTokens":
+        """`n_visual` tokens: a square grid when n_visual is a square number (LLaVA-1.5), else one
+        token off it (a kept CLS) plus the square grid below."""
+        g = math.isqrt(n_visual)
+        off = n_visual - g * g
+        return ImageTokens((tuple((r, c) for r in range(g) for c in range(g)),), 0, off)
+
+    @staticmethod
+    def from_places(places) -> "ImageTokens":
+        """From one image's places [n, len(Place)] (a family's layout for an image size)."""
+        from .streams import Place
+
+        units: dict[int, list[tuple[int, int]]] = {}
+        extra = off = 0
+        for row in places.tolist():
+            if row[Place.EXTRA]:
+                extra += 1
+            elif row[Place.ROW] < 0:
+                off += 1
+            else:
+                units.setdefault(row[Place.UNIT], []).append((row[Place.ROW], row[Place.COL]))
+        return ImageTokens(tuple(tuple(cells) for _, cells in sorted(units.items())), extra, off)
+
+    @property
+    def selectable(self) -> int:
+        return sum(len(u) for u in self.units) + self.off_grid
+
+    @property
+    def n(self) -> int:
+        return self.selectable + self.extra
+
+    def pre_llm(self, pre: PreSelect, pre_llm_keep: float) -> int | None:
+        """Tokens entering the LLM after a pre-LLM step (None when data-dependent: CLS knee)."""
+        if pre.method == "pool":
+            return sum(len({(r // pre.kernel, c // pre.kernel) for r, c in u}) for u in self.units) + self.off_grid + self.extra
+        if pre.method == "dominant":
+            return ceil_budget(pre.keep, self.selectable, pre.min_keep) + self.extra
+        return None
+
+    def uniform(self, sel: Select) -> int:
+        return sum(ceil_budget(sel.keep, len(u), sel.min_keep) for u in self.units) + self.extra
+
+
+def selected_count(p: LayerPolicy, n_v: int, threshold_keep: float, extra: int = 0) -> int:
+    """Visual tokens kept by a selection of `n_v` present tokens (`extra` of them layout tokens,
+    always kept): the budget, or an assumed fraction for thresholds."""
+    n = n_v - extra
     if p.select.keep is not None:
-        return p.select.budget(n_v)
-    return max(min(p.select.min_keep, n_v), round(threshold_keep * n_v))
+        return p.select.budget(n) + extra
+    return max(min(p.select.min_keep, n), round(threshold_keep * n)) + extra
 
 
-def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swiglu", threshold_keep: float = 0.018,
+def plan_terms(s: Shape, plan: Plan, n_visual: "int | ImageTokens", n_text: int, ffn: str = "swiglu", threshold_keep: float = 0.018,
                pre_llm_keep: float = 0.22, counts: dict[int, int] | None = None) -> tuple[Counter, list[int]]:
     """Prefill FLOPs per term summed over layers, and the visual tokens present in each layer.
 
+    `n_visual`: the visual tokens of a sample, as a count (one square grid, LLaVA-1.5) or as an
+    `ImageTokens` layout (LLaVA-NeXT: tiles and newlines; `Family.image_tokens`).
     A pre-LLM step (pooling, dominant tokens, CLS knee) sets the visual tokens of every layer.
     Data-dependent token counts (threshold selection, CLS knee) use assumed fractions
     (`threshold_keep`: VisiPruner's 10.3 of 576 tokens; `pre_llm_keep`: 2409.01162's 22%) unless
@@ -117,11 +178,19 @@ def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swi
     """
     counts = counts or {}
     ffn_mats = {"swiglu": 3, "2mat": 2}[ffn]
-    n_v = n_visual
-    if plan.pre_llm is not None:
-        exact = plan.pre_llm.tokens(n_visual)
-        n_v = counts.get(-1, exact if exact is not None else max(plan.pre_llm.min_keep, round(pre_llm_keep * n_visual)))
+    image = n_visual if isinstance(n_visual, ImageTokens) else ImageTokens.square(n_visual)
+    extra = image.extra if n_visual else 0
+    n_v = image.n if n_visual else 0
+    if plan.pre_llm is not None and n_v:
+        exact = image.pre_llm(plan.pre_llm, pre_llm_keep)
+        fallback = max(plan.pre_llm.min_keep, round(pre_llm_keep * image.selectable)) + extra
+        n_v = counts.get(-1, exact if exact is not None else fallback)
     n_v0 = n_v
+
+    def selected(p: LayerPolicy, n: int) -> int:
+        if p.select.scorer == "uniform":  # the full grid is present (validated): a lattice per unit
+            return image.uniform(p.select)
+        return selected_count(p, n, threshold_keep, min(extra, n))
     total, present = Counter(), []
     for i, p in enumerate(plan.layers):
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
@@ -129,8 +198,8 @@ def plan_terms(s: Shape, plan: Plan, n_visual: int, n_text: int, ffn: str = "swi
         if p.drop_visual:
             n_v = 0
         elif p.select is not None and p.select.source == "previous":
-            n_v = counts.get(i, selected_count(p, n_v, threshold_keep))
-        kept = counts.get(i, selected_count(p, n_v, threshold_keep)) if (p.select is not None and p.select.source == "current") else None
+            n_v = counts.get(i, selected(p, n_v)) if n_v else 0
+        kept = counts.get(i, selected(p, n_v)) if (p.select is not None and p.select.source == "current" and n_v) else None
         if kept is not None and p.select.positions == "renumber":
             # scored by a probe (this layer's K of every token, the last token's Q and logits), then the
             # layer runs on the survivors at their new positions: as a layer without a selection

@@ -32,8 +32,9 @@ def method(fn):
 
 
 def knobs_of(builder: Callable[..., list[Rule]]) -> list[str]:
-    """A builder's knob names: its parameters after `depth, heads`."""
-    return list(inspect.signature(builder).parameters)[2:]
+    """A builder's knob names: its parameters after `depth, heads` (a keyword-only `family`, the
+    model family's name, is context, not a knob)."""
+    return [n for n in list(inspect.signature(builder).parameters)[2:] if n != "family"]
 
 
 def _scaled(layers, reference_depth, depth, ranked=False, min_layer=0):
@@ -67,14 +68,28 @@ def xattn(depth, heads, every=4, start=3, reference_depth=32):
 
 
 SHORTV_7B = (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19)
+# ShortV's released layer lists (its README), in Layer-Contribution order, by (family, depth): (N, ranking).
+SHORTV_PAPER = {
+    ("llava", 32): (19, SHORTV_7B),  # LLaVA-1.5-7B
+    ("llava", 40): (24, (39, 32, 28, 36, 27, 37, 29, 30, 1, 38, 25, 31, 2, 26, 23, 34, 0, 33, 35, 22, 24, 21, 20, 17)),  # 1.5-13B
+    ("llava_next", 32): (19, (31, 29, 30, 28, 26, 27, 22, 24, 21, 23, 25, 20, 19, 17, 18, 15, 12, 0, 2)),  # NeXT-7B
+    ("llava_next", 40): (24, (39, 32, 29, 36, 27, 30, 37, 23, 25, 31, 26, 2, 28, 22, 33, 35, 34, 24, 38, 21, 20, 18, 1, 17)),  # NeXT-13B
+}
 
 
 @method
-def shortv(depth, heads, N=19, ranked_layers=SHORTV_7B, reference_depth=32):
+def shortv(depth, heads, N="paper", ranked_layers="paper", reference_depth="paper", *, family="llava"):
     """ShortV (arXiv 2504.00502): in the N layers with the lowest visual Layer Contribution, visual
     tokens are frozen (no Q, attention output or FFN); text still reads their stale K/V.
-    `ranked_layers` is the LLaVA-1.5-7B LC order; `python -m train analyze shortv` ranks a model's own."""
-    if not 0 < N <= len(ranked_layers):
+    `paper` takes the paper's list for the model (`SHORTV_PAPER`: LLaVA-1.5-7B/13B, LLaVA-NeXT-7B/13B,
+    by family and depth), else LLaVA-1.5-7B's scaled to the depth; `python -m train analyze shortv`
+    ranks a model's own layers."""
+    paper_n, paper_ranking = SHORTV_PAPER.get((family, depth), SHORTV_PAPER[("llava", 32)])
+    paper_depth = depth if (family, depth) in SHORTV_PAPER else 32
+    N = paper_n if N == "paper" else N
+    ranked_layers = paper_ranking if ranked_layers == "paper" else ranked_layers
+    reference_depth = paper_depth if reference_depth == "paper" else reference_depth
+    if not isinstance(N, int) or not 0 < N <= len(ranked_layers):
         raise ConfigError(f"shortv.N={N} must be in 1..{len(ranked_layers)}")
     frozen = scale_layers(list(ranked_layers[:N]), reference_depth, depth, ranked=True)
     return [{"layers": frozen, "set": {"visual_update": "frozen"}}]
@@ -224,8 +239,9 @@ def arch_name(arch: dict[str, Any] | None) -> str:
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
-def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
-    """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`."""
+def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: str = "llava") -> Plan:
+    """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`,
+    for a model of `family` (builders that take the paper's per-model choices read it)."""
     arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
@@ -239,6 +255,8 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int) -> Plan:
         else:
             knobs = dict(knobs or {})
             check_keys(knobs, set(knobs_of(builder)), f"arch.methods.{name}")
+            if "family" in inspect.signature(builder).parameters:
+                knobs["family"] = family
             try:
                 built = builder(num_layers, num_heads, **knobs)
             except ConfigError as e:

@@ -71,7 +71,7 @@ class ModelSource:
         if arch is None:
             saved = read_config(self.pretrained).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
-        return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
+        return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
 
     def check_weights(self) -> None:
         """Fail before any data work when `pretrained`'s weights do not fit the model its config.json

@@ -182,6 +182,9 @@ class LlavaFamily(Family):
         place[:, Place.PATCH] += 1
         return torch.cat([cls, place])
 
+    def image_places(self, config: MLLMConfig, size: tuple[int, int] | None = None) -> Tensor:
+        return self.grid_places(config)
+
     def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
         with model.tower_grad():
             features, score = tower_features(model.vision_tower, pixel_values, model.config, scores)

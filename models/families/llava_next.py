@@ -151,6 +151,11 @@ class LlavaNextFamily(LlavaFamily):
         base_source = torch.stack([torch.zeros(g * g, dtype=torch.long, device=device), torch.arange(g * g, device=device)], 1)
         return torch.cat([base, place]), torch.cat([base_source, source])
 
+    def image_places(self, config: MLLMConfig, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            raise ValueError("llava_next lays out each image by its size: pass its (height, width)")
+        return self.places(config, size)[0]
+
     # --- visual tokens --------------------------------------------------------------------------
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
