@@ -3,6 +3,7 @@
 import pytest
 
 from data.chat import IGNORE, ChatTokenizer, render, TEMPLATES
+from data.validity import InvalidSample
 
 CONV = [
     {"from": "human", "value": "<image>\nwhat color is the small dot ?"},
@@ -42,21 +43,23 @@ def test_tokens_and_labels_hand_checked(task_tokenizer):
     supervised = [t for t, lab in zip(tokens, enc.labels) if lab != IGNORE]
     assert supervised == ["Ġred", "</s>", "Ġno", "</s>"]
     assert all(lab in (IGNORE, tid) for tid, lab in zip(enc.input_ids, enc.labels))
-    # the generation prompt ends right before the last reply
-    assert tokens[enc.prompt_len - 2 : enc.prompt_len] == ["ĠASSISTANT", ":"]
-    assert enc.answer == "no" and not enc.truncated
+    # the generation prompt ends right before the reply to the turn with the image (data/validity.py)
+    assert tokens[enc.prompt_len - 2 : enc.prompt_len + 1] == ["ĠASSISTANT", ":", "Ġred"]
+    assert enc.answer == "red" and not enc.truncated
 
 
 def test_image_placeholder_count_checked(task_tokenizer):
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=4, max_length=100, system="")
-    with pytest.raises(ValueError, match="placeholders"):
-        chat.encode(CONV, has_image=False)
+    with pytest.raises(InvalidSample, match="placeholder") as info:
+        chat.encode(CONV, n_images=0)
+    assert info.value.reason == "image_placeholder_mismatch"
 
 
 def test_truncation_never_cuts_image_tokens(task_tokenizer):
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=50, max_length=20, system="")
-    with pytest.raises(ValueError, match="lose image tokens"):
+    with pytest.raises(InvalidSample, match="lose image tokens") as info:
         chat.encode(CONV)
+    assert info.value.reason == "too_long"
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=4, max_length=20, system="")
     enc = chat.encode(CONV)
     assert enc.truncated and len(enc.input_ids) == 20
