@@ -66,7 +66,7 @@ class Collator:
             skills=[s["skill"] for s in samples],
             keys=[s["key"] for s in samples],
             scored=[not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
-            n_skipped=sum(s["n_skipped"] for s in samples),
+            n_skipped=sum(s.get("n_skipped", 0) for s in samples),
             skipped=dict(sum((Counter(s.get("skipped") or {}) for s in samples), Counter())),
             stream_pos=tuple(int(v) for v in pos) if pos is not None else None,
             n_tokens=len(ids) * max(lengths),

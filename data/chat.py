@@ -94,18 +94,17 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tup
     The one place placeholders become visual tokens, for training (ChatTokenizer) and evaluation
     prompts (train/lmms/prompts.py); `counts` may differ per image (a family whose token count
     depends on the image size passes its own)."""
+    n = ids.count(image_token_id)
+    if n != len(counts):
+        raise ValueError(f"{n} {IMAGE} token(s) for {len(counts)} image token count(s)")
     out, where, k = [], [], 0
     for t in ids:
         where.append(len(out))
         if t == image_token_id:
-            if k >= len(counts):
-                raise ValueError(f"more {IMAGE} tokens than the {len(counts)} image token count(s) given")
             out.extend([t] * counts[k])
             k += 1
         else:
             out.append(t)
-    if k != len(counts):
-        raise ValueError(f"{k} {IMAGE} token(s) for {len(counts)} image(s)")
     where.append(len(out))
     return out, where
 
