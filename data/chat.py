@@ -45,7 +45,9 @@ TEMPLATES = {
         "<|im_end|>\n",
         "You are a helpful assistant.",
     ),
-    # LLaVA stage-1 (caption pretraining): the image, then the caption; the question text is dropped
+    # LLaVA stage-1 (caption pretraining): the image, then the caption; the question text is dropped.
+    # A newline follows the image(s), unsupervised: the model refuses a supervised token right after
+    # an image token (models/mllm.py _loss), which LLaVA's own plain format (image + caption) has
     "plain": Template("plain", "", "{text}", "", "\n"),
 }
 
@@ -72,8 +74,8 @@ def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, li
     spans, last_start = [], 0
     for (role, value), turn in zip(turns[lead:], conversations[lead:]):
         if role == USER:
-            if t.name == "plain":  # LLaVA stage 1 keeps only the image(s) of the human turn
-                value = IMAGE * value.count(IMAGE)
+            if t.name == "plain":  # LLaVA stage 1 keeps only the image(s) of the human turn, then a newline
+                value = IMAGE * value.count(IMAGE) + "\n" if IMAGE in value else ""
             parts.append(t.user_fmt.format(text=value))
         elif role == ASSISTANT:
             parts.append(t.assistant_prefix)

@@ -1,6 +1,7 @@
 """Chat templates, `<image>` expansion and label masking on hand-checked examples."""
 
 import pytest
+import torch
 
 from data.chat import IGNORE, ChatTokenizer, render, TEMPLATES
 from data.validity import InvalidSample
@@ -28,7 +29,7 @@ def test_chatml_and_plain_rendering():
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<image>\nwhat color is the small dot ?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
     assert [text[a:b] for a, b in spans] == ["red<|im_end|>\n"]
     text, spans, _ = render(TEMPLATES["plain"], "", CONV[:2])
-    assert text == "<image>red\n"  # LLaVA stage 1: the question is dropped
+    assert text == "<image>\nred\n"  # LLaVA stage 1: the question is dropped; a newline follows the image
 
 
 def test_tokens_and_labels_hand_checked(task_tokenizer):
@@ -63,3 +64,18 @@ def test_truncation_never_cuts_image_tokens(task_tokenizer):
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=4, max_length=20, system="")
     enc = chat.encode(CONV)
     assert enc.truncated and len(enc.input_ids) == 20
+
+
+def test_plain_template_samples_train(task_tokenizer):
+    """The stage-1 template's samples go through the model's loss (which refuses a supervised token
+    right after an image token) with only the caption supervised."""
+    from models import MLLM
+    from tests.test_train import small_task_model_config
+
+    config = small_task_model_config()
+    chat = ChatTokenizer(task_tokenizer, "plain", config.num_image_tokens, 512, system="")
+    enc = chat.encode([{"from": "human", "value": "<image>\n<image>\ndescribe both"}, {"from": "gpt", "value": "red"}], n_images=2)
+    assert task_tokenizer.decode([t for t in enc.labels if t != IGNORE]).strip() == "red"
+    ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+    loss = MLLM.from_config(config)(ids, torch.ones_like(ids), torch.zeros(2, 3, 64, 64), labels=labels).loss
+    assert torch.isfinite(loss)
