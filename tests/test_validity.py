@@ -1,6 +1,8 @@
 """The one validity rule (data/validity.py) on the layouts people convert: what it accepts, why it
 rejects, and that every sample it accepts has a generation prompt holding all its images."""
 
+from pathlib import Path
+
 import pytest
 
 from data.chat import IGNORE, ChatTokenizer, expand_images
@@ -102,3 +104,8 @@ def test_too_long_samples_are_refused_with_a_reason(task_tokenizer):
     with pytest.raises(InvalidSample, match="no supervised token") as info:
         short.encode(conv)  # everything but the reply fits: nothing left to learn from
     assert info.value.reason == "too_long"
+
+
+def test_the_docs_explain_every_reason():
+    table = (Path(__file__).resolve().parents[1] / "docs" / "data-conversion.md").read_text()
+    assert [r for r in REASONS if f"| `{r}` |" not in table] == []
