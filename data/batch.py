@@ -7,7 +7,8 @@ to it); the lists of strings stay on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -20,14 +21,15 @@ class Batch:
     input_ids: Tensor  # [B, L] right-padded prompt + answer (training and the loss)
     attention_mask: Tensor  # [B, L]
     labels: Tensor  # [B, L], IGNORE outside assistant replies
-    prompt_ids: Tensor  # [B, P] left-padded: everything before the last reply (generation)
+    prompt_ids: Tensor  # [B, P] left-padded: everything before the evaluated reply (generation; data/validity.py)
     prompt_mask: Tensor  # [B, P]
-    pixel_values: Tensor | None  # [n_images, 3, H, W] or None for text-only batches
-    answers: list[str]  # the last reply of each row (exact-match target)
+    pixel_values: Tensor | None  # [images of all rows, 3, H, W] in row order, or None for text-only batches
+    answers: list[str]  # the evaluated reply of each row (exact-match target)
     skills: list[str]  # what each row tests ("all" when the data has no skills)
     keys: list[str]  # shard sample keys (for messages about bad samples)
     scored: list[bool]  # False: a padding row that evens out the ranks' evaluation shares
     n_skipped: int = 0  # corrupt samples skipped while this batch was read
+    skipped: dict[str, int] = field(default_factory=dict)  # the same by reason (data/validity.py REASONS)
     stream_pos: tuple[int, ...] | None = None  # training-stream position of the last row (resume)
     n_tokens: int = 0  # rows x longest row: what the model processes, padding included
     n_padding: int = 0  # of those, padding
@@ -42,7 +44,7 @@ class Batch:
 
 
 class Collator:
-    """Right-padded training inputs plus left-padded generation prompts (everything before the last reply)."""
+    """Right-padded training inputs plus left-padded generation prompts (everything before the evaluated reply)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -50,7 +52,7 @@ class Collator:
     def __call__(self, samples: list[dict]) -> Batch:
         ids = [s["input_ids"] for s in samples]
         prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
-        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        images = [_as_images(s["pixel_values"]) for s in samples if s["pixel_values"] is not None]
         pos = samples[-1].get("stream_pos")  # one worker made the whole batch; its last sample
         lengths = [len(i) for i in ids]
         return Batch(
@@ -59,13 +61,19 @@ class Collator:
             labels=pad([[IGNORE] * len(s["labels"]) if s.get("padding") else s["labels"] for s in samples], IGNORE),
             prompt_ids=pad(prompts, self.pad_id, left=True),
             prompt_mask=pad([[1] * len(p) for p in prompts], 0, left=True),
-            pixel_values=torch.stack(images) if images else None,
+            pixel_values=torch.cat(images) if images else None,
             answers=[s["answer"] for s in samples],
             skills=[s["skill"] for s in samples],
             keys=[s["key"] for s in samples],
             scored=[not s.get("padding", False) for s in samples],  # False: an EvenEvalStream pad
-            n_skipped=sum(s["n_skipped"] for s in samples),
+            n_skipped=sum(s.get("n_skipped", 0) for s in samples),
+            skipped=dict(sum((Counter(s.get("skipped") or {}) for s in samples), Counter())),
             stream_pos=tuple(int(v) for v in pos) if pos is not None else None,
             n_tokens=len(ids) * max(lengths),
             n_padding=len(ids) * max(lengths) - sum(lengths),
         )
+
+
+def _as_images(pixel_values: Tensor) -> Tensor:
+    """A sample's images as [n, 3, H, W] (one image may come as [3, H, W])."""
+    return pixel_values.unsqueeze(0) if pixel_values.dim() == 3 else pixel_values

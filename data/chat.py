@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE = "<image>"
+from .validity import ASSISTANT, IMAGE, ROLES, SYSTEM, USER, InvalidSample, check_conversation
+
 IGNORE = -100
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -44,7 +45,9 @@ TEMPLATES = {
         "<|im_end|>\n",
         "You are a helpful assistant.",
     ),
-    # LLaVA stage-1 (caption pretraining): the image, then the caption; the question text is dropped
+    # LLaVA stage-1 (caption pretraining): the image, then the caption; the question text is dropped.
+    # A newline follows the image(s), unsupervised: the model refuses a supervised token right after
+    # an image token (models/mllm.py _loss), which LLaVA's own plain format (image + caption) has
     "plain": Template("plain", "", "{text}", "", "\n"),
 }
 
@@ -53,31 +56,59 @@ TEMPLATES = {
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    prompt_len: int  # tokens before the last reply (the generation prompt for evaluation)
-    answer: str  # the last reply's text
+    prompt_len: int  # tokens before the evaluated reply (the generation prompt for evaluation)
+    answer: str  # the evaluated reply's text (data/validity.py: the first reply after the images)
     truncated: bool
 
 
 def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
-    """Text, character spans of supervised replies, and where the last reply starts."""
+    """Text, character spans of supervised replies, and where the last reply starts.
+
+    Roles are read through data/validity.ROLES (`human`/`user`, `gpt`/`assistant`); leading `system`
+    turns replace `system`, as a leading system message does in HF chat templates."""
+    turns = [(ROLES.get(turn["from"].strip().lower()), turn["value"]) for turn in conversations]  # checked: data/validity.py
+    lead = next((i for i, (role, _) in enumerate(turns) if role != SYSTEM), len(turns))
+    if lead:
+        system = "\n".join(value for _, value in turns[:lead])
     parts = [t.system_fmt.format(system=system)] if system and t.system_fmt else []
     spans, last_start = [], 0
-    for turn in conversations:
-        role, value = turn["from"], turn["value"]
-        if role in ("human", "user"):
-            if t.name == "plain":  # LLaVA stage 1 keeps only the image of the human turn
-                value = IMAGE if IMAGE in value else ""
+    for (role, value), turn in zip(turns[lead:], conversations[lead:]):
+        if role == USER:
+            if t.name == "plain":  # LLaVA stage 1 keeps only the image(s) of the human turn, then a newline
+                value = IMAGE * value.count(IMAGE) + "\n" if IMAGE in value else ""
             parts.append(t.user_fmt.format(text=value))
-        elif role in ("gpt", "assistant"):
+        elif role == ASSISTANT:
             parts.append(t.assistant_prefix)
             start = sum(map(len, parts))
             reply = (" " if t.name == "vicuna" else "") + value + t.stop
             parts.append(reply)
             last_start = start
             spans.append((start, start + len(reply)))
-        elif role != "system":
-            raise ValueError(f"unknown conversation role {role!r} (expected human/gpt)")
+        else:
+            raise ValueError(f"conversation role {turn['from']!r} here is not one of human/user, gpt/assistant (system turns lead)")
     return "".join(parts), spans, last_start
+
+
+def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tuple[list[int], list[int]]:
+    """`ids` with the k-th `<image>` id repeated `counts[k]` times (the k-th image's visual tokens, the
+    model's input layout), and for each position of `ids` (and one past its end) where it lands.
+
+    The one place placeholders become visual tokens, for training (ChatTokenizer) and evaluation
+    prompts (train/lmms/prompts.py); `counts` may differ per image (a family whose token count
+    depends on the image size passes its own)."""
+    n = ids.count(image_token_id)
+    if n != len(counts):
+        raise ValueError(f"{n} {IMAGE} token(s) for {len(counts)} image token count(s)")
+    out, where, k = [], [], 0
+    for t in ids:
+        where.append(len(out))
+        if t == image_token_id:
+            out.extend([t] * counts[k])
+            k += 1
+        else:
+            out.append(t)
+    where.append(len(out))
+    return out, where
 
 
 class ChatTokenizer:
@@ -98,30 +129,39 @@ class ChatTokenizer:
     def render(self, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
         return render(self.template, self.system, conversations)
 
-    def encode(self, conversations: list[dict], has_image: bool = True) -> Encoded:
-        text, spans, last_start = self.render(conversations)
-        n_placeholders = text.count(IMAGE)
-        if n_placeholders != int(has_image):
-            raise ValueError(f"conversation has {n_placeholders} {IMAGE} placeholders but {int(has_image)} image(s)")
+    def encode(self, conversations: list[dict], n_images: int = 1, image_tokens: list[int] | None = None) -> Encoded:
+        """Token ids and labels of a conversation with `n_images` images, each `<image>` expanded to
+        `image_tokens[k]` visual tokens (default: `num_image_tokens` each).
+
+        Raises InvalidSample (data/validity.py) for a conversation that is not a usable sample, or
+        one whose image tokens would be cut at `max_length` (`too_long`)."""
+        conv = check_conversation(conversations, n_images)
+        counts = [self.num_image_tokens] * n_images if image_tokens is None else list(image_tokens)
+        if len(counts) != n_images:
+            raise ValueError(f"{len(counts)} image token count(s) for {n_images} image(s)")
+        text, spans, _ = self.render(conversations)
+        reply_start = spans[conv.reply_number][0]
         enc = self.tok(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids, labels, prompt_len = [], [], None
-        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            if prompt_len is None and a >= last_start and b > a and spans:
-                prompt_len = len(ids)
-            supervised = b > a and any(s <= a and b <= e for s, e in spans)
-            if tid == self.image_token_id:
-                ids.extend([tid] * self.num_image_tokens)
-                labels.extend([IGNORE] * self.num_image_tokens)
-            else:
-                ids.append(tid)
-                labels.append(tid if supervised else IGNORE)
-        truncated = len(ids) > self.max_length
+        ids, labels, prompt_len = list(enc["input_ids"]), [], None
+        for i, (tid, (a, b)) in enumerate(zip(ids, enc["offset_mapping"])):
+            if prompt_len is None and a >= reply_start and b > a:
+                prompt_len = i
+            supervised = b > a and tid != self.image_token_id and any(s <= a and b <= e for s, e in spans)
+            labels.append(tid if supervised else IGNORE)
+        expanded, where = expand_images(ids, self.image_token_id, counts)
+        expanded_labels = [IGNORE] * len(expanded)  # visual tokens are never supervised
+        for i, lab in enumerate(labels):
+            expanded_labels[where[i]] = lab if ids[i] != self.image_token_id else IGNORE
+        ids, labels = expanded, expanded_labels
+        prompt_len = where[len(where) - 1 if prompt_len is None else prompt_len]
+        n, truncated = len(ids), len(ids) > self.max_length
         if truncated:
             if self.image_token_id in ids[self.max_length :]:
-                raise ValueError(f"sample of {len(ids)} tokens would lose image tokens at max_length={self.max_length}")
+                raise InvalidSample("too_long", f"sample of {n} tokens would lose image tokens at max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        answer = conversations[-1]["value"] if conversations and conversations[-1]["from"] in ("gpt", "assistant") else ""
-        return Encoded(ids, labels, prompt_len if prompt_len is not None else len(ids), answer, truncated)
+            if all(lab == IGNORE for lab in labels):
+                raise InvalidSample("too_long", f"sample of {n} tokens keeps no supervised token within max_length={self.max_length}")
+        return Encoded(ids, labels, min(prompt_len, len(ids)), conv.answer, truncated)
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

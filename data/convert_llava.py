@@ -1,20 +1,24 @@
 """Convert a LLaVA instruction JSON plus its image folder into WebDataset shards.
 
     python -m data.convert_llava --json llava_v1_5_mix665k.json --images IMAGE_ROOT --out OUT_DIR \
-        [--samples-per-shard 1000] [--prefix train] [--max-samples N] [--allow-outside-images]
+        [--samples-per-shard 1000] [--prefix train] [--max-samples N] [--allow-outside-images] [--strict]
 
 Why shards: hundreds of thousands of small image files are slow to read from network file
 systems; sequential tar shards stream well and split cleanly across workers and nodes.
 
 Each sample has ``__key__`` (the record index, ``%09d``), ``json`` (the record unchanged) and the
-original image bytes under the image's extension (``jpg``, ``png``, ...; never re-encoded).
-Text-only records get only ``json``. Records whose image is missing or unreadable are skipped and
-reported, and so are image paths that could leave ``--images`` (absolute, or with a ``..`` part)
-unless ``--allow-outside-images`` is given: the JSON may come from anywhere, and its paths must not
-copy arbitrary files of this machine into shards. Shard k always holds records [k*S, (k+1)*S) of the
-input, so a rerun of the same command skips the shards recorded in ``OUT/<prefix>-progress.json`` and
-continues where it stopped; a finished shard is written again when an image it lacked is now there.
-Progress and reports are named by ``--prefix``, so train and val conversions can share ``OUT``.
+original image bytes, never re-encoded: one image under its extension (``jpg``, ``png``, ...), several
+(``"image": [...]``, LLaVA-OneVision style) as ``0.jpg``, ``1.png``, ... in placeholder order; text-only
+records get only ``json``. No record stops the conversion: one that cannot be a usable sample (the rule
+of data/validity.py, which training and evaluation apply too, or an image that is missing, corrupt or
+outside ``--images``) is skipped, counted by reason and listed in ``OUT/<prefix>-skipped.jsonl`` (record
+index, id, reason, detail; docs/data-conversion.md); ``--strict`` stops at the first one instead. Image
+paths that could leave ``--images`` (absolute, or with a ``..`` part) are refused unless
+``--allow-outside-images`` is given: the JSON may come from anywhere, and its paths must not copy
+arbitrary files of this machine into shards. Shard k always holds records [k*S, (k+1)*S) of the input,
+so a rerun of the same command skips the shards recorded in ``OUT/<prefix>-progress.json`` and continues
+where it stopped; a finished shard is written again when an image it lacked is now there. Progress and
+reports are named by ``--prefix``, so train and val conversions can share ``OUT``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +37,11 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from .members import IMAGE_KEYS, member_names
+from .validity import InvalidSample, check_record, image_paths
+
 MAX_REPORTED_MISSING = 20
+FORMAT_KEYS = {"jpeg": "jpg", "mpo": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "gif": "gif", "tiff": "tif"}
 
 
 class ConversionError(Exception):
@@ -46,42 +55,34 @@ class ShardResult:
     stop: int  # one past the last input record index
     samples: int = 0  # written samples (text-only included)
     text_only: int = 0
+    multi_image: int = 0  # written samples with several images
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)  # paths that could leave the image folder (refused)
+    skipped: list[dict] = field(default_factory=list)  # {"index", "id", "reason", "detail"} per skipped record
 
 
 # --------------------------------------------------------------------------- input
 
 
-def load_records(json_path: str | Path, max_samples: int | None = None) -> list[dict]:
-    """The input records, checked up front so that bad input fails before anything is written."""
+def load_records(json_path: str | Path, max_samples: int | None = None) -> list:
+    """The input records. Only a file that is no JSON list fails; each record is checked when its
+    shard is written (a bad record is skipped, not fatal)."""
     json_path = Path(json_path)
     if not json_path.is_file():
         raise ConversionError(f"{json_path}: file not found")
     try:
         with open(json_path, encoding="utf-8") as f:
             records = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{json_path}: invalid JSON ({e})") from e
     if not isinstance(records, list):
         raise ConversionError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
-    if max_samples is not None:
-        records = records[:max_samples]
-    for index, record in enumerate(records):
-        check_record(record, index, json_path)
-    return records
+    return records[:max_samples] if max_samples is not None else records
 
 
-def check_record(record: object, index: int, json_path: Path) -> None:
-    where = f"{json_path}: record {index}"
-    if not isinstance(record, dict):
-        raise ConversionError(f"{where} is not an object")
-    where += f" (id={record.get('id')!r})"
-    if not isinstance(record.get("conversations"), list) or not record["conversations"]:
-        raise ConversionError(f"{where} has no 'conversations' list")
-    if record.get("image") is not None and not isinstance(record["image"], str):
-        raise ConversionError(f"{where}: 'image' must be a single path string, got {record['image']!r}")
+def record_id(record: object) -> object:
+    return record.get("id") if isinstance(record, dict) else None
 
 
 def stays_inside(rel_path: str) -> bool:
@@ -92,7 +93,9 @@ def stays_inside(rel_path: str) -> bool:
 
 
 def read_image(images_root: Path, rel_path: str) -> tuple[str, bytes | None, str]:
-    """(status, original bytes, extension) with status "ok", "missing" or "corrupt"."""
+    """(status, original bytes, member extension) with status "ok", "missing" or "corrupt". The
+    extension is the file's own when the shard reader knows it (data/members.IMAGE_KEYS), else the
+    decoded format's."""
     path = images_root / rel_path
     if not path.is_file():
         return "missing", None, ""
@@ -103,8 +106,10 @@ def read_image(images_root: Path, rel_path: str) -> tuple[str, bytes | None, str
             img.verify()
     except Exception:  # PIL raises many exception types for broken files
         return "corrupt", None, ""
-    extension = path.suffix.lower().lstrip(".") or {"jpeg": "jpg"}.get(image_format, image_format)
-    return "ok", data, extension
+    extension = path.suffix.lower().lstrip(".")
+    if extension not in IMAGE_KEYS:
+        extension = FORMAT_KEYS.get(image_format, "")
+    return ("ok", data, extension) if extension else ("corrupt", None, "")
 
 
 # --------------------------------------------------------------------------- shards
@@ -114,37 +119,66 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def make_sample(record: dict, index: int, images_root: Path, result: ShardResult, allow_outside: bool = False) -> dict | None:
-    """The WebDataset sample of one record, or None (counted in ``result``) when its image is
-    missing, corrupt or outside the image folder."""
+def make_sample(record: object, index: int, images_root: Path, result: ShardResult, allow_outside: bool = False,
+                strict: bool = False) -> dict | None:
+    """The WebDataset sample of one record, or None when it cannot be a usable sample: then it is
+    listed in `result.skipped` (its image paths also in `result.missing` / `corrupt` / `outside`),
+    or with `strict` the conversion stops."""
+    try:
+        return build_sample(record, index, images_root, result, allow_outside)
+    except InvalidSample as e:
+        entry = {"index": index, "id": record_id(record), "reason": e.reason, "detail": str(e)}
+        if strict:
+            raise ConversionError(f"record {index} (id={entry['id']!r}) is not a usable sample: {e.reason}: {e} "
+                                  "(--strict stops at the first; without it such records are skipped and reported)") from None
+        result.skipped.append(entry)
+        return None
+
+
+def build_sample(record: object, index: int, images_root: Path, result: ShardResult, allow_outside: bool) -> dict:
+    """The sample, or InvalidSample: data/validity.py's rule first (no file is read for a record it
+    rejects), then every image is read (all of a record's unreadable paths are reported)."""
+    paths = image_paths(record) if isinstance(record, dict) else []
+    check_record(record, len(paths))
     sample = {"__key__": f"{index:09d}", "json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
-    if record.get("image") is None:
+    if not paths:
         result.text_only += 1
         return sample
-    if allow_outside or stays_inside(record["image"]):
-        status, data, extension = read_image(images_root, record["image"])
-    else:
-        status = "outside"
-    if status != "ok":
-        getattr(result, status).append(record["image"])
-        return None
-    sample[extension] = data
+    members, failed = [], []
+    for path in paths:
+        status, data, extension = read_image(images_root, path) if allow_outside or stays_inside(path) else ("outside", None, "")
+        if status != "ok":
+            getattr(result, status).append(path)
+            failed.append((status, path))
+        members.append((extension, data))
+    if failed:
+        status, path = failed[0]
+        more = f" (and {len(failed) - 1} more of its {len(paths)} images)" if len(failed) > 1 else ""
+        what = {"missing": "does not exist", "corrupt": "does not decode", "outside": "could leave the image folder"}[status]
+        raise InvalidSample(f"{status}_image", f"image {path!r} {what}{more}")
+    names = member_names([extension for extension, _ in members])  # data/members.py
+    sample.update({name: data for name, (_, data) in zip(names, members)})
+    result.multi_image += int(len(members) > 1)
     return sample
 
 
-def write_shard(out_dir: Path, result: ShardResult, records: list[dict], images_root: Path, bar: tqdm,
-                allow_outside: bool = False) -> None:
+def write_shard(out_dir: Path, result: ShardResult, records: list, images_root: Path, bar: tqdm,
+                allow_outside: bool = False, strict: bool = False) -> None:
     """Writes records[result.start:result.stop] to a ``.tmp`` file, renamed only when complete.
     Fixed tar metadata (mtime 0) makes a resumed run byte-identical to a clean one."""
     final = out_dir / result.name
     tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as writer:
-        for index in range(result.start, result.stop):
-            sample = make_sample(records[index], index, images_root, result, allow_outside)
-            if sample is not None:
-                writer.write(sample)
-                result.samples += 1
-            bar.update(1)
+    try:
+        with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as writer:
+            for index in range(result.start, result.stop):
+                sample = make_sample(records[index], index, images_root, result, allow_outside, strict)
+                if sample is not None:
+                    writer.write(sample)
+                    result.samples += 1
+                bar.update(1)
+    except ConversionError:  # --strict: this shard is incomplete
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
 
 
@@ -193,17 +227,29 @@ def save_progress(out_dir: Path, fingerprint: dict, done: list[ShardResult]) -> 
                       {"fingerprint": fingerprint, "next_record": next_record, "shards": [asdict(r) for r in done]})
 
 
+def skipped_report_path(out_dir: Path, prefix: str) -> Path:
+    return out_dir / f"{prefix}-skipped.jsonl"
+
+
 def write_reports(out_dir: Path, fingerprint: dict, results: list[ShardResult]) -> dict:
-    """``<prefix>-manifest.json`` plus the full lists of skipped image paths (``<prefix>-missing_images.txt``, ...)."""
+    """``<prefix>-manifest.json``, ``<prefix>-skipped.jsonl`` (one line per skipped record: index, id,
+    reason, detail) and the full lists of unreadable image paths (``<prefix>-missing_images.txt``, ...)."""
     prefix = fingerprint["prefix"]
     skipped = {kind: [p for r in results for p in getattr(r, kind)] for kind in ("missing", "corrupt", "outside")}
     for kind, paths in skipped.items():
         (out_dir / f"{prefix}-{kind}_images.txt").write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+    records = [entry for r in results for entry in r.skipped]
+    report = skipped_report_path(out_dir, prefix)
+    report.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in records), encoding="utf-8")
     manifest = {
         **fingerprint,
         "shards": [{"name": r.name, "samples": r.samples, "records": [r.start, r.stop]} for r in results],
         "written": sum(r.samples for r in results),
         "text_only": sum(r.text_only for r in results),
+        "multi_image": sum(r.multi_image for r in results),
+        "skipped_records": len(records),
+        "skipped": dict(Counter(e["reason"] for e in records).most_common()),
+        "skipped_report": report.name,
         **{kind: len(paths) for kind, paths in skipped.items()},
         **{f"first_{kind}": paths[:MAX_REPORTED_MISSING] for kind, paths in skipped.items()},
     }
@@ -223,8 +269,10 @@ def convert(
     max_samples: int | None = None,
     progress: bool = True,
     allow_outside_images: bool = False,
+    strict: bool = False,
 ) -> dict:
-    """Runs (or resumes) the conversion and returns the summary printed by the CLI."""
+    """Runs (or resumes) the conversion and returns the summary printed by the CLI. `strict`: stop at
+    the first record that cannot be a usable sample (ConversionError) instead of skipping it."""
     started = time.monotonic()
     if samples_per_shard < 1:
         raise ConversionError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
@@ -245,17 +293,19 @@ def convert(
               desc=f"{prefix} shards", disable=not progress) as bar:
         for k in [*retry, *range(resumed, len(starts))]:
             result = ShardResult(shard_name(prefix, k), starts[k], min(starts[k] + samples_per_shard, len(records)))
-            write_shard(out_dir, result, records, images_root, bar, allow_outside_images)
+            write_shard(out_dir, result, records, images_root, bar, allow_outside_images, strict)
             done[k:k + 1] = [result]  # replaces a retried shard, appends a new one
             save_progress(out_dir, fingerprint, done)
     if not done:
         save_progress(out_dir, fingerprint, done)
     manifest = write_reports(out_dir, fingerprint, done)
     return {"shards": len(done), "resumed_shards": resumed - len(retry), "retried_shards": len(retry),
-            "written": manifest["written"], "text_only": manifest["text_only"], "missing": manifest["missing"],
-            "corrupt": manifest["corrupt"], "outside": manifest["outside"], "seconds": round(time.monotonic() - started, 2),
+            "records": len(records), "written": manifest["written"], "text_only": manifest["text_only"],
+            "multi_image": manifest["multi_image"], "skipped_records": manifest["skipped_records"],
+            "skipped": manifest["skipped"], "missing": manifest["missing"], "corrupt": manifest["corrupt"],
+            "outside": manifest["outside"], "seconds": round(time.monotonic() - started, 2),
             "first_missing": manifest["first_missing"], "first_outside": manifest["first_outside"],
-            "manifest": str(out_dir / f"{prefix}-manifest.json")}
+            "manifest": str(out_dir / f"{prefix}-manifest.json"), "skipped_report": str(skipped_report_path(out_dir, prefix))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,15 +319,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-samples", type=int, default=None, help="use only the first N records")
     parser.add_argument("--allow-outside-images", action="store_true",
                         help="also read image paths that are absolute or contain '..' (they may point anywhere)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first record that cannot be a usable sample (default: skip it, count it by "
+                             "reason and list it in OUT/{prefix}-skipped.jsonl)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        summary = convert(args.json, args.images, args.out, args.samples_per_shard, args.prefix,
-                          args.max_samples, progress=not args.no_progress, allow_outside_images=args.allow_outside_images)
+        summary = convert(args.json, args.images, args.out, args.samples_per_shard, args.prefix, args.max_samples,
+                          progress=not args.no_progress, allow_outside_images=args.allow_outside_images, strict=args.strict)
     except ConversionError as e:
         sys.exit(f"convert_llava: error: {e}")
     json.dump(summary, sys.stdout, indent=2)
     print()
+    if summary["skipped_records"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in summary["skipped"].items())
+        print(f"convert_llava: skipped {summary['skipped_records']} of {summary['records']} records ({reasons}); "
+              f"each is listed in {summary['skipped_report']} (docs/data-conversion.md)", file=sys.stderr)
 
 
 if __name__ == "__main__":

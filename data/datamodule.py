@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from models.config import ConfigError, check_types
@@ -18,6 +19,7 @@ from .even_eval import EvenEvalStream
 from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
 from .stream_position import StreamPosition, gather_ranks
+from .validity import InvalidSample, check_image_count
 from .workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
@@ -55,24 +57,37 @@ class DataConfig:
 
 @dataclass
 class ImageSpec:
+    """What the model takes as images: their size and normalisation, and how many one sample may
+    hold (`max_images_per_sample`; None: any number, as LLaVA-1.5 and HF's LlavaForConditionalGeneration
+    take several images per row). Samples with more are skipped and counted (`too_many_images`)."""
+
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    max_images_per_sample: int | None = None
 
 
 class SampleEncoder:
-    """Raw shard sample -> token ids, labels, image tensor, and what evaluation needs."""
+    """Raw shard sample -> token ids, labels, image tensor, and what evaluation needs.
+
+    A sample data/validity.py rejects, with too many images, too long or with an image that does not
+    decode raises InvalidSample, which the stream counts by reason (data/pipeline.py)."""
 
     def __init__(self, chat: ChatTokenizer, image: ImageSpec):
         self.chat = chat
         self.image = image
 
+    def image_tokens(self, images: list[bytes]) -> list[int]:
+        """Visual tokens per image, in order (a fixed count per image for LLaVA-1.5)."""
+        return [self.chat.num_image_tokens] * len(images)
+
     def __call__(self, raw: dict) -> dict:
-        record, image_bytes = parse_record(raw)
-        enc = self.chat.encode(record["conversations"], has_image=image_bytes is not None)
+        record, images, _ = parse_record(raw)
+        check_image_count(len(images), self.image.max_images_per_sample)
+        enc = self.chat.encode(record["conversations"], n_images=len(images), image_tokens=self.image_tokens(images))
         pixel_values = None
-        if image_bytes is not None:
-            pixel_values = preprocess(decode(image_bytes), self.image.size, self.image.mean, self.image.std)
+        if images:
+            pixel_values = torch.stack([self._pixels(data, k) for k, data in enumerate(images)])  # [n_images, 3, H, W]
         skills = record.get("skills") or []
         return {
             "key": raw.get("__key__", ""),
@@ -80,10 +95,30 @@ class SampleEncoder:
             "labels": enc.labels,
             "prompt_len": enc.prompt_len,
             "answer": enc.answer,
-            "skill": skills[-1] if skills else "all",
+            "skill": str(skills[-1]) if isinstance(skills, list) and skills else "all",
             "pixel_values": pixel_values,
             "truncated": enc.truncated,
         }
+
+    def _pixels(self, data: bytes, k: int) -> torch.Tensor:
+        try:
+            image = decode(data)
+        except Exception as e:  # PIL raises many exception types for broken files
+            raise InvalidSample("corrupt_image", f"image {k} does not decode ({type(e).__name__}: {e})") from None
+        return preprocess(image, self.image.size, self.image.mean, self.image.std)
+
+
+class EvalLoader(DataLoader):
+    """A DataLoader over a finite ShardStream that is read again at every evaluation: once it has been
+    read to the end, its skipped samples (the same ones each time) are counted but not logged again.
+    (Worker processes are new each pass, so the stream is told before they copy it.)"""
+
+    complete_passes = 0
+
+    def __iter__(self):
+        self.dataset.quiet_skips = self.complete_passes > 0
+        yield from super().__iter__()
+        self.complete_passes += 1
 
 
 class MLLMDataModule(L.LightningDataModule):
@@ -127,8 +162,8 @@ class MLLMDataModule(L.LightningDataModule):
         padding, total = self._tokens
         return padding / total if total else None
 
-    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, batch_size: int | None, loader=DataLoader) -> DataLoader:
+        return loader(
             dataset,
             batch_size=batch_size,  # None: the dataset yields whole batches (length grouping)
             collate_fn=self.collate,
@@ -180,4 +215,4 @@ class MLLMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         stream = EvenEvalStream if self.trainer is not None and self.trainer.world_size > 1 else ShardStream
-        return self._loader(stream(self.val_urls, self.encoder), self.eval_batch_size)
+        return self._loader(stream(self.val_urls, self.encoder), self.eval_batch_size, EvalLoader)

@@ -35,4 +35,4 @@ class EvenEvalStream(ShardStream):
                 "every reader needs at least one; use more eval samples or fewer data.num_workers"
             )
         for _ in range(missing):
-            yield {**last, "padding": True, "n_skipped": 0}
+            yield {**last, "padding": True, "n_skipped": 0, "skipped": {}}

@@ -3,11 +3,12 @@
 Order is a pure function of (seed, epoch, rank, world size, worker): shards are shuffled per epoch,
 split across ranks and dataloader workers (whole shards when there are enough of them, otherwise
 every k-th sample), then shuffled through a seeded buffer. Corrupt tar members or undecodable
-samples (broken image, malformed JSON, missing fields) are skipped and logged with their shard and key;
-each yielded sample carries how many were skipped before it (`n_skipped`; in a finite stream the last
-sample also carries those after it) so the training process can count and log them exactly
-(`data/skipped_samples`), whichever worker saw them, and where it was read (`stream_pos`), so a resumed
-run continues exactly where the checkpoint left off (`start`, data/stream_position.py).
+samples (broken image, malformed JSON, a record data/validity.py rejects) are skipped and counted by reason,
+and logged with their shard and key without repeating (data/skips.py); each yielded sample carries the
+skips before it (`skipped`, by reason, and their sum `n_skipped`; in a finite stream the last sample
+also carries those after it) so the training process can count and log them exactly
+(`data/skipped_samples/<reason>`), whichever worker saw them, and where it was read (`stream_pos`), so a
+resumed run continues exactly where the checkpoint left off (`start`, data/stream_position.py).
 With `grouping` the stream yields whole batches of similar length instead (data/length_groups.py).
 """
 
@@ -18,17 +19,19 @@ import logging
 import os
 import random
 from itertools import islice
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .length_groups import LengthGrouping
+from .members import image_members
+from .skips import SkipLog
 from .stream_position import StreamPosition
+from .validity import Conversation, InvalidSample, check_record
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
@@ -53,6 +56,9 @@ class ShardStream(IterableDataset):
     it had drawn (read from the tar, never decoded), and worker w plays reader (w + start.next_reader), so
     the loader's round-robin hands out the batch that was next. With `grouping` each reader yields lists
     of samples (batches; use a DataLoader with batch_size=None) formed per buffer.
+
+    Skipped samples are counted by reason and logged once per reader (data/skips.py); `quiet_skips`
+    counts without logging (data/datamodule.EvalLoader sets it for an evaluation set already read).
     """
 
     def __init__(
@@ -62,7 +68,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 0,
         infinite: bool = False,
-        max_logged_errors: int = 20,
+        max_logged_errors: int = 5,  # samples logged per reason (data/skips.py)
         start: StreamPosition | None = None,
         grouping: LengthGrouping | None = None,
     ):
@@ -73,15 +79,12 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.infinite = infinite
-        self.max_logged_errors = max_logged_errors
-        self._skipped = 0
-        self._logged = 0
+        self.skips = SkipLog("data", per_reason=max_logged_errors, logger=log)
+        self.quiet_skips = False
 
-    def _skip(self, where: str, err: Exception) -> bool:
-        self._skipped += 1
-        if self._logged < self.max_logged_errors:
-            self._logged += 1
-            log.warning("skipping corrupt sample %s: %s: %s", where, type(err).__name__, err)
+    def _skip_member(self, err: Exception) -> bool:
+        """webdataset's handler for tar members it cannot read (a truncated or damaged shard)."""
+        self.skips.skip(f"(unreadable tar member: {err})", err, reason="unreadable_tar_member")
         return True  # webdataset handler protocol: continue
 
     def _reader(self) -> tuple[int, int]:
@@ -117,7 +120,7 @@ class ShardStream(IterableDataset):
 
     def _tar_samples(self, shards: list[str]) -> Iterator[dict]:
         """Raw samples of `shards` in order; unreadable tar members are skipped and counted."""
-        return wds.tarfile_samples(({"url": u} for u in shards), handler=lambda e: self._skip("(unreadable tar member)", e))
+        return wds.tarfile_samples(({"url": u} for u in shards), handler=self._skip_member)
 
     def _shuffled(self, it: Iterator[dict], epoch: int) -> Iterator[dict]:
         if not self.shuffle_buffer:
@@ -134,6 +137,7 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict] | Iterator[list[dict]]:
+        self.skips.quiet = self.quiet_skips
         reader, _ = self._reader()
         epoch, skip = self.start.positions[reader] if self.start else (0, 0)
         samples = self._samples(reader, epoch, skip)
@@ -152,10 +156,11 @@ class ShardStream(IterableDataset):
                 yield last
             last = sample
         if last is not None:
-            last["n_skipped"], self._skipped = last["n_skipped"] + self._skipped, 0
+            _carry(last, self.skips.take())
             yield last
-        elif self._skipped:
-            log.warning("all %d sample(s) of %d shard(s) were skipped (e.g. %s)", self._skipped, len(self.urls), self.urls[0])
+        elif self.skips.pending:
+            log.warning("all %d sample(s) of %d shard(s) were skipped (e.g. %s): %s", sum(self.skips.pending.values()),
+                        len(self.urls), self.urls[0], self.skips.summary())
 
     def _grouped(self, samples: Iterator[dict], reader: int, before: tuple[int, int], taken: int) -> Iterator[list[dict]]:
         """Batches of one buffer at a time. Each batch's `stream_pos` is (reader, epoch, drawn, taken): the
@@ -182,14 +187,15 @@ class ShardStream(IterableDataset):
                 drawn += 1
                 if drawn <= skip:  # trained on before the checkpoint (its corrupt samples were counted then)
                     if drawn == skip:
-                        self._skipped = 0
+                        self.skips.take()
                     continue
                 try:
                     sample = self.transform(raw)
-                except Exception as e:  # corrupt image / json / too long: skip and count
-                    self._skip(sample_name(raw), e)
+                except Exception as e:  # a record data/validity.py rejects, a corrupt image, ...: skip and count
+                    self.skips.skip(sample_name(raw), e)
                     continue
-                sample["n_skipped"], self._skipped = self._skipped, 0
+                sample["skipped"], sample["n_skipped"] = {}, 0
+                _carry(sample, self.skips.take())
                 sample["stream_pos"] = (reader, epoch, drawn)
                 produced += 1
                 yield sample
@@ -205,24 +211,30 @@ def sample_name(raw: dict) -> str:
     return f"{raw.get('__key__', '?')!r} of {raw.get('__url__', '?')}"
 
 
-def parse_record(raw: dict) -> tuple[dict, bytes | None]:
-    """The JSON record and the image bytes (None for text-only samples) of a raw shard sample.
+class ParsedSample(NamedTuple):
+    record: dict  # the JSON record as written
+    images: list[bytes]  # encoded image bytes in placeholder order ([] for text-only samples)
+    conversation: Conversation  # the record's conversation, checked by data/validity.py
 
-    Raises ValueError naming what is wrong when the record is not a LLaVA record: malformed JSON, no
-    non-empty `conversations` list, or a turn without string `from` and `value`."""
+
+def parse_record(raw: dict) -> ParsedSample:
+    """The record, image bytes and checked conversation of a raw shard sample.
+
+    Raises InvalidSample (data/validity.py) naming what is wrong: malformed JSON, or a record the
+    validity rule rejects for the images this sample holds."""
     if "json" not in raw:
-        raise ValueError("sample has no .json member")
+        raise InvalidSample("malformed_json", "sample has no .json member")
     try:
         record = json.loads(raw["json"])
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"malformed JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"the JSON is a {type(record).__name__}, not an object")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("record has no non-empty 'conversations' list")
-    for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            raise ValueError(f"conversation turn {i} is not an object with string 'from' and 'value': {turn!r:.80}")
-    image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
-    return record, image
+        raise InvalidSample("malformed_json", f"malformed JSON ({e})") from None
+    images = image_members(raw)
+    return ParsedSample(record, images, check_record(record, len(images)))
+
+
+def _carry(sample: dict, skipped: dict[str, int]) -> None:
+    """Add skip counts (by reason) to those `sample` carries."""
+    merged = dict(sample.get("skipped") or {})
+    for reason, n in skipped.items():
+        merged[reason] = merged.get(reason, 0) + n
+    sample["skipped"], sample["n_skipped"] = merged, sum(merged.values())

@@ -13,9 +13,11 @@ from typing import Callable
 import webdataset as wds
 
 from .pipeline import expand_urls, parse_record, sample_name
+from .skips import SkipLog
+from .validity import InvalidSample
 
 log = logging.getLogger(__name__)
-MAX_LOGGED_SKIPS = 20
+MAX_LOGGED_SKIPS = 5  # per reason
 
 
 @dataclass
@@ -64,25 +66,25 @@ class ShardSource:
         return Shards(train=train, val=val, texts=lambda: self._texts(train))
 
     def _texts(self, urls: list[str]) -> list[str]:
-        """Conversation text of the first `tokenizer_samples` records; bad samples are skipped and logged."""
-        out, skipped = [], 0
+        """Conversation text of the first `tokenizer_samples` usable records (data/validity.py, as in
+        training); the others are skipped, counted by reason and logged (data/skips.py)."""
+        out, skips = [], SkipLog("tokenizer corpus", per_reason=MAX_LOGGED_SKIPS, logger=log)
 
-        def skip(where: str, err: Exception) -> bool:
-            nonlocal skipped
-            skipped += 1
-            if skipped <= MAX_LOGGED_SKIPS:
-                log.warning("tokenizer corpus: skipping sample %s: %s: %s", where, type(err).__name__, err)
+        def skip_member(err: Exception) -> bool:
+            skips.skip(f"(unreadable tar member: {err})", err, reason="unreadable_tar_member")
             return True  # webdataset handler protocol: continue
 
-        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=lambda e: skip("(unreadable tar member)", e)):
+        for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=skip_member):
             try:
-                record, _ = parse_record(sample)
-            except ValueError as e:
-                skip(sample_name(sample), e)
+                parsed = parse_record(sample)
+            except InvalidSample as e:
+                skips.skip(sample_name(sample), e)
                 continue
-            out.extend(t["value"] for t in record["conversations"])
+            out.extend(text for _, text in parsed.conversation.turns)
+            if parsed.conversation.system:
+                out.append(parsed.conversation.system)
             if len(out) >= self.tokenizer_samples:
                 break
-        if skipped:
-            log.warning("tokenizer corpus: skipped %d bad sample(s) in %d shard(s)", skipped, len(urls))
+        if skips.total:
+            log.warning("tokenizer corpus: skipped %d bad sample(s) in %d shard(s) (%s)", skips.n_total, len(urls), skips.summary())
         return out

@@ -1,8 +1,10 @@
 """Chat templates, `<image>` expansion and label masking on hand-checked examples."""
 
 import pytest
+import torch
 
 from data.chat import IGNORE, ChatTokenizer, render, TEMPLATES
+from data.validity import InvalidSample
 
 CONV = [
     {"from": "human", "value": "<image>\nwhat color is the small dot ?"},
@@ -27,7 +29,7 @@ def test_chatml_and_plain_rendering():
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<image>\nwhat color is the small dot ?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
     assert [text[a:b] for a, b in spans] == ["red<|im_end|>\n"]
     text, spans, _ = render(TEMPLATES["plain"], "", CONV[:2])
-    assert text == "<image>red\n"  # LLaVA stage 1: the question is dropped
+    assert text == "<image>\nred\n"  # LLaVA stage 1: the question is dropped; a newline follows the image
 
 
 def test_tokens_and_labels_hand_checked(task_tokenizer):
@@ -42,21 +44,38 @@ def test_tokens_and_labels_hand_checked(task_tokenizer):
     supervised = [t for t, lab in zip(tokens, enc.labels) if lab != IGNORE]
     assert supervised == ["Ġred", "</s>", "Ġno", "</s>"]
     assert all(lab in (IGNORE, tid) for tid, lab in zip(enc.input_ids, enc.labels))
-    # the generation prompt ends right before the last reply
-    assert tokens[enc.prompt_len - 2 : enc.prompt_len] == ["ĠASSISTANT", ":"]
-    assert enc.answer == "no" and not enc.truncated
+    # the generation prompt ends right before the reply to the turn with the image (data/validity.py)
+    assert tokens[enc.prompt_len - 2 : enc.prompt_len + 1] == ["ĠASSISTANT", ":", "Ġred"]
+    assert enc.answer == "red" and not enc.truncated
 
 
 def test_image_placeholder_count_checked(task_tokenizer):
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=4, max_length=100, system="")
-    with pytest.raises(ValueError, match="placeholders"):
-        chat.encode(CONV, has_image=False)
+    with pytest.raises(InvalidSample, match="placeholder") as info:
+        chat.encode(CONV, n_images=0)
+    assert info.value.reason == "image_placeholder_mismatch"
 
 
 def test_truncation_never_cuts_image_tokens(task_tokenizer):
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=50, max_length=20, system="")
-    with pytest.raises(ValueError, match="lose image tokens"):
+    with pytest.raises(InvalidSample, match="lose image tokens") as info:
         chat.encode(CONV)
+    assert info.value.reason == "too_long"
     chat = ChatTokenizer(task_tokenizer, "vicuna", num_image_tokens=4, max_length=20, system="")
     enc = chat.encode(CONV)
     assert enc.truncated and len(enc.input_ids) == 20
+
+
+def test_plain_template_samples_train(task_tokenizer):
+    """The stage-1 template's samples go through the model's loss (which refuses a supervised token
+    right after an image token) with only the caption supervised."""
+    from models import MLLM
+    from tests.test_train import small_task_model_config
+
+    config = small_task_model_config()
+    chat = ChatTokenizer(task_tokenizer, "plain", config.num_image_tokens, 512, system="")
+    enc = chat.encode([{"from": "human", "value": "<image>\n<image>\ndescribe both"}, {"from": "gpt", "value": "red"}], n_images=2)
+    assert task_tokenizer.decode([t for t in enc.labels if t != IGNORE]).strip() == "red"
+    ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+    loss = MLLM.from_config(config)(ids, torch.ones_like(ids), torch.zeros(2, 3, 64, 64), labels=labels).loss
+    assert torch.isfinite(loss)

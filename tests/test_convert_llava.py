@@ -1,4 +1,5 @@
-"""LLaVA JSON -> WebDataset conversion: contents, skipped records, reports, resume, errors."""
+"""LLaVA JSON -> WebDataset conversion: contents, skipped records, reports, resume, errors, and the
+layouts people convert (tests/llava_layouts.py): every record written or skipped as expected."""
 
 import json
 import sys
@@ -10,6 +11,8 @@ from PIL import Image
 
 
 from data import convert_llava as cl  # noqa: E402
+from data.pipeline import parse_record
+from tests.llava_layouts import COLORS, write_mixed
 
 
 def turns(question):
@@ -212,8 +215,6 @@ def test_rerun_retries_images_restored_since_the_last_run(llava, tmp_path):
         (None, "file not found"),
         ("{not json", "invalid JSON"),
         ('{"id": 1}', "expected a JSON list"),
-        ('[{"id": "ok", "conversations": [{"from": "human", "value": "q"}]}, {"id": "bad", "image": "a.jpg"}]',
-         r"record 1 \(id='bad'\) has no 'conversations'"),
     ],
 )
 def test_clear_errors(tmp_path, content, message):
@@ -235,3 +236,72 @@ def test_cli(llava, tmp_path, capsys):
     assert summary["manifest"] == str(out / "train-manifest.json")
     with pytest.raises(SystemExit, match="file not found"):
         cl.main(["--json", str(tmp_path / "nope.json"), "--images", str(root), "--out", str(out)])
+
+
+def test_real_layouts_convert_and_every_skipped_record_is_reported(tmp_path, capsys):
+    """LLaVA-1.5 665k, ShareGPT4V, OneVision multi-image, system turns, user/assistant, an opening
+    assistant turn: written; every unusable kind: skipped, counted by reason and listed in the report
+    (index, id, reason) while the conversion exits normally."""
+    json_path, root, expected = write_mixed(tmp_path)
+    out = tmp_path / "out"
+    cl.main(["--json", str(json_path), "--images", str(root), "--out", str(out), "--samples-per-shard", "7", "--no-progress"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    usable = [(i, r, n) for i, (r, n) in enumerate(expected) if isinstance(n, int)]
+    skipped = [(i, r, n) for i, (r, n) in enumerate(expected) if isinstance(n, str)]
+    assert (summary["records"], summary["written"], summary["skipped_records"]) == (len(expected), len(usable), len(skipped))
+    assert summary["text_only"] == sum(n == 0 for _, _, n in usable) == 1
+    assert summary["multi_image"] == sum(n > 1 for _, _, n in usable) == 2
+    counts = {}
+    for _, _, reason in skipped:
+        counts[reason] = counts.get(reason, 0) + 1
+    assert summary["skipped"] == counts and len(counts) == 12
+    assert f"skipped {len(skipped)} of {len(expected)} records" in captured.err and summary["skipped_report"] in captured.err
+
+    report = [json.loads(line) for line in (out / "train-skipped.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["id"], e["reason"]) for e in report] == \
+        [(i, r.get("id") if isinstance(r, dict) else None, n) for i, r, n in skipped]
+    assert all(e["detail"] for e in report)
+    manifest = json.loads((out / "train-manifest.json").read_text())
+    assert manifest["skipped"] == counts and manifest["skipped_report"] == "train-skipped.jsonl"
+    assert (out / "train-missing_images.txt").read_text().split() == ["coco/train2017/lost.jpg", "onevision/lost.png"]
+
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert sorted(samples) == [f"{i:09d}" for i, _, _ in usable]
+    for i, record, n in usable:
+        sample = samples[f"{i:09d}"]
+        assert json.loads(sample["json"]) == record
+        members = sorted(k for k in sample if not k.startswith("__") and k != "json")
+        paths = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
+        assert members == ([Path(paths[0]).suffix[1:]] if n == 1 else [f"{k}{Path(p).suffix}" for k, p in enumerate(paths)])
+        images = parse_record(sample).images  # what training reads back: the images in placeholder order
+        assert images == [(root / p).read_bytes() for p in paths]
+
+
+def test_strict_stops_at_the_first_unusable_record(tmp_path):
+    json_path, root, expected = write_mixed(tmp_path)
+    first = next(i for i, (_, n) in enumerate(expected) if isinstance(n, str))
+    with pytest.raises(cl.ConversionError, match=rf"record {first} \(id='empty'\).*no_conversations.*--strict"):
+        cl.convert(json_path, root, tmp_path / "out", samples_per_shard=100, progress=False, strict=True)
+    assert not list((tmp_path / "out").glob("*.tar*"))  # the incomplete shard is not left behind
+    with pytest.raises(SystemExit, match="no_conversations"):
+        cl.main(["--json", str(json_path), "--images", str(root), "--out", str(tmp_path / "out"), "--strict", "--no-progress"])
+
+
+def test_a_multi_image_record_with_one_image_missing_lists_every_missing_path(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (8, 8), COLORS["red"]).save(root / "a.png")
+    record = {"id": "m", "image": ["gone1.png", "a.png", "gone2.jpg"],
+              "conversations": [{"from": "human", "value": "<image><image><image>\nq"}, {"from": "gpt", "value": "a"}]}
+    json_path = tmp_path / "in.json"
+    json_path.write_text(json.dumps([record]))
+    summary = run(json_path, root, tmp_path / "out")
+    assert summary["skipped"] == {"missing_image": 1} and summary["first_missing"] == ["gone1.png", "gone2.jpg"]
+    (entry,) = [json.loads(line) for line in (tmp_path / "out" / "train-skipped.jsonl").read_text().splitlines()]
+    assert entry["reason"] == "missing_image" and "gone1.png" in entry["detail"] and "1 more" in entry["detail"]
+    for name in ("gone1.png", "gone2.jpg"):
+        Image.new("RGB", (8, 8), COLORS["blue"]).save(root / name)
+    again = run(json_path, root, tmp_path / "out")  # restored: the shard is written again, now with the sample
+    assert (again["retried_shards"], again["written"], again["multi_image"], again["skipped"]) == (1, 1, 1, {})

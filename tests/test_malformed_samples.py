@@ -1,5 +1,6 @@
 """A malformed sample anywhere in real shards on disk (tokenizer corpus, training stream, evaluation
-stream) is skipped, logged with its shard and key, and counted in data/skipped_samples."""
+stream) is skipped, logged with its shard and key (once: not again every epoch or evaluation), and
+counted in data/skipped_samples and data/skipped_samples/<reason>."""
 
 import io
 import json
@@ -14,7 +15,9 @@ from torch.utils.data import DataLoader
 
 from data.chat import ChatTokenizer
 from data.batch import Collator
-from data.datamodule import ImageSpec, SampleEncoder
+from data.datamodule import EvalLoader, ImageSpec, SampleEncoder
+from data.skips import SkipLog
+from data.validity import InvalidSample
 from data.even_eval import EvenEvalStream
 from data.pipeline import ShardStream
 from data.sources import ShardSource
@@ -108,4 +111,55 @@ def test_validation_counts_skipped_samples_in_data_skipped_samples(tmp_path, tas
     )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, dataloaders=loader, verbose=False)
-    assert trainer.callback_metrics["data/skipped_samples"] == 3
+    metrics = trainer.callback_metrics
+    assert metrics["data/skipped_samples"] == 3
+    assert (metrics["data/skipped_samples/malformed_json"], metrics["data/skipped_samples/bad_turn"]) == (2, 1)
+    assert not any(k.startswith("data/skipped_samples/") for k in metrics if k.split("/")[-1] not in ("malformed_json", "bad_turn"))
+
+
+def test_a_bad_sample_is_logged_once_per_reader_however_many_epochs(tmp_path, task_tokenizer, caplog):
+    """The issue's repeated warning: an infinite stream meets its bad sample every epoch; it is
+    counted every time and logged the first time."""
+    shard = write_shard(tmp_path / "train-000000.tar", ["a", "no_value", "b"])
+    with caplog.at_level(logging.WARNING):
+        samples = [s for _, s in zip(range(8), ShardStream([shard], encoder(task_tokenizer), infinite=True))]
+    assert sum(s["n_skipped"] for s in samples) == 4 and samples[1]["skipped"] == {"bad_turn": 1}
+    assert sum("'no_value'" in m for m in skip_logs(caplog)) == 1
+
+
+def test_warnings_stop_after_a_few_per_reason_and_say_so(caplog):
+    skips = SkipLog("data", per_reason=2)
+    with caplog.at_level(logging.WARNING):
+        for k in range(5):
+            skips.skip(f"sample {k}", InvalidSample("bad_turn", "turn 0 is not an object"))
+        skips.skip("sample x", InvalidSample("corrupt_image", "image 0 does not decode"))
+        skips.skip("sample y", KeyError("surprise"))
+    logs = skip_logs(caplog)
+    assert [m for m in logs if "bad_turn" in m and "skipping" in m] == [
+        "data: skipping sample sample 0 (bad_turn): turn 0 is not an object", "data: skipping sample sample 1 (bad_turn): turn 0 is not an object"]
+    assert sum("further bad_turn samples are counted" in m for m in logs) == 1
+    assert any("sample y (other): KeyError" in m for m in logs)
+    assert skips.total == {"bad_turn": 5, "corrupt_image": 1, "other": 1} and skips.take() == dict(skips.total) and not skips.take()
+
+
+def test_an_evaluation_set_logs_its_bad_samples_on_the_first_full_pass_only(tmp_path, task_tokenizer):
+    """Every evaluation reads the set again in new worker processes: the counts repeat, the log does not.
+    (The worker's log goes to a file: caplog does not see other processes.)"""
+    shard = write_shard(tmp_path / "val-000000.tar", ["a", "bad_json", "b", "no_value"])
+    stream = ShardStream([shard], encoder(task_tokenizer))
+    loader = EvalLoader(stream, batch_size=2, num_workers=1, collate_fn=Collator(task_tokenizer.pad_token_id))
+    handler = logging.FileHandler(tmp_path / "worker.log")
+    handler.setLevel(logging.WARNING)
+    pipeline_log = logging.getLogger("data.pipeline")
+    pipeline_log.addHandler(handler)
+    try:
+        lines, counts = [], []
+        for _ in range(3):
+            counts.append([b.skipped for b in loader])
+            handler.flush()
+            lines.append(len((tmp_path / "worker.log").read_text().splitlines()))
+    finally:
+        pipeline_log.removeHandler(handler)
+        handler.close()
+    assert counts[0] == counts[1] == counts[2] and sum(sum(c.values()) for c in counts[0]) == 2
+    assert lines[0] == 2 and lines[1] == lines[2] == 2  # nothing new after the first full pass

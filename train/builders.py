@@ -137,7 +137,7 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
     tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
     arch = model.mllm_config
     chat = ChatTokenizer(tokenizer, model.chat_template, arch.num_image_tokens, data.max_length, model.system_prompt)
-    image = ImageSpec(arch.hf_vision_config().image_size, arch.image_mean, arch.image_std)
+    image = ImageSpec(arch.hf_vision_config().image_size, arch.image_mean, arch.image_std, model.max_images_per_sample)
     dm = MLLMDataModule(
         shards.train,
         shards.val,

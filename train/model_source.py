@@ -44,6 +44,9 @@ class ModelSource:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the decoder layers (models/compile.py)
     vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
+    # images one sample may hold; None: any number (LLaVA-1.5 takes several per row, like HF's
+    # LlavaForConditionalGeneration); samples with more are skipped and counted (too_many_images)
+    max_images_per_sample: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "model")
@@ -53,6 +56,8 @@ class ModelSource:
             raise ConfigError(f"model.chat_template must be one of {sorted(TEMPLATES)}, got {self.chat_template!r}")
         if self.vision_position_init not in ("random", "sincos2d"):
             raise ConfigError(f"model.vision_position_init must be 'random' or 'sincos2d', got {self.vision_position_init!r}")
+        if self.max_images_per_sample is not None and self.max_images_per_sample < 1:
+            raise ConfigError(f"model.max_images_per_sample must be >= 1 or null (no limit), got {self.max_images_per_sample}")
         if self.pretrained and (self.vision_pretrained or self.llm_pretrained):
             raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 
 import lightning as L
@@ -9,6 +10,7 @@ import torch
 
 from data.batch import Batch
 from data.chat import TEMPLATES
+from data.validity import REASONS
 from models import MLLM
 from models.generation import greedy_generate
 from models.plan import Plan
@@ -67,7 +69,14 @@ class MLLMModule(L.LightningModule):
         self._best_path = ""
         self.tracker = AccuracyTracker()
         self._val_loss = [0.0, 0]
-        self.skipped_samples = 0
+        self.skipped = Counter()  # samples skipped on this rank, by reason (data/validity.py REASONS)
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(self.skipped.values())
+
+    def _count_skips(self, batch: Batch) -> None:
+        self.skipped.update(batch.skipped or ({"other": batch.n_skipped} if batch.n_skipped else {}))
 
     def build_model(self) -> MLLM:
         model = self.source.build(self.plan)
@@ -99,12 +108,14 @@ class MLLMModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
-        self.skipped_samples += batch.n_skipped
+        self._count_skips(batch)
         bs = batch.size
         loss = self.nonfinite.check(self, out.loss, bs)  # NaN on every rank when any rank's loss is NaN/Inf
         if torch.isfinite(loss):
             self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=bs)
+        for reason, n in self.skipped.items():  # this rank's counts (summed over ranks at each evaluation)
+            self.log(f"data/skipped_samples/{reason}", float(n), batch_size=bs)
         padding = getattr(self.trainer.datamodule, "padding_fraction", None) if self._trainer is not None else None
         if padding is not None:  # padded / all training tokens so far (data/datamodule.py)
             self.log("data/padding_fraction", padding, batch_size=bs)
@@ -128,7 +139,7 @@ class MLLMModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
-        self.skipped_samples += batch.n_skipped  # bad evaluation samples count like training ones
+        self._count_skips(batch)  # bad evaluation samples count like training ones
         self._val_loss[0] += float(out.loss) * out.n_loss_tokens
         self._val_loss[1] += out.n_loss_tokens
         preds = self._generate(batch)
@@ -159,13 +170,22 @@ class MLLMModule(L.LightningModule):
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
         if loss[1] > 0:
             metrics["val/loss"] = float(loss[0] / loss[1])
-        # gathered above, so equal on every rank: synced with "max", which keeps them exact (and tells
-        # Lightning they are reduced); skipped samples are counted per rank and summed
-        self.log_dict(metrics, sync_dist=True, reduce_fx="max")
-        self.log("data/skipped_samples", float(self.skipped_samples), sync_dist=True, reduce_fx="sum")
+        # gathered (or summed) above, so equal on every rank: synced with "max", which keeps them exact
+        # (and tells Lightning they are reduced); skipped samples are counted per rank and summed
+        self.log_dict({**metrics, **self._skip_metrics()}, sync_dist=True, reduce_fx="max")
         self.last_val_metrics = metrics
         if self.trainer.state.fn == "fit":
             self.last_val_step = self.global_step
+
+    def _skip_metrics(self) -> dict[str, float]:
+        """`data/skipped_samples` and, per reason met, `data/skipped_samples/<reason>`, summed over the
+        ranks as one vector in REASONS order (so every rank logs the same keys)."""
+        counts = torch.tensor([float(self.skipped.get(r, 0)) for r in REASONS], dtype=torch.float64, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        out = {"data/skipped_samples": float(counts.sum())}
+        out.update({f"data/skipped_samples/{r}": float(n) for r, n in zip(REASONS, counts.tolist()) if n})
+        return out
 
     def on_fit_end(self) -> None:
         self._note_best_checkpoint()

@@ -52,9 +52,22 @@ def print_summary(summary: dict) -> None:
         f"val/acc {m.get('val/acc', float('nan')):.3f}   acc_noimage {m.get('val/acc_noimage', float('nan')):.3f}   "
         f"acc_majority {m.get('val/acc_majority', float('nan')):.3f}   val/loss {m.get('val/loss', float('nan')):.4f}",
         *([f"per skill: {skills}"] if skills else []),
+        *([f"skipped:  {skipped}"] if (skipped := skipped_line(m)) else []),
         f"metrics:  {summary['run_dir']}/metrics.json",
         f"config:   {summary['run_dir']}/config.yaml",
     ]
     if "export" in summary:
         lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / LlavaForConditionalGeneration.from_pretrained)")
     print("\n".join(lines), flush=True)
+
+
+def skipped_line(metrics: dict[str, float]) -> str:
+    """`3 sample(s): no_conversations 2, corrupt_image 1` from the data/skipped_samples* metrics ('' for none).
+    Counts are occurrences: a bad sample is met again in every training epoch and every evaluation."""
+    total = int(metrics.get("data/skipped_samples", 0))
+    if not total:
+        return ""
+    prefix = "data/skipped_samples/"
+    reasons = sorted(((k[len(prefix):], int(v)) for k, v in metrics.items() if k.startswith(prefix)), key=lambda kv: -kv[1])
+    return f"{total} sample(s)" + (": " + ", ".join(f"{r} {n}" for r, n in reasons) if reasons else "") + \
+        " (data/skipped_samples/<reason> in metrics.json; docs/data-conversion.md)"

@@ -9,7 +9,7 @@ as data.chat.ChatTokenizer does for training.
 
 from __future__ import annotations
 
-from data.chat import IMAGE, Template
+from data.chat import IMAGE, Template, expand_images
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -89,12 +89,11 @@ class PromptEncoder:
         """Prompt ids of a question with `n_images` images (each `<image>` expanded)."""
         return self.expand(self.tokenize(self.render(text, n_images)))
 
-    def expand(self, ids: list[int]) -> list[int]:
-        """Each `<image>` id repeated `num_image_tokens` times (the model's input layout)."""
-        out = []
-        for t in ids:
-            out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
-        return out
+    def expand(self, ids: list[int], image_tokens: list[int] | None = None) -> list[int]:
+        """The k-th `<image>` id repeated `image_tokens[k]` times (default: `num_image_tokens` each), the
+        model's input layout, through the same function as training (data.chat.expand_images)."""
+        counts = [self.num_image_tokens] * ids.count(self.image_token_id) if image_tokens is None else image_tokens
+        return expand_images(ids, self.image_token_id, counts)[0]
 
     def continuation(self, prompt: str, continuation: str) -> list[int]:
         """Ids of `continuation` right after `prompt`: tokenise both together and cut at the prompt's

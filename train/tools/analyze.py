@@ -138,7 +138,7 @@ def load_model(cfg: DictConfig, spec: ModelSource, device: torch.device) -> MLLM
 
 def calibration_batches(cfg: DictConfig, spec: ModelSource, model: MLLM) -> list[Batch]:
     """N samples with an image from the data's shards, encoded and collated as for evaluation
-    (left-padded prompts: everything before the last reply)."""
+    (left-padded prompts: everything before the evaluated reply, data/validity.py)."""
     from data.pipeline import ShardStream
 
     a = cfg.analyze

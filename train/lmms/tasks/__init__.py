@@ -1,1 +1,1 @@
-"""Local lmms-eval tasks in the formats of real benchmarks, built from data/synthetic.py (synthetic.py)."""
+"""Local lmms-eval tasks: real benchmarks' formats over data/synthetic.py (synthetic.py) or over LLaVA-format shards (shards.py)."""

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.chat import IMAGE
 from data.synthetic import ANSWER_VOCAB, SyntheticConfig, make_sample, render
+from data.validity import IMAGE, check_record
 
 TASKS_DIR = Path(__file__).resolve().parent
 TASKS = ("synthetic_pope", "synthetic_gqa", "synthetic_mc")
@@ -49,8 +49,8 @@ def write_synthetic_tasks(out_dir: str | Path, n: int, seed: int = 0, image_size
     index = 0
     while any(len(d) < n for d in docs.values()):
         scene, record = make_sample(cfg, "val", index)
-        question = record["conversations"][0]["value"].removeprefix(f"{IMAGE}\n")
-        answer, skill = record["conversations"][1]["value"], record["skills"][0]
+        conversation = check_record(record, 1)  # the rule training and evaluation apply (data/validity.py)
+        question, answer, skill = conversation.question().removeprefix(f"{IMAGE}\n"), conversation.answer, record["skills"][0]
         image = out_dir / "images" / f"{record['id']}.png"
         doc = {"question_id": record["id"], "question": question, "answer": answer, "category": skill, "image": str(image)}
         wanted = [("synthetic_gqa", doc), ("synthetic_mc", {**doc, "choices": list(ANSWER_VOCAB[skill])})]
