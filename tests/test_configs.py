@@ -28,7 +28,7 @@ def test_model_presets_compose_and_validate(model):
     cfg = compose_train([f"model={model}"])
     spec = build(cfg.model, "model")
     mcfg = spec.mllm_config
-    assert mcfg.num_image_tokens > 0
+    assert mcfg.tokens_per_image((672, 672)) > 0
     if model.startswith("tiny"):
         spec.build()  # small enough to construct for real
 

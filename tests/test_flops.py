@@ -89,3 +89,56 @@ def test_random_selection_later_in_the_llm_costs_full_layers_before_it():
     plan = arch("random", K=16)
     terms, present = plan_terms(LLAVA7B, plan, 576, 64)
     assert present == [576] * 16 + [192] * 16 and "probe" not in terms
+
+
+def test_llava_next_flops_reproduce_shortv_next_13b_and_follow_the_image_size():
+    """ShortV's LLaVA-NeXT-13B row (81.8 -> 41.0 TFLOPs, 24 of 40 layers frozen) within 3%, its NeXT-7B
+    list (19 of 32), and 2928 visual tokens at 672 x 672 (2880 + 48 newlines) from the family's layout."""
+    import subprocess
+    import sys
+    import json
+
+    def flops(*args):
+        out = subprocess.run([sys.executable, "-m", "train", "flops", *args], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    row = flops("model=llava_next_13b", "arch=shortv")
+    assert row["n_visual"] == 2928 and row["image_size"] == [672, 672] and row["tile_size"] == 336 and row["pinpoints"]
+    assert abs(row["dense_tflops"] - 81.8) / 81.8 < 0.03 and abs(row["plan_tflops"] - 41.0) / 41.0 < 0.03
+    assert flops("model=llava_next_13b", "arch=shortv", "flops.image_size=[336,336]")["n_visual"] == 576 + 24 * 25  # 1176: unpadded to 24 x 24
+    assert flops("model=llava15_7b", "arch=dense")["n_visual"] == 576
+
+
+def test_shortv_takes_the_papers_list_for_each_model():
+    from models.methods import SHORTV_PAPER
+
+    for (family, depth), (n, ranking) in SHORTV_PAPER.items():
+        plan = resolve_arch(yaml.safe_load((CONF / "shortv.yaml").read_text()), depth, 32, family)
+        assert sorted(i for i, p in enumerate(plan.layers) if not p.updates_visual) == sorted(ranking[:n])
+    assert sum(not p.updates_visual for p in resolve_arch({"methods": {"shortv": {}}}, 4, 4, "llava_next").layers) == 2  # scaled
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if p not in ("visipruner", "cls_knee")])
+def test_analytic_flops_match_flop_counter_on_next(name):
+    """On LLaVA-NeXT (tiles, newlines, rows of different lengths) the analytic count of one image's
+    layout equals FlopCounterMode on the real forward."""
+    from models.flops import ImageTokens
+    from tests.helpers import next_batch
+    from tests.test_plans_next import next_plan_model
+
+    model = next_plan_model(name, {})
+    ids, mask, pixels, sizes = next_batch(model.config, prefix=3, suffix=9)
+    config = model.config
+    shape = Shape.from_hf(model.text_config)
+    for row in range(len(sizes)):  # one row (one image) at a time: the analytic count is per sample
+        keep = mask[row].bool()
+        one = ids[row : row + 1, keep], mask[row : row + 1, keep], pixels[row : row + 1], sizes[row : row + 1]
+        with torch.no_grad():
+            layout, text, vis = model.embed_inputs(*one[:3], one[3])
+            keys = image_keys_for(model.plan, one[2], images_per_row(vis))
+            measured, _ = measure_flops(run_decoder, model.language_model, model.plan, text, vis, query_index(text, None),
+                                        model.xattn, image_keys=keys,
+                                        rope=model.rope_table(text, one[0].shape[1]) if model.plan.renumbers else None)
+        image = ImageTokens.from_places(config.model_family.image_places(config, tuple(sizes[row].tolist())))
+        terms, _ = plan_terms(shape, model.plan, image, text.n)
+        assert abs(sum(terms.values()) - measured) / measured < 0.02, (name, row, sum(terms.values()), measured)
