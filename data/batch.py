@@ -23,7 +23,8 @@ class Batch:
     labels: Tensor  # [B, L], IGNORE outside assistant replies
     prompt_ids: Tensor  # [B, P] left-padded: everything before the evaluated reply (generation; data/validity.py)
     prompt_mask: Tensor  # [B, P]
-    pixel_values: Tensor | None  # [images of all rows, 3, H, W] in row order, or None for text-only batches
+    pixel_values: Tensor | None  # images of all rows in row order: [N, 3, H, W], or [N, tiles, 3, H, W] for tiling
+                                 # families (LLaVA-NeXT; zero tiles pad); None for text-only batches
     answers: list[str]  # the evaluated reply of each row (exact-match target)
     skills: list[str]  # what each row tests ("all" when the data has no skills)
     keys: list[str]  # shard sample keys (for messages about bad samples)
@@ -33,14 +34,20 @@ class Batch:
     stream_pos: tuple[int, ...] | None = None  # training-stream position of the last row (resume)
     n_tokens: int = 0  # rows x longest row: what the model processes, padding included
     n_padding: int = 0  # of those, padding
+    image_sizes: Tensor | None = None  # [N, 2] each image's original (height, width): a tiling family's layout
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def images(self) -> dict[str, Tensor | None]:
+        """The model's image inputs (`model(ids, mask, **batch.images)`)."""
+        return {"pixel_values": self.pixel_values, "image_sizes": self.image_sizes}
+
     def blank_images(self) -> "Batch":
         """The same batch with every image replaced by zeros (the normalised mean image)."""
-        return replace(self, pixel_values=None if self.pixel_values is None else torch.zeros_like(self.pixel_values))
+        return replace(self, pixel_values=None if self.pixel_values is None else torch.zeros_like(self.pixel_values))  # sizes stay
 
 
 class Collator:
@@ -52,7 +59,7 @@ class Collator:
     def __call__(self, samples: list[dict]) -> Batch:
         ids = [s["input_ids"] for s in samples]
         prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
-        images = [_as_images(s["pixel_values"]) for s in samples if s["pixel_values"] is not None]
+        pixel_values, image_sizes = collate_images(samples)
         pos = samples[-1].get("stream_pos")  # one worker made the whole batch; its last sample
         lengths = [len(i) for i in ids]
         return Batch(
@@ -61,7 +68,7 @@ class Collator:
             labels=pad([[IGNORE] * len(s["labels"]) if s.get("padding") else s["labels"] for s in samples], IGNORE),
             prompt_ids=pad(prompts, self.pad_id, left=True),
             prompt_mask=pad([[1] * len(p) for p in prompts], 0, left=True),
-            pixel_values=torch.cat(images) if images else None,
+            pixel_values=pixel_values,
             answers=[s["answer"] for s in samples],
             skills=[s["skill"] for s in samples],
             keys=[s["key"] for s in samples],
@@ -71,9 +78,30 @@ class Collator:
             stream_pos=tuple(int(v) for v in pos) if pos is not None else None,
             n_tokens=len(ids) * max(lengths),
             n_padding=len(ids) * max(lengths) - sum(lengths),
+            image_sizes=image_sizes,
         )
 
 
-def _as_images(pixel_values: Tensor) -> Tensor:
-    """A sample's images as [n, 3, H, W] (one image may come as [3, H, W])."""
-    return pixel_values.unsqueeze(0) if pixel_values.dim() == 3 else pixel_values
+def collate_images(samples: list[dict]) -> tuple[Tensor | None, Tensor | None]:
+    """Every row's images in row order, and their sizes (when every sample gives them).
+
+    A sample's `pixel_values` is a tensor [n, 3, H, W] (or one image [3, H, W]) or a list with one
+    tensor per image: [3, H, W], or [tiles, 3, H, W] for a tiling family, whose images are padded
+    with zero tiles to the batch's most (transformers' LlavaNext layout)."""
+    images, sizes = [], []
+    for s in samples:
+        pv = s["pixel_values"]
+        if pv is None:
+            continue
+        images += list(pv) if isinstance(pv, (list, tuple)) else list(pv.unsqueeze(0) if pv.dim() == 3 else pv)
+        sizes += list(s.get("image_sizes") or [])
+    if not images:
+        return None, None
+    sizes_t = torch.tensor(sizes, dtype=torch.long) if len(sizes) == len(images) else None
+    if images[0].dim() == 3:
+        return torch.stack(images), sizes_t
+    tiles = max(len(im) for im in images)
+    out = images[0].new_zeros(len(images), tiles, *images[0].shape[1:])
+    for i, im in enumerate(images):
+        out[i, : len(im)] = im
+    return out, sizes_t

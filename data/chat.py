@@ -114,7 +114,7 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tup
 class ChatTokenizer:
     """Turns LLaVA `conversations` into model inputs for one template and tokenizer."""
 
-    def __init__(self, tokenizer, template: str, num_image_tokens: int, max_length: int, system: str | None = None):
+    def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -131,11 +131,14 @@ class ChatTokenizer:
 
     def encode(self, conversations: list[dict], n_images: int = 1, image_tokens: list[int] | None = None) -> Encoded:
         """Token ids and labels of a conversation with `n_images` images, each `<image>` expanded to
-        `image_tokens[k]` visual tokens (default: `num_image_tokens` each).
+        `image_tokens[k]` visual tokens (default: `num_image_tokens` each; None for a family whose
+        count depends on the image size, whose callers always pass the counts).
 
         Raises InvalidSample (data/validity.py) for a conversation that is not a usable sample, or
         one whose image tokens would be cut at `max_length` (`too_long`)."""
         conv = check_conversation(conversations, n_images)
+        if image_tokens is None and self.num_image_tokens is None and n_images:
+            raise ValueError("this ChatTokenizer has no fixed count of visual tokens per image: pass image_tokens (one count per image)")
         counts = [self.num_image_tokens] * n_images if image_tokens is None else list(image_tokens)
         if len(counts) != n_images:
             raise ValueError(f"{len(counts)} image token count(s) for {n_images} image(s)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -14,7 +14,7 @@ from models.config import ConfigError, check_types
 
 from .batch import Batch, Collator
 from .chat import ChatTokenizer
-from .images import decode, preprocess
+from .images import decode
 from .even_eval import EvenEvalStream
 from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
@@ -57,13 +57,15 @@ class DataConfig:
 
 @dataclass
 class ImageSpec:
-    """What the model takes as images: their size and normalisation, and how many one sample may
-    hold (`max_images_per_sample`; None: any number, as LLaVA-1.5 and HF's LlavaForConditionalGeneration
-    take several images per row). Samples with more are skipped and counted (`too_many_images`)."""
+    """What the model takes as images, from its family (models/families/): `processor` turns a PIL
+    image into the model's pixels and reports its original size (`.pixels`, `.size`: LLaVA-1.5 pads
+    to a square, LLaVA-NeXT tiles), `tokens` gives the visual tokens of an image of a size (its
+    placeholders in the prompt), and `max_images_per_sample` how many one sample may hold (None: any
+    number, as LLaVA-1.5 and HF's LlavaForConditionalGeneration take several images per row).
+    Samples with more are skipped and counted (`too_many_images`)."""
 
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    processor: Callable[[Any], Any]
+    tokens: Callable[[tuple[int, int]], int] | None = None  # None: the ChatTokenizer's fixed count per image
     max_images_per_sample: int | None = None
 
 
@@ -77,17 +79,12 @@ class SampleEncoder:
         self.chat = chat
         self.image = image
 
-    def image_tokens(self, images: list[bytes]) -> list[int]:
-        """Visual tokens per image, in order (a fixed count per image for LLaVA-1.5)."""
-        return [self.chat.num_image_tokens] * len(images)
-
     def __call__(self, raw: dict) -> dict:
         record, images, _ = parse_record(raw)
         check_image_count(len(images), self.image.max_images_per_sample)
-        enc = self.chat.encode(record["conversations"], n_images=len(images), image_tokens=self.image_tokens(images))
-        pixel_values = None
-        if images:
-            pixel_values = torch.stack([self._pixels(data, k) for k, data in enumerate(images)])  # [n_images, 3, H, W]
+        processed = [self._pixels(data, k) for k, data in enumerate(images)]
+        counts = [self.image.tokens(p.size) for p in processed] if self.image.tokens else None  # NeXT: by each image's size
+        enc = self.chat.encode(record["conversations"], n_images=len(images), image_tokens=counts)
         skills = record.get("skills") or []
         return {
             "key": raw.get("__key__", ""),
@@ -96,16 +93,17 @@ class SampleEncoder:
             "prompt_len": enc.prompt_len,
             "answer": enc.answer,
             "skill": str(skills[-1]) if isinstance(skills, list) and skills else "all",
-            "pixel_values": pixel_values,
+            "pixel_values": [p.pixels for p in processed] if processed else None,
+            "image_sizes": [tuple(p.size) for p in processed],
             "truncated": enc.truncated,
         }
 
-    def _pixels(self, data: bytes, k: int) -> torch.Tensor:
+    def _pixels(self, data: bytes, k: int):
         try:
             image = decode(data)
         except Exception as e:  # PIL raises many exception types for broken files
             raise InvalidSample("corrupt_image", f"image {k} does not decode ({type(e).__name__}: {e})") from None
-        return preprocess(image, self.image.size, self.image.mean, self.image.std)
+        return self.image.processor(image)
 
 
 class EvalLoader(DataLoader):

@@ -90,6 +90,10 @@ class SyntheticConfig:
     turns_per_image: int = 6
     describe: bool = True  # train conversations end with a dense scene description turn
     samples_per_shard: int = 1000
+    # The high-resolution variant (conf/data/synthetic_hires.yaml): each square scene is centred on a
+    # canvas of one of these widths (background on the sides), drawn per sample, so images of one
+    # batch have different aspect ratios and, for a tiling family (LLaVA-NeXT), different token counts.
+    canvas_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image_size < 64 or self.image_size % 2:  # smaller: no room for the dot between objects
@@ -98,11 +102,15 @@ class SyntheticConfig:
             raise ValueError("n_train and n_val must be >= 0")
         if self.turns_per_image < 1 or self.samples_per_shard < 1:
             raise ValueError("turns_per_image and samples_per_shard must be >= 1")
+        object.__setattr__(self, "canvas_widths", tuple(int(w) for w in self.canvas_widths))  # a frozen dataclass
+        if any(w < self.image_size for w in self.canvas_widths):
+            raise ValueError(f"canvas_widths {list(self.canvas_widths)} must be >= image_size {self.image_size}")
 
 
 def config_hash(cfg: SyntheticConfig) -> str:
     """Identifies the dataset content: the config plus the format version."""
-    payload = json.dumps({"format_version": FORMAT_VERSION, "config": asdict(cfg)}, sort_keys=True)
+    config = {k: v for k, v in asdict(cfg).items() if not (k == "canvas_widths" and not v)}  # older caches stay valid
+    payload = json.dumps({"format_version": FORMAT_VERSION, "config": config}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -358,6 +366,16 @@ def describe(scene: Scene) -> str:
     return " , ".join(parts + [f"{scene.dot.color} dot"]) + " ."
 
 
+def canvas(cfg: SyntheticConfig, split: str, index: int, image: Image.Image) -> Image.Image:
+    """`image` centred on its sample's canvas width (its own random stream: the scene is unchanged)."""
+    if not cfg.canvas_widths:
+        return image
+    width = sample_rng(cfg.seed, f"{split}-canvas", index).choice(cfg.canvas_widths)
+    out = Image.new("RGB", (width, cfg.image_size), BACKGROUND)
+    out.paste(image, ((width - cfg.image_size) // 2, 0))
+    return out
+
+
 def make_record(sample_id: str, scene: Scene, questions: list[Question], with_description: bool = False) -> dict:
     """LLaVA-style conversation; ``<image>`` once, at the start of the first human turn."""
     conversations = []
@@ -439,7 +457,7 @@ def _write_split(directory: Path, cfg: SyntheticConfig, split: str, bar: tqdm) -
                 scene, record = make_sample(cfg, split, index)
                 answers = [t["value"] for t in record["conversations"][1::2]]
                 skill_answers += [(k, a) for k, a in zip(record["skills"], answers) if k in SKILLS]
-                writer.write({"__key__": record["id"], "png": encode_png(render(scene)),
+                writer.write({"__key__": record["id"], "png": encode_png(canvas(cfg, split, index, render(scene))),
                               "json": json.dumps(record).encode("utf-8")})
                 bar.update(1)
         shards.append(name)

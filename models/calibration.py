@@ -36,6 +36,7 @@ class PromptBatch(Protocol):
     prompt_ids: Tensor
     prompt_mask: Tensor
     pixel_values: Tensor | None
+    image_sizes: Tensor | None
 
 
 KL_DIRECTIONS = ("mod_base", "base_mod")  # KL(p_modified || p_base) (ShortV/VTW code) or the reverse
@@ -126,7 +127,8 @@ def kl_divergence(base_logp: Tensor, mod_logp: Tensor, direction: str = "mod_bas
 def last_logits(model: MLLM, batch: PromptBatch, hook: LayerHook | None = None) -> Tensor:
     """Next-token logits [B, V] at the end of each prompt (prefill under the model's plan), with
     `hook` observing or replacing each layer's output."""
-    return model(batch.prompt_ids, batch.prompt_mask, batch.pixel_values, logits="last", layer_hook=hook).logits
+    return model(batch.prompt_ids, batch.prompt_mask, batch.pixel_values, logits="last", layer_hook=hook,
+                 image_sizes=getattr(batch, "image_sizes", None)).logits
 
 
 def _freeze_text_hook(layer: int) -> LayerHook:

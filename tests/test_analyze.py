@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from data.chat import ChatTokenizer
 from data.batch import Collator
+from models.families.llava import PadToSquare
 from data.datamodule import ImageSpec, SampleEncoder
 from data.pipeline import ShardStream
 from models import MLLM, MLLMConfig
@@ -246,7 +247,7 @@ def checkpoint(synthetic_dir, task_tokenizer, tmp_path_factory):
     base = small_task_model_config()
     config = MLLMConfig(**{**base.__dict__, "text": {**base.text, "num_hidden_layers": DEPTH}})
     chat = ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system="")
-    stream = ShardStream(sorted(str(p) for p in root.glob("train-*.tar")), SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3)))
+    stream = ShardStream(sorted(str(p) for p in root.glob("train-*.tar")), SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3))))
     collate, samples = Collator(0), iter(stream)
     torch.manual_seed(0)
     model = MLLM.from_config(config)

@@ -77,7 +77,8 @@ def test_data_module_logs_the_padding_fraction_of_grouped_batches(synthetic_dir,
     import lightning as L
 
     from data.chat import ChatTokenizer
-    from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
+    from models.families.llava import PadToSquare
+from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
     from models.plan import Plan
     from tests.test_train import small_task_model_config
     from train.model_source import ModelSource
@@ -87,7 +88,7 @@ def test_data_module_logs_the_padding_fraction_of_grouped_batches(synthetic_dir,
 
     root, _ = synthetic_dir
     config = small_task_model_config()
-    encoder = SampleEncoder(ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system=""), ImageSpec(64, (0.5,) * 3, (0.5,) * 3))
+    encoder = SampleEncoder(ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system=""), ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3)))
     urls = sorted(str(p) for p in root.glob("train-*.tar")), sorted(str(p) for p in root.glob("val-*.tar"))
 
     def data(grouped: bool) -> MLLMDataModule:

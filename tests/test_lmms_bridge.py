@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data.chat import TEMPLATES, ChatTokenizer, render
-from data.images import preprocess
+from models.families.llava import PadToSquare
 from models import MLLM
 from models.config import CLIP_MEAN, CLIP_STD, ConfigError
 from models.generation import greedy_generate
@@ -63,7 +63,7 @@ def test_image_processing_equals_transformers_llava_processor(size, pad):
 def test_our_models_are_preprocessed_as_in_training():
     config = task_model_config()
     img = random_image(90, 50)
-    assert torch.equal(ImageProcessing.for_model(config)(img), preprocess(img, 64, config.image_mean, config.image_std))
+    assert torch.equal(ImageProcessing.for_model(config)(img), PadToSquare(64, config.image_mean, config.image_std)(img).pixels)
 
 
 def test_llava_hf_preprocessor_config_pads_unless_told_otherwise():

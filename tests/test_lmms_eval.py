@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from data.chat import ChatTokenizer
+from models.families.llava import PadToSquare
 from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
-from data.images import preprocess
 from data.synthetic import SyntheticConfig, ensure_generated
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLM
@@ -49,7 +49,7 @@ def export_dir(tmp_path_factory, task_tokenizer):
     config = task_model_config()
     chat = ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system="")
     dm = MLLMDataModule(sorted(str(p) for p in shards.glob("train-*.tar")), sorted(str(p) for p in shards.glob("val-*.tar")),
-                        SampleEncoder(chat, ImageSpec(64, config.image_mean, config.image_std)), pad_id=0, batch_size=16,
+                        SampleEncoder(chat, ImageSpec(PadToSquare(64, config.image_mean, config.image_std))), pad_id=0, batch_size=16,
                         eval_batch_size=8, num_workers=0, shuffle_buffer=50)
     dm.setup("fit")
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def own_evaluation(export: Path, arch: str, tasks_dir: Path) -> dict:
         return chat.encode([{"from": "human", "value": f"<image>\n{doc['question']}"}, {"from": "gpt", "value": reply}])
 
     def pixels(doc):
-        return preprocess(Image.open(doc["image"]).convert("RGB"), 64, model.config.image_mean, model.config.image_std)[None]
+        return PadToSquare(64, model.config.image_mean, model.config.image_std)(Image.open(doc["image"]).convert("RGB")).pixels[None]
 
     def answer(doc):
         enc = encode(doc, doc["answer"])

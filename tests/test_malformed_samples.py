@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from data.chat import ChatTokenizer
 from data.batch import Collator
+from models.families.llava import PadToSquare
 from data.datamodule import EvalLoader, ImageSpec, SampleEncoder
 from data.skips import SkipLog
 from data.validity import InvalidSample
@@ -55,7 +56,7 @@ def write_shard(path, keys):
 
 def encoder(tokenizer):
     chat = ChatTokenizer(tokenizer, "vicuna", num_image_tokens=64, max_length=512, system="")
-    return SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3))
+    return SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3)))
 
 
 def skip_logs(caplog):
@@ -102,7 +103,7 @@ def test_validation_counts_skipped_samples_in_data_skipped_samples(tmp_path, tas
               write_shard(tmp_path / "val-000001.tar", ["no_value", "a", "not_utf8"])]
     config = small_task_model_config()
     chat = ChatTokenizer(task_tokenizer, "vicuna", config.num_image_tokens, 512, system="")
-    loader = DataLoader(ShardStream(shards, SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3))), batch_size=2,
+    loader = DataLoader(ShardStream(shards, SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3)))), batch_size=2,
                         collate_fn=Collator(task_tokenizer.pad_token_id))
     module = MLLMModule(
         ModelSource(name="small", config=asdict(config), system_prompt=""), Plan.dense(config.hf_text_config().num_hidden_layers),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from data.batch import Collator
 from data.chat import ChatTokenizer
+from models.families.llava import PadToSquare
 from data.datamodule import ImageSpec, SampleEncoder
 from data.members import image_members, member_names
 from data.pipeline import ShardStream
@@ -42,7 +43,7 @@ def raw(key, n_images, colors=COLORS, **extra):
 
 def encoder(tokenizer, n_v, max_images=None):
     chat = ChatTokenizer(tokenizer, "vicuna", num_image_tokens=n_v, max_length=1024, system="")
-    return SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3, max_images_per_sample=max_images))
+    return SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3), max_images_per_sample=max_images))
 
 
 def test_member_names_keep_single_image_shards_as_they_were():

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from data.chat import ChatTokenizer
 from data.batch import Collator
+from models.families.llava import PadToSquare
 from data.datamodule import ImageSpec, SampleEncoder
 from data.pipeline import ShardStream
 from data.synthetic import load_meta
@@ -18,7 +19,7 @@ from data.synthetic import load_meta
 
 def encoder(tokenizer, n_v=256):
     chat = ChatTokenizer(tokenizer, "vicuna", num_image_tokens=n_v, max_length=512, system="")
-    return SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3))
+    return SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3)))
 
 
 def shards(root, split):

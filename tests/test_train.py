@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.chat import ChatTokenizer
+from models.families.llava import PadToSquare
 from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
 from models import MLLM, MLLMConfig
 from models.plan import Plan
@@ -50,7 +51,7 @@ def small_task_data(root, tokenizer, config, **loader) -> MLLMDataModule:
     return MLLMDataModule(
         sorted(str(p) for p in root.glob("train-*.tar")),
         sorted(str(p) for p in root.glob("val-*.tar")),
-        SampleEncoder(chat, ImageSpec(64, (0.5,) * 3, (0.5,) * 3)),
+        SampleEncoder(chat, ImageSpec(PadToSquare(64, (0.5,) * 3, (0.5,) * 3))),
         pad_id=0, num_workers=0, **loader,
     )
 

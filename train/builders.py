@@ -136,8 +136,8 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
     shards = data.source.prepare()
     tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
     arch = model.mllm_config
-    chat = ChatTokenizer(tokenizer, model.chat_template, arch.num_image_tokens, data.max_length, model.system_prompt)
-    image = ImageSpec(arch.hf_vision_config().image_size, arch.image_mean, arch.image_std, model.max_images_per_sample)
+    chat = ChatTokenizer(tokenizer, model.chat_template, None, data.max_length, model.system_prompt)
+    image = image_spec(arch, model.max_images_per_sample)
     dm = MLLMDataModule(
         shards.train,
         shards.val,
@@ -152,6 +152,11 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
         group_buffer_batches=data.group_buffer_batches,
     )
     return tokenizer, dm
+
+
+def image_spec(config, max_images_per_sample: int | None = None) -> ImageSpec:
+    """What the data module needs of the model's images: its family's preprocessing and token counts."""
+    return ImageSpec(config.model_family.image_processor(config), config.tokens_per_image, max_images_per_sample)
 
 
 def build_module(run: RunConfig, tokenizer) -> MLLMModule:

@@ -14,7 +14,7 @@ import time
 import lightning as L
 import torch
 
-from models.flops import Shape, prefill_flops
+from models.flops import ImageTokens, Shape, prefill_flops
 from models.plan import Plan
 
 # dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity)
@@ -42,18 +42,19 @@ class EfficiencyMetrics(L.Callback):
             return
         model = module.model
         ids, mask, pixels = batch.prompt_ids, batch.prompt_mask, batch.pixel_values
-        n_v = model.config.num_image_tokens if pixels is not None else 0
-        n_text = float(mask.sum(1).float().mean()) - (n_v if pixels is not None else 0)
         shape = Shape.from_hf(model.text_config)
         kw = dict(convention=self.convention, ffn="swiglu")
-        plan_flops = prefill_flops(shape, model.plan, n_v, round(n_text), scope=self.scope, **kw)
-        dense_flops = prefill_flops(shape, Plan.dense(shape.layers), n_v, round(n_text), scope=self.scope, **kw)
-        visual = prefill_flops(shape, model.plan, n_v, round(n_text), scope="visual_side", **kw)
+        plan_flops = dense_flops = visual = 0.0
+        rows = sample_visual_tokens(model, batch)
+        for n_v, n_text in rows:  # per sample, averaged over the batch's rows (images of different sizes count as they are)
+            plan_flops += prefill_flops(shape, model.plan, n_v, n_text, scope=self.scope, **kw) / len(rows)
+            dense_flops += prefill_flops(shape, Plan.dense(shape.layers), n_v, n_text, scope=self.scope, **kw) / len(rows)
+            visual += prefill_flops(shape, model.plan, n_v, n_text, scope="visual_side", **kw) / len(rows)
 
         sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
         sync()
         t = time.perf_counter()
-        out = model(ids, mask, pixels, logits="last", use_cache=True)
+        out = model(ids, mask, pixels, logits="last", use_cache=True, image_sizes=batch.image_sizes)
         sync()
         prefill_ms = 1e3 * (time.perf_counter() - t)
         state, token = out.cache, out.logits.argmax(-1)
@@ -85,6 +86,34 @@ class EfficiencyMetrics(L.Callback):
             sync_dist=True,
             batch_size=b,
         )
+
+
+def n_visual(visual) -> int:
+    return visual if isinstance(visual, int) else visual.n
+
+
+def sample_visual_tokens(model, batch, prompts: bool = True) -> list[tuple]:
+    """Per row: its visual tokens for the FLOPs model (the family's layout of its image when it
+    holds one image, else the count of its image tokens) and its text tokens (of the prompt)."""
+    ids, mask = (batch.prompt_ids, batch.prompt_mask) if prompts else (batch.input_ids, batch.attention_mask)
+    config = model.config
+    is_image = (ids == config.image_token_id) & mask.bool()
+    per_row = is_image.sum(1).tolist()
+    sizes = batch.image_sizes.tolist() if batch.image_sizes is not None else None
+    out, image = [], 0
+    for r, count in enumerate(per_row):
+        n_images = 0
+        if count and config.model_family.variable_tokens and sizes is not None:
+            total = 0
+            while total < count and image + n_images < len(sizes):
+                total += config.tokens_per_image(tuple(sizes[image + n_images]))
+                n_images += 1
+        visual = count
+        if n_images == 1:
+            visual = ImageTokens.from_places(config.model_family.image_places(config, tuple(sizes[image])))
+        image += n_images
+        out.append((visual, int(mask[r].sum()) - count))
+    return out
 
 
 class Throughput(L.Callback):
@@ -143,9 +172,9 @@ class Throughput(L.Callback):
             if peak:
                 model = module.model
                 shape = Shape.from_hf(model.text_config)
-                n_v = model.config.num_image_tokens if batch.pixel_values is not None else 0
-                b, length = batch.input_ids.shape
-                step_flops = 3 * prefill_flops(shape, model.plan, n_v, length - n_v) * b  # forward + backward
+                length = batch.input_ids.shape[1]
+                step_flops = 3 * sum(prefill_flops(shape, model.plan, n_v, length - n_visual(n_v))  # forward + backward
+                                     for n_v, _ in sample_visual_tokens(model, batch, prompts=False))
                 metrics["perf/mfu"] = step_flops / seconds / peak
         module.log_dict(metrics, batch_size=batch.input_ids.shape[0])
 

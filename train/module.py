@@ -107,7 +107,7 @@ class MLLMModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
+        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
         self._count_skips(batch)
         bs = batch.size
         loss = self.nonfinite.check(self, out.loss, bs)  # NaN on every rank when any rank's loss is NaN/Inf
@@ -138,7 +138,7 @@ class MLLMModule(L.LightningModule):
         self._val_loss = [0.0, 0]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.model(batch.input_ids, batch.attention_mask, batch.pixel_values, labels=batch.labels)
+        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
         self._count_skips(batch)  # bad evaluation samples count like training ones
         self._val_loss[0] += float(out.loss) * out.n_loss_tokens
         self._val_loss[1] += out.n_loss_tokens
@@ -156,6 +156,7 @@ class MLLMModule(L.LightningModule):
             batch.prompt_ids,
             batch.prompt_mask,
             batch.pixel_values,
+            image_sizes=batch.image_sizes,
             max_new_tokens=self.evaluation.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,

@@ -57,7 +57,8 @@ def print_summary(summary: dict) -> None:
         f"config:   {summary['run_dir']}/config.yaml",
     ]
     if "export" in summary:
-        lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / LlavaForConditionalGeneration.from_pretrained)")
+        loader = summary.get("export_class", "LlavaForConditionalGeneration")
+        lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / {loader}.from_pretrained)")
     print("\n".join(lines), flush=True)
 
 

@@ -6,7 +6,7 @@ the files transformers and llava-hf checkpoints use, so `EvalProcessor.from_pret
 `efficient_mllm` model and transformers' LlavaProcessor read them the same way:
 
 * `preprocessor_config.json`: LlavaImageProcessor fields (pad to square with the mean colour, resize
-  to the tower's image size, mean/std), i.e. `data.images.preprocess`;
+  to the tower's image size, mean/std), i.e. the llava family's `PadToSquare` (models/families/llava.py);
 * `chat_template.jinja`: the data/chat.py template with the training system prompt baked in;
 * `generation_config.json`: `eos_token_id` = EOS and the template's end-of-reply token.
 """
@@ -20,6 +20,17 @@ from models import MLLMConfig
 
 from .preprocess import PREPROCESSOR_FILE, ImageProcessing
 from .processor import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, EvalProcessor
+
+
+def preprocessor_fields(config: MLLMConfig) -> dict:
+    """What preprocessor_config.json holds: LlavaImageProcessor fields (pad to square) for LLaVA-1.5,
+    the family's transformers image processor's own for the others (LLaVA-NeXT: LlavaNextImageProcessor)."""
+    if not config.model_family.variable_tokens:
+        return ImageProcessing.for_model(config).to_dict()
+    processor = config.model_family.image_processor(config).processor
+    fields = processor.to_dict()
+    fields.pop("do_pad", None)  # transformers pads the tiles of a batch itself
+    return {**fields, "image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor"}
 
 
 def write_eval_files(export_dir: str | Path, chat_template: str, system_prompt: str | None = None, tokenizer=None) -> list[Path]:
@@ -41,7 +52,7 @@ def write_eval_files(export_dir: str | Path, chat_template: str, system_prompt: 
         tokenizer = load_pretrained_tokenizer(export_dir)
     processor = EvalProcessor.for_training(tokenizer, config, chat_template, system_prompt)
     files = {
-        PREPROCESSOR_FILE: json.dumps(ImageProcessing.for_model(config).to_dict(), indent=2) + "\n",
+        PREPROCESSOR_FILE: json.dumps(preprocessor_fields(config), indent=2) + "\n",
         CHAT_TEMPLATE_FILE: processor.prompts.chat_template,
         GENERATION_CONFIG_FILE: json.dumps(
             {"eos_token_id": processor.stop_ids, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}, indent=2

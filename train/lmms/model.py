@@ -23,6 +23,8 @@ import os
 from collections import defaultdict
 
 import torch
+
+from data.batch import collate_images
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
@@ -126,10 +128,11 @@ class EfficientMLLM(lmms):
                 prompts, pixels = [], []
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    images = self._images(doc_to_visual, task, split, doc_id)
-                    prompts.append(self.processor.prompts.encode(context, len(images)))
-                    pixels += [self.processor.images(im) for im in images]
-                new = generate(self.model, prompts, self._pixel_values(pixels), max_new_tokens, self.processor.stop_ids, self.processor.pad_id)
+                    images = [self.processor.image(im) for im in self._images(doc_to_visual, task, split, doc_id)]
+                    prompts.append(self.processor.prompts.encode(context, len(images), self.processor.tokens(images)))
+                    pixels += images
+                pixel_values, sizes = self._pixel_values(pixels)
+                new = generate(self.model, prompts, pixel_values, max_new_tokens, self.processor.stop_ids, self.processor.pad_id, sizes)
                 for i, ids in zip(batch, new):
                     answers[i] = _cut(self.tokenizer.decode(ids, skip_special_tokens=True), until)
                 bar.update(len(batch))
@@ -158,12 +161,13 @@ class EfficientMLLM(lmms):
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 if not isinstance(continuation, str):
                     raise ValueError(f"task {task}: the loglikelihood target must be a string, got {continuation!r}")
-                images = self._images(doc_to_visual, task, split, doc_id)
+                images = [self.processor.image(im) for im in self._images(doc_to_visual, task, split, doc_id)]
                 prompt = self.processor.prompts.render(context, len(images))
-                prompts.append(self.processor.prompts.expand(self.processor.prompts.tokenize(prompt)))
+                prompts.append(self.processor.prompts.expand(self.processor.prompts.tokenize(prompt), self.processor.tokens(images)))
                 continuations.append(self.processor.prompts.continuation(prompt, continuation))
-                pixels += [self.processor.images(im) for im in images]
-            scores = continuation_logprobs(self.model, prompts, continuations, self._pixel_values(pixels), self.processor.pad_id)
+                pixels += images
+            pixel_values, sizes = self._pixel_values(pixels)
+            scores = continuation_logprobs(self.model, prompts, continuations, pixel_values, self.processor.pad_id, sizes)
             for i, (logprob, greedy) in zip(batch, scores):
                 results[i] = GenerationResult(text=(-logprob, greedy))
             bar.update(len(batch))
@@ -185,8 +189,12 @@ class EfficientMLLM(lmms):
                 raise ValueError(f"task {task}: efficient_mllm takes images, but doc_to_visual gave a {type(v).__name__} (video/audio are not supported)")
         return visuals
 
-    def _pixel_values(self, pixels: list[torch.Tensor]) -> torch.Tensor | None:
-        return torch.stack(pixels).to(self.device, self.model.dtype) if pixels else None
+    def _pixel_values(self, images: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batch's pixel values and image sizes, laid out as training batches them (data.batch)."""
+        pixels, sizes = collate_images([{"pixel_values": [im.pixels for im in images], "image_sizes": [im.size for im in images]}])
+        if pixels is None:
+            return None, None
+        return pixels.to(self.device, self.model.dtype), sizes.to(self.device)
 
 
 def _greedy_settings(gen_kwargs: dict, task: str) -> tuple[int, list[str]]:

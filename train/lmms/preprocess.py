@@ -5,7 +5,7 @@ edge, center crop, CLIP mean/std). LLaVA-1.5 itself was trained on images padded
 the mean colour first (`image_aspect_ratio: pad`, arXiv 2310.03744), which that config does not
 record: transformers' LlavaImageProcessor has `do_pad` for it, off by default. `pad_to_square`
 decides; `None` reads `do_pad` from the config and pads when the key is absent, because every
-checkpoint this bridge loads (LLaVA-1.5 and our exports, see data/images.py) was trained padded.
+checkpoint this bridge loads (LLaVA-1.5 and our exports, see models/families/llava.py) was trained padded.
 torchvision is not needed; the result equals transformers' PIL-backend LlavaImageProcessor.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.images import expand_to_square
+from models.families.llava import expand_to_square
 from models import MLLMConfig
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -37,7 +37,7 @@ class ImageProcessing:
 
     @classmethod
     def for_model(cls, config: MLLMConfig) -> "ImageProcessing":
-        """What training did (`data.images.preprocess`): pad, resize to the tower's size, normalise."""
+        """What training did (the llava family's `PadToSquare`): pad, resize to the tower's size, normalise."""
         size = config.hf_vision_config().image_size
         return cls(size, size, tuple(config.image_mean), tuple(config.image_std), pad_to_square=True)
 

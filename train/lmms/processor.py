@@ -10,6 +10,7 @@ from pathlib import Path
 from data.chat import IMAGE, TEMPLATES
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLMConfig
+from models.family import ProcessedImage
 
 from .preprocess import ImageProcessing
 from .prompts import PromptEncoder, jinja_template
@@ -22,12 +23,22 @@ CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_te
 class EvalProcessor:
     tokenizer: object
     prompts: PromptEncoder
-    images: ImageProcessing
+    images: object  # PIL image -> pixels: ImageProcessing (LLaVA-1.5), or the family's own (LLaVA-NeXT's tiles)
     stop_ids: list[int]  # generation ends at any of these (EOS and the template's end-of-reply token)
+    config: MLLMConfig | None = None
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    def image(self, image) -> ProcessedImage:
+        """One image as the model takes it (pixels and original size) and its visual-token count."""
+        out = self.images(image)
+        return out if isinstance(out, ProcessedImage) else ProcessedImage(out, (image.height, image.width))
+
+    def tokens(self, images: list[ProcessedImage]) -> list[int]:
+        """Each image's visual tokens (its size's, for a tiling family)."""
+        return [self.config.tokens_per_image(im.size) for im in images]
 
     @classmethod
     def for_training(cls, tokenizer, config: MLLMConfig, chat_template: str, system_prompt: str | None = None) -> "EvalProcessor":
@@ -35,7 +46,7 @@ class EvalProcessor:
         template = _template(chat_template)
         system = template.default_system if system_prompt is None else system_prompt
         stops = [tokenizer.eos_token_id, *_single_token_ids(tokenizer, [template.stop.strip()])]
-        return cls._build(tokenizer, config, jinja_template(template, system), ImageProcessing.for_model(config), stops)
+        return cls._build(tokenizer, config, jinja_template(template, system), images_for(config), stops)
 
     @classmethod
     def from_pretrained(
@@ -65,12 +76,23 @@ class EvalProcessor:
             stops += _single_token_ids(tokenizer, [template.stop.strip()])
         elif system_prompt is not None:
             raise ValueError(f"system_prompt applies to data/chat.py templates; {path} has its own chat template (pass chat_template=<name> to replace it)")
-        return cls._build(tokenizer, config, jinja, ImageProcessing.from_pretrained(path, config, pad_to_square), stops)
+        images = images_for(config) if config.model_family.variable_tokens else ImageProcessing.from_pretrained(path, config, pad_to_square)
+        return cls._build(tokenizer, config, jinja, images, stops)
 
     @classmethod
-    def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images: ImageProcessing, stops: list[int]) -> "EvalProcessor":
-        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, config.num_image_tokens)
-        return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}))
+    def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images, stops: list[int]) -> "EvalProcessor":
+        fixed = None if config.model_family.variable_tokens else config.num_image_tokens
+        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed)
+        return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}), config)
+
+
+def images_for(config: MLLMConfig):
+    """Training's preprocessing for `config`: LLaVA-1.5's pad-to-square as `ImageProcessing` (it
+    round-trips through preprocessor_config.json), or the family's own processor (LLaVA-NeXT:
+    transformers' LlavaNextImageProcessorPil with the checkpoint's pinpoints)."""
+    if config.model_family.variable_tokens:
+        return config.model_family.image_processor(config)
+    return ImageProcessing.for_model(config)
 
 
 def _template(name: str):

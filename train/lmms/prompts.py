@@ -53,7 +53,7 @@ def jinja_template(template: Template, system: str) -> str:
 class PromptEncoder:
     """Renders a question with `n_images` images through `chat_template` and tokenises it."""
 
-    def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int):
+    def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int | None):
         self.tok = tokenizer
         self.chat_template = chat_template
         self.image_token_id = image_token_id
@@ -85,13 +85,15 @@ class PromptEncoder:
         add_special = not (bos and text.startswith(bos))
         return list(self.tok(text, add_special_tokens=add_special)["input_ids"])
 
-    def encode(self, text: str, n_images: int) -> list[int]:
-        """Prompt ids of a question with `n_images` images (each `<image>` expanded)."""
-        return self.expand(self.tokenize(self.render(text, n_images)))
+    def encode(self, text: str, n_images: int, image_tokens: list[int] | None = None) -> list[int]:
+        """Prompt ids of a question with `n_images` images (each `<image>` expanded to its count)."""
+        return self.expand(self.tokenize(self.render(text, n_images)), image_tokens)
 
     def expand(self, ids: list[int], image_tokens: list[int] | None = None) -> list[int]:
         """The k-th `<image>` id repeated `image_tokens[k]` times (default: `num_image_tokens` each), the
         model's input layout, through the same function as training (data.chat.expand_images)."""
+        if image_tokens is None and self.num_image_tokens is None and self.image_token_id in ids:
+            raise ValueError("this model's images have as many tokens as their size needs: pass image_tokens")
         counts = [self.num_image_tokens] * ids.count(self.image_token_id) if image_tokens is None else image_tokens
         return expand_images(ids, self.image_token_id, counts)[0]
 

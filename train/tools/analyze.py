@@ -155,7 +155,8 @@ def calibration_batches(cfg: DictConfig, spec: ModelSource, model: MLLM) -> list
     for i in range(0, len(samples), int(a.batch_size)):
         b = dm.collate(samples[i : i + int(a.batch_size)])
         batches.append(replace(b, prompt_ids=b.prompt_ids.to(device), prompt_mask=b.prompt_mask.to(device),
-                               pixel_values=b.pixel_values.to(device, model.dtype)))
+                               pixel_values=b.pixel_values.to(device, model.dtype),
+                               image_sizes=None if b.image_sizes is None else b.image_sizes.to(device)))
     return batches
 
 
