@@ -157,6 +157,10 @@ class Family:
         """The tower's repeated blocks (FSDP units)."""
         raise NotImplementedError
 
+    def projector_extras(self, model: "MLLM") -> list[nn.Parameter]:
+        """Learned visual parameters outside the projector module that train with it (stage=pretrain)."""
+        return []
+
     def unused_vision_modules(self, model: "MLLM") -> list[nn.Module]:
         """Tower modules after the feature layer: they never reach the LLM (no gradient)."""
         return []

@@ -46,7 +46,9 @@ def param_groups(model: nn.Module, weight_decay: float, projector_lr: float | No
     """Trainable parameters, with no weight decay on biases and norm weights (all 1-D tensors); with
     `projector_lr`, the projector's parameters in groups of their own at that learning rate (LLaVA's
     `mm_projector_lr`)."""
-    projector = {id(p) for p in model.multi_modal_projector.parameters()} if projector_lr is not None else set()
+    projector = set()
+    if projector_lr is not None:
+        projector = {id(p) for p in [*model.multi_modal_projector.parameters(), *model.family.projector_extras(model)]}
     groups = []
     for own_lr in (False, True):
         decay, no_decay = [], []

@@ -114,7 +114,8 @@ def _linear_names(model: nn.Module) -> set[str]:
 def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters per part; `llm_lora` counts adapter weights, `llm` the rest of the LLM."""
     counts = {"vision_tower": 0, "projector": 0, "llm": 0, "llm_lora": 0, "lm_head": 0, "xattn": 0}
-    part = {"vision_tower": "vision_tower", "multi_modal_projector": "projector", "language_model": "llm", "lm_head": "lm_head", "xattn": "xattn"}
+    part = {"vision_tower": "vision_tower", "multi_modal_projector": "projector", "image_newline": "projector", "language_model": "llm",
+            "lm_head": "lm_head", "xattn": "xattn"}
     for name, p in model.named_parameters():  # shared (tied) parameters are listed once
         if p.requires_grad:
             key = part.get(name.split(".", 1)[0], "other")
@@ -154,7 +155,7 @@ def trainable_prefixes(model: nn.Module) -> list[str]:
     for name, p in model.named_parameters():
         if p.requires_grad and ".lora_" not in name:
             head = name.split(".", 1)[0]
-            prefix = "language_model.embed_tokens." if name.startswith("language_model.embed_tokens.") else head + "."
+            prefix = "language_model.embed_tokens." if name.startswith("language_model.embed_tokens.") else head + "." if "." in name else name
             if prefix not in out:
                 out.append(prefix)
     return out

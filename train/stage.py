@@ -45,7 +45,10 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
         module.requires_grad_(trainable)
     for module in unused_vision_modules(model):  # never reach the LLM: no gradient, and DDP would complain
         module.requires_grad_(False)
+    for param in model.family.projector_extras(model):  # e.g. LLaVA-NeXT's image_newline: trains with the projector
+        param.requires_grad_(stage.train_projector)
     for name, (module, _) in parts.items():
         counts[name] = sum(numel(p) for p in module.parameters() if p.requires_grad)
+    counts["projector"] += sum(numel(p) for p in model.family.projector_extras(model) if p.requires_grad)
     log.info("stage %s: trainable parameters %s", stage.name, counts)
     return counts

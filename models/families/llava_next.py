@@ -112,6 +112,9 @@ class LlavaNextFamily(LlavaFamily):
         with gathered([model.image_newline]), torch.no_grad():  # transformers' init: N(0, 1 / sqrt(d))
             nn.init.normal_(model.image_newline, std=1 / math.sqrt(model.text_config.hidden_size))
 
+    def projector_extras(self, model) -> list[nn.Parameter]:
+        return [model.image_newline]
+
     # --- the layout -----------------------------------------------------------------------------
     def _grid(self, config: MLLMConfig, size) -> tuple:
         tile = config.hf_vision_config().image_size

@@ -61,12 +61,12 @@ def count_params(model: MLLM, mode: str, r: int, targets: list[str]) -> ParamCou
     return ParamCounts(trainable=trainable + lora, frozen=total - trainable, unit=max(unit, *sizes, *others), root=total - sum(sizes))
 
 
-def act_shape(model: MLLM, seq_len: int, mode: str, r: int, targets: list[str], dropout: float) -> ActShape:
+def act_shape(model: MLLM, seq_len: int, mode: str, r: int, targets: list[str], dropout: float, n_visual: int) -> ActShape:
     text = model.text_config
     heads = text.num_attention_heads
     inputs = tuple(lin.in_features for lin in lora_linears(model.language_model.layers[0], targets)) if mode == "lora" else ()
     return ActShape(
-        seq_len=seq_len, n_visual=model.config.num_image_tokens, hidden=text.hidden_size, ffn=text.intermediate_size,
+        seq_len=seq_len, n_visual=n_visual, hidden=text.hidden_size, ffn=text.intermediate_size,
         layers=text.num_hidden_layers, heads=heads, kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, vision_hidden=model.config.hf_vision_config().hidden_size,
@@ -84,13 +84,18 @@ def memory_report(cfg) -> dict:
     spec = build(cfg.model, "model")
     gc = spec.gradient_checkpointing if m.gradient_checkpointing is None else bool(m.gradient_checkpointing)
     targets = list(m.lora.targets)
-    report = {"model": spec.name, "gpus": m.gpus, "precision": m.precision, "seq_len": m.seq_len,
+    config = spec.mllm_config
+    size = tuple(int(v) for v in m.image_size)
+    n_visual = config.tokens_per_image(size)  # the family's count: LLaVA-1.5 576, LLaVA-NeXT 2928 at 672 x 672
+    seq_len = m.seq_len if m.seq_len is not None else n_visual + m.text_tokens
+    report = {"model": spec.name, "gpus": m.gpus, "precision": m.precision, "seq_len": seq_len, "n_visual": n_visual,
+              "image_size": list(size), "pinpoints": config.image_grid_pinpoints,
               "micro_batch": m.micro_batch, "gradient_checkpointing": gc, "unit": "GB = 1e9 bytes, per GPU",
               "modes": {}, "rows": []}
     for mode in m.modes:
         model = meta_model(spec)
         counts = count_params(model, mode, m.lora.r, targets)
-        act = act_shape(model, m.seq_len, mode, m.lora.r, targets, m.lora.dropout)
+        act = act_shape(model, seq_len, mode, m.lora.r, targets, m.lora.dropout, n_visual)
         report["modes"][mode] = {
             "trainable_params": counts.trainable, "frozen_params": counts.frozen, "largest_unit_params": counts.unit,
             "root_unit_params": counts.root,
@@ -108,7 +113,8 @@ def table(report: dict) -> str:
     head = ["mode", "strategy", *(c.removesuffix("_gb") for c in cols)]
     lines = [
         f"{report['model']} on {report['gpus']} GPUs, {report['precision']}, per GPU in GB (1e9 B); activations: "
-        f"{report['micro_batch']} x {report['seq_len']} tokens, gradient checkpointing {report['gradient_checkpointing']}",
+        f"{report['micro_batch']} x {report['seq_len']} tokens ({report['n_visual']} visual: {report['image_size'][0]} x "
+        f"{report['image_size'][1]} images), gradient checkpointing {report['gradient_checkpointing']}",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
