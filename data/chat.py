@@ -64,7 +64,7 @@ class Encoded:
 def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
     """Text, character spans of supervised replies, and where the last reply starts.
 
-    Roles are read through data/validity.ROLES (`human`/`user`, `gpt`/`assistant`); leading `system`
+    Roles are read through data.validity.ROLES (`human`/`user`, `gpt`/`assistant`); leading `system`
     turns replace `system`, as a leading system message does in HF chat templates."""
     turns = [(ROLES.get(turn["from"].strip().lower()), turn["value"]) for turn in conversations]  # checked: data/validity.py
     lead = next((i for i, (role, _) in enumerate(turns) if role != SYSTEM), len(turns))

@@ -94,7 +94,7 @@ def stays_inside(rel_path: str) -> bool:
 
 def read_image(images_root: Path, rel_path: str) -> tuple[str, bytes | None, str]:
     """(status, original bytes, member extension) with status "ok", "missing" or "corrupt". The
-    extension is the file's own when the shard reader knows it (data/members.IMAGE_KEYS), else the
+    extension is the file's own when the shard reader knows it (data.members.IMAGE_KEYS), else the
     decoded format's."""
     path = images_root / rel_path
     if not path.is_file():

@@ -58,7 +58,7 @@ class ShardStream(IterableDataset):
     of samples (batches; use a DataLoader with batch_size=None) formed per buffer.
 
     Skipped samples are counted by reason and logged once per reader (data/skips.py); `quiet_skips`
-    counts without logging (data/datamodule.EvalLoader sets it for an evaluation set already read).
+    counts without logging (data.datamodule.EvalLoader sets it for an evaluation set already read).
     """
 
     def __init__(

@@ -77,8 +77,8 @@ def test_data_module_logs_the_padding_fraction_of_grouped_batches(synthetic_dir,
     import lightning as L
 
     from data.chat import ChatTokenizer
+    from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
     from models.families.llava import PadToSquare
-from data.datamodule import ImageSpec, MLLMDataModule, SampleEncoder
     from models.plan import Plan
     from tests.test_train import small_task_model_config
     from train.model_source import ModelSource
