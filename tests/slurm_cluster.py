@@ -66,9 +66,10 @@ class Cluster:
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([*self.enter, *cmd], env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
-    def sbatch(self, *args: str, cwd: Path) -> str:
-        out = subprocess.run([*self.enter, "sbatch", "--parsable", *args], env=self.env, cwd=cwd, capture_output=True,
-                             text=True, timeout=60)
+    def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+        """Submit; `env` adds variables for this job alone (sbatch passes its environment to the job)."""
+        out = subprocess.run([*self.enter, "sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
+                             capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().split(";")[0]
 
@@ -88,7 +89,22 @@ class Cluster:
             time.sleep(1)
         return self.job_state(job_id)
 
+    def cancel_all_jobs(self, timeout: float = 30) -> None:
+        """scancel every job and wait until Slurm has ended them: slurmstepd outlives slurmd by design, so a
+        job still running at tear-down would otherwise keep its processes running after the cluster is gone."""
+        if any(p.poll() is not None for p in self.procs):
+            return  # a daemon is gone: nothing to ask
+        self.run("scancel", "--full", "--user=root", check=False)
+        end = time.time() + timeout
+        while time.time() < end:
+            out = self.run("squeue", "-h", "-t", "all", "-o", "%T", check=False)
+            if out.returncode or not set(out.stdout.split()) - {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
+                                                                  "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}:
+                return
+            time.sleep(0.5)
+
     def stop(self) -> None:
+        self.cancel_all_jobs()
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()

@@ -16,10 +16,12 @@ pid and log files through `%n`, and one munged on the machine (its socket is a f
 both nodes: one key, as a cluster shares it). Clients (sbatch, squeue, scontrol) run in node1's network
 namespace, the only place the controller's address exists (`Cluster.enter`).
 
-Tear-down (`Cluster.stop`): the daemons, then the holders; the namespaces, the veth pair and the
-mounts vanish with their last process. Every process started here also gets a parent-death signal, so a
-killed test session leaves nothing listening; and since nothing binds an address of this machine, even
-leftovers could not collide with the single-node test cluster (tests/slurm_cluster.py) or a later run.
+Tear-down (`TwoNodeCluster.stop`): every job cancelled, the daemons, the holders, then any process still
+inside the nodes' namespaces (slurmstepd outlives slurmd by design) is killed; the namespaces, the veth
+pair and the mounts vanish with their last process. Every process started here also gets a parent-death
+signal, so a killed test session leaves no daemon behind; and since nothing binds an address of this
+machine, even leftovers could not collide with the single-node test cluster (tests/slurm_cluster.py) or
+a later run.
 
 `start(workdir)` returns the `Cluster`, or the reason as a string when the tools are missing or the
 session is not root (the tests skip with it); a failure to build namespaces or start a daemon once the
@@ -29,16 +31,17 @@ tools are there raises, so the tests fail rather than skip.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.slurm_cluster import CRED_EXPIRE, Cluster, log_tails, missing_binaries, start_munged, wait_until_idle
 
 NODES = ("node1", "node2")
 SUBNET = "10.213.7"  # node i has SUBNET.i; private, and present only inside the namespaces made here
-CPUS_PER_NODE = 4  # configured, not detected (config_overrides): a 1-node 4-task reference run fits on node1
+CPUS_PER_NODE = 6  # configured, not detected (config_overrides): a 1-node 4-task run and a 2-node 2x2 run fit at once
 ORPHAN_SIGNAL = ("setpriv", "--pdeathsig", "KILL", "--")  # nothing outlives the test session that started it
 
 SLURM_CONF = """\
@@ -84,6 +87,37 @@ class Node:
     def enter(self, net: bool = True, uts: bool = True, mount: bool = True) -> tuple[str, ...]:
         flags = [f for f, on in (("-n", net), ("-u", uts), ("-m", mount)) if on]
         return ("nsenter", "-t", str(self.holder.pid), *flags, "--")
+
+
+@dataclass
+class TwoNodeCluster(Cluster):
+    nodes: list[Node] = field(default_factory=list)
+    net_namespaces: set[str] = field(default_factory=set)  # the nodes' `net:[inode]`, which outlive the holders
+
+    def stop(self) -> None:
+        """Jobs cancelled, daemons and holders ended, then whatever still runs inside the nodes' namespaces
+        (a job step that did not end in time) is killed: every process there belongs to this cluster."""
+        super().stop()
+        end = time.time() + 10
+        while (left := processes_in(self.net_namespaces)) and time.time() < end:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+
+def processes_in(net_namespaces: set[str]) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "ns" / "net") in net_namespaces:
+                    pids.append(int(proc.name))
+            except OSError:
+                pass  # gone meanwhile
+    return pids
 
 
 def sh(*cmd: str) -> None:
@@ -167,7 +201,8 @@ def start(workdir: Path) -> Cluster | str:
         procs.append(subprocess.Popen([*ORPHAN_SIGNAL, *node.enter(), daemon, "-D", "-f", str(conf)], env=env,
                                       stdout=out, stderr=subprocess.STDOUT))
     # stop() ends them last to first: the daemons, munged, then the namespace holders
-    cluster = Cluster(workdir, env, procs, enter=nodes[0].enter(uts=False, mount=False))
+    cluster = TwoNodeCluster(workdir, env, procs, enter=nodes[0].enter(uts=False, mount=False), nodes=nodes,
+                             net_namespaces={namespaces(n.holder.pid)["net"] for n in nodes})
     if wait_until_idle(cluster, nodes=len(NODES), timeout=60):
         return cluster
     logs = log_tails(sorted((workdir / "log").iterdir()))
