@@ -126,7 +126,8 @@ class MLLMDataModule(L.LightningDataModule):
     trains on exactly the batches the uninterrupted run would have seen next. `group_by_length` forms
     training batches of similar length, image and text-only apart, within buffers of
     `group_buffer_batches` batches (data/length_groups.py); `padding_fraction` is the padded share of
-    the training tokens consumed so far (logged as data/padding_fraction).
+    the training tokens consumed so far, by every attempt of a resumed run (the counts travel in checkpoints;
+    logged as data/padding_fraction).
     """
 
     def __init__(
@@ -193,13 +194,19 @@ class MLLMDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         if self.position is None or getattr(self, "trainer", None) is None:
             return {}
-        return {"stream_positions": gather_ranks(self.trainer, self.position.to_tensor())}  # [world, readers + 1, 3]
+        return {
+            "stream_positions": gather_ranks(self.trainer, self.position.to_tensor()),  # [world, readers + 1, 3]
+            "token_counts": gather_ranks(self.trainer, torch.tensor(self._tokens, dtype=torch.int64)),  # [world, 2]
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        counts = state.get("token_counts")  # absent in checkpoints from before: the fraction then counts from here
+        if counts is not None and len(counts) == world:  # padding_fraction covers the batches of every attempt
+            self._tokens = [int(v) for v in counts[rank].tolist()]
         positions = state.get("stream_positions")
         if positions is None:
             return
-        rank, world = self.trainer.global_rank, self.trainer.world_size
         position = StreamPosition.from_tensor(positions[min(rank, len(positions) - 1)])
         if len(positions) != world or position.n_readers != max(1, self.num_workers):
             log.warning(

@@ -18,9 +18,11 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +34,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from .locking import locked
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 7  # bump whenever the sample content for a given config changes
 
@@ -542,8 +546,10 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 def ensure_generated(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
     """Cached ``generate``: reuses a complete dataset with the same config hash. A file lock next
     to ``out_dir`` makes concurrent callers (several trainers started at once) wait for a single
-    generator and then reuse its output. A complete dataset of ``cfg`` is never rewritten; one of another
-    config is replaced, so a cache shared by runs of different configs names ``out_dir`` with
+    generator and then reuse its output: one build per filesystem, whether the cache is shared by all
+    nodes of a job or local to each (every node then builds its own; the lock must hold across the nodes
+    that share one, as flock does on NFSv4). A complete dataset of ``cfg`` is never rewritten; one of
+    another config is replaced, so a cache shared by runs of different configs names ``out_dir`` with
     ``cache_dir``."""
     out_dir = Path(out_dir)
     meta = load_meta(out_dir, cfg)
@@ -554,7 +560,10 @@ def ensure_generated(out_dir: str | Path, cfg: SyntheticConfig, progress: bool =
         if meta is not None:
             return meta
         _remove_stale_temporaries(out_dir)
-        return generate(out_dir, cfg, progress)
+        meta = generate(out_dir, cfg, progress)
+        # one line per build: a multi-node job with a node-local cache logs one per node, a shared cache one
+        log.info("generated the synthetic dataset %s on %s", out_dir, socket.gethostname())
+        return meta
 
 
 # --------------------------------------------------------------------------- CLI

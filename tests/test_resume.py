@@ -101,6 +101,28 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     assert max(diffs) <= 1e-6, {s: (expected[s], got[s]) for s in got}
 
 
+def test_the_padding_fraction_counts_every_attempt_of_a_resumed_run():
+    """data/padding_fraction is the padded share of all training tokens so far: a run resumed from a checkpoint
+    (a requeued job) continues the counts instead of starting them again at its first batch."""
+    from types import SimpleNamespace
+
+    from data.datamodule import MLLMDataModule
+
+    def module() -> MLLMDataModule:
+        dm = MLLMDataModule([], [], encoder=None, pad_id=0, num_workers=0)
+        dm.trainer = SimpleNamespace(world_size=1, global_rank=0, training=True)
+        dm.position = StreamPosition.start(1)
+        return dm
+
+    first = module()
+    for padding, tokens in ((3, 40), (1, 40)):
+        first.on_before_batch_transfer(SimpleNamespace(stream_pos=None, n_padding=padding, n_tokens=tokens), 0)
+    resumed = module()
+    resumed.load_state_dict(first.state_dict())
+    resumed.on_before_batch_transfer(SimpleNamespace(stream_pos=None, n_padding=6, n_tokens=40), 0)
+    assert resumed.padding_fraction == (3 + 1 + 6) / 120
+
+
 # --- the data stream continues exactly -----------------------------------------------------------------------
 def parse(raw: dict) -> dict:
     record = json.loads(raw["json"])  # raises on the corrupt members

@@ -28,6 +28,8 @@ from models.plan import Plan
 from .evaluation import EvalConfig
 from .infra.checkpoint_io import AtomicCheckpointIO
 from .infra.preemption import cluster_plugins
+from .infra.ranks import log_rank
+from .infra.shared_dir import SharedRunDir
 from .model_source import ModelSource
 from .module import MLLMModule
 from .nonfinite import NonFiniteGuard
@@ -183,11 +185,13 @@ def build_strategy(cfg: DictConfig):
 def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         strategy=build_strategy(cfg.strategy),
         logger=loggers,
-        callbacks=[*callbacks, *extra_callbacks],
+        callbacks=[*callbacks, *extra_callbacks, SharedRunDir()],  # a multi-node run directory must be shared
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],  # atomic saves; Slurm without Lightning's in-handler requeue
     )
+    log_rank(trainer)  # each rank names its host, ranks and rendezvous before the ranks meet (train/infra/ranks.py)
+    return trainer
