@@ -111,10 +111,18 @@ class SyntheticConfig:
             raise ValueError(f"canvas_widths {list(self.canvas_widths)} must be >= image_size {self.image_size}")
 
 
+def config_record(cfg: SyntheticConfig) -> dict:
+    """The config as hashed and recorded in meta.json (JSON types; no canvas_widths when unset, so
+    caches written before the field existed stay valid)."""
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    if not cfg.canvas_widths:
+        del record["canvas_widths"]
+    return record
+
+
 def config_hash(cfg: SyntheticConfig) -> str:
     """Identifies the dataset content: the config plus the format version."""
-    config = {k: v for k, v in asdict(cfg).items() if not (k == "canvas_widths" and not v)}  # older caches stay valid
-    payload = json.dumps({"format_version": FORMAT_VERSION, "config": config}, sort_keys=True)
+    payload = json.dumps({"format_version": FORMAT_VERSION, "config": config_record(cfg)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -506,7 +514,7 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the dataset may be shared between users
-        meta = {"format_version": FORMAT_VERSION, "config": asdict(cfg), "config_hash": config_hash(cfg),
+        meta = {"format_version": FORMAT_VERSION, "config": config_record(cfg), "config_hash": config_hash(cfg),
                 "skills": list(SKILLS), "answer_vocab": {s: list(v) for s, v in ANSWER_VOCAB.items()},
                 "splits": {}}
         total = cfg.n_train + cfg.n_val

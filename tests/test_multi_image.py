@@ -127,4 +127,4 @@ def test_stream_skips_multi_image_samples_a_model_cannot_take(tmp_path, task_tok
     assert [s["key"] for s in samples] == ["a", "d"]
     assert samples[-1]["skipped"] == {"too_many_images": 2} and sum(s["n_skipped"] for s in samples) == 2
     every = list(ShardStream([path], encoder(task_tokenizer, n_v=4)))
-    assert [s["pixel_values"].shape[0] for s in every] == [1, 2, 3, 1]
+    assert [len(s["pixel_values"]) for s in every] == [1, 2, 3, 1]

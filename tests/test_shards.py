@@ -94,4 +94,4 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, task_tokenizer):
     assert keys[:2] == ["a", "b"]
     assert samples[0]["n_skipped"] == 0 and samples[1]["n_skipped"] == 3  # bad_png, bad_json, no_image
     assert len(samples) >= 3  # the truncated shard still yields its complete leading samples
-    assert all(torch.is_tensor(s["pixel_values"]) for s in samples)
+    assert all(all(torch.is_tensor(p) for p in s["pixel_values"]) for s in samples)

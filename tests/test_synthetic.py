@@ -391,9 +391,28 @@ def test_concurrent_runs_of_different_sizes_each_read_their_own_samples(tmp_path
 def test_cache_dir_is_keyed_on_every_generation_parameter_and_the_format_version(tmp_path, monkeypatch):
     base = syn.cache_dir(tmp_path, SMALL)
     changed = {"seed": 4, "n_train": 31, "n_val": 19, "image_size": 96, "turns_per_image": 5, "describe": False,
-               "samples_per_shard": 9}
+               "samples_per_shard": 9, "canvas_widths": (64, 96)}
     assert set(changed) == set(syn.asdict(SMALL))  # a new field must be added here (and is hashed)
     dirs = {syn.cache_dir(tmp_path, SyntheticConfig(**{**syn.asdict(SMALL), k: v})) for k, v in changed.items()}
     assert base not in dirs and len(dirs) == len(changed)
     monkeypatch.setattr(syn, "FORMAT_VERSION", syn.FORMAT_VERSION + 1)
     assert syn.cache_dir(tmp_path, SMALL) != base
+
+
+def test_canvas_widths_pad_the_same_scene_to_per_sample_widths(tmp_path):
+    """The high-resolution variant (data=synthetic_hires): each sample's scene is centred on a canvas of
+    one of `canvas_widths`, drawn from its own stream, so scenes and questions stay those of the plain task."""
+    wide = SyntheticConfig(**{**syn.asdict(SMALL), "canvas_widths": (64, 96)})
+    seen = set()
+    for index in range(12):
+        scene, record = syn.make_sample(wide, "train", index)
+        plain_scene, plain_record = syn.make_sample(SMALL, "train", index)
+        assert scene == plain_scene and record == plain_record
+        image = syn.canvas(wide, "train", index, syn.render(scene))
+        assert image.height == 64 and image.width in (64, 96)
+        seen.add(image.width)
+        left = (image.width - 64) // 2
+        assert list(image.crop((left, 0, left + 64, 64)).getdata()) == list(syn.render(scene).getdata())
+    assert seen == {64, 96}
+    with pytest.raises(ValueError, match="canvas_widths"):
+        SyntheticConfig(**{**syn.asdict(SMALL), "canvas_widths": (32,)})
