@@ -20,6 +20,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# What both test clusters schedule alike (one CPU per task, requeue on, no accounting).
+SCHEDULING = """\
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+"""
 SLURM_CONF = """\
 ClusterName=emllm-test
 SlurmctldHost={host}
@@ -36,19 +51,7 @@ SlurmctldLogFile={dir}/slurmctld.log
 SlurmdLogFile={dir}/slurmd.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobRequeue=1
-KillWait=10
-MinJobAge=600
-InactiveLimit=0
-NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+{scheduling}NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
 
@@ -169,7 +172,7 @@ def start(workdir: Path) -> Cluster | str:
     host = socket.gethostname().split(".")[0]
     mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
     conf = workdir / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, dir=workdir, cpus=os.cpu_count(), mem_mb=mem_mb, cred_expire=CRED_EXPIRE,
+    conf.write_text(SLURM_CONF.format(scheduling=SCHEDULING, host=host, dir=workdir, cpus=os.cpu_count(), mem_mb=mem_mb, cred_expire=CRED_EXPIRE,
                                       ctld_port=_free_port(), d_port=_free_port()))
     env = {**os.environ, "SLURM_CONF": str(conf)}  # clients (sbatch, squeue, ...) read this cluster's config
     procs = [start_munged(workdir / "munge", env)]

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.slurm_cluster import CRED_EXPIRE, Cluster, log_tails, missing_binaries, start_munged, wait_until_idle
+from tests.slurm_cluster import CRED_EXPIRE, SCHEDULING, Cluster, log_tails, missing_binaries, start_munged, wait_until_idle
 
 NODES = ("node1", "node2")
 SUBNET = "10.213.7"  # node i has SUBNET.i; private, and present only inside the namespaces made here
@@ -61,19 +61,7 @@ SlurmdLogFile={dir}/log/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 SlurmdParameters=config_overrides
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobRequeue=1
-KillWait=10
-MinJobAge=600
-InactiveLimit=0
-{nodes}
+{scheduling}{nodes}
 PartitionName=debug Nodes=node[1-{n}] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
 
@@ -192,7 +180,7 @@ def start(workdir: Path) -> Cluster | str:
     node_lines = "\n".join(f"NodeName={n} NodeAddr={SUBNET}.{i} CPUs={CPUS_PER_NODE} RealMemory={mem_mb} State=UNKNOWN"
                            for i, n in enumerate(NODES, 1))
     conf = workdir / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(subnet=SUBNET, dir=workdir, cred_expire=CRED_EXPIRE, nodes=node_lines, n=len(NODES)))
+    conf.write_text(SLURM_CONF.format(scheduling=SCHEDULING, subnet=SUBNET, dir=workdir, cred_expire=CRED_EXPIRE, nodes=node_lines, n=len(NODES)))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     nodes = build_nodes(workdir, tag=str(os.getpid() % 100000))
     procs = [*(n.holder for n in nodes), start_munged(workdir / "munge", env, prefix=ORPHAN_SIGNAL)]

@@ -27,15 +27,15 @@ VARIANTS = [(name, {}) for name in PRESETS] + [
 ]
 
 
-def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0) -> MLLM:
-    """An 8-layer CLIP/Llama model (8x8 patch grid) with the preset's plan, xattn gates opened."""
-    config = tiny_config(text_layers=layers, image_size=32)
+def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0, config=None) -> MLLM:
+    """An 8-layer CLIP/Llama model (8x8 patch grid; or `config`'s model) with the preset's plan, xattn gates opened."""
+    config = config or tiny_config(text_layers=layers, image_size=32)
     arch = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     if knobs:
         (method,) = arch["methods"]
         arch["methods"][method].update(knobs)
     text = config.hf_text_config()
-    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
+    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, config.family)
     torch.manual_seed(seed)
     model = MLLM.from_config(config, plan).eval()
     for block in model.xattn.values():  # zero gates would make the blocks trivially equal

@@ -10,32 +10,18 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from models import MLLM
 from models.generation import greedy_generate
-from models.methods import resolve_arch
 from models.streams import Place
 from tests.helpers import next_batch, tiny_next_config
 from tests.reference import reference_generate, reference_logits
-from tests.test_plans import CONF, VARIANTS, ids
+from tests.test_plans import VARIANTS, ids, plan_model
 
 
 def next_plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0) -> MLLM:
     """An 8-layer tiny LLaVA-NeXT (CLIP tiles of 4 x 4 tokens, Llama) under the preset, gates opened."""
-    config = tiny_next_config(text_layers=layers)
-    arch = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    if knobs:
-        (method,) = arch["methods"]
-        arch["methods"][method].update(knobs)
-    text = config.hf_text_config()
-    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
-    torch.manual_seed(seed)
-    model = MLLM.from_config(config, plan).eval()
-    for block in model.xattn.values():
-        torch.nn.init.normal_(block.attn_gate, std=1.0)
-        torch.nn.init.normal_(block.mlp_gate, std=1.0)
-    return model
+    return plan_model(name, knobs, seed=seed, config=tiny_next_config(text_layers=layers))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)
