@@ -35,11 +35,6 @@ from .streams import Place
 # strings: both modules build on this one, which therefore imports neither.
 
 
-# The per-token place columns a family fills (image-local; SLOT and IMAGE are filled by the model
-# when it lays images into prompt rows).
-LOCAL_PLACE = (Place.PATCH, Place.UNIT, Place.ROW, Place.COL, Place.EXTRA)
-
-
 class VisualTokens(NamedTuple):
     """Every image of a batch, in batch order, as the LLM receives it (one entry per placeholder).
 
@@ -63,7 +58,8 @@ class VisualTokens(NamedTuple):
 
 
 def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, device=None) -> Tensor:
-    """Places [rows * cols, len(Place)] of a raster-ordered `rows` x `cols` grid of one unit."""
+    """Places [rows * cols, len(Place)] of a raster-ordered `rows` x `cols` grid of one unit (the
+    image-local columns a family fills; the model adds SLOT and IMAGE when it lays images into rows)."""
     n = rows * cols
     place = torch.zeros(n, len(Place), dtype=torch.long, device=device)
     index = torch.arange(n, device=device)
