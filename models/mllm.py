@@ -36,9 +36,11 @@ class ImageTokenMismatch(ValueError):
 
 @dataclass
 class MLLMOutput:
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # mean next-token cross-entropy over the supervised tokens
     logits: Tensor | None = None  # [B, L, V] ("all"), [B, V] ("last") or None
     n_loss_tokens: int = 0
+    loss_sum: Tensor | None = None  # the same summed (loss = loss_sum / n_loss_tokens): for callers that weigh
+                                    # tokens across batches (train/module.py)
     cache: "DecodeState | None" = None
 
 
@@ -282,7 +284,8 @@ class MLLM(nn.Module):
         )
         out = MLLMOutput()
         if labels is not None:
-            out.loss, out.n_loss_tokens = self._loss(text, layout, labels)
+            out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels)
+            out.loss = out.loss_sum / max(out.n_loss_tokens, 1)
         mode = ("none" if labels is not None else "all") if logits == "auto" else logits
         if mode == "all":
             out.logits = self._all_logits(text, vis, layout, input_ids.shape)
@@ -313,9 +316,9 @@ class MLLM(nn.Module):
         return self.lm_head(self.language_model.norm(h))
 
     def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
-        """Next-token cross-entropy on supervised positions only (the LM head runs on those rows)."""
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]
+        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those
+        rows), and their count (`supervised_tokens` of the labels, unless a supervised label sits on padding)."""
+        targets = next_token_targets(labels)
         after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
         if bool((after_image != -100).any()):
             raise ValueError(
@@ -328,7 +331,7 @@ class MLLM(nn.Module):
         if n == 0:
             return text.h.sum() * 0.0, 0
         logits = self.lm_logits(text.h[sel])
-        return F.cross_entropy(logits.float(), text_targets[sel], reduction="mean"), n
+        return F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), n
 
     def _all_logits(self, text: Stream, vis: Stream, layout: Layout, shape) -> Tensor:
         b, length = shape
@@ -337,6 +340,18 @@ class MLLM(nn.Module):
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
             _scatter_rows(logits, torch.gather(layout.vis_index, 1, vis.at(Place.SLOT)), vis.valid, self.lm_logits(vis.h))
         return logits
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """The label each position is trained to predict: the next position's (-100 after the last)."""
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def supervised_tokens(labels: Tensor) -> int:
+    """How many tokens of a batch the loss covers (labels aligned with the inputs, -100: not supervised)."""
+    return int((next_token_targets(labels) != -100).sum())
 
 
 def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> None:
