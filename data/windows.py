@@ -16,11 +16,17 @@ from typing import Callable, Iterable, Iterator
 
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from models.mllm import supervised_tokens
-
 from .batch import Batch
+from .chat import IGNORE
+
+
+def supervised_tokens(labels: Tensor) -> int:
+    """The tokens a batch's loss covers: labels are aligned with the inputs and position t learns to
+    predict label t + 1 (models/mllm.py `_loss`), so a row's first label is never a target."""
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def accumulation_windows(batches: Iterable[Batch], size: int, done: int = 0) -> Iterator[Batch]:

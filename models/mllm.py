@@ -316,9 +316,9 @@ class MLLM(nn.Module):
         return self.lm_head(self.language_model.norm(h))
 
     def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
-        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those
-        rows), and their count (`supervised_tokens` of the labels, unless a supervised label sits on padding)."""
-        targets = next_token_targets(labels)
+        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those rows), and their count."""
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
         after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
         if bool((after_image != -100).any()):
             raise ValueError(
@@ -340,18 +340,6 @@ class MLLM(nn.Module):
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
             _scatter_rows(logits, torch.gather(layout.vis_index, 1, vis.at(Place.SLOT)), vis.valid, self.lm_logits(vis.h))
         return logits
-
-
-def next_token_targets(labels: Tensor) -> Tensor:
-    """The label each position is trained to predict: the next position's (-100 after the last)."""
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
-def supervised_tokens(labels: Tensor) -> int:
-    """How many tokens of a batch the loss covers (labels aligned with the inputs, -100: not supervised)."""
-    return int((next_token_targets(labels) != -100).sum())
 
 
 def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> None:

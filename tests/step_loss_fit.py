@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from data.batch import Batch  # noqa: E402
 from data.windows import WindowLoader, trainer_window  # noqa: E402
-from models.mllm import supervised_tokens  # noqa: E402
 from tests.helpers import image_batch, tiny_config  # noqa: E402
 from tests.tiny_fit import CONFIG, SeededModule, make_module  # noqa: E402
 
@@ -56,13 +55,13 @@ def window_loader(micro_batches: list[Batch], trainer: L.Trainer) -> WindowLoade
 
 
 def full_batch_gradient(model, micro_batches: list[Batch], per_token: bool = True) -> list[torch.Tensor]:
-    """The gradient of Σ token losses / Σ supervised tokens over `micro_batches` (per_token=False:
-    the mean over micro-batches of each one's mean, what accumulating per-micro-batch means gives)."""
+    """The gradient of Σ token losses / Σ supervised tokens (as the model counts them) over
+    `micro_batches` (per_token=False: the mean over micro-batches of each one's mean, what
+    accumulating per-micro-batch means gives)."""
     model.zero_grad()
-    total = sum(supervised_tokens(b.labels) for b in micro_batches)
-    for b in micro_batches:
-        out = model(b.input_ids, b.attention_mask, labels=b.labels, pixel_values=b.pixel_values)
-        (out.loss_sum / total if per_token else out.loss / len(micro_batches)).backward()
+    outs = [model(b.input_ids, b.attention_mask, labels=b.labels, pixel_values=b.pixel_values) for b in micro_batches]
+    total = sum(out.n_loss_tokens for out in outs)
+    sum(out.loss_sum / total if per_token else out.loss / len(outs) for out in outs).backward()
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 

@@ -10,8 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from data.windows import accumulation_windows
-from models.mllm import supervised_tokens
+from data.windows import accumulation_windows, supervised_tokens
 from tests.step_loss_fit import ACCUMULATE, SGDModule, FullWeights, batches, full_batch_gradient, step_gradients, window_loader
 from tests.tiny_fit import make_module
 

@@ -12,9 +12,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from data.batch import Batch
 from data.chat import TEMPLATES
 from data.validity import REASONS
+from data.windows import supervised_tokens
 from models import MLLM
 from models.generation import greedy_generate
-from models.mllm import supervised_tokens
 from models.plan import Plan
 
 from .evaluation import AccuracyTracker, EvalConfig
