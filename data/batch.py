@@ -35,6 +35,8 @@ class Batch:
     n_tokens: int = 0  # rows x longest row: what the model processes, padding included
     n_padding: int = 0  # of those, padding
     image_sizes: Tensor | None = None  # [N, 2] each image's original (height, width): a tiling family's layout
+    window: tuple[int, int, int] | None = None  # training: (supervised tokens, index, length) of the batch's
+                                                # accumulation window on this rank (data/windows.py)
 
     @property
     def size(self) -> int:

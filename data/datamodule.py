@@ -20,6 +20,7 @@ from .length_groups import LengthGrouping
 from .pipeline import ShardStream, parse_record
 from .stream_position import StreamPosition, gather_ranks
 from .validity import InvalidSample, check_image_count
+from .windows import WindowLoader, trainer_window
 from .workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class MLLMDataModule(L.LightningDataModule):
         padding, total = self._tokens
         return padding / total if total else None
 
-    def _loader(self, dataset, batch_size: int | None, loader=DataLoader) -> DataLoader:
+    def _loader(self, dataset, batch_size: int | None, loader=DataLoader, **kwargs) -> DataLoader:
         return loader(
             dataset,
             batch_size=batch_size,  # None: the dataset yields whole batches (length grouping)
@@ -169,6 +170,7 @@ class MLLMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -178,7 +180,7 @@ class MLLMDataModule(L.LightningDataModule):
             self.train_urls, self.encoder, seed=self.seed, shuffle_buffer=self.shuffle_buffer, infinite=True, start=start,
             grouping=self.grouping,
         )
-        return self._loader(ds, None if self.grouping else self.batch_size)
+        return self._loader(ds, None if self.grouping else self.batch_size, WindowLoader, window=trainer_window(self.trainer))
 
     # --- resuming: the training stream's position travels in checkpoints ---------------------------
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:

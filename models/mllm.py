@@ -36,9 +36,11 @@ class ImageTokenMismatch(ValueError):
 
 @dataclass
 class MLLMOutput:
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # mean next-token cross-entropy over the supervised tokens
     logits: Tensor | None = None  # [B, L, V] ("all"), [B, V] ("last") or None
     n_loss_tokens: int = 0
+    loss_sum: Tensor | None = None  # the same summed (loss = loss_sum / n_loss_tokens): for callers that weigh
+                                    # tokens across batches (train/module.py)
     cache: "DecodeState | None" = None
 
 
@@ -282,7 +284,8 @@ class MLLM(nn.Module):
         )
         out = MLLMOutput()
         if labels is not None:
-            out.loss, out.n_loss_tokens = self._loss(text, layout, labels)
+            out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels)
+            out.loss = out.loss_sum / max(out.n_loss_tokens, 1)
         mode = ("none" if labels is not None else "all") if logits == "auto" else logits
         if mode == "all":
             out.logits = self._all_logits(text, vis, layout, input_ids.shape)
@@ -313,7 +316,7 @@ class MLLM(nn.Module):
         return self.lm_head(self.language_model.norm(h))
 
     def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
-        """Next-token cross-entropy on supervised positions only (the LM head runs on those rows)."""
+        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those rows), and their count."""
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
         after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
@@ -328,7 +331,7 @@ class MLLM(nn.Module):
         if n == 0:
             return text.h.sum() * 0.0, 0
         logits = self.lm_logits(text.h[sel])
-        return F.cross_entropy(logits.float(), text_targets[sel], reduction="mean"), n
+        return F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), n
 
     def _all_logits(self, text: Stream, vis: Stream, layout: Layout, shape) -> Tensor:
         b, length = shape

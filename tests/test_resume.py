@@ -40,9 +40,9 @@ TINY = [
 
 
 # --- the real thing: SIGKILL, resume, same losses ----------------------------------------------------------
-def train_cmd(tmp_path: Path, run: str) -> list[str]:
+def train_cmd(tmp_path: Path, run: str, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
-            f"hydra.run.dir={tmp_path / run}", *TINY]
+            f"hydra.run.dir={tmp_path / run}", *TINY, *overrides]
 
 
 def env() -> dict:
@@ -66,12 +66,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
-    reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted"), cwd=ROOT, env=env(), text=True,
+@pytest.mark.parametrize("accumulate", [1, 2])  # 2: the training loader reads each step's micro-batches ahead
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate):
+    extra = [f"trainer.accumulate_grad_batches={accumulate}"]
+    reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted", *extra), cwd=ROOT, env=env(), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(tmp_path / "uninterrupted" / "csv", reference)  # data and tokenizer are ready: share them
-        killed = subprocess.Popen(train_cmd(tmp_path, "run"), cwd=ROOT, env=env(), text=True,
+        killed = subprocess.Popen(train_cmd(tmp_path, "run", *extra), cwd=ROOT, env=env(), text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         last = tmp_path / "run" / "checkpoints" / "last.ckpt"
         wait_for(last, killed)
@@ -88,7 +90,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     assert step in range(EVERY, STEPS, EVERY)
 
     # the same command again: ckpt_path=auto finds the run directory's last.ckpt
-    resumed = subprocess.run(train_cmd(tmp_path, "run"), cwd=ROOT, env=env(), text=True, capture_output=True, timeout=600)
+    resumed = subprocess.run(train_cmd(tmp_path, "run", *extra), cwd=ROOT, env=env(), text=True, capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stderr + resumed.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == STEPS

@@ -41,9 +41,9 @@ class SeededModule(MLLMModule):
         return super().build_model()
 
 
-def make_module(max_in_row: int = 10) -> MLLMModule:
+def make_module(max_in_row: int = 10, cls: type[MLLMModule] = SeededModule) -> MLLMModule:
     config = tiny_config(**CONFIG)
-    return SeededModule(
+    return cls(
         ModelSource(name="tiny_fit", config=asdict(config)),
         Plan.dense(config.hf_text_config().num_hidden_layers),
         tokenizer=None,

@@ -7,10 +7,12 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from data.batch import Batch
 from data.chat import TEMPLATES
 from data.validity import REASONS
+from data.windows import supervised_tokens
 from models import MLLM
 from models.generation import greedy_generate
 from models.plan import Plan
@@ -69,6 +71,7 @@ class MLLMModule(L.LightningModule):
         self._best_path = ""
         self.tracker = AccuracyTracker()
         self._val_loss = [0.0, 0]
+        self._step_loss: torch.Tensor | None = None  # train/loss of the optimizer step so far (training_step)
         self.skipped = Counter()  # samples skipped on this rank, by reason (data/validity.py REASONS)
 
     @property
@@ -107,12 +110,22 @@ class MLLMModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The loss of an optimizer step is its summed token cross-entropy over the supervised tokens of
+        all its micro-batches on all ranks, so every token weighs the same however long its micro-batch
+        (transformers' gradient-accumulation fix, torchtitan's global token count). Each micro-batch
+        returns its token-loss sum over that count (`batch.window`, summed over the ranks before any
+        backward), times what the strategy divides by afterwards (`loss_scale`). Logged `train/loss`:
+        the step's mean cross-entropy per supervised token, over all its micro-batches and ranks."""
         out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
         self._count_skips(batch)
         bs = batch.size
-        loss = self.nonfinite.check(self, out.loss, bs)  # NaN on every rank when any rank's loss is NaN/Inf
-        if torch.isfinite(loss):
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        tokens, index, length = batch.window or self._own_window(batch)
+        tokens = max(self._over_ranks(tokens), 1)  # a step without supervised tokens: loss 0, no gradient
+        loss = self.nonfinite.check(self, out.loss_sum / tokens * loss_scale(self.trainer), bs)  # NaN on every rank if any is
+        share = out.loss_sum.detach() / tokens if torch.isfinite(loss) else loss.detach()
+        self._step_loss = share if index == 0 else self._step_loss + share
+        if index == length - 1 and torch.isfinite(self._step_loss):
+            self.log("train/loss", self._step_loss, prog_bar=True, batch_size=bs, sync_dist=True, reduce_fx="sum")
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=bs)
         for reason, n in self.skipped.items():  # this rank's counts (summed over ranks at each evaluation)
             self.log(f"data/skipped_samples/{reason}", float(n), batch_size=bs)
@@ -120,6 +133,20 @@ class MLLMModule(L.LightningModule):
         if padding is not None:  # padded / all training tokens so far (data/datamodule.py)
             self.log("data/padding_fraction", padding, batch_size=bs)
         return loss
+
+    def _own_window(self, batch: Batch) -> tuple[int, int, int]:
+        """A batch from a loader that does not tag windows (data/windows.py) is its own window, which
+        is right only without accumulation."""
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("with trainer.accumulate_grad_batches > 1 the training loader must tag each batch with its "
+                             "accumulation window: data.windows.WindowLoader (MLLMDataModule's training loader is one)")
+        return supervised_tokens(batch.labels), 0, 1
+
+    def _over_ranks(self, count: int) -> int:
+        if self.trainer.world_size == 1:
+            return count
+        total = self.trainer.strategy.reduce(torch.tensor(float(count), dtype=torch.float64, device=self.device), reduce_op="sum")
+        return int(total)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.nonfinite.drop_gradients(self)  # a skipped (non-finite) step applies no update
@@ -198,6 +225,17 @@ class MLLMModule(L.LightningModule):
         best = getattr(callback, "best_model_path", "") or ""
         if best and best != self._best_path:
             self._best_path, self.best_step = best, self.last_val_step
+
+
+def loss_scale(trainer: L.Trainer) -> int:
+    """What the gradient of a returned training loss is divided by on its way to the optimizer:
+    Lightning's automatic optimization divides every loss by accumulate_grad_batches, DeepSpeed's
+    engine divides it again by its gradient_accumulation_steps (the same number, set by Lightning),
+    and DDP, ZeRO and FSDP2 average gradients over the ranks. Exact under every strategy because the
+    loss is scaled before backward, not the gradients after it (DeepSpeed keeps those in its own
+    partitioned buffers)."""
+    accumulate = trainer.accumulate_grad_batches
+    return accumulate * trainer.world_size * (accumulate if isinstance(trainer.strategy, DeepSpeedStrategy) else 1)
 
 
 def stop_ids(tokenizer, template: str) -> list[int]:
