@@ -47,6 +47,13 @@ def run_name(run_dir: Path) -> str:
     return str((config or {}).get("run_name") or run_dir.name)
 
 
+def run_label(run_dir: Path, taken: dict) -> str:
+    """The run's name, or its directory's path where another run already has that name (two runs of one
+    model and plan, e.g. two families, must not overwrite each other's rows)."""
+    name = run_name(run_dir)
+    return name if name not in taken else str(run_dir)
+
+
 def first_reaching(evals: list[dict], target: float) -> dict | None:
     return next((e for e in evals if e["val/acc"] >= target - 1e-9), None)
 
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"error: {d} has no evaluations with perf/train_seconds in csv/metrics.csv "
                   "(run it with trainer.val_check_interval below trainer.max_steps)", file=sys.stderr)
             raise SystemExit(2)
-        runs[run_name(d)] = evals
+        runs[run_label(d, runs)] = evals
     summary = summarize(runs, args.target, args.budget)
     out = args.out or args.runs[0].parent
     out.mkdir(parents=True, exist_ok=True)
