@@ -150,3 +150,21 @@ def test_evaluate_refuses_plans_that_need_training(main_job):
     assert proc.returncode != 0 and "needs training" in proc.stderr
     proc, _ = evaluate(root)
     assert proc.returncode != 0 and "set model.pretrained" in proc.stderr
+
+
+def test_the_high_resolution_job_trains_llava_next_with_accumulation(tmp_path):
+    """`python -m train experiment=hires` (tiny LLaVA-NeXT, rows with 336 and 464 visual tokens in one batch)
+    under gradient accumulation: trains, evaluates and exports a directory transformers' LlavaNext loads."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    cmd = [sys.executable, "-m", "train", "experiment=hires", f"paths.root_dir={tmp_path}", *DATA,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
+           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "outputs" / "hires" / "tiny_next-llava_next-dense"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["export_class"] == "LlavaNextForConditionalGeneration"
+    assert 0 < summary["metrics"]["train/loss"] < 20 and "val/acc/fine" in summary["metrics"]
+    hf = LlavaNextForConditionalGeneration.from_pretrained(run / "export")
+    assert hf.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]

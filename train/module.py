@@ -119,6 +119,9 @@ class MLLMModule(L.LightningModule):
         out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
         self._count_skips(batch)
         bs = batch.size
+        if out.n_loss_tokens != supervised_tokens(batch.labels):  # the window's count must be what the loss covers
+            raise RuntimeError(f"the loss covers {out.n_loss_tokens} tokens of this batch, data.windows.supervised_tokens "
+                               f"counts {supervised_tokens(batch.labels)}: the accumulation window's normalisation would be wrong")
         tokens, index, length = batch.window or self._own_window(batch)
         tokens = max(self._over_ranks(tokens), 1)  # a step without supervised tokens: loss 0, no gradient
         loss = self.nonfinite.check(self, out.loss_sum / tokens * loss_scale(self.trainer), bs)  # NaN on every rank if any is
