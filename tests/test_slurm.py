@@ -59,22 +59,23 @@ def test_sbatch_runs_a_two_task_ddp_job(cluster, tmp_path):
 
 
 def test_signalled_job_requeues_and_resumes(cluster, tmp_path):
-    steps = 60
+    steps = 200
     # Two DDP ranks: the signal only sets a flag, the ranks checkpoint together (train/infra/preemption.py)
     job = submit(cluster, tmp_path, *TINY, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                  "trainer.log_every_n_steps=1")
-    run_dir = tmp_path / "outputs" / "slurm" / f"emllm-{job}"
     end = time.time() + 300
-    while time.time() < end and not list(run_dir.glob("csv/**/metrics.csv")):  # training has started
-        time.sleep(1)
-    time.sleep(5)
+    # signalled once the progress bar shows 10 steps done: 190 remain (a fast machine trains 10 steps/s; a
+    # signal that landed after the last step would find nothing to save)
+    while time.time() < end and not re.search(rf"\| [1-9]\d*/{steps} ", job_log(tmp_path, job)):
+        time.sleep(0.2)
     # what Slurm sends `--signal=SIGUSR1@90` before the time limit
     cluster.run("scancel", "--signal=USR1", job)
     state = cluster.wait(job, timeout=600)
     log = job_log(tmp_path, job)
     assert state == "COMPLETED", log[-3000:]
     assert "(restart 1)" in log and "1 nodes x 2 tasks" in log, log[-3000:]
-    assert re.search(r"SIGUSR1 at step \d+: saved .*hpc_ckpt_1.ckpt", log), log[-3000:]
+    saved = re.search(r"SIGUSR1 at step (\d+): saved .*hpc_ckpt_1.ckpt", log)
+    assert saved and int(saved.group(1)) < steps, log[-3000:]
     assert "requeued Slurm job" in log, log[-3000:]
     assert re.search(r"[Rr]estor\w+ .*hpc_ckpt_1.ckpt", log), log[-3000:]
     assert metrics(tmp_path, job)["steps"] == steps
