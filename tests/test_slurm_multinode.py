@@ -159,8 +159,7 @@ def jobs(cluster, tmp_path_factory) -> dict[str, Job]:
     # signalled once it trains (what Slurm's `--signal=SIGUSR1@90` sends before the time limit); its
     # requeue hold and second start then overlap the other jobs
     out["ddp_2"] = submit(cluster, ddp, 2, 2, *DDP, run_dir=two_node_run)
-    wait_for_file(cluster, out["ddp_2"], two_node_run / "csv" / "metrics.csv")
-    time.sleep(2)
+    wait_for_file(cluster, out["ddp_2"], two_node_run / "csv" / "metrics.csv")  # written at step 8's evaluation, of 16
     cluster.run("scancel", "--signal=USR1", out["ddp_2"].id)
     out["ddp_1"] = submit(cluster, ddp, 1, 4, *DDP)
     out["zero3_1"] = submit(cluster, zero3, 1, 4, *ZERO3)
