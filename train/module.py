@@ -119,10 +119,11 @@ class MLLMModule(L.LightningModule):
         out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
         self._count_skips(batch)
         bs = batch.size
-        if out.n_loss_tokens != supervised_tokens(batch.labels):  # the window's count must be what the loss covers
+        counted = supervised_tokens(batch.labels)  # what the window's count summed for this batch
+        if out.n_loss_tokens != counted:
             raise RuntimeError(f"the loss covers {out.n_loss_tokens} tokens of this batch, data.windows.supervised_tokens "
-                               f"counts {supervised_tokens(batch.labels)}: the accumulation window's normalisation would be wrong")
-        tokens, index, length = batch.window or self._own_window(batch)
+                               f"counts {counted}: the accumulation window's normalisation would be wrong")
+        tokens, index, length = batch.window or self._own_window(counted)
         tokens = max(self._over_ranks(tokens), 1)  # a step without supervised tokens: loss 0, no gradient
         loss = self.nonfinite.check(self, out.loss_sum / tokens * loss_scale(self.trainer), bs)  # NaN on every rank if any is
         share = out.loss_sum.detach() / tokens if torch.isfinite(loss) else loss.detach()
@@ -137,13 +138,13 @@ class MLLMModule(L.LightningModule):
             self.log("data/padding_fraction", padding, batch_size=bs)
         return loss
 
-    def _own_window(self, batch: Batch) -> tuple[int, int, int]:
-        """A batch from a loader that does not tag windows (data/windows.py) is its own window, which
-        is right only without accumulation."""
+    def _own_window(self, tokens: int) -> tuple[int, int, int]:
+        """A batch (of `tokens` supervised tokens) from a loader that does not tag windows (data/windows.py)
+        is its own window, which is right only without accumulation."""
         if self.trainer.accumulate_grad_batches != 1:
             raise ValueError("with trainer.accumulate_grad_batches > 1 the training loader must tag each batch with its "
                              "accumulation window: data.windows.WindowLoader (MLLMDataModule's training loader is one)")
-        return supervised_tokens(batch.labels), 0, 1
+        return tokens, 0, 1
 
     def _over_ranks(self, count: int) -> int:
         if self.trainer.world_size == 1:
