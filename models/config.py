@@ -22,6 +22,10 @@ PROJECTORS = ("mlp2x_gelu", "linear")
 # LLaVA-1.5 preprocessing constants (CLIP); SigLIP uses 0.5 / 0.5.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# InternViT's (ImageNet) statistics; SigLIP and the rest use 0.5 / 0.5.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "internvl_vision": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def _hf_config(section: dict, families: dict[str, str], where: str) -> PretrainedConfig:
@@ -55,6 +59,7 @@ class MLLMConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     image_grid_pinpoints: list[list[int]] | None = None  # llava_next: candidate canvases (height, width) in pixels
+    max_tiles: int | None = None  # internvl: most tiles an image is cut into (GotOcr2's max_patches; None = 12)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,12 +96,16 @@ class MLLMConfig:
     @property
     def grid_size(self) -> int:
         """Patches per side of the (square) grid the tower sees (an image, or a tile)."""
-        v = self.hf_vision_config()
-        return v.image_size // v.patch_size
+        return self.tile_size // square_side(self.hf_vision_config().patch_size)
+
+    @property
+    def tile_size(self) -> int:
+        """Pixels per side of the square the tower sees (InternViT's config gives [h, w]: square here)."""
+        return square_side(self.hf_vision_config().image_size)
 
     @property
     def has_cls(self) -> bool:
-        return self.vision_family == "clip"
+        return self.vision_family in ("clip", "internvit")
 
     @property
     def num_image_tokens(self) -> int:
@@ -146,9 +155,8 @@ class MLLMConfig:
         vision = _known_fields(hf["vision_config"])
         text = _known_fields(hf["text_config"])
         fields_ = family.config_fields(hf)
-        mean, std = (0.5,) * 3, (0.5,) * 3
-        if vision["model_type"] == "clip_vision_model":
-            mean, std = CLIP_MEAN, CLIP_STD
+        text.update(fields_.pop("text_overrides", {}))  # e.g. InternVL's top-level tie_word_embeddings
+        mean, std = IMAGE_STATS.get(vision["model_type"], ((0.5,) * 3, (0.5,) * 3))
         return cls(
             vision=vision,
             text=text,
@@ -172,7 +180,18 @@ class MLLMConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = self.hf_config().to_dict()
         d["efficient_mllm"] = {k: v for k, v in asdict(self).items() if k in ("projector", "image_mean", "image_std", "extra")}
+        if self.max_tiles is not None:
+            d["efficient_mllm"]["max_tiles"] = self.max_tiles
         return d
+
+
+def square_side(value) -> int:
+    """One side of a square size given as an int or as HF's [height, width]."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConfigError(f"vision image_size / patch_size {list(value)} must be square")
+        return int(value[0])
+    return int(value)
 
 
 def _known_fields(section: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,21 @@ def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, dev
     return place
 
 
+def real_tiles(pixel_values: Tensor, n_tiles: list[int], sizes: list[tuple[int, int]]) -> Tensor:
+    """The real tiles of every image concatenated [sum tiles, 3, S, S], from transformers' padded
+    layout [n_images, max_tiles, 3, S, S] (LLaVA-NeXT; our collator) or already flat (InternVL's
+    `pixel_values`); `n_tiles` per image (of `sizes`, named in the error)."""
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(n_tiles) or pixel_values.shape[1] < max(n_tiles):
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not hold the tiles of {len(sizes)} images of "
+                             f"sizes {sizes} ({n_tiles} tiles)")
+        return torch.cat([p[:n] for p, n in zip(pixel_values, n_tiles)])
+    if pixel_values.dim() == 4 and pixel_values.shape[0] == sum(n_tiles):
+        return pixel_values
+    raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [n_images, tiles, 3, H, W] or "
+                     f"[{sum(n_tiles)} tiles, 3, H, W] for images of sizes {sizes} ({n_tiles} tiles)")
+
+
 @dataclass(frozen=True)
 class ProcessedImage:
     """One image as the model takes it: `pixels` ([3, H, W], or [tiles, 3, H, W] for tiling

@@ -1,4 +1,5 @@
-"""CLIP / SigLIP vision towers, run only as deep as the LLaVA feature layer (LLaVA-1.5, LLaVA-NeXT).
+"""CLIP / SigLIP / InternViT vision towers, run only as deep as the feature layer (LLaVA-1.5,
+LLaVA-NeXT, InternVL).
 
 LLaVA reads the penultimate layer, so the last encoder layer (and the post-layernorm) never
 influences the LLM; running it anyway, as `LlavaForConditionalGeneration` does, wastes 1/L of the
@@ -44,24 +45,38 @@ def init_sincos_positions(tower: nn.Module, grid: int) -> None:
         table[table.shape[0] - grid * grid :] = sincos_2d(grid, table.shape[1]).to(table)
 
 
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The tower's blocks: `encoder.layers` (CLIP, SigLIP) or `encoder.layer` (InternViT)."""
+    return tower.encoder.layers if hasattr(tower.encoder, "layers") else tower.encoder.layer
+
+
+def layer_attention(layer: nn.Module) -> nn.Module:
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+
+
 def vision_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Hidden state after `n_layers` encoder layers (HF `hidden_states[n_layers]`)."""
-    dtype = tower.embeddings.patch_embedding.weight.dtype
-    h = tower.embeddings(pixel_values.to(dtype))
+    """Hidden state after `n_layers` encoder layers (HF `hidden_states[n_layers]`); after InternViT's
+    last layer, its final `layernorm` (HF's `last_hidden_state`, which InternVL reads)."""
+    layers = encoder_layers(tower)
+    h = tower.embeddings(pixel_values.to(next(tower.embeddings.parameters()).dtype))
     if hasattr(tower, "pre_layrnorm"):  # CLIP normalises before the encoder
         h = tower.pre_layrnorm(h)
-    for layer in tower.encoder.layers[:n_layers]:
-        h = layer(h, None)
+    internvit = not hasattr(tower.encoder, "layers")
+    for layer in layers[:n_layers]:
+        h = layer(h) if internvit else layer(h, None)
+    if internvit and n_layers == len(layers):
+        h = tower.layernorm(h)
     return h
 
 
 def attention_received(attn: nn.Module, x: torch.Tensor, from_cls: bool) -> torch.Tensor:
-    """Head-averaged attention [N, n] each token gets in a CLIP/SigLIP attention module on its
-    input `x` [N, n, d]: from the CLS query (token 0), or averaged over all queries."""
+    """Head-averaged attention [N, n] each token gets in a CLIP/SigLIP/InternViT attention module on
+    its input `x` [N, n, d]: from the CLS query (token 0), or averaged over all queries."""
     n, length, _ = x.shape
     heads = lambda t: t.view(n, t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
-    k = heads(attn.k_proj(x))
-    q = heads(attn.q_proj(x[:, :1] if from_cls else x))
+    q_norm, k_norm = getattr(attn, "q_norm", nn.Identity()), getattr(attn, "k_norm", nn.Identity())  # InternViT's qk-norm
+    k = heads(k_norm(attn.k_proj(x)))
+    q = heads(q_norm(attn.q_proj(x[:, :1] if from_cls else x)))
     probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [N, H, queries, n]
     return probs.mean((1, 2))
 
@@ -88,7 +103,7 @@ def tower_features(tower: nn.Module, pixel_values: torch.Tensor, config: MLLMCon
             with torch.no_grad():
                 seen["received"] = attention_received(module, x, config.has_cls)
 
-        hook = tower.encoder.layers[n_layers - 1].self_attn.register_forward_hook(read_attention, with_kwargs=True)
+        hook = layer_attention(encoder_layers(tower)[n_layers - 1]).register_forward_hook(read_attention, with_kwargs=True)
     try:
         h = vision_hidden_states(tower, pixel_values, n_layers)
     finally:

@@ -10,10 +10,7 @@ def tiny_config(vision: str = "clip", text: str = "llama", text_layers: int = 3,
     from models import MLLMConfig
 
     vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=image_size, patch_size=4)
-    if vision == "clip":
-        vision_cfg["model_type"] = "clip_vision_model"
-    else:
-        vision_cfg["model_type"] = "siglip_vision_model"
+    vision_cfg["model_type"] = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "internvit": "internvl_vision"}[vision]
     text_cfg = dict(
         model_type=text,
         hidden_size=64,
@@ -30,7 +27,7 @@ def tiny_config(vision: str = "clip", text: str = "llama", text_layers: int = 3,
         vision=vision_cfg,
         text=text_cfg,
         image_token_id=3,
-        vision_feature_select_strategy="default" if vision == "clip" else "full",
+        vision_feature_select_strategy="full" if vision == "siglip" else "default",
     )
     args.update(overrides)
     return MLLMConfig(**args)
@@ -68,6 +65,14 @@ def tiny_next_config(text_layers: int = 3, **overrides):
     return tiny_config(text_layers=text_layers, family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS, **overrides)
 
 
+def tiny_internvl_config(text_layers: int = 3, **overrides):
+    """A tiny InternVL config: InternViT tiles of 32 px (an 8 x 8 patch grid, 4 x 4 tokens after the
+    pixel shuffle), at most 4 tiles per image (+ the thumbnail), a Qwen2 LLM."""
+    overrides = {"vision_feature_layer": -1, "max_tiles": 4, "image_mean": (0.485, 0.456, 0.406),
+                 "image_std": (0.229, 0.224, 0.225), **overrides}
+    return tiny_config("internvit", "qwen2", text_layers, image_size=32, family="internvl", **overrides)
+
+
 def next_images(seed: int = 0):
     """A wide (1 x 2 tiles, unpadded to 2 of 4 rows), a tall (2 x 1, 2 of 4 columns) and a 2 x 2-tile image."""
     from PIL import Image
@@ -77,11 +82,21 @@ def next_images(seed: int = 0):
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((10, 44), (44, 10), (31, 23))]
 
 
-def next_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5):
-    """One image per row (`next_images`), each row's own number of placeholders, left padding to the
-    longest row plus `pad_left[i]`: ids, mask, pixel_values [3, max_tiles, 3, 16, 16], image_sizes."""
+def internvl_images(seed: int = 0):
+    """A wide (4 x 1 tiles + thumbnail), a tall-ish (1 x 2 + thumbnail) and a one-tile image."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((10, 44), (31, 23), (20, 21))]
+
+
+def next_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5, images=None):
+    """One image per row (`next_images`, or `images(seed)`), each row's own number of placeholders,
+    left padding to the longest row plus `pad_left[i]`: ids, mask, pixel_values [3, max_tiles, 3, S, S]
+    (zero tiles after each image's own), image_sizes."""
     processor = config.model_family.image_processor(config)
-    images = [processor(image) for image in next_images(seed)]
+    images = [processor(image) for image in (images or next_images)(seed)]
     g = torch.Generator().manual_seed(seed)
     vocab = config.hf_text_config().vocab_size
     rows = []

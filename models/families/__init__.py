@@ -1,4 +1,4 @@
 """The model families the engine runs, one module each; importing this package registers them
 (`models.family.FAMILIES`, by `model.config.family`)."""
 
-from . import llava, llava_next  # noqa: F401  (registration)
+from . import internvl, llava, llava_next  # noqa: F401  (registration)

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import LlavaConfig
 
-from ..config import MLLMConfig
+from ..config import MLLMConfig, square_side
 from ..family import register
 from ..validation import ConfigError
 from ..family import Family, ImageProcessor, ProcessedImage, VisualTokens, grid_place
@@ -91,6 +91,13 @@ class LlavaFamily(Family):
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: MLLMConfig) -> None:
+        self.validate_tower(config)
+        if config.max_tiles is not None:
+            raise ConfigError("model.max_tiles tiles images InternVL's way: set model.family=internvl")
+        self.validate_grid(config)
+
+    def validate_tower(self, config: MLLMConfig) -> None:
+        """Feature selection and the feature layer (the checks every LLaVA-style family shares)."""
         vision = config.hf_vision_config()
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ConfigError("model.vision_feature_select_strategy must be 'default' (drop CLS) or 'full'")
@@ -105,9 +112,8 @@ class LlavaFamily(Family):
                 f"model.vision_feature_layer={config.vision_feature_layer} is outside the vision tower's "
                 f"{n_layers} layers (use -1..-{n_layers} or 0..{n_layers})"
             )
-        if vision.image_size % vision.patch_size:
+        if config.tile_size % square_side(vision.patch_size):
             raise ConfigError(f"vision image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
-        self.validate_grid(config)
 
     def validate_grid(self, config: MLLMConfig) -> None:
         if config.image_grid_pinpoints is not None:

@@ -37,7 +37,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..config import MLLMConfig
 from ..family import register
 from ..validation import ConfigError
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place
+from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, real_tiles
 from ..gathered import gathered
 from ..streams import Place
 from ..vision import tower_features
@@ -171,16 +171,7 @@ class LlavaNextFamily(LlavaFamily):
             raise ValueError("llava_next needs image_sizes [n_images, 2] (height, width) beside pixel_values")
         sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
         n_tiles = [self.tiles_per_image(config, s) for s in sizes]
-        if pixel_values.dim() == 5:
-            if pixel_values.shape[0] != len(sizes) or pixel_values.shape[1] < max(n_tiles):
-                raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not hold the tiles of {len(sizes)} images of "
-                                 f"sizes {sizes} ({n_tiles} tiles)")
-            tiles = torch.cat([p[:n] for p, n in zip(pixel_values, n_tiles)])
-        elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(n_tiles):
-            tiles = pixel_values
-        else:
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [n_images, tiles, 3, H, W] or "
-                             f"[{sum(n_tiles)} tiles, 3, H, W] for images of sizes {sizes}")
+        tiles = real_tiles(pixel_values, n_tiles, sizes)
         with model.tower_grad():
             features, score = tower_features(model.vision_tower, tiles, config, scores)
         projected = model.multi_modal_projector(features)  # [sum tiles, g*g, d]

@@ -1,0 +1,157 @@
+"""InternVL (family `internvl`): our forward equals transformers' `InternVLForConditionalGeneration`
+on the same weights (fp32), on a batch of a 5-tile, a 3-tile and a 1-tile image with left padding;
+greedy generation with the KV cache equals HF `generate`; directories transformers writes load, and
+ours load into transformers; preprocessing is GotOcr2's and placeholder counts follow InternVL's
+processor (`replace_image_token`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import InternVLForConditionalGeneration
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+from models import MLLM, MLLMConfig
+from models.generation import greedy_generate
+from models.streams import Place
+from tests.helpers import internvl_images, next_batch, tiny_internvl_config
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Our model and HF's, loaded from our export (so this also checks save_pretrained)."""
+    torch.manual_seed(0)
+    ours = MLLM.from_config(tiny_internvl_config()).eval()
+    path = tmp_path_factory.mktemp("internvl") / "export"
+    ours.save_pretrained(path)
+    hf = InternVLForConditionalGeneration.from_pretrained(path).eval()
+    return ours, hf
+
+
+def batch(config, **kw):
+    """`next_batch` over InternVL's images, and the same tiles flat [sum tiles, 3, S, S] (HF's input)."""
+    ids, mask, pixels, sizes = next_batch(config, images=internvl_images, **kw)
+    n_tiles = [config.model_family.tiles_per_image(config, s) for s in sizes.tolist()]
+    return ids, mask, pixels, sizes, torch.cat([p[:n] for p, n in zip(pixels, n_tiles)])
+
+
+def hf_forward(hf, ids, mask, flat, **kw):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate uses under left padding
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, pixel_values=flat, position_ids=positions, **kw)
+
+
+def test_tiles_tokens_and_places_follow_transformers(pair):
+    ours, hf = pair
+    config = ours.config
+    for image in internvl_images():
+        size = (image.height, image.width)
+        pixels = config.model_family.image_processor(config)(image).pixels
+        with torch.no_grad():
+            features = hf.model.get_image_features(pixels).pooler_output  # [tiles, 16, d]
+        assert config.tokens_per_image(size) == features.shape[0] * features.shape[1]
+        tokens = ours.encode_images(pixels, torch.tensor([size]))
+        assert torch.allclose(tokens.h, features.reshape(-1, features.shape[-1]), atol=1e-6)
+        side = config.grid_size // 2
+        unit = tokens.place[:, Place.UNIT].view(len(pixels), side * side)
+        assert torch.equal(unit, torch.arange(len(pixels))[:, None].expand_as(unit))  # one unit per tile, thumbnail last
+        assert tokens.place[:, Place.ROW].max() == side - 1 and not bool(tokens.place[:, Place.EXTRA].any())
+
+
+def test_preprocessing_and_placeholders_are_internvl_processors(pair):
+    """Pixels equal `GotOcr2ImageProcessorPil(crop_to_patches=True)` (InternVL's image processor);
+    the placeholders equal what `InternVLProcessor.replace_image_token` writes between <img> and </img>."""
+    ours, hf = pair
+    config = ours.config
+    processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4,
+                                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    rule = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<ctx>",
+                           image_seq_length=hf.config.image_seq_length)
+    for image in internvl_images():
+        out = processor(images=[image], return_tensors="pt")
+        assert torch.equal(out["pixel_values"], config.model_family.image_processor(config)(image).pixels)
+        text = InternVLProcessor.replace_image_token(rule, {"num_patches": out["num_patches"].tolist()}, 0)
+        assert text.startswith("<img>") and text.endswith("</img>")
+        assert text.count("<ctx>") == config.tokens_per_image((image.height, image.width))
+
+
+def test_token_counts_at_internvl_sizes():
+    """The counts of families.md §9.1 (12 tiles at most): 448² 256, 672² 1280, 1344² 2560, 480 x 640 3328."""
+    vision = dict(model_type="internvl_vision", hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=448, patch_size=14)
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=128)
+    config = MLLMConfig(vision=vision, text=text, family="internvl", vision_feature_layer=-1)
+    assert [config.tokens_per_image(s) for s in ((448, 448), (672, 672), (1344, 1344), (480, 640))] == [256, 1280, 2560, 3328]
+    assert MLLMConfig(vision=vision, text=text, family="internvl", vision_feature_layer=-1, max_tiles=6).tokens_per_image((480, 640)) == 1792
+
+
+@pytest.mark.parametrize("pad_left", [None, [0, 3, 5]], ids=["no-padding", "left-padding"])
+def test_logits_match_hf(pair, pad_left):
+    ours, hf = pair
+    ids, mask, pixels, sizes, flat = batch(ours.config, pad_left=pad_left)
+    with torch.no_grad():
+        got = ours(ids, mask, pixels, image_sizes=sizes).logits
+        got_flat = ours(ids, mask, flat, image_sizes=sizes).logits
+    want = hf_forward(hf, ids, mask, flat).logits
+    valid = mask.bool()
+    assert torch.isfinite(got[valid]).all()
+    assert (got - want)[valid].abs().max().item() <= 1e-5
+    assert torch.equal(got_flat[valid], got[valid])
+
+
+def test_loss_matches_hf(pair):
+    ours, hf = pair
+    ids, mask, pixels, sizes, flat = batch(ours.config)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]  # the text after each image (its first token stays unsupervised)
+    with torch.no_grad():
+        got = ours(ids, mask, pixels, labels=labels, image_sizes=sizes).loss
+        want = hf(input_ids=ids, attention_mask=mask, pixel_values=flat, labels=labels).loss
+    assert abs(got.item() - want.item()) <= 1e-5
+
+
+def test_greedy_generation_matches_hf(pair):
+    ours, hf = pair
+    ids, mask, pixels, sizes, flat = batch(ours.config, pad_left=[0, 2, 4], seed=1)
+    got = greedy_generate(ours, ids, mask, pixels, max_new_tokens=10, eos_token_id=[127], pad_token_id=0, image_sizes=sizes)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=flat, max_new_tokens=10,
+                           do_sample=False, eos_token_id=127, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(got, want[:, : got.shape[1]])
+
+
+def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
+    ours, hf = pair
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = MLLM.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, pixels, sizes, _ = batch(ours.config, pad_left=[0, 2, 1])
+    with torch.no_grad():
+        want = ours(ids, mask, pixels, logits="last", image_sizes=sizes).logits
+    loaded.config.max_tiles = ours.config.max_tiles  # a preprocessing setting: transformers keeps it out of config.json
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=sizes).logits, want)
+    loaded.save_pretrained(tmp_path / "again")
+    again = MLLM.from_pretrained(tmp_path / "again").eval()
+    assert again.family.name == "internvl" and again.config.max_tiles == 4
+    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=sizes).logits, want)
+
+
+def test_a_tied_hf_checkpoint_loads_tied(tmp_path):
+    """InternVLConfig ties the LM head by its top-level flag (default True): a directory transformers
+    writes without `lm_head` loads with the embedding as the head."""
+    from transformers import InternVLConfig
+
+    config = tiny_internvl_config()
+    hf_config = InternVLConfig(**{**config.hf_config().to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(1)
+    hf = InternVLForConditionalGeneration(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    loaded = MLLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.language_model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, hf.lm_head.weight)
