@@ -11,7 +11,8 @@ One module per family in `models/families/` subclasses `Family` and declares:
   and ours (`to_internal_name` / `to_hub_name`);
 * visual tokens: `encode` (pixels -> projected tokens + their `Place`: image, token, tile/unit,
   row/column on the unit's grid, layout tokens) and `tokens_per_image` (how many placeholder
-  tokens an image of a given size takes in the prompt);
+  tokens an image of a given size takes in the prompt), and what they cost before the LLM
+  (`vision_flops`: the tower's and the projector's FLOPs for an image of a given size);
 * positions: `rope_positions` (1-D sequence positions unless the family says otherwise), kept
   apart from the sequence order that causality uses;
 * preprocessing: `image_processor` (transformers' PIL image processor of the family, or LLaVA-1.5's
@@ -153,6 +154,12 @@ class Family:
 
     def image_count(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> int:
         return 0 if pixel_values is None else pixel_values.shape[0]
+
+    def vision_flops(self, config: "MLLMConfig", size: tuple[int, int]) -> dict[str, int]:
+        """Forward FLOPs (2 x multiply-accumulates) of one image of `size` (height, width), all its
+        tiles: {"tower": ..., "projector": ...}, counted by `models/vision_flops.py`. They do not
+        depend on the plan (pre-LLM steps act after the projector)."""
+        raise NotImplementedError(f"the {self.name} family does not count its tower's and projector's FLOPs")
 
     # --- positions ------------------------------------------------------------------------------
     def rope_positions(self, order: Tensor) -> Tensor:

@@ -227,7 +227,7 @@ def prefill_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: 
     """Prefill FLOPs of one sample in the given convention and scope."""
     terms, _ = plan_terms(s, plan, n_visual, n_text, ffn, **kw)
     text_only, _ = plan_terms(s, Plan.dense(s.layers), 0, n_text, ffn)
-    return _convert(scope_flops(terms, scope, text_only), convention)
+    return convert(scope_flops(terms, scope, text_only), convention)
 
 
 def decode_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: str = "2mac", ffn: str = "swiglu", **kw) -> float:
@@ -240,7 +240,7 @@ def decode_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: s
         cached_vis = present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0
         terms, _ = layer_terms(s, _decode_policy(p), 1, 0, None, ffn_mats, False, n_v0, past=n_text + cached_vis)
         total += sum(terms.values())
-    return _convert(total, convention)
+    return convert(total, convention)
 
 
 def _decode_policy(p: LayerPolicy) -> LayerPolicy:
@@ -259,7 +259,7 @@ def kv_cache_bytes(s: Shape, plan: Plan, n_visual: int, n_text: int, bytes_per_v
     return keys * 2 * s.kv_heads * s.head_dim * bytes_per_value
 
 
-def _convert(flops: int, convention: str) -> float:
+def convert(flops: int, convention: str) -> float:
     if convention not in ("2mac", "mac"):
         raise ValueError(f"unknown FLOPs convention {convention!r} (2mac or mac)")
     return flops / 2 if convention == "mac" else float(flops)

@@ -14,7 +14,8 @@ import time
 import lightning as L
 import torch
 
-from models.flops import ImageTokens, Shape, prefill_flops
+from models.flops import ImageTokens, Shape, convert, prefill_flops
+from models.vision_flops import vision_flops_of_batch
 from models.plan import Plan
 
 # dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity)
@@ -50,6 +51,7 @@ class EfficiencyMetrics(L.Callback):
             plan_flops += prefill_flops(shape, model.plan, n_v, n_text, scope=self.scope, **kw) / len(rows)
             dense_flops += prefill_flops(shape, Plan.dense(shape.layers), n_v, n_text, scope=self.scope, **kw) / len(rows)
             visual += prefill_flops(shape, model.plan, n_v, n_text, scope="visual_side", **kw) / len(rows)
+        vision = vision_flops_of_batch(model.config, pixels, batch.image_sizes)  # the batch's images, per sample below
 
         sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
         sync()
@@ -71,6 +73,8 @@ class EfficiencyMetrics(L.Callback):
                 "eff/prefill_tflops": plan_flops / 1e12,
                 "eff/visual_tflops": visual / 1e12,
                 "eff/flops_ratio": plan_flops / dense_flops if dense_flops else 1.0,
+                "eff/tower_tflops": convert(vision["tower"], self.convention) / len(rows) / 1e12,
+                "eff/projector_tflops": convert(vision["projector"], self.convention) / len(rows) / 1e12,
                 "eff/peak_mem_mb": peak_memory_mb(ids.device),
             },
             sync_dist=True,

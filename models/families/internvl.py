@@ -40,6 +40,7 @@ from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, r
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..vision import encoder_layers, tower_features
+from ..vision_flops import mlp_flops, tower_flops
 from .llava import LOAD_PREFIXES, LlavaFamily, rename
 
 DEFAULT_MAX_TILES = 12  # GotOcr2ImageProcessor's max_patches, what InternVLProcessor uses
@@ -182,6 +183,14 @@ class InternVLFamily(LlavaFamily):
             unit_scores = {scores: (units.sum(-1) if scores == "dominance" else units.mean(-1)).reshape(-1)}
         counts = torch.tensor([t * (g // 2) ** 2 for t in n_tiles], device=h.device)
         return VisualTokens(h.reshape(-1, h.shape[-1]), place, counts, None, unit_scores)
+
+    def vision_flops(self, config: MLLMConfig, size: tuple[int, int]) -> dict[str, int]:
+        """Every tile (the thumbnail included) through the whole tower (CLS among its tokens) and the
+        projector on its (g/2)^2 pixel-shuffled tokens of 4x the tower's width."""
+        tiles = self.tiles_per_image(config, size)
+        d_vision, d_text = config.hf_vision_config().hidden_size, config.hf_text_config().hidden_size
+        return {"tower": tiles * tower_flops(config),
+                "projector": tiles * mlp_flops((config.grid_size // 2) ** 2, [4 * d_vision, d_text, d_text])}
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: MLLMConfig) -> ImageProcessor:

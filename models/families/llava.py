@@ -27,6 +27,7 @@ from ..gathered import gathered, hf_from_config
 from ..projector import Projector
 from ..streams import Place
 from ..vision import tower_features
+from ..vision_flops import mlp_flops, tower_flops
 
 # (ours, on disk) prefix pairs; order matters for the first match on load.
 SAVE_PREFIXES = [
@@ -199,6 +200,15 @@ class LlavaFamily(Family):
         place = self.grid_places(model.config, h.device).repeat(n, 1)
         counts = torch.full((n,), n_v, dtype=torch.long, device=h.device)
         return VisualTokens(h.reshape(n * n_v, -1), place, counts, None, None if score is None else {scores: score.reshape(-1)})
+
+    def projector_widths(self, config: MLLMConfig) -> list[int]:
+        """Widths of the projector's linear layers, from the tower's features to the LLM."""
+        d_text = config.hf_text_config().hidden_size
+        return [config.hf_vision_config().hidden_size, d_text] + ([d_text] if config.projector == "mlp2x_gelu" else [])
+
+    def vision_flops(self, config: MLLMConfig, size: tuple[int, int]) -> dict[str, int]:
+        """The tower on the one padded, resized image (up to the feature layer), the projector on its tokens."""
+        return {"tower": tower_flops(config), "projector": mlp_flops(self.tokens_per_image(config), self.projector_widths(config))}
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: MLLMConfig) -> ImageProcessor:

@@ -41,6 +41,7 @@ from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, r
 from ..gathered import gathered
 from ..streams import Place
 from ..vision import tower_features
+from ..vision_flops import mlp_flops, tower_flops
 from .llava import LlavaFamily
 
 
@@ -195,6 +196,12 @@ class LlavaNextFamily(LlavaFamily):
             torch.cat(h), torch.cat(places), torch.tensor(counts, device=projected.device), None,
             {scores: torch.cat(extra_scores)} if score is not None else None,
         )
+
+    def vision_flops(self, config: MLLMConfig, size: tuple[int, int]) -> dict[str, int]:
+        """Every tile (the base included) through the tower and the projector; newlines cost nothing."""
+        tiles = self.tiles_per_image(config, size)
+        return {"tower": tiles * tower_flops(config),
+                "projector": tiles * mlp_flops(config.grid_size**2, self.projector_widths(config))}
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: MLLMConfig) -> ImageProcessor:

@@ -1,19 +1,24 @@
 """`python -m train flops model=<m> arch=<a> [flops.image_size=[H,W]] [flops.n_text=..] [flops.convention=..] [flops.scope=..]`
 
 Prints one JSON object with the analytic prefill TFLOPs of the plan and of dense on the same
-model (per sample, decoder layers, see `models/flops.py` for what is counted), and the resolution
-budget it assumed: the image size, the tower's tile size and, for tiling families, the pinpoints;
-the visual tokens follow from them (the family's own layout, newlines included), e.g.
+model (per sample, decoder layers, see `models/flops.py` for what is counted), the visual
+front-end's own TFLOPs (`tower_tflops`, `projector_tflops`: the image through the tower and the
+projector, `Family.vision_flops`, the same for every plan) and the sums of the three parts
+(`*_total_tflops`), and the resolution budget it assumed: the image size, the tower's tile size
+and, for tiling families, the pinpoints or the most tiles and the tiles this image takes; the
+visual tokens follow from them (the family's own layout, newlines included), e.g.
     python -m train flops model=llava15_7b arch=shortv       # ratio 0.55 (ShortV table: 4.7 / 8.5)
     python -m train flops model=llava15_7b arch=vica flops.scope=visual_side flops.n_text=46   # 0.31 / 7.65
     python -m train flops model=llava_next_13b arch=shortv   # 2928 visual tokens at 672 x 672 (ShortV: 81.8 -> 41.0)
+    python -m train flops model=internvl2_5_8b arch=visipruner flops.convention=mac flops.n_text=74   # 5 tiles at 672 x 672
 """
 
 from __future__ import annotations
 
 import json
 
-from models.flops import ImageTokens, Shape, prefill_flops
+from models.flops import ImageTokens, Shape, convert, prefill_flops
+from models.families.internvl import max_tiles as family_max_tiles
 from models.plan import Plan
 
 from ..builders import model_and_plan
@@ -30,19 +35,28 @@ def flops_report(cfg) -> dict:
     kw = dict(convention=f.convention, scope=f.scope, ffn=f.ffn)
     dense = prefill_flops(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)
     planned = prefill_flops(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep, **kw)
+    family = config.model_family
+    vision = {part: convert(flops, f.convention) for part, flops in family.vision_flops(config, size).items()}
+    before_llm = sum(vision.values())
     return {
         "model": model.name,
         "arch": plan.name,
         "n_visual": n_visual if isinstance(n_visual, int) else n_visual.n,
         "n_text": f.n_text,
         "image_size": list(size) if f.n_visual is None else None,
-        "tile_size": config.hf_vision_config().image_size,
+        "tile_size": config.tile_size,
         "pinpoints": config.image_grid_pinpoints,
+        "max_tiles": family_max_tiles(config) if config.family == "internvl" else None,
+        "tiles": family.tiles_per_image(config, size) if hasattr(family, "tiles_per_image") else 1,
         "convention": f.convention,
         "scope": f.scope,
         "dense_tflops": round(dense / 1e12, 6),
         "plan_tflops": round(planned / 1e12, 6),
         "ratio": round(planned / dense, 6),
+        "tower_tflops": round(vision["tower"] / 1e12, 6),
+        "projector_tflops": round(vision["projector"] / 1e12, 6),
+        "dense_total_tflops": round((dense + before_llm) / 1e12, 6),
+        "plan_total_tflops": round((planned + before_llm) / 1e12, 6),
     }
 
 
