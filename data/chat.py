@@ -89,9 +89,11 @@ def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, li
     return "".join(parts), spans, last_start
 
 
-def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tuple[list[int], list[int]]:
+def expand_images(ids: list[int], image_token_id: int, counts: list[int],
+                  wrap: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
     """`ids` with the k-th `<image>` id repeated `counts[k]` times (the k-th image's visual tokens, the
-    model's input layout), and for each position of `ids` (and one past its end) where it lands.
+    model's input layout), between `wrap`'s two text tokens when the family writes them (InternVL's
+    `<img>` ... `</img>`), and for each position of `ids` (and one past its end) where it lands.
 
     The one place placeholders become visual tokens, for training (ChatTokenizer) and evaluation
     prompts (train/lmms/prompts.py); `counts` may differ per image (a family whose token count
@@ -103,7 +105,7 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tup
     for t in ids:
         where.append(len(out))
         if t == image_token_id:
-            out.extend([t] * counts[k])
+            out.extend([t] * counts[k] if wrap is None else [wrap[0], *[t] * counts[k], wrap[1]])
             k += 1
         else:
             out.append(t)
@@ -111,10 +113,22 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int]) -> tup
     return out, where
 
 
+def wrap_ids(tokenizer, wrap: tuple[str, str] | None) -> tuple[int, int] | None:
+    """The ids of a family's image-wrapping tokens (`Family.image_wrap`), which the tokenizer must have."""
+    if wrap is None:
+        return None
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in wrap)
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"the tokenizer lacks {wrap[0]} / {wrap[1]}, the text tokens this model family writes around each "
+                         "image; add them as special tokens (tokenizer.add_special_tokens)")
+    return ids
+
+
 class ChatTokenizer:
     """Turns LLaVA `conversations` into model inputs for one template and tokenizer."""
 
-    def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None):
+    def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None,
+                 image_wrap: tuple[str, str] | None = None):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -125,6 +139,7 @@ class ChatTokenizer:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE} token; add it as a special token (tokenizer.add_special_tokens)")
+        self.image_wrap = wrap_ids(tokenizer, image_wrap)  # e.g. InternVL's <img> ... </img> (`Family.image_wrap`)
 
     def render(self, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
         return render(self.template, self.system, conversations)
@@ -151,7 +166,7 @@ class ChatTokenizer:
                 prompt_len = i
             supervised = b > a and tid != self.image_token_id and any(s <= a and b <= e for s, e in spans)
             labels.append(tid if supervised else IGNORE)
-        expanded, where = expand_images(ids, self.image_token_id, counts)
+        expanded, where = expand_images(ids, self.image_token_id, counts, self.image_wrap)
         expanded_labels = [IGNORE] * len(expanded)  # visual tokens are never supervised
         for i, lab in enumerate(labels):
             expanded_labels[where[i]] = lab if ids[i] != self.image_token_id else IGNORE
@@ -159,7 +174,8 @@ class ChatTokenizer:
         prompt_len = where[len(where) - 1 if prompt_len is None else prompt_len]
         n, truncated = len(ids), len(ids) > self.max_length
         if truncated:
-            if self.image_token_id in ids[self.max_length :]:
+            cut = ids[self.max_length :]
+            if self.image_token_id in cut or (self.image_wrap is not None and self.image_wrap[1] in cut):
                 raise InvalidSample("too_long", f"sample of {n} tokens would lose image tokens at max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             if all(lab == IGNORE for lab in labels):

@@ -1,7 +1,8 @@
 """Tokenizers: a checkpoint's own, or a small byte-level BPE trained locally on the task's text.
 
 The trained tokenizer fixes the special-token ids the `tiny` presets rely on:
-`<pad>`=0, `<s>`=1, `</s>`=2, `<image>`=3.
+`<pad>`=0, `<s>`=1, `</s>`=2, `<image>`=3, then a family's image-wrapping tokens (InternVL's
+`<img>`=4, `</img>`=5) when it has them.
 """
 
 from __future__ import annotations
@@ -20,21 +21,22 @@ from .locking import locked
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style: any text encodes, decoding is exact) that prepends `<s>`."""
+def train_bpe(texts: list[str], vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style: any text encodes, decoding is exact) that prepends `<s>`;
+    `extra_special` tokens follow the fixed ones."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", additional_special_tokens=["<image>"]
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", additional_special_tokens=["<image>", *extra_special]
     )
 
 
@@ -50,7 +52,7 @@ def template_corpus(template, system: str, texts: list[str]) -> list[str]:
     return out
 
 
-def load_or_train(directory: str | Path, texts_fn, vocab_size: int) -> PreTrainedTokenizerFast:
+def load_or_train(directory: str | Path, texts_fn, vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Reuse the tokenizer saved in `directory`, or train one on `texts_fn()` and save it there."""
     directory = Path(directory)
     if not (directory / "tokenizer.json").exists():
@@ -59,7 +61,7 @@ def load_or_train(directory: str | Path, texts_fn, vocab_size: int) -> PreTraine
                 tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
                 try:
                     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-                    train_bpe(texts_fn(), vocab_size).save_pretrained(tmp)
+                    train_bpe(texts_fn(), vocab_size, extra_special).save_pretrained(tmp)
                     tmp.replace(directory)  # atomic: a half-written tokenizer is never picked up
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,20 +69,23 @@ def load_or_train(directory: str | Path, texts_fn, vocab_size: int) -> PreTraine
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_pretrained_tokenizer(path: str | Path):
-    """A checkpoint's tokenizer; `<image>` is added when missing (llava-hf tokenizers already have it)."""
+def load_pretrained_tokenizer(path: str | Path, extra_special: tuple[str, ...] = ()):
+    """A checkpoint's tokenizer; `<image>` (and a family's `extra_special` tokens) are added when
+    missing (llava-hf tokenizers already have `<image>`, InternVL's `<img>` and `</img>`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
     tok = AutoTokenizer.from_pretrained(path)
-    if "<image>" not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    missing = [t for t in ("<image>", *extra_special) if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
 
 
-def task_tokenizer(texts_fn, template, system: str, vocab_size: int, cache_root: str | Path) -> PreTrainedTokenizerFast:
+def task_tokenizer(texts_fn, template, system: str, vocab_size: int, cache_root: str | Path,
+                   extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A BPE for a model without a tokenizer, trained on the task's text as the chat `template` renders
     it and cached under `cache_root` by the content it was trained on (so a changed task or vocabulary
     gets its own tokenizer)."""
@@ -88,5 +93,6 @@ def task_tokenizer(texts_fn, template, system: str, vocab_size: int, cache_root:
     def corpus() -> list[str]:
         return template_corpus(template, system, texts_fn())
 
-    digest = hashlib.sha256(json.dumps([corpus(), vocab_size]).encode()).hexdigest()[:12]
-    return load_or_train(Path(cache_root) / f"tokenizer-{digest}", corpus, vocab_size)
+    key = [corpus(), vocab_size] + ([list(extra_special)] if extra_special else [])  # unchanged digests without extras
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    return load_or_train(Path(cache_root) / f"tokenizer-{digest}", corpus, vocab_size, extra_special)

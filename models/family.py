@@ -105,6 +105,8 @@ class Family:
     text_types: ClassVar[dict[str, str]]  # HF text model_type -> our short name
     variable_tokens: ClassVar[bool] = False  # tokens per image depend on its size
     renumbers_positions: ClassVar[bool] = True  # 1-D positions: a selection may renumber them (PyramidDrop)
+    image_wrap: ClassVar[tuple[str, str] | None] = None  # text tokens the prompt writes around each image's tokens
+    hf_processor_class: ClassVar[str | None] = None  # preprocessor_config.json `processor_class` (tiling families)
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: "MLLMConfig") -> None:

@@ -38,11 +38,16 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 @torch.no_grad()
 def init_sincos_positions(tower: nn.Module, grid: int) -> None:
     """Start a randomly initialised tower's (learned) patch positions from `sincos_2d` (the CLS row,
-    CLIP only, keeps its init). Trained from scratch, a tower then knows where each patch is from
+    CLIP and InternViT, keeps its init). Trained from scratch, a tower then knows where each patch is from
     step 0 instead of learning it, which speeds up every place-based skill of small models."""
-    table = tower.embeddings.position_embedding.weight
+    embeddings = tower.embeddings
+    if hasattr(embeddings, "position_embedding"):  # CLIP, SigLIP: an embedding table [n (+ CLS), d]
+        table = embeddings.position_embedding.weight
+    else:  # InternViT: a parameter [1, 1 + n, d]
+        table = embeddings.position_embeddings
     with gathered([table]), torch.no_grad():
-        table[table.shape[0] - grid * grid :] = sincos_2d(grid, table.shape[1]).to(table)
+        rows = table.view(-1, table.shape[-1])
+        rows[rows.shape[0] - grid * grid :] = sincos_2d(grid, rows.shape[1]).to(table)
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -85,7 +90,7 @@ def tower_features(tower: nn.Module, pixel_values: torch.Tensor, config: MLLMCon
     """Patch features [N, n_v, d_vision] of each image (or tile) for the projector, and per feature
     token the score a pre-LLM step asks for ([N, n_v], else None):
 
-    * `cls_similarity`: cosine similarity to the CLS feature (CLIP only, arXiv 2409.01162);
+    * `cls_similarity`: cosine similarity to the CLS feature (CLIP, InternViT; arXiv 2409.01162);
     * `dominance`: the head-averaged attention each token receives in the feature layer, from CLS
       when there is one (SigLIP: averaged over all queries), read by a forward hook inside the
       layer's own forward (where ZeRO-3/FSDP have gathered its weights); a CLS token kept among the

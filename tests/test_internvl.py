@@ -155,3 +155,23 @@ def test_a_tied_hf_checkpoint_loads_tied(tmp_path):
     loaded = MLLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.language_model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, hf.lm_head.weight)
+
+
+def test_the_data_path_writes_img_context_and_end_tokens(tmp_path, task_tokenizer):
+    """The task tokenizer of an InternVL model has <img> = 4 and </img> = 5 after the fixed specials;
+    ChatTokenizer writes <img> + the image's tokens + </img> (unsupervised) where <image> was; a
+    tokenizer without them is refused by name."""
+    from data.chat import IGNORE, TEMPLATES, ChatTokenizer
+    from data.synthetic import all_texts
+    from data.tokenizer import task_tokenizer as train_task_tokenizer
+
+    tok = train_task_tokenizer(all_texts, TEMPLATES["vicuna"], "", 1024, tmp_path, ("<img>", "</img>"))
+    assert [tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>", "<image>", "<img>", "</img>")] == [0, 1, 2, 3, 4, 5]
+    chat = ChatTokenizer(tok, "vicuna", None, 512, system="", image_wrap=("<img>", "</img>"))
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]
+    enc = chat.encode(conv, 1, image_tokens=[80])
+    start = enc.input_ids.index(4)
+    assert enc.input_ids[start : start + 82] == [4] + [3] * 80 + [5] and enc.input_ids.count(3) == 80
+    assert all(label == IGNORE for label in enc.labels[start : start + 82])
+    with pytest.raises(ValueError, match="lacks <img> / </img>"):
+        ChatTokenizer(task_tokenizer, "vicuna", None, 512, system="", image_wrap=("<img>", "</img>"))

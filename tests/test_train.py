@@ -168,3 +168,26 @@ def test_the_high_resolution_job_trains_llava_next_with_accumulation(tmp_path):
     assert 0 < summary["metrics"]["train/loss"] < 20 and "val/acc/fine" in summary["metrics"]
     hf = LlavaNextForConditionalGeneration.from_pretrained(run / "export")
     assert hf.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
+
+
+def test_the_high_resolution_job_trains_internvl_with_accumulation(tmp_path):
+    """`python -m train experiment=hires model=tiny_internvl` (5 and 7 tiles, 80 and 112 visual tokens between
+    <img> and </img>, in one batch) under gradient accumulation: trains, evaluates, records the tower's and
+    projector's FLOPs and exports a directory transformers' InternVL loads, with GotOcr2's preprocessor config."""
+    from transformers import InternVLForConditionalGeneration
+
+    cmd = [sys.executable, "-m", "train", "experiment=hires", "model=tiny_internvl", f"paths.root_dir={tmp_path}", *DATA,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
+           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "outputs" / "hires" / "tiny_internvl-internvl-dense"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["export_class"] == "InternVLForConditionalGeneration"
+    metrics = summary["metrics"]
+    assert 0 < metrics["train/loss"] < 20 and "val/acc/fine" in metrics
+    assert metrics["eff/tower_tflops"] > metrics["eff/projector_tflops"] > 0
+    hf = InternVLForConditionalGeneration.from_pretrained(run / "export")
+    assert hf.config.image_seq_length == 16
+    preprocessor = json.loads((run / "export" / "preprocessor_config.json").read_text())
+    assert preprocessor["image_processor_type"] == "GotOcr2ImageProcessor" and preprocessor["max_patches"] == 6

@@ -119,12 +119,13 @@ class ModelSource:
     def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path):
         """The configured / checkpoint tokenizer, or a BPE trained on the data (cached by content)."""
         source = self.tokenizer or self.pretrained or self.llm_pretrained
+        wrap = self.mllm_config.model_family.image_wrap or ()  # InternVL's <img> / </img>
         if source:
-            tok = load_pretrained_tokenizer(source)
+            tok = load_pretrained_tokenizer(source, wrap)
         else:
             template = TEMPLATES[self.chat_template]
             system = template.default_system if self.system_prompt is None else self.system_prompt
-            tok = task_tokenizer(texts, template, system, self.tokenizer_vocab_size, cache_root)
+            tok = task_tokenizer(texts, template, system, self.tokenizer_vocab_size, cache_root, wrap)
         check_tokenizer(tok, self.mllm_config)
         return tok
 

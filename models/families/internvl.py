@@ -86,6 +86,8 @@ class InternVLFamily(LlavaFamily):
     vision_types = {"internvl_vision": "internvit"}
     text_types = {"qwen2": "qwen2", "llama": "llama"}
     variable_tokens = True
+    image_wrap = ("<img>", "</img>")  # transformers' InternVLProcessor: start_image_token, end_image_token
+    hf_processor_class = "InternVLProcessor"
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: MLLMConfig) -> None:

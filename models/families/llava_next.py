@@ -79,6 +79,7 @@ class LlavaNextFamily(LlavaFamily):
     hf_model_type = "llava_next"
     hf_architecture = "LlavaNextForConditionalGeneration"
     variable_tokens = True
+    hf_processor_class = "LlavaNextProcessor"
 
     # --- configuration ------------------------------------------------------------------------
     def validate_grid(self, config: MLLMConfig) -> None:

@@ -7,6 +7,7 @@ the files transformers and llava-hf checkpoints use, so `EvalProcessor.from_pret
 
 * `preprocessor_config.json`: LlavaImageProcessor fields (pad to square with the mean colour, resize
   to the tower's image size, mean/std), i.e. the llava family's `PadToSquare` (models/families/llava.py);
+  a tiling family's own transformers image processor (LlavaNextImageProcessor, GotOcr2ImageProcessor);
 * `chat_template.jinja`: the data/chat.py template with the training system prompt baked in;
 * `generation_config.json`: `eos_token_id` = EOS and the template's end-of-reply token.
 """
@@ -24,13 +25,15 @@ from .processor import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, EvalProcessor
 
 def preprocessor_fields(config: MLLMConfig) -> dict:
     """What preprocessor_config.json holds: LlavaImageProcessor fields (pad to square) for LLaVA-1.5,
-    the family's transformers image processor's own for the others (LLaVA-NeXT: LlavaNextImageProcessor)."""
-    if not config.model_family.variable_tokens:
+    the family's transformers image processor's own for the others (LLaVA-NeXT: LlavaNextImageProcessor,
+    InternVL: GotOcr2ImageProcessor with crop_to_patches)."""
+    family = config.model_family
+    if not family.variable_tokens:
         return ImageProcessing.for_model(config).to_dict()
-    processor = config.model_family.image_processor(config).processor
+    processor = family.image_processor(config).processor
     fields = processor.to_dict()
     fields.pop("do_pad", None)  # transformers pads the tiles of a batch itself
-    return {**fields, "image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor"}
+    return {**fields, "image_processor_type": type(processor).__name__.removesuffix("Pil"), "processor_class": family.hf_processor_class}
 
 
 def write_eval_files(export_dir: str | Path, chat_template: str, system_prompt: str | None = None, tokenizer=None) -> list[Path]:
@@ -49,7 +52,7 @@ def write_eval_files(export_dir: str | Path, chat_template: str, system_prompt: 
             raise FileNotFoundError(f"{export_dir} has no tokenizer; save it there first (tokenizer.save_pretrained) or pass tokenizer=")
         from data.tokenizer import load_pretrained_tokenizer
 
-        tokenizer = load_pretrained_tokenizer(export_dir)
+        tokenizer = load_pretrained_tokenizer(export_dir, config.model_family.image_wrap or ())
     processor = EvalProcessor.for_training(tokenizer, config, chat_template, system_prompt)
     files = {
         PREPROCESSOR_FILE: json.dumps(preprocessor_fields(config), indent=2) + "\n",

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.chat import IMAGE, TEMPLATES
+from data.chat import IMAGE, TEMPLATES, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLMConfig
 from models.family import ProcessedImage
@@ -63,7 +63,7 @@ class EvalProcessor:
         template, else the data/chat.py template of the LLM family. `system_prompt` applies to
         data/chat.py templates (default: the template's own)."""
         path = Path(path)
-        tokenizer = load_pretrained_tokenizer(path)
+        tokenizer = load_pretrained_tokenizer(path, config.model_family.image_wrap or ())
         image_id = tokenizer.convert_tokens_to_ids(IMAGE)
         if image_id != config.image_token_id:
             raise ValueError(f"{path}: the tokenizer maps {IMAGE} to {image_id} but config.json says image_token_index={config.image_token_id}")
@@ -82,7 +82,7 @@ class EvalProcessor:
     @classmethod
     def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images, stops: list[int]) -> "EvalProcessor":
         fixed = None if config.model_family.variable_tokens else config.num_image_tokens
-        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed)
+        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed, wrap_ids(tokenizer, config.model_family.image_wrap))
         return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}), config)
 
 

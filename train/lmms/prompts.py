@@ -53,11 +53,13 @@ def jinja_template(template: Template, system: str) -> str:
 class PromptEncoder:
     """Renders a question with `n_images` images through `chat_template` and tokenises it."""
 
-    def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int | None):
+    def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int | None,
+                 image_wrap: tuple[int, int] | None = None):
         self.tok = tokenizer
         self.chat_template = chat_template
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
+        self.image_wrap = image_wrap  # ids written around each image's tokens (InternVL's <img>, </img>)
 
     def render(self, text: str, n_images: int) -> str:
         """The prompt string, ending where the assistant's reply begins.
@@ -90,12 +92,13 @@ class PromptEncoder:
         return self.expand(self.tokenize(self.render(text, n_images)), image_tokens)
 
     def expand(self, ids: list[int], image_tokens: list[int] | None = None) -> list[int]:
-        """The k-th `<image>` id repeated `image_tokens[k]` times (default: `num_image_tokens` each), the
-        model's input layout, through the same function as training (data.chat.expand_images)."""
+        """The k-th `<image>` id repeated `image_tokens[k]` times (default: `num_image_tokens` each), between
+        the family's wrapping tokens if it has them: the model's input layout, through the same function as
+        training (data.chat.expand_images)."""
         if image_tokens is None and self.num_image_tokens is None and self.image_token_id in ids:
             raise ValueError("this model's images have as many tokens as their size needs: pass image_tokens")
         counts = [self.num_image_tokens] * ids.count(self.image_token_id) if image_tokens is None else image_tokens
-        return expand_images(ids, self.image_token_id, counts)[0]
+        return expand_images(ids, self.image_token_id, counts, self.image_wrap)[0]
 
     def continuation(self, prompt: str, continuation: str) -> list[int]:
         """Ids of `continuation` right after `prompt`: tokenise both together and cut at the prompt's
