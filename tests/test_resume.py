@@ -65,10 +65,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+MODELS = {"tiny": [], "tiny_internvl": ["model=tiny_internvl", "data=synthetic_hires"]}  # + InternVL's tiles
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("accumulate", [1, 2])  # 2: the training loader reads each step's micro-batches ahead
-def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate):
-    extra = [f"trainer.accumulate_grad_batches={accumulate}"]
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate, model):
+    extra = [f"trainer.accumulate_grad_batches={accumulate}", *MODELS[model]]
     reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted", *extra), cwd=ROOT, env=env(), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
