@@ -40,6 +40,17 @@ def tiny_model(seed: int = 0, **kw):
     return MLLM.from_config(tiny_config(**kw)).eval()
 
 
+def exported_pair(config, hf_class, directory, seed: int = 0):
+    """Our model of `config` and transformers' `hf_class` loaded from our export in `directory` (so a
+    test of the pair also checks save_pretrained), both in eval mode."""
+    from models import MLLM
+
+    torch.manual_seed(seed)
+    ours = MLLM.from_config(config).eval()
+    ours.save_pretrained(directory)
+    return ours, hf_class.from_pretrained(directory).eval()
+
+
 def image_batch(config, batch: int, prefix: int = 3, suffix: int = 6, pad_left: list[int] | None = None, seed: int = 0):
     """Random ids with one expanded image per row; `pad_left[i]` pad tokens at the start of row i."""
     g = torch.Generator().manual_seed(seed)

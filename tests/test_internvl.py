@@ -17,18 +17,13 @@ from transformers.models.internvl.processing_internvl import InternVLProcessor
 from models import MLLM, MLLMConfig
 from models.generation import greedy_generate
 from models.streams import Place
-from tests.helpers import internvl_images, next_batch, tiny_internvl_config
+from tests.helpers import exported_pair, internvl_images, next_batch, tiny_internvl_config
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Our model and HF's, loaded from our export (so this also checks save_pretrained)."""
-    torch.manual_seed(0)
-    ours = MLLM.from_config(tiny_internvl_config()).eval()
-    path = tmp_path_factory.mktemp("internvl") / "export"
-    ours.save_pretrained(path)
-    hf = InternVLForConditionalGeneration.from_pretrained(path).eval()
-    return ours, hf
+    return exported_pair(tiny_internvl_config(), InternVLForConditionalGeneration, tmp_path_factory.mktemp("internvl") / "export")
 
 
 def batch(config, **kw):

@@ -14,18 +14,13 @@ from transformers import LlavaNextForConditionalGeneration
 from models import MLLM
 from models.generation import greedy_generate
 from models.streams import Place
-from tests.helpers import next_batch, next_images, tiny_next_config
+from tests.helpers import exported_pair, next_batch, next_images, tiny_next_config
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Our model and HF's, loaded from our export (so this also checks save_pretrained)."""
-    torch.manual_seed(0)
-    ours = MLLM.from_config(tiny_next_config()).eval()
-    path = tmp_path_factory.mktemp("next") / "export"
-    ours.save_pretrained(path)
-    hf = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    return ours, hf
+    return exported_pair(tiny_next_config(), LlavaNextForConditionalGeneration, tmp_path_factory.mktemp("next") / "export")
 
 
 def hf_forward(hf, ids, mask, pixels, sizes):

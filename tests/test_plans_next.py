@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from models import MLLM
-from models.generation import greedy_generate
 from models.streams import Place
 from tests.helpers import next_batch, tiny_next_config
-from tests.reference import reference_generate, reference_logits
 from tests.test_plans import VARIANTS, ids, plan_model
+from tests.tiled_plans import assert_decode_matches_reference, assert_prefill_matches_reference, visual_keys
 
 
 def next_plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0) -> MLLM:
@@ -27,35 +26,13 @@ def next_plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0) -> M
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)
 def test_prefill_matches_masked_reference_on_next(variant):
     model = next_plan_model(*variant)
-    input_ids, mask, pixels, sizes = next_batch(model.config, pad_left=[0, 2, 5])
-    with torch.no_grad():
-        got = model(input_ids, mask, pixels, logits="all", image_sizes=sizes).logits
-    want = reference_logits(model, input_ids, mask, pixels, image_sizes=sizes)
-    text = mask.bool() & (input_ids != model.config.image_token_id)
-    assert torch.isfinite(got[text]).all()
-    assert (got - want)[text].abs().max().item() <= 1e-5
+    assert_prefill_matches_reference(model, *next_batch(model.config, pad_left=[0, 2, 5]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)
 def test_decode_matches_masked_reference_on_next(variant):
     model = next_plan_model(*variant, seed=1)
-    input_ids, mask, pixels, sizes = next_batch(model.config, pad_left=[0, 3, 1], seed=2)
-    got = greedy_generate(model, input_ids, mask, pixels, max_new_tokens=4, eos_token_id=[-1], image_sizes=sizes)
-    want = reference_generate(model, input_ids, mask, pixels, max_new_tokens=4, image_sizes=sizes)
-    assert torch.equal(got, want)
-
-
-def visual_keys(model, input_ids, mask, pixels, sizes, layer):
-    """Per row, the places of the visual keys `layer` reads (a layer that lets text read them)."""
-    out = model(input_ids, mask, pixels, logits="last", use_cache=True, image_sizes=sizes)
-    keys = out.cache.keys[layer]
-    with torch.no_grad():
-        _, _, vis = model.embed_inputs(input_ids, mask, pixels, sizes)
-    rows = []
-    for b in range(input_ids.shape[0]):
-        orders = set(keys.order[b][keys.is_visual[b] & keys.valid[b]].tolist())
-        rows.append(vis.place[b][vis.valid[b] & torch.isin(vis.order[b], torch.tensor(sorted(orders), dtype=torch.long))])
-    return rows, vis
+    assert_decode_matches_reference(model, *next_batch(model.config, pad_left=[0, 3, 1], seed=2))
 
 
 @torch.no_grad()
