@@ -170,3 +170,24 @@ def test_the_data_path_writes_img_context_and_end_tokens(tmp_path, task_tokenize
     assert all(label == IGNORE for label in enc.labels[start : start + 82])
     with pytest.raises(ValueError, match="lacks <img> / </img>"):
         ChatTokenizer(task_tokenizer, "vicuna", None, 512, system="", image_wrap=("<img>", "</img>"))
+
+
+def test_presets_build_sincos_positions_and_the_8b_shapes():
+    """`model=tiny_internvl` starts InternViT's patch positions (not its CLS row) from the 2-D sin-cos table;
+    `model=internvl2_5_8b` has InternVL2.5-8B's 8.08B parameters (meta-device build)."""
+    from omegaconf import OmegaConf
+
+    from models.vision import sincos_2d
+    from tests.test_configs import compose_train
+    from train.model_source import ModelSource
+
+    cfg = OmegaConf.to_container(compose_train(["model=tiny_internvl"]).model, resolve=True)
+    cfg.pop("_target_")
+    spec = ModelSource(**cfg)
+    table = spec.build().vision_tower.embeddings.position_embeddings[0]
+    config = spec.mllm_config
+    assert torch.equal(table[1:], sincos_2d(config.grid_size, config.vision["hidden_size"])) and not bool(table[0].any())
+    big = MLLMConfig.from_dict(OmegaConf.to_container(compose_train(["model=internvl2_5_8b"]).model.config, resolve=True))
+    with torch.device("meta"):
+        total = sum(p.numel() for p in MLLM.from_config(big).parameters())
+    assert abs(total - 8.08e9) / 8.08e9 < 0.01, total
