@@ -36,8 +36,10 @@ def flops_report(cfg) -> dict:
     dense = prefill_flops(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)
     planned = prefill_flops(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep, **kw)
     family = config.model_family
-    vision = {part: convert(flops, f.convention) for part, flops in family.vision_flops(config, size).items()}
-    before_llm = sum(vision.values())
+    vision = tiles = None  # flops.n_visual gives tokens, not an image: the tower's cost is unknown
+    if f.n_visual is None:
+        vision = {part: convert(flops, f.convention) / 1e12 for part, flops in family.vision_flops(config, size).items()}
+        tiles = family.tiles_per_image(config, size) if hasattr(family, "tiles_per_image") else 1
     return {
         "model": model.name,
         "arch": plan.name,
@@ -47,17 +49,23 @@ def flops_report(cfg) -> dict:
         "tile_size": config.tile_size,
         "pinpoints": config.image_grid_pinpoints,
         "max_tiles": family_max_tiles(config) if config.family == "internvl" else None,
-        "tiles": family.tiles_per_image(config, size) if hasattr(family, "tiles_per_image") else 1,
+        "tiles": tiles,
         "convention": f.convention,
         "scope": f.scope,
         "dense_tflops": round(dense / 1e12, 6),
         "plan_tflops": round(planned / 1e12, 6),
         "ratio": round(planned / dense, 6),
-        "tower_tflops": round(vision["tower"] / 1e12, 6),
-        "projector_tflops": round(vision["projector"] / 1e12, 6),
-        "dense_total_tflops": round((dense + before_llm) / 1e12, 6),
-        "plan_total_tflops": round((planned + before_llm) / 1e12, 6),
+        **vision_columns(vision, dense / 1e12, planned / 1e12),
     }
+
+
+def vision_columns(vision: dict | None, dense: float, planned: float) -> dict:
+    """The tower's and projector's TFLOPs and the totals with the LLM's (None without an image)."""
+    if vision is None:
+        return dict.fromkeys(("tower_tflops", "projector_tflops", "dense_total_tflops", "plan_total_tflops"))
+    before = vision["tower"] + vision["projector"]
+    return {"tower_tflops": round(vision["tower"], 6), "projector_tflops": round(vision["projector"], 6),
+            "dense_total_tflops": round(dense + before, 6), "plan_total_tflops": round(planned + before, 6)}
 
 
 def main() -> None:
