@@ -25,7 +25,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # InternViT's (ImageNet) statistics; SigLIP and the rest use 0.5 / 0.5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "internvl_vision": (IMAGENET_MEAN, IMAGENET_STD)}
+IMAGE_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "internvl_vision": (IMAGENET_MEAN, IMAGENET_STD),
+               "qwen2_vl_vision": (CLIP_MEAN, CLIP_STD), "qwen2_5_vl_vision": (CLIP_MEAN, CLIP_STD)}  # Qwen: OpenAI CLIP's
 
 
 def _hf_config(section: dict, families: dict[str, str], where: str) -> PretrainedConfig:
@@ -60,6 +61,11 @@ class MLLMConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     image_grid_pinpoints: list[list[int]] | None = None  # llava_next: candidate canvases (height, width) in pixels
     max_tiles: int | None = None  # internvl: most tiles an image is cut into (GotOcr2's max_patches; None = 12)
+    min_pixels: int | None = None  # qwen2_vl / qwen2_5_vl: the pixel bounds images are resized within (smart_resize)
+    max_pixels: int | None = None
+    tie_word_embeddings: bool | None = None  # None: the text config's (Qwen's configs hold it at the top level)
+    token_ids: dict[str, int] = field(default_factory=dict)  # the family's other special tokens by HF config name
+                                                              # (Qwen: vision_start_token_id, vision_end_token_id, video_token_id)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +127,13 @@ class MLLMConfig:
         return self.model_family.tokens_per_image(self, size)
 
     @property
+    def ties_embeddings(self) -> bool:
+        """Whether the LM head shares the token embedding matrix."""
+        if self.tie_word_embeddings is not None:
+            return self.tie_word_embeddings
+        return bool(getattr(self.hf_text_config(), "tie_word_embeddings", False))
+
+    @property
     def vision_layers_used(self) -> int:
         """Vision encoder layers that must run to reach `vision_feature_layer` (later ones are skipped)."""
         n = self.hf_vision_config().num_hidden_layers
@@ -151,22 +164,16 @@ class MLLMConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "MLLMConfig":
         """Build from a `config.json` dict of any family (checkpoints transformers wrote, and ours)."""
         family = family_for_model_type(hf.get("model_type"))
+        hf = family.current_hf_dict(hf)
         ours = hf.get("efficient_mllm", {})
         vision = _known_fields(hf["vision_config"])
         text = _known_fields(hf["text_config"])
         fields_ = family.config_fields(hf)
         text.update(fields_.pop("text_overrides", {}))  # e.g. InternVL's top-level tie_word_embeddings
         mean, std = IMAGE_STATS.get(vision["model_type"], ((0.5,) * 3, (0.5,) * 3))
-        return cls(
-            vision=vision,
-            text=text,
-            family=family.name,
-            projector=ours.get("projector", "mlp2x_gelu"),
-            image_mean=tuple(ours.get("image_mean", mean)),
-            image_std=tuple(ours.get("image_std", std)),
-            extra=ours.get("extra", {}),
-            **fields_,
-        )
+        fields_ = {"image_mean": mean, "image_std": std} | fields_
+        fields_ |= {k: ours[k] for k in ("projector", "image_mean", "image_std", "extra", "min_pixels", "max_pixels") if k in ours}
+        return cls(vision=vision, text=text, family=family.name, **fields_)
 
     def with_backbones(self, vision: PretrainedConfig | None = None, text: PretrainedConfig | None = None) -> "MLLMConfig":
         """This config with the vision and/or text section taken from a checkpoint's HF config (every
@@ -180,8 +187,9 @@ class MLLMConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = self.hf_config().to_dict()
         d["efficient_mllm"] = {k: v for k, v in asdict(self).items() if k in ("projector", "image_mean", "image_std", "extra")}
-        if self.max_tiles is not None:
-            d["efficient_mllm"]["max_tiles"] = self.max_tiles
+        for name in ("max_tiles", "min_pixels", "max_pixels"):  # the families' own preprocessing bounds
+            if getattr(self, name) is not None:
+                d["efficient_mllm"][name] = getattr(self, name)
         return d
 
 

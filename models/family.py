@@ -13,8 +13,9 @@ One module per family in `models/families/` subclasses `Family` and declares:
   row/column on the unit's grid, layout tokens) and `tokens_per_image` (how many placeholder
   tokens an image of a given size takes in the prompt), and what they cost before the LLM
   (`vision_flops`: the tower's and the projector's FLOPs for an image of a given size);
-* positions: `rope_positions` (1-D sequence positions unless the family says otherwise), kept
-  apart from the sequence order that causality uses;
+* positions: `rope_positions` (1-D sequence positions, or Qwen's 3-D M-RoPE (t, h, w) ids from the
+  prompt's image placeholders and grids), computed once per prompt and kept apart from the sequence
+  order that causality uses;
 * preprocessing: `image_processor` (transformers' PIL image processor of the family, or LLaVA-1.5's
   pad-to-square), which also reports each image's size;
 * training and parallelism: the tower's sharding units and the modules that never reach the LLM.
@@ -120,6 +121,11 @@ class Family:
         """`MLLMConfig` fields read from a config.json of this family (beyond vision/text)."""
         raise NotImplementedError
 
+    def current_hf_dict(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """A config.json in the layout today's transformers writes (`vision_config`, `text_config`), for
+        families whose Hub checkpoints keep an older one (Qwen2-VL's text fields at the top level)."""
+        return hf
+
     # --- modules and weights --------------------------------------------------------------------
     def build(self, model: "MLLM") -> None:
         """Attach the visual front-end's modules to `model` (HF module names)."""
@@ -144,6 +150,11 @@ class Family:
         """Placeholder tokens of one image of `size` (height, width) in the prompt."""
         raise NotImplementedError
 
+    def image_wrap_ids(self, config: "MLLMConfig") -> tuple[int, int] | None:
+        """The ids the model's config fixes for the `image_wrap` tokens (Qwen's vision start / end),
+        which the tokenizer must agree with; None: only the tokenizer knows them (InternVL)."""
+        return None
+
     def image_places(self, config: "MLLMConfig", size: tuple[int, int] | None = None) -> Tensor:
         """The places [n, len(Place)] of one image's tokens (what `encode` gives it), for FLOPs and
         token accounting without pixels (`models.flops.ImageTokens.from_places`)."""
@@ -163,10 +174,18 @@ class Family:
         depend on the plan (pre-LLM steps act after the projector)."""
         raise NotImplementedError(f"the {self.name} family does not count its tower's and projector's FLOPs")
 
+    def image_pixels(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> Tensor | None:
+        """`pixel_values` with one leading entry per image (zero padding after each image's own
+        pixels): what random selections key each image on (`models.blind_scores.image_keys`)."""
+        return pixel_values
+
     # --- positions ------------------------------------------------------------------------------
-    def rope_positions(self, order: Tensor) -> Tensor:
-        """RoPE position ids [B, L] of the prompt tokens; 1-D families use the sequence order."""
-        return order
+    def rope_positions(self, config: "MLLMConfig", attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None) -> Tensor:
+        """RoPE position ids of the prompt tokens: [B, L] for 1-D families (the sequence order over
+        `attention_mask`), or [3, B, L] for M-RoPE, where `is_image` [B, L] marks the placeholder
+        tokens and `image_sizes` describes the row-ordered images (a rule of one row at a time, so
+        packed samples can restart it). Padding gets position 0."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: "MLLMConfig") -> "ImageProcessor":

@@ -66,19 +66,21 @@ def zero_init_active() -> bool:
     return partition_parameters.zero_init_context > 0
 
 
-def hf_from_config(config) -> nn.Module:
-    """`AutoModel.from_config` that also works inside `deepspeed.zero.Init`: there HF's weight init
+def hf_from_config(config, model_class=None) -> nn.Module:
+    """`AutoModel.from_config` (or `model_class(config)`, for HF modules AutoModel does not map, such
+    as Qwen2-VL's vision tower) that also works inside `deepspeed.zero.Init`: there HF's weight init
     would write into empty partitions, so construction skips it and transformers' ZeRO-3 initializer
     (each module's weights gathered in turn, rank 0 initialises) runs after."""
     from transformers import AutoModel
 
+    build = model_class or AutoModel.from_config
     if not zero_init_active():
-        return AutoModel.from_config(config)
+        return build(config)
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import initialize_weights_zero3
 
     with no_init_weights():
-        model = AutoModel.from_config(config)
+        model = build(config)
     initialize_weights_zero3(model)
     return model
 

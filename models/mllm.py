@@ -62,7 +62,7 @@ class MLLM(nn.Module):
         with gathered(self.lm_head.parameters()):
             nn.init.normal_(self.lm_head.weight, std=text_cfg.initializer_range)
         self.family.init_weights(self)
-        if text_cfg.tie_word_embeddings:
+        if config.ties_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.plan = Plan.dense(text_cfg.num_hidden_layers)
         self.set_plan(plan or self.plan)
@@ -197,17 +197,25 @@ class MLLM(nn.Module):
         return RopeTable(*self.rope(like.h[:1, :1].expand(1, length, -1), positions))
 
     def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-                     image_sizes: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
+                     image_sizes: Tensor | None = None, positions: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
-        (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps)."""
+        (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps);
+        `positions`: the prompt's RoPE position ids (default: `prompt_positions`)."""
         layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id)
-        positions = self.family.rope_positions(layout.order)
+        if positions is None:
+            positions = self.prompt_positions(input_ids, attention_mask, image_sizes)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
         text_h = self.language_model.embed_tokens(text_ids)
         text = Stream(text_h, torch.gather(layout.order, 1, layout.text_index), layout.text_valid,
-                      *self.rope(text_h, torch.gather(positions, 1, layout.text_index)))
+                      *self.rope(text_h, take_positions(positions, layout.text_index)))
         vis = self._visual_stream(layout, positions, pixel_values, image_sizes, text)
         return layout, text, vis
+
+    def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None) -> Tensor:
+        """RoPE position ids of a batch of prompts, by the family's rule (`Family.rope_positions`):
+        [B, L], or [3, B, L] for M-RoPE."""
+        is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
+        return self.family.rope_positions(self.config, attention_mask, is_image, image_sizes)
 
     def _visual_stream(self, layout: Layout, positions: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None,
                        text: Stream) -> Stream:
@@ -232,7 +240,7 @@ class MLLM(nn.Module):
         first_image = torch.cumsum(torch.bincount(image_row, minlength=b), 0) - torch.bincount(image_row, minlength=b)
         image_in_row = torch.arange(len(image_row), device=h.device) - first_image[image_row]
         place[..., Place.IMAGE][layout.vis_valid] = torch.repeat_interleave(image_in_row, tokens.counts)
-        rope_pos = torch.gather(positions, 1, layout.vis_index)
+        rope_pos = take_positions(positions, layout.vis_index)
         vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h)
         if tokens.keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
             kept = torch.zeros_like(layout.vis_valid)
@@ -254,6 +262,8 @@ class MLLM(nn.Module):
         query_pos: Tensor | None = None,
         layer_hook: LayerHook | None = None,
         image_sizes: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        mm_token_type_ids: Tensor | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
         placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
@@ -265,10 +275,19 @@ class MLLM(nn.Module):
         token whose attention scores visual tokens for token selection (default: each row's last
         valid token, i.e. the end of the prompt at inference). `layer_hook` observes (or replaces) each
         layer's output streams: how the calibration tools measure layers (models/calibration.py).
+        Qwen's inputs are accepted under transformers' names: `image_grid_thw` (our `image_sizes` for
+        that family) and `mm_token_type_ids`, which must agree with the placeholders in `input_ids`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+        if image_grid_thw is not None:
+            if image_sizes is not None:
+                raise ValueError("give image_grid_thw (transformers' name) or image_sizes, not both")
+            image_sizes = image_grid_thw
+        if mm_token_type_ids is not None:
+            check_token_types(mm_token_type_ids, input_ids, attention_mask, self.config.image_token_id)
+        positions = self.prompt_positions(input_ids, attention_mask, image_sizes)
+        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions)
         text, vis, keys, cross, rope_shift = run_decoder(
             self.language_model,
             self.plan,
@@ -279,7 +298,7 @@ class MLLM(nn.Module):
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
-            image_keys=image_keys_for(self.plan, pixel_values, images_per_row(vis)),
+            image_keys=image_keys_for(self.plan, self.family.image_pixels(pixel_values, image_sizes), images_per_row(vis)),
             rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
         )
         out = MLLMOutput()
@@ -293,7 +312,7 @@ class MLLM(nn.Module):
             out.logits = self.lm_logits(last_valid_hidden(text))
         if use_cache:
             n = attention_mask.long().sum(1)
-            out.cache = DecodeState(keys, n, self.family.rope_positions(n[:, None])[:, 0], cross, rope_shift)
+            out.cache = DecodeState(keys, n, next_positions(positions, attention_mask), cross, rope_shift)
         return out
 
 
@@ -340,6 +359,31 @@ class MLLM(nn.Module):
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
             _scatter_rows(logits, torch.gather(layout.vis_index, 1, vis.at(Place.SLOT)), vis.valid, self.lm_logits(vis.h))
         return logits
+
+
+def check_token_types(mm_token_type_ids: Tensor, input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> None:
+    """transformers' `mm_token_type_ids` (0 text, 1 image, 2 video) must mark exactly the image
+    placeholders of `input_ids`: positions are computed from the placeholders themselves."""
+    valid = attention_mask.bool()
+    if bool((mm_token_type_ids[valid] == 2).any()):
+        raise ValueError("mm_token_type_ids marks video tokens (2): videos are not supported, only images")
+    if not torch.equal((mm_token_type_ids == 1) & valid, (input_ids == image_token_id) & valid):
+        raise ValueError(f"mm_token_type_ids marks other tokens as image (1) than the image placeholders of input_ids "
+                         f"(image_token_id={image_token_id}); build both from the same prompt")
+
+
+def take_positions(positions: Tensor, index: Tensor) -> Tensor:
+    """The position ids ([B, L] or M-RoPE's [3, B, L]) of the tokens `index` [B, N]: every plan
+    operation moves a token's positions with it, so a kept token keeps its (t, h, w) triple."""
+    return torch.gather(positions, -1, index.expand(*positions.shape[:-2], *index.shape))
+
+
+def next_positions(positions: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B] the RoPE position of each row's first generated token: one past its largest prompt position
+    (the prompt length for 1-D positions; for M-RoPE the length plus the row's rope delta, which is
+    negative after images). Our own counter, never read back from cached model state."""
+    masked = positions.masked_fill(~attention_mask.bool(), -1)
+    return masked.reshape(-1, *attention_mask.shape).amax(dim=(0, 2)) + 1
 
 
 def _scatter_rows(out: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> None:
