@@ -14,12 +14,15 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP as Qwen25VLMLP
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2MLP as Qwen2VLMLP
 
 from .gathered import gathered
 from .attention import Keys, attend, merge_heads, split_heads
 
 
-MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP}  # text config model_type -> its decoder layers' MLP
+# text config model_type -> its decoder layers' MLP
+MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP, "qwen2_vl_text": Qwen2VLMLP, "qwen2_5_vl_text": Qwen25VLMLP}
 
 
 def family_mlp(config: PretrainedConfig) -> nn.Module:

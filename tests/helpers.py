@@ -68,6 +68,18 @@ def image_batch(config, batch: int, prefix: int = 3, suffix: int = 6, pad_left: 
     return ids, mask, pixels
 
 
+def left_padded(rows: list, pad_left: list[int] | None = None):
+    """Rows of ids left-padded (id 0) to the longest plus `pad_left[i]` more: ids and mask [B, L]."""
+    pad_left = pad_left or [0] * len(rows)
+    length = max(len(r) + p for r, p in zip(rows, pad_left))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
 NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # canvases of 16 px tiles: 1 x 2, 2 x 1, 2 x 2
 
 
@@ -115,15 +127,77 @@ def next_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix:
         n_v = config.tokens_per_image(image.size)
         text = torch.randint(4, vocab, (prefix + suffix,), generator=g)
         rows.append(torch.cat([text[:prefix], torch.full((n_v,), config.image_token_id), text[prefix:]]))
-    pad_left = pad_left or [0] * len(rows)
-    length = max(len(r) + p for r, p in zip(rows, pad_left))
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    ids, mask = left_padded(rows, pad_left)
     tiles = max(len(im.pixels) for im in images)
     pixels = torch.zeros(len(images), tiles, *images[0].pixels.shape[1:])
     for i, im in enumerate(images):
         pixels[i, : len(im.pixels)] = im.pixels
     return ids, mask, pixels, torch.tensor([im.size for im in images])
+
+
+QWEN_TOKENS = {"vision_start_token_id": 4, "vision_end_token_id": 5, "video_token_id": 6}
+
+
+def tiny_qwen_config(family: str = "qwen2_vl", text_layers: int = 3, **overrides):
+    """A tiny Qwen2-VL (or `family="qwen2_5_vl"`) config: patches of 4 px merged 2 x 2, so an image
+    gives one token per 8 x 8 pixels of its `smart_resize` (within 4..64 tokens); M-RoPE sections
+    [2, 3, 3] over head_dim 16. Qwen2.5-VL windows cover 2 x 2 tokens and block 1 attends fully."""
+    from models import MLLMConfig
+
+    if family == "qwen2_vl":
+        vision = dict(model_type="qwen2_vl_vision", depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=4)
+    else:
+        vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64,
+                      num_heads=2, patch_size=4, window_size=16, fullatt_block_indexes=[1])
+    text = dict(model_type=f"{family}_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    args = dict(vision=vision, text=text, family=family, image_token_id=3, token_ids=dict(QWEN_TOKENS),
+                min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 64)
+    args.update(overrides)
+    return MLLMConfig(**args)
+
+
+def qwen_images(seed: int = 0):
+    """A wide (3 x 5 tokens), a tall (5 x 2) and an odd-sized image (resized to 4 x 3 tokens)."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((24, 40), (40, 16), (33, 27))]
+
+
+def qwen_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5, images=None):
+    """One image per row as the Qwen processors lay it out (`<|vision_start|>` + one `<|image_pad|>`
+    per token + `<|vision_end|>`), left padding to the longest row plus `pad_left[i]`: ids, mask,
+    pixel_values [sum t*h*w, 96] (every image's patches, concatenated), image_grid_thw [n, 3] and
+    mm_token_type_ids."""
+    processor = config.model_family.image_processor(config)
+    processed = [processor(image) for image in (images or qwen_images(seed))]
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.hf_text_config().vocab_size
+    start, end = config.token_ids["vision_start_token_id"], config.token_ids["vision_end_token_id"]
+    rows = []
+    for image in processed:
+        n_v = config.tokens_per_image(image.size)
+        text = torch.randint(7, vocab, (prefix + suffix,), generator=g)
+        rows.append(torch.cat([text[:prefix], torch.tensor([start]), torch.full((n_v,), config.image_token_id),
+                               torch.tensor([end]), text[prefix:]]))
+    ids, mask = left_padded(rows, pad_left)
+    types = ((ids == config.image_token_id) & mask.bool()).long()
+    return ids, mask, torch.cat([im.pixels for im in processed]), torch.tensor([im.size for im in processed]), types
+
+
+def qwen_word_tokenizer(image_token: str = "<image>"):
+    """Words w7..w99 and the tiny Qwen config's special tokens at its ids (`image_token` = 3, the vision
+    start / end = 4 / 5, the video pad = 6): `<image>` as in our data, or `<|image_pad|>` as in the Qwen
+    checkpoints' tokenizers (which have no `<image>`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {image_token: 3, "<|vision_start|>": 4, "<|vision_end|>": 5, "<|video_pad|>": 6}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 100} | specials | {f"w{i}": i for i in range(7, 100)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=list(specials))

@@ -1,0 +1,347 @@
+"""Qwen2-VL (arXiv 2409.12191): dynamic resolution, a ViT with 2-D rotary positions and full
+attention per image, a 2 x 2 `PatchMerger` as the projector, and M-RoPE in the LLM.
+
+An image is resized so that both sides are multiples of 28 (patch 14 x merge 2) and its pixel
+count lies within `min_pixels` / `max_pixels` (transformers' `smart_resize`); its grid of
+(t, h, w) patches (t = 1 for a still image) goes through the tower, and every 2 x 2 block of
+patches becomes one LLM token: an image is one unit of (h/2) x (w/2) tokens, row-major, so
+grids vary per image. The placeholders are `<|vision_start|>` + that many `<|image_pad|>` +
+`<|vision_end|>`; the data path writes them (transformers' `Qwen2VLProcessor` needs torchvision).
+
+Positions are M-RoPE's (t, h, w) triples (`mrope_row`, one row at a time): a text token has its
+running index in all three, an image token the running index plus its (0, row, column), and an
+image advances the running index by max(h, w) / 2 only. So positions are not ranks: selections
+keep each kept token's triple (`renumbers_positions = False` refuses PyramidDrop's renumbering),
+and decoding continues one past the prompt's largest position (models/mllm.py `next_positions`).
+
+The tower is transformers' own module (`Qwen2VisionTransformerPretrainedModel`) run block by block
+here, with its merger attached as our `multi_modal_projector`; checkpoints are
+`Qwen2VLForConditionalGeneration`'s (`visual.*`, `model.*`, `lm_head.*` on disk). Tower scores for
+`dominant` are recomputed from the last block's q/k (the block never returns its attention): the
+attention each patch receives within its image, averaged over heads and queries, then over each
+2 x 2 merge unit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import Qwen2VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+from ..config import MLLMConfig
+from ..family import Family, ImageProcessor, ProcessedImage, VisualTokens, grid_place, register
+from ..gathered import hf_from_config
+from ..validation import ConfigError
+from .llava import rename
+
+# The HF processor's defaults: 4 to 1280 LLM tokens per image.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+SPECIAL_TOKENS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
+
+LOAD_PREFIXES = [  # on disk (transformers' save_pretrained) and transformers-v5 in memory -> ours
+    ("model.visual.merger.", "multi_modal_projector."),
+    ("visual.merger.", "multi_modal_projector."),
+    ("model.visual.", "vision_tower."),
+    ("visual.", "vision_tower."),
+    ("model.language_model.", "language_model."),
+    ("model.", "language_model."),
+]
+SAVE_PREFIXES = [("multi_modal_projector.", "visual.merger."), ("vision_tower.", "visual."), ("language_model.", "model.")]
+
+
+def mrope_row(is_image: Tensor, grids: Tensor, merge: int) -> Tensor:
+    """M-RoPE ids [3, n] of one row's `n` valid tokens: `is_image` [n] marks image placeholders,
+    `grids` [k, 3] the (t, h, w) patch grids of its images in order (`merge` x `merge` patches per
+    token). transformers' `get_rope_index` rule, one row at a time (so packed samples can restart it)."""
+    n = len(is_image)
+    out = torch.empty(3, n, dtype=torch.long, device=is_image.device)
+    change = (torch.nonzero(is_image[1:] != is_image[:-1]).flatten() + 1).tolist()
+    cur, image = 0, 0
+    for start, end in zip([0, *change], [*change, n]):
+        if not bool(is_image[start]):
+            out[:, start:end] = torch.arange(cur, cur + end - start, device=out.device)
+            cur += end - start
+            continue
+        while start < end:  # consecutive images without text between them
+            if image >= len(grids):
+                raise ValueError(f"a row holds more image placeholders than its {len(grids)} image grid(s) give tokens")
+            t, h, w = (int(v) for v in grids[image])
+            if t != 1:
+                raise ValueError(f"image grid {(t, h, w)} has t={t}: videos are not supported, images have t=1")
+            rows, cols = h // merge, w // merge
+            count = rows * cols
+            if start + count > end:
+                raise ValueError(f"an image of grid {(t, h, w)} needs {count} consecutive placeholders, the row has {end - start}")
+            index = torch.arange(count, device=out.device)
+            out[0, start : start + count] = cur
+            out[1, start : start + count] = cur + index // cols
+            out[2, start : start + count] = cur + index % cols
+            cur += max(rows, cols)
+            start += count
+            image += 1
+    return out
+
+
+class SmartResize(ImageProcessor):
+    """transformers' `Qwen2VLImageProcessorPil` for one config: pixels [t*h*w, 3*2*14*14] (the tower's
+    patch layout) and, as the image's size, its patch grid (t, h, w)."""
+
+    def __init__(self, config: MLLMConfig):
+        v = config.hf_vision_config()
+        self.processor = Qwen2VLImageProcessorPil(
+            min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+            image_mean=list(config.image_mean), image_std=list(config.image_std),
+        )
+
+    def __call__(self, image: Image.Image) -> ProcessedImage:
+        out = self.processor(images=[image.convert("RGB")], return_tensors="pt")
+        return ProcessedImage(out["pixel_values"], tuple(int(v) for v in out["image_grid_thw"][0]))
+
+
+@register
+class Qwen2VLFamily(Family):
+    name = "qwen2_vl"
+    hf_model_type = "qwen2_vl"
+    hf_architecture = "Qwen2VLForConditionalGeneration"
+    vision_types = {"qwen2_vl_vision": "qwen2_vl"}
+    text_types = {"qwen2_vl_text": "qwen2_vl"}
+    variable_tokens = True
+    renumbers_positions = False  # M-RoPE triples are not ranks
+    image_wrap = ("<|vision_start|>", "<|vision_end|>")  # written around each image's placeholders
+    hf_processor_class = "Qwen2VLProcessor"
+    hf_config_class = Qwen2VLConfig
+    tower_class = Qwen2VisionTransformerPretrainedModel
+
+    # --- configuration ------------------------------------------------------------------------
+    def merged_width(self, vision) -> int:
+        """The merger's output width (must be the LLM's hidden size)."""
+        return vision.hidden_size
+
+    def validate(self, config: MLLMConfig) -> None:
+        vision, text = config.hf_vision_config(), config.hf_text_config()
+        if self.merged_width(vision) != text.hidden_size:
+            raise ConfigError(f"the {self.name} merger writes {self.merged_width(vision)}-wide tokens but the LLM's hidden_size "
+                              f"is {text.hidden_size}: set the vision config's merger width to the LLM's")
+        section = (text.rope_parameters or {}).get("mrope_section")
+        head_dim = text.hidden_size // text.num_attention_heads
+        if not section or sum(section) != head_dim // 2:
+            raise ConfigError(f"model.text.rope_parameters.mrope_section={section} must split head_dim/2={head_dim // 2} "
+                              "frequencies into (t, h, w) chunks, e.g. [16, 24, 24] for head_dim 128")
+        for name in SPECIAL_TOKENS:
+            if name not in config.token_ids or not 0 <= config.token_ids[name] < text.vocab_size:
+                raise ConfigError(f"model.token_ids.{name} must be a token id inside the vocabulary ({text.vocab_size}), "
+                                  f"got {config.token_ids.get(name)}")
+        if config.min_pixels is None or config.max_pixels is None or not 0 < config.min_pixels <= config.max_pixels:
+            raise ConfigError(f"model.min_pixels={config.min_pixels} / model.max_pixels={config.max_pixels}: set both, "
+                              f"0 < min <= max (the processor's defaults are {MIN_PIXELS} / {MAX_PIXELS})")
+        if config.image_grid_pinpoints is not None:
+            raise ConfigError(f"model.image_grid_pinpoints tiles images (llava_next); {self.name} resizes them: set it to null")
+
+    def hf_config(self, config: MLLMConfig):
+        return self.hf_config_class(
+            vision_config=config.hf_vision_config().to_dict(), text_config=config.hf_text_config().to_dict(),
+            image_token_id=config.image_token_id, tie_word_embeddings=config.ties_embeddings,
+            **config.token_ids,
+        )
+
+    def current_hf_dict(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The released checkpoints' config.json is flat (text fields at the top level, `rope_scaling`):
+        transformers' config class reads that layout and writes the current one."""
+        if "text_config" in hf:
+            return hf
+        return {**self.hf_config_class(**hf).to_dict(), "efficient_mllm": hf.get("efficient_mllm", {})}
+
+    def config_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            image_token_id=hf["image_token_id"],
+            token_ids={name: hf[name] for name in SPECIAL_TOKENS},
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+        )
+
+    # --- modules and weights --------------------------------------------------------------------
+    def build(self, model) -> None:
+        tower = hf_from_config(model.config.hf_vision_config(), self.tower_class)
+        model.multi_modal_projector = tower.merger  # the 2 x 2 PatchMerger, trained as the projector
+        del tower.merger
+        model.vision_tower = tower
+
+    def to_internal_name(self, key: str) -> str:
+        return rename(key, LOAD_PREFIXES)
+
+    def to_hub_name(self, key: str) -> str:
+        return rename(key, SAVE_PREFIXES)
+
+    # --- visual tokens --------------------------------------------------------------------------
+    def grid(self, config: MLLMConfig, size: tuple[int, ...]) -> tuple[int, int]:
+        """(rows, columns) of an image's LLM tokens; `size` is its patch grid (t, h, w) or its
+        original (height, width), resized by `smart_resize`."""
+        v = config.hf_vision_config()
+        merge = v.spatial_merge_size
+        if size is None:
+            raise ValueError(f"{self.name} gives each image as many tokens as its size needs: pass its (height, width)")
+        if len(size) == 3:
+            _, h, w = size
+            return h // merge, w // merge
+        factor = v.patch_size * merge
+        h, w = smart_resize(int(size[0]), int(size[1]), factor=factor, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        return h // factor, w // factor
+
+    def image_wrap_ids(self, config: MLLMConfig) -> tuple[int, int]:
+        return config.token_ids["vision_start_token_id"], config.token_ids["vision_end_token_id"]
+
+    def tokens_per_image(self, config: MLLMConfig, size=None) -> int:
+        rows, cols = self.grid(config, size)
+        return rows * cols
+
+    def image_places(self, config: MLLMConfig, size=None) -> Tensor:
+        return grid_place(*self.grid(config, size))
+
+    def image_count(self, pixel_values, image_sizes) -> int:
+        return 0 if pixel_values is None else len(image_sizes)
+
+    def image_pixels(self, pixel_values, image_sizes):
+        """[n_images, most patches, patch pixels]: each image's patches, zero padded."""
+        if pixel_values is None or image_sizes is None:
+            return pixel_values
+        parts = pixel_values.split(image_sizes.prod(-1).tolist())
+        return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True)
+
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+        """`pixel_values` [sum t*h*w, 3*2*14*14] (transformers' layout) and `image_sizes` = the
+        images' `image_grid_thw` [n_images, 3]."""
+        if image_sizes is None or image_sizes.dim() != 2 or image_sizes.shape[1] != 3:
+            raise ValueError(f"{self.name} needs image_grid_thw [n_images, 3] (t, h, w patches) beside pixel_values")
+        grids = image_sizes.to(pixel_values.device)
+        patches = int(grids.prod(-1).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [{patches}, patch pixels] for the image "
+                             f"grids {grids.tolist()} (every image's patches, concatenated)")
+        if scores not in (None, "dominance"):
+            raise ValueError(f"{self.name}'s tower has no CLS token, so it gives no {scores!r} scores (only dominance)")
+        with model.tower_grad():
+            features, unit_order, received = self.run_tower(model.vision_tower, pixel_values, grids, scores == "dominance")
+        merged = model.multi_modal_projector(features)  # one token per 2 x 2 unit, in tower order (trains on its own)
+        raster = torch.argsort(unit_order)
+        counts = torch.tensor([self.tokens_per_image(model.config, tuple(g)) for g in grids.tolist()], device=merged.device)
+        places = torch.cat([self.image_places(model.config, tuple(g)) for g in grids.tolist()]).to(merged.device)
+        score = None if received is None else {scores: received.view(-1, 4).mean(1)[raster]}
+        return VisualTokens(merged[raster], places, counts, None, score)
+
+    def vision_flops(self, config: MLLMConfig, size: tuple[int, ...]) -> dict[str, int]:
+        """Tower and projector FLOPs of one image (`size`: original (height, width), or its patch grid
+        (t, h, w)). Counted are the matmuls and convolutions (what `FlopCounterMode` counts): the
+        patch embedding, per block Q/K/V/O, attention scores and mixing over each attention segment
+        (4 n^2 d, no halving), the MLP; then the merger's two linear layers per 2 x 2 unit."""
+        v = config.hf_vision_config()
+        rows, cols = self.grid(config, size)
+        merge = v.spatial_merge_size
+        n = rows * cols * merge**2
+        width = self.tower_width(v)
+        embed = 2 * n * v.in_channels * v.temporal_patch_size * v.patch_size**2 * width
+        segments = self.attention_segments(config, rows * merge, cols * merge)
+        blocks = sum(8 * n * width**2 + 4 * sum(s * s for s in lengths) * width + self.mlp_flops(v, n) for lengths in segments)
+        unit = width * merge**2
+        return {"tower": embed + blocks, "projector": 2 * rows * cols * (unit * unit + unit * self.merged_width(v))}
+
+    def tower_width(self, vision) -> int:
+        return vision.embed_dim
+
+    def mlp_flops(self, vision, n: int) -> int:
+        """A block's MLP on `n` patches (Qwen2-VL: two matrices, embed_dim * mlp_ratio wide)."""
+        return 4 * n * vision.embed_dim * int(vision.embed_dim * vision.mlp_ratio)
+
+    def attention_segments(self, config: MLLMConfig, h: int, w: int) -> list[list[int]]:
+        """Per block, the lengths of the segments its attention runs over for one h x w patch image
+        (Qwen2-VL: the whole image in every block)."""
+        return [[h * w]] * config.hf_vision_config().depth
+
+    # --- the tower ------------------------------------------------------------------------------
+    def unit_order(self, tower, grids: Tensor) -> Tensor:
+        """The merge units in the order the tower holds them (Qwen2-VL: raster order)."""
+        return torch.arange(int(grids.prod(-1).sum()) // tower.spatial_merge_size**2, device=grids.device)
+
+    def block_seqlens(self, tower, block: int, full: Tensor, windows: Tensor | None) -> Tensor:
+        """The attention segments of one block (Qwen2-VL: each image)."""
+        return full
+
+    def window_seqlens(self, tower, grids: Tensor) -> Tensor | None:
+        return None
+
+    def run_tower(self, tower, pixel_values: Tensor, grids: Tensor, dominance: bool):
+        """transformers' tower forward without its merger: patch features [sum t*h*w, width] in tower
+        order, the order of their merge units, and (for `dominance`) the attention each patch
+        receives in the last block, within its image [sum t*h*w]."""
+        unit = tower.spatial_merge_size**2
+        order = self.unit_order(tower, grids)
+        x = tower.patch_embed(pixel_values)
+        cos, sin = tower.rotary_pos_emb(x, get_vision_position_ids(grids, tower.spatial_merge_size))
+        x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].flatten(0, 1) for t in (x, cos, sin))
+        full, _ = get_vision_attention_seqlens(grids, tower.config)
+        windows = self.window_seqlens(tower, grids)
+        seen = {}
+        hook = None
+        if dominance:
+            def read(module, args, kwargs, output):
+                with torch.no_grad():
+                    seen["received"] = attention_received(module, args[0] if args else kwargs["hidden_states"],
+                                                          kwargs["position_embeddings"], full)
+            hook = tower.blocks[-1].attn.register_forward_hook(read, with_kwargs=True)
+        try:
+            for i, block in enumerate(tower.blocks):
+                x = block(x, cu_seqlens=self.block_seqlens(tower, i, full, windows), position_embeddings=(cos, sin))
+        finally:
+            if hook is not None:
+                hook.remove()
+        return x, order, seen.get("received")
+
+    # --- preprocessing --------------------------------------------------------------------------
+    def image_processor(self, config: MLLMConfig) -> ImageProcessor:
+        return SmartResize(config)
+
+    def rope_positions(self, config: MLLMConfig, attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None) -> Tensor:
+        """M-RoPE ids [3, B, L] (padding 0), row by row with `mrope_row`."""
+        from ..mllm import images_of_rows  # the model module builds on this one
+
+        valid = attention_mask.bool()
+        positions = torch.zeros(3, *valid.shape, dtype=torch.long, device=valid.device)
+        per_row = is_image.sum(1)
+        merge = config.hf_vision_config().spatial_merge_size
+        grids = image_sizes if image_sizes is not None and int(per_row.sum()) else None
+        if grids is not None:
+            counts = grids.prod(-1) // merge**2
+            rows = images_of_rows(per_row, counts.to(per_row.device), config.image_token_id)
+        for b in range(valid.shape[0]):
+            own = grids[(rows == b).to(grids.device)] if grids is not None else torch.zeros(0, 3, dtype=torch.long)
+            positions[:, b, valid[b]] = mrope_row(is_image[b, valid[b]], own, merge)
+        return positions
+
+    # --- training and parallelism ---------------------------------------------------------------
+    def vision_layers(self, model) -> list[nn.Module]:
+        return list(model.vision_tower.blocks)
+
+
+def attention_received(attn: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor], segments: Tensor) -> Tensor:
+    """[N]: the attention each token gets in a Qwen vision attention module on its input `x` [N, d],
+    within its segment (`segments`: cumulative lengths, one per image), averaged over heads and
+    queries; what VisionZip reads from a tower without a CLS token."""
+    n = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    out = []
+    bounds = segments.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        received = q.new_zeros(end - start, dtype=torch.float32)
+        for head in range(attn.num_heads):  # one [n_i, n_i] matrix at a time (9216 patches: 0.3 GB, not 5 GB)
+            qs, ks = q[start:end, head].float(), k[start:end, head].float()
+            received += torch.softmax(qs @ ks.T * attn.scaling, dim=-1).mean(0)
+        out.append(received / attn.num_heads)
+    return torch.cat(out)
