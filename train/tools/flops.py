@@ -5,12 +5,14 @@ model (per sample, decoder layers, see `models/flops.py` for what is counted), t
 front-end's own TFLOPs (`tower_tflops`, `projector_tflops`: the image through the tower and the
 projector, `Family.vision_flops`, the same for every plan) and the sums of the three parts
 (`*_total_tflops`), and the resolution budget it assumed: the image size, the tower's tile size
-and, for tiling families, the pinpoints or the most tiles and the tiles this image takes; the
-visual tokens follow from them (the family's own layout, newlines included), e.g.
+and, for tiling families, the pinpoints or the most tiles and the tiles this image takes, for Qwen
+the pixel bounds (`pixels`: min, max); the visual tokens follow from them (the family's own layout,
+newlines included), e.g.
     python -m train flops model=llava15_7b arch=shortv       # ratio 0.55 (ShortV table: 4.7 / 8.5)
     python -m train flops model=llava15_7b arch=vica flops.scope=visual_side flops.n_text=46   # 0.31 / 7.65
     python -m train flops model=llava_next_13b arch=shortv   # 2928 visual tokens at 672 x 672 (ShortV: 81.8 -> 41.0)
     python -m train flops model=internvl2_5_8b arch=visipruner flops.convention=mac flops.n_text=74   # 5 tiles at 672 x 672
+    python -m train flops model=qwen2_vl_7b flops.image_size=[1344,1344] model.config.max_pixels=12845056   # tower 25.5 T
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def flops_report(cfg) -> dict:
         "n_visual": n_visual if isinstance(n_visual, int) else n_visual.n,
         "n_text": f.n_text,
         "image_size": list(size) if f.n_visual is None else None,
-        "tile_size": config.tile_size,
+        "tile_size": config.tile_size if hasattr(config.hf_vision_config(), "image_size") else None,  # Qwen: no tiles
         "pinpoints": config.image_grid_pinpoints,
+        "pixels": [config.min_pixels, config.max_pixels] if config.max_pixels is not None else None,
         "max_tiles": family_max_tiles(config) if config.family == "internvl" else None,
         "tiles": tiles,
         "convention": f.convention,

@@ -23,7 +23,6 @@ from torch import nn
 
 from models import MLLM
 from models.memory import GB, STRATEGIES, ActShape, ParamCounts, activation_bytes, estimate
-from models.vision import encoder_layers
 
 from ..builders import build
 from ..model_source import ModelSource
@@ -55,7 +54,7 @@ def count_params(model: MLLM, mode: str, r: int, targets: list[str]) -> ParamCou
         raise ValueError(f"memory.lora.targets={targets} match no linear in the LLM's decoder layers")
     lora = sum(r * (lin.in_features + lin.out_features) for lin in adapters)
     layer_lora = lora // len(model.language_model.layers)
-    layers = [*model.language_model.layers, *encoder_layers(model.vision_tower)]
+    layers = [*model.language_model.layers, *model.family.vision_layers(model)]
     sizes = [sum(p.numel() for p in u.parameters()) for u in layers]
     others = [sum(p.numel() for p in u.parameters()) for u in (model.language_model.embed_tokens, model.lm_head, model.multi_modal_projector)]
     unit = max(sizes[: len(model.language_model.layers)]) + layer_lora
