@@ -35,6 +35,7 @@ class Batch:
     n_tokens: int = 0  # rows x longest row: what the model processes, padding included
     n_padding: int = 0  # of those, padding
     image_sizes: Tensor | None = None  # [N, 2] each image's original (height, width): a tiling family's layout
+                                       # (Qwen: [N, 3], each image's patch grid, transformers' image_grid_thw)
     window: tuple[int, int, int] | None = None  # training: (supervised tokens, index, length) of the batch's
                                                 # accumulation window on this rank (data/windows.py)
 
@@ -89,7 +90,9 @@ def collate_images(samples: list[dict]) -> tuple[Tensor | None, Tensor | None]:
 
     A sample's `pixel_values` is a tensor [n, 3, H, W] (or one image [3, H, W]) or a list with one
     tensor per image: [3, H, W], or [tiles, 3, H, W] for a tiling family, whose images are padded
-    with zero tiles to the batch's most (transformers' LlavaNext layout)."""
+    with zero tiles to the batch's most (transformers' LlavaNext layout), or [patches, patch pixels]
+    for Qwen, whose images are concatenated (transformers' Qwen2-VL layout; the sizes are then
+    each image's patch grid (t, h, w), i.e. `image_grid_thw`)."""
     images, sizes = [], []
     for s in samples:
         pv = s["pixel_values"]
@@ -102,6 +105,8 @@ def collate_images(samples: list[dict]) -> tuple[Tensor | None, Tensor | None]:
     sizes_t = torch.tensor(sizes, dtype=torch.long) if len(sizes) == len(images) else None
     if images[0].dim() == 3:
         return torch.stack(images), sizes_t
+    if images[0].dim() == 2:
+        return torch.cat(images), sizes_t
     tiles = max(len(im) for im in images)
     out = images[0].new_zeros(len(images), tiles, *images[0].shape[1:])
     for i, im in enumerate(images):

@@ -122,13 +122,25 @@ def wrap_ids(tokenizer, wrap: tuple[str, str] | None) -> tuple[int, int] | None:
         raise ValueError(f"the tokenizer lacks {wrap[0]} / {wrap[1]}, the text tokens this model family writes around each "
                          "image; add them as special tokens (tokenizer.add_special_tokens)")
     return ids
+def image_placeholder(tokenizer, image_token_id: int | None) -> str:
+    """The text that stands for one image in the prompts a tokenizer reads: `<image>` (LLaVA's data),
+    or, when the model's image token is another special token of the tokenizer (Qwen checkpoints'
+    `<|image_pad|>`), that token, which `<image>` in the data is written as."""
+    if image_token_id is None or tokenizer.convert_tokens_to_ids(IMAGE) == image_token_id:
+        return IMAGE
+    token = tokenizer.convert_ids_to_tokens(image_token_id)
+    if token not in tokenizer.all_special_tokens and token not in tokenizer.get_added_vocab():
+        raise ValueError(f"the model's image token id {image_token_id} is the tokenizer's {token!r}, not a special token, and "
+                         f"the tokenizer maps {IMAGE} to {tokenizer.convert_tokens_to_ids(IMAGE)}: set model.config.image_token_id "
+                         "to the tokenizer's image token (or use the checkpoint's tokenizer)")
+    return token
 
 
 class ChatTokenizer:
     """Turns LLaVA `conversations` into model inputs for one template and tokenizer."""
 
     def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None,
-                 image_wrap: tuple[str, str] | None = None):
+                 image_wrap: tuple[str, str] | None = None, image_token_id: int | None = None):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -136,7 +148,8 @@ class ChatTokenizer:
         self.system = self.template.default_system if system is None else system
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        self.placeholder = image_placeholder(tokenizer, image_token_id)  # the model's image token (default: <image>)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE} token; add it as a special token (tokenizer.add_special_tokens)")
         self.image_wrap = wrap_ids(tokenizer, image_wrap)  # e.g. InternVL's <img> ... </img> (`Family.image_wrap`)
@@ -158,6 +171,10 @@ class ChatTokenizer:
         if len(counts) != n_images:
             raise ValueError(f"{len(counts)} image token count(s) for {n_images} image(s)")
         text, spans, _ = self.render(conversations)
+        if self.placeholder != IMAGE:  # the model's own image token stands for each <image>; replies move with it
+            grow = len(self.placeholder) - len(IMAGE)
+            spans = [tuple(i + grow * text[:i].count(IMAGE) for i in span) for span in spans]
+            text = text.replace(IMAGE, self.placeholder)
         reply_start = spans[conv.reply_number][0]
         enc = self.tok(text, return_offsets_mapping=True, add_special_tokens=True)
         ids, labels, prompt_len = list(enc["input_ids"]), [], None

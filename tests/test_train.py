@@ -191,3 +191,27 @@ def test_the_high_resolution_job_trains_internvl_with_accumulation(tmp_path):
     assert hf.config.image_seq_length == 16
     preprocessor = json.loads((run / "export" / "preprocessor_config.json").read_text())
     assert preprocessor["image_processor_type"] == "GotOcr2ImageProcessor" and preprocessor["max_patches"] == 6
+def test_the_high_resolution_job_trains_qwen2_vl_with_accumulation(tmp_path):
+    """`python -m train experiment=hires model=tiny_qwen2vl` (64 and 96 visual tokens per row in one batch,
+    M-RoPE) under gradient accumulation: trains, evaluates and exports a directory transformers'
+    Qwen2VLForConditionalGeneration loads, with the data path's token ids and pixel bounds."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from models import MLLM
+
+    cmd = [sys.executable, "-m", "train", "experiment=hires", "model=tiny_qwen2vl", f"paths.root_dir={tmp_path}", *DATA,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
+           "model.config.text.num_hidden_layers=2", "model.config.vision.depth=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "outputs" / "hires" / "tiny_qwen2vl-qwen2_vl-dense"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["export_class"] == "Qwen2VLForConditionalGeneration"
+    metrics = summary["metrics"]
+    assert 0 < metrics["train/loss"] < 20 and "val/acc/fine" in metrics
+    assert metrics["eff/tower_tflops"] > metrics["eff/projector_tflops"] > 0
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(run / "export").eval()
+    ours = MLLM.from_pretrained(run / "export").eval()
+    assert hf.config.vision_start_token_id == 4 and ours.config.max_pixels == 12288  # the task tokenizer's <|vision_start|>
+    preprocessor = json.loads((run / "export" / "preprocessor_config.json").read_text())
+    assert preprocessor["image_processor_type"] == "Qwen2VLImageProcessor" and preprocessor["size"]["longest_edge"] == 12288

@@ -138,7 +138,8 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
     shards = data.source.prepare()
     tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
     arch = model.mllm_config
-    chat = ChatTokenizer(tokenizer, model.chat_template, None, data.max_length, model.system_prompt, arch.model_family.image_wrap)
+    chat = ChatTokenizer(tokenizer, model.chat_template, None, data.max_length, model.system_prompt, arch.model_family.image_wrap,
+                         arch.image_token_id)
     image = image_spec(arch, model.max_images_per_sample)
     dm = MLLMDataModule(
         shards.train,

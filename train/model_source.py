@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from data.chat import TEMPLATES
+from data.chat import TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
@@ -133,11 +133,19 @@ class ModelSource:
 def check_tokenizer(tok, config: MLLMConfig) -> None:
     """Fail before training when tokenizer and model disagree on ids or vocabulary size."""
     vocab = config.hf_text_config().vocab_size
-    image_id = tok.convert_tokens_to_ids("<image>")
-    if image_id != config.image_token_id:
-        raise ConfigError(
-            f"tokenizer maps <image> to {image_id} but model.config.image_token_id={config.image_token_id}; "
-            "set model.config.image_token_id (or use the checkpoint's tokenizer)"
-        )
+    try:
+        image_placeholder(tok, config.image_token_id)  # <image>, or the checkpoint's own image token (Qwen's <|image_pad|>)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if len(tok) > vocab:
         raise ConfigError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}; raise model.config.text.vocab_size")
+    for name, token_id in config.token_ids.items():  # e.g. Qwen's vision_start: written by the data path, never by text
+        if token_id < len(tok) and tok.convert_ids_to_tokens(token_id) not in tok.all_special_tokens:
+            raise ConfigError(f"model.config.token_ids.{name}={token_id} is the tokenizer's text token "
+                              f"{tok.convert_ids_to_tokens(token_id)!r}; pick an id the tokenizer does not use "
+                              f"(>= {len(tok)}) or its special token")
+    family = config.model_family
+    fixed = family.image_wrap_ids(config)  # Qwen's config fixes the ids of the tokens around each image
+    if fixed is not None and wrap_ids(tok, family.image_wrap) != fixed:
+        raise ConfigError(f"the tokenizer maps {' / '.join(family.image_wrap)} to {wrap_ids(tok, family.image_wrap)} but the model's "
+                          f"config says {fixed} (model.config.token_ids); set them to the tokenizer's ids")

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.chat import IMAGE, TEMPLATES, wrap_ids
+from data.chat import IMAGE, TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLMConfig
 from models.family import ProcessedImage
@@ -15,7 +15,7 @@ from models.family import ProcessedImage
 from .preprocess import ImageProcessing
 from .prompts import PromptEncoder, jinja_template
 
-FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml"}  # data/chat.py template when a checkpoint has none
+FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml", "qwen2_vl": "chatml", "qwen2_5_vl": "chatml"}  # data/chat.py template when a checkpoint has none
 CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_template.jinja", "chat_template.json", "generation_config.json"
 
 
@@ -64,9 +64,11 @@ class EvalProcessor:
         data/chat.py templates (default: the template's own)."""
         path = Path(path)
         tokenizer = load_pretrained_tokenizer(path, config.model_family.image_wrap or ())
-        image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-        if image_id != config.image_token_id:
-            raise ValueError(f"{path}: the tokenizer maps {IMAGE} to {image_id} but config.json says image_token_index={config.image_token_id}")
+        try:
+            image_placeholder(tokenizer, config.image_token_id)
+        except ValueError:
+            raise ValueError(f"{path}: the tokenizer maps {IMAGE} to {tokenizer.convert_tokens_to_ids(IMAGE)} but config.json says "
+                             f"the image token is {config.image_token_id}, which is no special token of the tokenizer") from None
         stops = [tokenizer.eos_token_id, *_generation_eos(path)]
         jinja = None if chat_template else (tokenizer.chat_template or _legacy_chat_template(path))
         if jinja is None:

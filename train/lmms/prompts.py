@@ -9,7 +9,7 @@ as data.chat.ChatTokenizer does for training.
 
 from __future__ import annotations
 
-from data.chat import IMAGE, Template, expand_images
+from data.chat import IMAGE, Template, expand_images, image_placeholder
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -59,7 +59,8 @@ class PromptEncoder:
         self.chat_template = chat_template
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
-        self.image_wrap = image_wrap  # ids written around each image's tokens (InternVL's <img>, </img>)
+        self.image_wrap = image_wrap  # ids written around each image's tokens (InternVL's <img>, </img>, Qwen's vision start / end)
+        self.placeholder = image_placeholder(tokenizer, image_token_id)  # what <image> is tokenised as
 
     def render(self, text: str, n_images: int) -> str:
         """The prompt string, ending where the assistant's reply begins.
@@ -85,6 +86,7 @@ class PromptEncoder:
         """Token ids of a rendered string; BOS is added unless the template already wrote it."""
         bos = self.tok.bos_token
         add_special = not (bos and text.startswith(bos))
+        text = text.replace(IMAGE, self.placeholder)
         return list(self.tok(text, add_special_tokens=add_special)["input_ids"])
 
     def encode(self, text: str, n_images: int, image_tokens: list[int] | None = None) -> list[int]:
