@@ -152,20 +152,27 @@ def test_evaluate_refuses_plans_that_need_training(main_job):
     assert proc.returncode != 0 and "set model.pretrained" in proc.stderr
 
 
+def hires_job(tmp_path, run_name: str, *overrides: str) -> tuple[Path, dict]:
+    """Two steps of `python -m train experiment=hires` under gradient accumulation (2-layer LLM, `overrides`
+    for the model): its run directory and metrics.json."""
+    cmd = [sys.executable, "-m", "train", "experiment=hires", f"paths.root_dir={tmp_path}", *DATA,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
+           "model.config.text.num_hidden_layers=2", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "outputs" / "hires" / run_name
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and 0 < summary["metrics"]["train/loss"] < 20 and "val/acc/fine" in summary["metrics"]
+    return run, summary
+
+
 def test_the_high_resolution_job_trains_llava_next_with_accumulation(tmp_path):
     """`python -m train experiment=hires` (tiny LLaVA-NeXT, rows with 336 and 464 visual tokens in one batch)
     under gradient accumulation: trains, evaluates and exports a directory transformers' LlavaNext loads."""
     from transformers import LlavaNextForConditionalGeneration
 
-    cmd = [sys.executable, "-m", "train", "experiment=hires", f"paths.root_dir={tmp_path}", *DATA,
-           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
-           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "outputs" / "hires" / "tiny_next-llava_next-dense"
-    summary = json.loads((run / "metrics.json").read_text())
-    assert summary["steps"] == 2 and summary["export_class"] == "LlavaNextForConditionalGeneration"
-    assert 0 < summary["metrics"]["train/loss"] < 20 and "val/acc/fine" in summary["metrics"]
+    run, summary = hires_job(tmp_path, "tiny_next-llava_next-dense", "model.config.vision.num_hidden_layers=2")
+    assert summary["export_class"] == "LlavaNextForConditionalGeneration"
     hf = LlavaNextForConditionalGeneration.from_pretrained(run / "export")
     assert hf.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
 
@@ -176,39 +183,28 @@ def test_the_high_resolution_job_trains_internvl_with_accumulation(tmp_path):
     projector's FLOPs and exports a directory transformers' InternVL loads, with GotOcr2's preprocessor config."""
     from transformers import InternVLForConditionalGeneration
 
-    cmd = [sys.executable, "-m", "train", "experiment=hires", "model=tiny_internvl", f"paths.root_dir={tmp_path}", *DATA,
-           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
-           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "outputs" / "hires" / "tiny_internvl-internvl-dense"
-    summary = json.loads((run / "metrics.json").read_text())
-    assert summary["steps"] == 2 and summary["export_class"] == "InternVLForConditionalGeneration"
+    run, summary = hires_job(tmp_path, "tiny_internvl-internvl-dense", "model=tiny_internvl", "model.config.vision.num_hidden_layers=2")
+    assert summary["export_class"] == "InternVLForConditionalGeneration"
     metrics = summary["metrics"]
-    assert 0 < metrics["train/loss"] < 20 and "val/acc/fine" in metrics
     assert metrics["eff/tower_tflops"] > metrics["eff/projector_tflops"] > 0
     hf = InternVLForConditionalGeneration.from_pretrained(run / "export")
     assert hf.config.image_seq_length == 16
     preprocessor = json.loads((run / "export" / "preprocessor_config.json").read_text())
     assert preprocessor["image_processor_type"] == "GotOcr2ImageProcessor" and preprocessor["max_patches"] == 6
+
+
 def test_the_high_resolution_job_trains_qwen2_vl_with_accumulation(tmp_path):
     """`python -m train experiment=hires model=tiny_qwen2vl` (64 and 96 visual tokens per row in one batch,
-    M-RoPE) under gradient accumulation: trains, evaluates and exports a directory transformers'
-    Qwen2VLForConditionalGeneration loads, with the data path's token ids and pixel bounds."""
+    M-RoPE) under gradient accumulation: trains, evaluates, records the tower's and projector's FLOPs and
+    exports a directory transformers' Qwen2VLForConditionalGeneration loads, with the data path's token ids
+    and pixel bounds."""
     from transformers import Qwen2VLForConditionalGeneration
 
     from models import MLLM
 
-    cmd = [sys.executable, "-m", "train", "experiment=hires", "model=tiny_qwen2vl", f"paths.root_dir={tmp_path}", *DATA,
-           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.accumulate_grad_batches=2",
-           "model.config.text.num_hidden_layers=2", "model.config.vision.depth=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "outputs" / "hires" / "tiny_qwen2vl-qwen2_vl-dense"
-    summary = json.loads((run / "metrics.json").read_text())
-    assert summary["steps"] == 2 and summary["export_class"] == "Qwen2VLForConditionalGeneration"
+    run, summary = hires_job(tmp_path, "tiny_qwen2vl-qwen2_vl-dense", "model=tiny_qwen2vl", "model.config.vision.depth=2")
+    assert summary["export_class"] == "Qwen2VLForConditionalGeneration"
     metrics = summary["metrics"]
-    assert 0 < metrics["train/loss"] < 20 and "val/acc/fine" in metrics
     assert metrics["eff/tower_tflops"] > metrics["eff/projector_tflops"] > 0
     hf = Qwen2VLForConditionalGeneration.from_pretrained(run / "export").eval()
     ours = MLLM.from_pretrained(run / "export").eval()
