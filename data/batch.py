@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .chat import IGNORE, pad
+from .packing import PACK_ROW
 
 
 @dataclass
@@ -38,6 +39,12 @@ class Batch:
                                        # (Qwen: [N, 3], each image's patch grid, transformers' image_grid_thw)
     window: tuple[int, int, int] | None = None  # training: (supervised tokens, index, length) of the batch's
                                                 # accumulation window on this rank (data/windows.py)
+    sample_index: Tensor | None = None  # packed rows (data/packing.py): [B, L] the sample of its row each token
+                                        # belongs to; answers, skills, keys, prompts are then per sample
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.keys)
 
     @property
     def size(self) -> int:
@@ -60,6 +67,8 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> Batch:
+        if samples and PACK_ROW in samples[0]:
+            return self.packed(samples)
         ids = [s["input_ids"] for s in samples]
         prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
         pixel_values, image_sizes = collate_images(samples)
@@ -82,6 +91,31 @@ class Collator:
             n_tokens=len(ids) * max(lengths),
             n_padding=len(ids) * max(lengths) - sum(lengths),
             image_sizes=image_sizes,
+        )
+
+
+    def packed(self, samples: list[dict]) -> Batch:
+        """Rows of packed samples (data/packing.py; `samples` listed row by row), right-padded. A
+        sample's first label is IGNORE, so no token learns to predict across a boundary."""
+        rows: dict[int, list[dict]] = {}
+        for s in samples:
+            rows.setdefault(s[PACK_ROW], []).append(s)
+        packs = [rows[k] for k in sorted(rows)]
+        if [s for p in packs for s in p] != samples:
+            raise ValueError("packed samples must be listed row by row (data.packing.Packing.batches lays them out so)")
+        ids = [[t for s in p for t in s["input_ids"]] for p in packs]
+        labels = [[t for s in p for t in [IGNORE, *s["labels"][1:]]] for p in packs]
+        sample_index = [[k for k, s in enumerate(p) for _ in s["input_ids"]] for p in packs]
+        batch = self([{k: v for k, v in s.items() if k != PACK_ROW} for s in samples])  # the per-sample fields
+        lengths = [len(i) for i in ids]
+        return replace(
+            batch,
+            input_ids=pad(ids, self.pad_id),
+            attention_mask=pad([[1] * n for n in lengths], 0),
+            labels=pad(labels, IGNORE),
+            sample_index=torch.tensor([r + [r[-1]] * (max(lengths) - len(r)) for r in sample_index]),  # pads: the last sample's
+            n_tokens=len(ids) * max(lengths),
+            n_padding=len(ids) * max(lengths) - sum(lengths),
         )
 
 

@@ -17,6 +17,7 @@ from .chat import ChatTokenizer
 from .images import decode
 from .even_eval import EvenEvalStream
 from .length_groups import LengthGrouping
+from .packing import Packing
 from .pipeline import ShardStream, parse_record
 from .stream_position import StreamPosition, gather_ranks
 from .validity import InvalidSample, check_image_count
@@ -38,7 +39,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_length: int = 2048
     group_by_length: bool = False  # training batches of similar length (data/length_groups.py)
-    group_buffer_batches: int = 32  # batches per grouping buffer
+    group_buffer_batches: int = 32  # batches per grouping (or packing) buffer
+    packing: bool = False  # training rows packed with whole samples up to max_length tokens (data/packing.py)
+    pack_buffer: int = 1024  # samples per packing buffer; data.batch_size then counts packed rows
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -49,9 +52,13 @@ class DataConfig:
             ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0"),
             ("max_length", self.max_length > 0, "> 0"),
             ("group_buffer_batches", self.group_buffer_batches > 0, "> 0"),
+            ("pack_buffer", self.pack_buffer > 0, "> 0"),
         ):
             if not ok:
                 raise ConfigError(f"data.{name} must be {need}, got {getattr(self, name)}")
+        if self.packing and self.group_by_length:
+            raise ConfigError("data.packing and data.group_by_length are alternatives (packing sorts each buffer by length "
+                              "itself): set one of them")
         if not callable(getattr(self.source, "prepare", None)):
             raise ConfigError(f"data.source must build an object with prepare() (a `_target_` such as data.sources.ShardSource), got {self.source!r}")
 
@@ -126,7 +133,8 @@ class MLLMDataModule(L.LightningDataModule):
     Checkpoints hold every rank's position in the training stream (data/stream_position.py): a resumed fit
     trains on exactly the batches the uninterrupted run would have seen next. `group_by_length` forms
     training batches of similar length, image and text-only apart, within buffers of
-    `group_buffer_batches` batches (data/length_groups.py); `padding_fraction` is the padded share of
+    `group_buffer_batches` batches (data/length_groups.py); `packing` packs whole samples into rows of
+    `max_length` tokens within buffers of `pack_buffer` samples (data/packing.py); `padding_fraction` is the padded share of
     the training tokens consumed so far, by every attempt of a resumed run (the counts travel in checkpoints;
     logged as data/padding_fraction).
     """
@@ -144,9 +152,14 @@ class MLLMDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = False,
         group_buffer_batches: int = 32,
+        packing: bool = False,
+        max_length: int = 2048,
+        pack_buffer: int = 1024,
     ):
         super().__init__()
         self.grouping = LengthGrouping(batch_size, group_buffer_batches) if group_by_length else None
+        if packing:  # `batch_size` packed rows of up to `max_length` tokens
+            self.grouping = Packing(batch_size, max_length, pack_buffer)
         self._tokens = [0, 0]  # padding, all: training batches consumed on this rank since the start
         self.train_urls, self.val_urls = train_urls, val_urls
         self.encoder = encoder

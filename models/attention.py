@@ -9,6 +9,9 @@ Two query groups exist: text queries (every layer, prefill and decode) and visua
 where visual tokens are updated). Text queries use SDPA unless a layer asks for the released
 post-softmax semantics or a sink, which need the full probability matrix (eager).
 
+Packed rows (several samples per row) add "not before the query's own sample" to every mask; their
+mask-free causal calls go through models/packed_attention.py instead.
+
 Every SDPA call goes through `sdpa`, which keeps GPUs on their fast kernels: where queries and keys
 are the same tokens ordered by position with padding last (`sequence_order`), causality is
 `is_causal=True` and no mask exists; grouped-query K/V are read natively (`enable_gqa`) unless a
@@ -37,8 +40,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def split_heads(x: Tensor, head_dim: int) -> Tensor:
-    b, n, _ = x.shape
-    return x.view(b, n, -1, head_dim).transpose(1, 2)
+    b, n, d = x.shape
+    return x.view(b, n, d // head_dim, head_dim).transpose(1, 2)  # (not -1: a stream may hold no token)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -67,13 +70,16 @@ class Keys(NamedTuple):
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-def causal_mask(q_order: Tensor, q_valid: Tensor, keys: Keys) -> Tensor:
-    """[B, 1, Q, S] boolean mask: valid keys at or before each query in sequence order.
+def causal_mask(q_order: Tensor, q_valid: Tensor, keys: Keys, q_start: Tensor | None = None) -> Tensor:
+    """[B, 1, Q, S] boolean mask: valid keys at or before each query in sequence order (and, in
+    packed rows, not before the first token of the query's sample, `q_start`: models/packed_attention.py).
 
     Padding queries may attend to everything: their outputs are never read, and a fully masked row
     would produce NaNs that leak through 0 * NaN into real tokens.
     """
     allowed = keys.valid[:, None, :] & (keys.order[:, None, :] <= q_order[:, :, None])
+    if q_start is not None:
+        allowed = allowed & (keys.order[:, None, :] >= q_start[:, :, None])
     allowed = allowed | ~q_valid[:, :, None]
     return allowed[:, None]
 
@@ -167,12 +173,14 @@ def sequence_order(order: Tensor, valid: Tensor) -> Tensor:
     return torch.sort(key, dim=1, stable=True).indices
 
 
-def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Tensor | None = None, sink: bool = False) -> Tensor:
+def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Tensor | None = None, sink: bool = False,
+                 q_start: Tensor | None = None) -> Tensor:
     """Attention with the released semantics that SDPA cannot express.
 
     `zero` [B, H|1, 1|Q, S]: columns allowed by `base` but zeroed *after* the softmax (no
     renormalisation: YOPO, VisiPruner shallow layers). `sink`: every text->visual probability is
-    moved onto the first visual key of the row (VisiPruner's attention merging), preserving mass.
+    moved onto the first visual key of the row (VisiPruner's attention merging), preserving mass;
+    in packed rows (`q_start` [B, Q]) onto the first visual key of the query's own sample.
     """
     h = q.shape[1]
     k, v = expand_kv(keys.k, h), expand_kv(keys.v, h)
@@ -183,17 +191,22 @@ def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Ten
     if sink:
         vis = keys.is_visual[:, None, None, :]
         mass = (probs * vis).sum(-1, keepdim=True)
-        first = torch.where(keys.is_visual & keys.valid, torch.arange(keys.n, device=q.device), keys.n).min(1).values
+        column = torch.arange(keys.n, device=q.device)
+        candidate = (keys.is_visual & keys.valid)[:, None, :]  # [B, 1 | Q, S]
+        if q_start is not None:
+            candidate = candidate & (keys.order[:, None, :] >= q_start[:, :, None])
+        first = torch.where(candidate, column, keys.n).min(-1).values
         has = first < keys.n
-        onehot = F.one_hot(first.clamp(max=keys.n - 1), keys.n).to(probs.dtype) * has[:, None]
-        probs = probs.masked_fill(vis, 0.0) + mass * onehot[:, None, None, :]
+        onehot = F.one_hot(first.clamp(max=keys.n - 1), keys.n).to(probs.dtype) * has[..., None]
+        probs = probs.masked_fill(vis, 0.0) + mass * onehot[:, None, :, :]
     return probs @ v
 
 
 def last_query_probs(q_last: Tensor, keys: Keys, base_last: Tensor, scale: float) -> Tensor:
-    """Attention probabilities [B, H, S] of one query per row (the token that scores visual tokens)."""
+    """Attention probabilities [B, H, Q, S] of the tokens that score visual tokens: one query per
+    row, or per sample of a packed row (q_last [B, H, Q, dh], base_last [B, H, Q, S])."""
     h = q_last.shape[1]
-    logits = (q_last @ expand_kv(keys.k, h).transpose(-1, -2)).squeeze(2) * scale
+    logits = (q_last @ expand_kv(keys.k, h).transpose(-1, -2)) * scale
     return torch.softmax(logits.masked_fill(~base_last, float("-inf")), dim=-1)
 
 
@@ -245,15 +258,19 @@ def attend_visual(
     mode: str,
     scale: float,
     neighbours: tuple[Tensor, Tensor] | None = None,
+    q_start: Tensor | None = None,
 ) -> Tensor:
     """Visual queries that do not attend to all visual tokens: the text keys before them plus
     either their local window (`neighbours` from `grid_neighbours`, gathered so the cost is
-    linear in the number of visual tokens) or only themselves (`none`). q/vis_k/vis_v: [B, H, V, dh]
+    linear in the number of visual tokens; a window never leaves its image, hence its sample) or only
+    themselves (`none`). q/vis_k/vis_v: [B, H, V, dh]
     with K/V already expanded to the query heads."""
     h = q.shape[1]
     kt, vt = expand_kv(text_keys.k, h), expand_kv(text_keys.v, h)
     text_logits = (q @ kt.transpose(-1, -2)) * scale  # [B, H, V, T]
     text_ok = text_keys.valid[:, None, None, :] & (text_keys.order[:, None, None, :] <= q_order[:, None, :, None])
+    if q_start is not None:  # packed rows: the text of the query's own sample only
+        text_ok = text_ok & (text_keys.order[:, None, None, :] >= q_start[:, None, :, None])
     text_logits = text_logits.masked_fill(~text_ok, float("-inf"))
     if mode == "none":
         nb_k, nb_v = vis_k.unsqueeze(3), vis_v.unsqueeze(3)  # [B, H, V, 1, dh]

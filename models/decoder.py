@@ -29,11 +29,11 @@ from .attention import (
     head_visual_mask,
     last_query_probs,
     merge_heads,
-    sdpa,
     sequence_order,
     split_heads,
 )
 from .blind_scores import blind_scores
+from .packed_attention import causal_attention
 from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
 from .selection import compact, dense_groups, keep_best
@@ -139,16 +139,42 @@ def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | Non
     return select_visual(vis, scores, sel)[0]
 
 
-def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str) -> Tensor:
-    """Per-visual-token scores [B, V] from the scoring query's attention `probs` [B, H, S];
-    `vis_cols` [B, V]: the key column of each visual-stream token."""
-    h = probs.shape[1]
-    p = torch.gather(probs, 2, vis_cols[:, None].expand(-1, h, -1))  # [B, H, V]
+def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str, vis_query: Tensor | None = None) -> Tensor:
+    """Per-visual-token scores [B, V] from the scoring queries' attention `probs` [B, H, Q, S] (one
+    query per row, or one per sample of a packed row); `vis_cols` [B, V]: the key column of each
+    visual-stream token, `vis_query` [B, V]: the query that scores it (its own sample's; None: the one)."""
+    h, n_keys = probs.shape[1], probs.shape[3]
+    column = vis_cols if vis_query is None else vis_query * n_keys + vis_cols
+    p = torch.gather(probs.flatten(2), 2, column[:, None].expand(-1, h, -1))  # [B, H, V]
     if scorer == "attn_last":
         return p.mean(1)
     v = expand_kv(keys.v, h)
     v = torch.gather(v, 2, vis_cols[:, None, :, None].expand(-1, h, -1, v.shape[-1]))  # [B, H, V, dh]
     return (p.unsqueeze(-1) * v).pow(2).sum((1, 3)).sqrt()  # ||concat_h P[last, j] V_j||
+
+
+def scoring_rows(query_idx: Tensor) -> Tensor:
+    """[B, Q] text-stream indices of the tokens that score visual tokens: `query_idx` [B] (one per row)
+    or [B, Q] (one per sample of a packed row, models/mllm.py `sample_query_index`)."""
+    return query_idx[:, None] if query_idx.dim() == 1 else query_idx
+
+
+def take_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, ...] at the token indices `index` [B, Q] -> [B, Q, ...]."""
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def take_heads(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, N, ...] at the token indices `index` [B, Q] -> [B, H, Q, ...]."""
+    idx = index[:, None].view(index.shape[0], 1, index.shape[1], *([1] * (x.dim() - 3)))
+    return torch.gather(x, 2, idx.expand(-1, x.shape[1], -1, *x.shape[3:]))
+
+
+def query_of_visual(vis_start: Tensor | None, q_start: Tensor | None) -> Tensor | None:
+    """[B, V] which scoring query belongs to each visual token's sample (None: unpacked rows, one query)."""
+    if vis_start is None or q_start is None:
+        return None
+    return (vis_start[:, :, None] == q_start[:, None, :]).int().argmax(-1)
 
 
 def last_columns(keys: Keys, n: int) -> Tensor:
@@ -202,6 +228,7 @@ class PlannedDecoderLayer(nn.Module):
         super().__init__()
         for name, child in hf_layer.named_children():
             self.add_module(name, child)
+        self.attention = "auto"  # packed rows' causal kernel (models/packed_attention.py; MLLM.set_attention)
 
     def forward(
         self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
@@ -220,6 +247,7 @@ class LayerRunner:
         self.dh = self.attn.head_dim
         self.n_heads = self.attn.q_proj.out_features // self.dh
         self.n_kv = self.attn.k_proj.out_features // self.dh
+        self.backend = getattr(layer, "attention", "auto")
 
     def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None,
                  rope: RopeTable | None = None) -> LayerIO:
@@ -256,9 +284,11 @@ class LayerRunner:
         q_text = apply_rope(split_heads(attn.q_proj(x_text), self.dh), text.cos, text.sin)
         if past is None and not text_sees_visual and score_next is None:
             # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
-            out_text, scores = sdpa(q_text, keys.k, keys.v, attn.scaling, causal=True), None
+            out_text = causal_attention(q_text, keys.k, keys.v, attn.scaling, text.order, text.valid, text.start, self.backend)
+            scores = None
         else:
-            out_text, scores = self._text_attention(q_text, keys, causal_mask(text.order, text.valid, keys), query_idx, score_next, vis.n)
+            base = causal_mask(text.order, text.valid, keys, text.start)
+            out_text, scores = self._text_attention(q_text, keys, base, text, vis, query_idx, score_next)
         h_text = text.h + attn.o_proj(merge_heads(out_text))
         h_text = h_text + self.layer.mlp(self.layer.post_attention_layernorm(h_text))
 
@@ -298,26 +328,27 @@ class LayerRunner:
             return take(torch.cat([of_text, of_vis], 1), order)
 
         h, cos, sin = seq(text.h, vis.h), seq(text.cos, vis.cos), seq(text.sin, vis.sin)
+        start = None if text.start is None else seq(text.start, vis.start)
         x = self.layer.input_layernorm(h)
         q = apply_rope(project_heads(self.attn.q_proj, x, None, self.dh), cos, sin)
         k = apply_rope(project_heads(self.attn.k_proj, x, None, self.dh), cos, sin)
         v = project_heads(self.attn.v_proj, x, None, self.dh)
-        h = h + self.attn.o_proj(merge_heads(sdpa(q, k, v, self.attn.scaling, causal=True)))
+        keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
+        out = causal_attention(q, k, v, self.attn.scaling, keys.order, keys.valid, start, self.backend)
+        h = h + self.attn.o_proj(merge_heads(out))
         h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
         slot = order.argsort(1)  # where each stream token sits in the sequence
         h = take(h, slot)
-        keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         scores = None
         if score_next is not None:
-            rows = torch.arange(b, device=h.device)
-            last = slot[rows, query_idx]
-            q_last = q[rows, :, last].unsqueeze(2)
-            m_last = causal_mask(keys.order[rows, last][:, None], keys.valid[rows, last][:, None], keys)[:, 0].expand(-1, self.n_heads, -1)
-            probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-            scores = visual_scores(probs, keys, slot[:, n_text:], score_next)
+            last = torch.gather(slot, 1, scoring_rows(query_idx))  # [B, Q] in the sequence
+            last_start = None if start is None else torch.gather(start, 1, last)
+            m_last = causal_mask(torch.gather(keys.order, 1, last), torch.gather(keys.valid, 1, last), keys, last_start)
+            probs = last_query_probs(take_heads(q, last), keys, m_last.expand(-1, self.n_heads, -1, -1), self.attn.scaling)
+            scores = visual_scores(probs, keys, slot[:, n_text:], score_next, query_of_visual(vis.start, last_start))
         return LayerIO(text.with_h(h[:, :n_text]), vis.with_h(h[:, n_text:]), keys, scores)
 
-    def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, query_idx: Tensor, score_next: str | None, n_vis: int):
+    def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None):
         p = self.p
         heads = p.visual_heads
         if p.mask_semantics == "renorm" and p.text_reads_visual != "sink":
@@ -330,45 +361,50 @@ class LayerRunner:
             if p.mask_semantics == "post_softmax_zero":
                 allowed = head_visual_mask(keys, heads, self.n_heads, reads=p.text_reads)
                 zero = None if allowed is None else ~allowed
-            out = attend_eager(q, keys, base, self.attn.scaling, zero=zero, sink=p.text_reads_visual == "sink")
+            out = attend_eager(q, keys, base, self.attn.scaling, zero=zero, sink=p.text_reads_visual == "sink", q_start=text.start)
         scores = None
         if score_next is not None:
-            rows = torch.arange(q.shape[0], device=q.device)
-            q_last = q[rows, :, query_idx].unsqueeze(2)
-            m_last = mask.expand(-1, self.n_heads, -1, -1)[rows, :, query_idx]
-            probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-            scores = visual_scores(probs, keys, last_columns(keys, n_vis), score_next)
+            rows = scoring_rows(query_idx)
+            m_last = take_heads(mask.expand(-1, self.n_heads, -1, -1), rows)
+            probs = last_query_probs(take_heads(q, rows), keys, m_last, self.attn.scaling)
+            q_start = None if text.start is None else torch.gather(text.start, 1, rows)
+            scores = visual_scores(probs, keys, last_columns(keys, vis.n), score_next, query_of_visual(vis.start, q_start))
         return out, scores
+
+    def _scoring_query(self, x_text: Tensor, text: Stream, query_idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+        """This layer's queries [B, H, Q, dh] of the scoring tokens (normed hidden states `x_text`), and
+        their order, validity and sample start [B, Q] (start None in unpacked rows)."""
+        rows = scoring_rows(query_idx)
+        q = project_heads(self.attn.q_proj, take_tokens(x_text, rows), None, self.dh)
+        q = apply_rope(q, take_tokens(text.cos, rows), take_tokens(text.sin, rows))
+        start = None if text.start is None else torch.gather(text.start, 1, rows)
+        return q, (torch.gather(text.order, 1, rows), torch.gather(text.valid, 1, rows), start)
+
+    def _query_scores(self, q_last: Tensor, facts, keys: Keys, vis: Stream, scorer: str) -> Tensor:
+        """Scores [B, V] of the visual keys (the last `vis.n` of `keys`) by the scoring queries."""
+        order, valid, start = facts
+        m_last = causal_mask(order, valid, keys, start).expand(-1, self.n_heads, -1, -1)
+        probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
+        return visual_scores(probs, keys, last_columns(keys, vis.n), scorer, query_of_visual(vis.start, start))
 
     def _probe_scores(self, text: Stream, vis: Stream, query_idx: Tensor) -> Tensor:
         """Scores [B, V] of the visual tokens by the last prompt token's attention under this layer's
         own norm, Q and K (K of every token present, one query per row): PyramidDrop's ranking."""
-        rows = torch.arange(text.h.shape[0], device=text.h.device)
         src = vis.embed if self.p.visual_kv_source == "embed" else vis.h
-        k_text = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(text.h), None, self.dh), text.cos, text.sin)
+        x_text = self.layer.input_layernorm(text.h)
+        k_text = apply_rope(project_heads(self.attn.k_proj, x_text, None, self.dh), text.cos, text.sin)
         k_vis = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(src), None, self.dh), vis.cos, vis.sin)
-        x_last = self.layer.input_layernorm(text.h[rows, query_idx].unsqueeze(1))
-        q_last = apply_rope(project_heads(self.attn.q_proj, x_last, None, self.dh),
-                            text.cos[rows, query_idx].unsqueeze(1), text.sin[rows, query_idx].unsqueeze(1))
+        q_last, facts = self._scoring_query(x_text, text, query_idx)
         k = torch.cat([k_text, k_vis], 2)
         keys = Keys(k, k, torch.cat([text.order, vis.order], 1), torch.cat([text.valid, vis.valid], 1),
                     torch.cat([torch.zeros_like(text.valid), torch.ones_like(vis.valid)], 1))
-        last_order, last_valid = text.order[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
-        m_last = causal_mask(last_order, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
-        probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-        return visual_scores(probs, keys, last_columns(keys, vis.n), "attn_last")
+        return self._query_scores(q_last, facts, keys, vis, "attn_last")
 
     def _select_current(self, text, vis, k_text, k_vis, x_vis, x_text, query_idx):
         """PDrop-style: score visual tokens with this layer's own Q/K of the last prompt token, then
         continue the layer with the kept tokens only (their values, queries and FFN)."""
-        rows = torch.arange(text.h.shape[0], device=text.h.device)
-        q_last = project_heads(self.attn.q_proj, x_text[rows, query_idx].unsqueeze(1), None, self.dh)
-        q_last = apply_rope(q_last, text.cos[rows, query_idx].unsqueeze(1), text.sin[rows, query_idx].unsqueeze(1))
-        keys = k_text.append(k_vis)
-        last_order, last_valid = text.order[rows, query_idx][:, None], text.valid[rows, query_idx][:, None]
-        m_last = causal_mask(last_order, last_valid, keys)[:, 0].expand(-1, self.n_heads, -1)
-        probs = last_query_probs(q_last, keys, m_last, self.attn.scaling)
-        scores = visual_scores(probs, keys, last_columns(keys, k_vis.n), self.p.select.scorer)
+        q_last, facts = self._scoring_query(x_text, text, query_idx)
+        scores = self._query_scores(q_last, facts, k_text.append(k_vis), vis, self.p.select.scorer)
         kept, index = select_visual(vis, scores, self.p.select)
         k_vis = Keys(
             torch.gather(k_vis.k, 2, index[:, None, :, None].expand(-1, k_vis.k.shape[1], -1, k_vis.k.shape[3])),
@@ -391,10 +427,11 @@ class LayerRunner:
         tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.order, k_text.valid, k_text.is_visual)
         if p.visual_self_attn == "full":
             keys = tk.append(Keys(k_vis.k[:, kv_of], k_vis.v[:, kv_of], k_vis.order, k_vis.valid, k_vis.is_visual))
-            out = attend(q, keys, causal_mask(vis.order, vis.valid, keys), self.attn.scaling)
+            out = attend(q, keys, causal_mask(vis.order, vis.valid, keys, vis.start), self.attn.scaling)
         else:
             nb = grid_neighbours(vis.place, vis.valid, p.window) if p.visual_self_attn == "local" else None
-            out = attend_visual(q, tk, vis.order, k_vis.k[:, kv_of], k_vis.v[:, kv_of], p.visual_self_attn, self.attn.scaling, nb)
+            out = attend_visual(q, tk, vis.order, k_vis.k[:, kv_of], k_vis.v[:, kv_of], p.visual_self_attn, self.attn.scaling, nb,
+                                q_start=vis.start)
         return output_heads(self.attn.o_proj, out, heads, self.dh)
 
 
@@ -473,7 +510,7 @@ def run_decoder(
             block = xattn[str(i)]
             if i not in cross_keys:
                 cross_keys[i] = block.visual_keys(embeds.embed, embeds.order, embeds.valid)
-            text = text.with_h(block(text.h, text.order, cross_keys[i]))
+            text = text.with_h(block(text.h, text.order, cross_keys[i], text.start))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
         score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         past = state.keys[i] if state is not None else None

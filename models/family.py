@@ -187,6 +187,7 @@ class Family:
         packed samples can restart it). Padding gets position 0."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: "MLLMConfig") -> "ImageProcessor":
         raise NotImplementedError

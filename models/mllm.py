@@ -24,9 +24,11 @@ from .config import MLLMConfig
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
+from .packed_attention import BACKENDS
+from .packed_positions import packed_positions
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed
-from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row
+from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts
 from .xattn import GatedCrossAttention
 
 
@@ -66,6 +68,13 @@ class MLLM(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.plan = Plan.dense(text_cfg.num_hidden_layers)
         self.set_plan(plan or self.plan)
+
+    def set_attention(self, backend: str) -> None:
+        """The kernel of packed rows' causal attention (models/packed_attention.py): auto, sdpa or varlen."""
+        if backend not in BACKENDS:
+            raise ValueError(f"model.attention must be one of {BACKENDS}, got {backend!r}")
+        for layer in self.language_model.layers:
+            layer.attention = backend
 
     def set_plan(self, plan: Plan) -> None:
         """Switch the visual-compute plan (training-free plans can change at any time). Gated
@@ -197,25 +206,35 @@ class MLLM(nn.Module):
         return RopeTable(*self.rope(like.h[:1, :1].expand(1, length, -1), positions))
 
     def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-                     image_sizes: Tensor | None = None, positions: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
+                     image_sizes: Tensor | None = None, positions: Tensor | None = None,
+                     sample_index: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
         (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps);
-        `positions`: the prompt's RoPE position ids (default: `prompt_positions`)."""
-        layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id)
+        `positions`: the prompt's RoPE position ids (default: `prompt_positions`); `sample_index` [B, L]:
+        packed rows' samples (positions then restart at each sample)."""
+        layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id, sample_index)
         if positions is None:
-            positions = self.prompt_positions(input_ids, attention_mask, image_sizes)
+            positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
         text_h = self.language_model.embed_tokens(text_ids)
         text = Stream(text_h, torch.gather(layout.order, 1, layout.text_index), layout.text_valid,
-                      *self.rope(text_h, take_positions(positions, layout.text_index)))
+                      *self.rope(text_h, take_positions(positions, layout.text_index)),
+                      start=None if layout.start is None else torch.gather(layout.start, 1, layout.text_index))
         vis = self._visual_stream(layout, positions, pixel_values, image_sizes, text)
         return layout, text, vis
 
-    def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None) -> Tensor:
+    def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None,
+                         sample_index: Tensor | None = None) -> Tensor:
         """RoPE position ids of a batch of prompts, by the family's rule (`Family.rope_positions`):
-        [B, L], or [3, B, L] for M-RoPE."""
-        is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
-        return self.family.rope_positions(self.config, attention_mask, is_image, image_sizes)
+        [B, L], or [3, B, L] for M-RoPE; packed rows (`sample_index`): each sample's as if it were alone."""
+        def rule(ids: Tensor, mask: Tensor) -> Tensor:
+            is_image = (ids == self.config.image_token_id) & mask.bool()
+            return self.family.rope_positions(self.config, mask, is_image, image_sizes)
+
+        if sample_index is None:
+            return rule(input_ids, attention_mask)
+        order = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return packed_positions(rule, input_ids, attention_mask, order, sample_starts(order, sample_index.to(order.device)))
 
     def _visual_stream(self, layout: Layout, positions: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None,
                        text: Stream) -> Stream:
@@ -241,7 +260,9 @@ class MLLM(nn.Module):
         image_in_row = torch.arange(len(image_row), device=h.device) - first_image[image_row]
         place[..., Place.IMAGE][layout.vis_valid] = torch.repeat_interleave(image_in_row, tokens.counts)
         rope_pos = take_positions(positions, layout.vis_index)
-        vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h)
+        start = None if layout.start is None else torch.gather(layout.start, 1, layout.vis_index)
+        vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h,
+                     start=start)
         if tokens.keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
             kept = torch.zeros_like(layout.vis_valid)
             kept[layout.vis_valid] = tokens.keep
@@ -264,6 +285,7 @@ class MLLM(nn.Module):
         image_sizes: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
         mm_token_type_ids: Tensor | None = None,
+        sample_index: Tensor | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
         placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
@@ -277,6 +299,9 @@ class MLLM(nn.Module):
         layer's output streams: how the calibration tools measure layers (models/calibration.py).
         Qwen's inputs are accepted under transformers' names: `image_grid_thw` (our `image_sizes` for
         that family) and `mm_token_type_ids`, which must agree with the placeholders in `input_ids`.
+        `sample_index` [B, L]: rows packed with several samples each (data/packing.py): the sample of its
+        row each token belongs to. Every sample is then computed as if it were alone: attention, token
+        scoring and selection stay inside it, its positions restart, its loss never predicts across.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -286,14 +311,16 @@ class MLLM(nn.Module):
             image_sizes = image_grid_thw
         if mm_token_type_ids is not None:
             check_token_types(mm_token_type_ids, input_ids, attention_mask, self.config.image_token_id)
-        positions = self.prompt_positions(input_ids, attention_mask, image_sizes)
-        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions)
+        if sample_index is not None:
+            self._check_packable(use_cache, query_pos)
+        positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index)
+        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index)
         text, vis, keys, cross, rope_shift = run_decoder(
             self.language_model,
             self.plan,
             text,
             vis,
-            query_index(text, query_pos),
+            query_index(text, query_pos) if layout.sample is None else sample_query_index(text, layout),
             self.xattn,
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
@@ -315,6 +342,11 @@ class MLLM(nn.Module):
             out.cache = DecodeState(keys, n, next_positions(positions, attention_mask), cross, rope_shift)
         return out
 
+
+    def _check_packable(self, use_cache: bool, query_pos: Tensor | None) -> None:
+        if use_cache or query_pos is not None:
+            raise ValueError("packed rows (sample_index) are for training and prefill: decoding and query_pos work on "
+                             "one sample per row; give unpacked rows")
 
     @torch.no_grad()
     def decode_step(self, token_ids: Tensor, state: DecodeState) -> Tensor:
@@ -338,6 +370,8 @@ class MLLM(nn.Module):
         """Summed next-token cross-entropy on supervised positions only (the LM head runs on those rows), and their count."""
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
+        if layout.start is not None:  # packed rows: a sample's last token predicts nothing of the next sample
+            targets[:, :-1] = targets[:, :-1].masked_fill(layout.start[:, 1:] != layout.start[:, :-1], -100)
         after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
         if bool((after_image != -100).any()):
             raise ValueError(
@@ -396,6 +430,15 @@ def query_index(text: Stream, query_pos: Tensor | None) -> Tensor:
     if query_pos is None:
         return text.order.masked_fill(~text.valid, -1).argmax(1)
     return ((text.order == query_pos[:, None]) & text.valid).float().argmax(1)
+
+
+def sample_query_index(text: Stream, layout: Layout) -> Tensor:
+    """[B, S] text-stream index of each packed sample's last valid text token: each sample scores its
+    own visual tokens, as it would alone (rows with fewer samples repeat an index of their first)."""
+    sample = torch.gather(layout.sample.to(text.order.device), 1, layout.text_index)  # [B, T]
+    n = int(layout.sample.max()) + 1
+    own = (sample[:, :, None] == torch.arange(n, device=sample.device)) & text.valid[:, :, None]  # [B, T, S]
+    return torch.where(own, text.order[:, :, None], -1).argmax(1)
 
 
 def last_valid_hidden(text: Stream) -> Tensor:

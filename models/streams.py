@@ -11,6 +11,10 @@ plan run on physically smaller tensors instead of masking a full sequence.
 Visual tokens also carry their `place` (which image, which token of it, which tile, where on the
 tile's grid, whether it is a layout token such as LLaVA-NeXT's row newline): what plans that work
 per image, per tile or on a grid read.
+
+In a packed row (several samples one after another, data/packing.py) every token also carries its
+sample's `start` (the order of the sample's first token): attention never crosses it
+(models/packed_attention.py), and positions restart at it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Stream(NamedTuple):
     sin: Tensor
     place: Tensor | None = None  # visual only: [B, N, len(Place)] (long)
     embed: Tensor | None = None  # visual only: layer-0 embedding (projector output) [B, N, d]
+    start: Tensor | None = None  # packed rows only: sequence order of the first token of each token's sample [B, N]
 
     @property
     def n(self) -> int:
@@ -105,12 +110,14 @@ class RopeTable(NamedTuple):
 
 def renumbered(text: Stream, vis: Stream, table: RopeTable) -> tuple[Stream, Stream]:
     """Both streams with every token's RoPE position replaced by its rank among the tokens present
-    (valid text and visual tokens, in sequence order): PyramidDrop's renumbering after a drop."""
+    (valid text and visual tokens, in sequence order) of its sample: PyramidDrop's renumbering after a drop."""
     big = torch.iinfo(text.order.dtype).max
     present = torch.cat([text.order.masked_fill(~text.valid, big), vis.order.masked_fill(~vis.valid, big)], 1).sort(1).values
     out = []
     for stream in (text, vis):
         rank = torch.searchsorted(present, stream.order.contiguous())
+        if stream.start is not None:  # packed rows: the rank inside the token's own sample
+            rank = rank - torch.searchsorted(present, stream.start.contiguous())
         cos, sin = table.at(rank)
         out.append(stream._replace(cos=cos.to(stream.cos.dtype), sin=sin.to(stream.sin.dtype)))
     return out[0], out[1]
@@ -141,7 +148,22 @@ def empty_like_visual(text: Stream) -> Stream:
         sin=text.sin[:, :0],
         place=text.order.new_zeros(b, 0, len(Place)),
         embed=z,
+        start=None if text.start is None else text.start[:, :0],
     )
+
+
+def sample_starts(order: Tensor, sample_index: Tensor) -> Tensor:
+    """[B, L] the order of the first token of each token's sample (samples must be consecutive)."""
+    if sample_index.shape != order.shape:
+        raise ValueError(f"sample_index has shape {tuple(sample_index.shape)}, input_ids {tuple(order.shape)}: give one "
+                         "sample number per token")
+    step = sample_index[:, 1:] - sample_index[:, :-1]
+    if bool((step < 0).any()):
+        raise ValueError("sample_index must be non-decreasing along each row (a packed row holds its samples one "
+                         "after another, data/packing.py)")
+    new = torch.ones_like(sample_index, dtype=torch.bool)
+    new[:, 1:] = step != 0
+    return torch.where(new, order, 0).cummax(1).values
 
 
 @dataclass
@@ -153,11 +175,18 @@ class Layout:
     text_valid: Tensor  # [B, T]
     vis_index: Tensor  # [B, V] indices of image tokens, padded
     vis_valid: Tensor  # [B, V]
+    start: Tensor | None = None  # packed rows: [B, L] order of the first token of each token's sample
+    sample: Tensor | None = None  # packed rows: [B, L] which sample of its row each token belongs to (0, 1, ...)
 
     @staticmethod
-    def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> "Layout":
+    def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int, sample_index: Tensor | None = None) -> "Layout":
+        """`sample_index` [B, L]: for packed rows, the sample of its row each token belongs to
+        (consecutive, non-decreasing: 0, 0, ..., 1, 1, ...; data/packing.py); None: a row is one sample."""
         mask = attention_mask.bool()
         order = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        start = None
+        if sample_index is not None:
+            start = sample_starts(order, sample_index.to(order.device))
         is_image = (input_ids == image_token_id) & mask
         n_image = is_image.sum(1)
         n_text = input_ids.shape[1] - n_image
@@ -175,7 +204,7 @@ class Layout:
         vis_slot = (n_text[:, None] + ar_v[None]).clamp(max=input_ids.shape[1] - 1)
         vis_index = torch.gather(sort, 1, vis_slot)
         vis_valid = ar_v[None] < n_image[:, None]
-        return Layout(order, text_index, text_valid, vis_index, vis_valid)
+        return Layout(order, text_index, text_valid, vis_index, vis_valid, start, sample_index)
 
     @property
     def image_tokens_per_row(self) -> Tensor:

@@ -60,10 +60,13 @@ class GatedCrossAttention(nn.Module):
         v = split_heads(self.v_proj(embeds), self.head_dim)
         return Keys(k, v, order, valid, torch.ones_like(valid))
 
-    def forward(self, h: Tensor, order: Tensor, keys: Keys) -> Tensor:
-        """Text hidden states `h` [B, T, d] at sequence orders `order` read the visual `keys` before them."""
+    def forward(self, h: Tensor, order: Tensor, keys: Keys, start: Tensor | None = None) -> Tensor:
+        """Text hidden states `h` [B, T, d] at sequence orders `order` read the visual `keys` before them
+        (in packed rows only those of their own sample, which starts at order `start` [B, T])."""
         q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(h)), self.head_dim))
         allowed = keys.valid[:, None, :] & (keys.order[:, None, :] < order[:, :, None])  # [B, T, S]
+        if start is not None:
+            allowed = allowed & (keys.order[:, None, :] >= start[:, :, None])
         sees = allowed.any(-1, keepdim=True)  # rows before the image (or without one) get nothing
         mask = (allowed | ~sees)[:, None]
         out = merge_heads(attend(q, keys, mask, self.head_dim**-0.5)) * sees

@@ -76,7 +76,21 @@ MODELS = {  # + InternVL's tiles, + Qwen2-VL's grids of two sizes per batch (M-R
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("accumulate", [1, 2])  # 2: the training loader reads each step's micro-batches ahead
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate, model):
-    extra = [f"trainer.accumulate_grad_batches={accumulate}", *MODELS[model]]
+    assert_killed_run_resumes(tmp_path, [f"trainer.accumulate_grad_batches={accumulate}", *MODELS[model]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_killed_packed_run_resumes_on_the_same_loss_curve(tmp_path, model):
+    """data.packing=true (data/packing.py): a buffer's packs are rebuilt on resume and its taken batches skipped."""
+    assert_killed_run_resumes(tmp_path, ["data.packing=true", "data.max_length=1024", "data.pack_buffer=10", *MODELS[model]])
+    with open(tmp_path / "uninterrupted" / "csv" / "metrics.csv") as f:
+        per_row = [float(r["data/samples_per_pack"]) for r in csv.DictReader(f) if r.get("data/samples_per_pack")]
+    assert len(per_row) >= STEPS and min(per_row) > 1  # every batch packed several samples into a row
+
+
+def assert_killed_run_resumes(tmp_path: Path, extra: list[str]) -> None:
+    """A run with `extra` overrides killed after its first checkpoint and resumed trains the uninterrupted run's steps."""
     reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted", *extra), cwd=ROOT, env=env(), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

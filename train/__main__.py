@@ -17,6 +17,7 @@ TOOLS = {
     "flops": "analytic FLOPs of a plan (JSON)",
     "bench": "prefill / training step / decode timings of plans against dense (JSON + results file)",
     "bench_strategies": "real multi-rank training per strategy: per-rank memory and step time",
+    "bench_packing": "padded, length-grouped and packed training steps on a LLaVA-665k-like length mix",
     "memory": "analytic per-GPU training memory per strategy",
     "analyze": "calibrate a model: layer scores and plan files (ShortV, VTW, ViCA, YOPO, VisiPruner)",
     "pareto": "aggregate a sweep: efficiency-versus-accuracy table and plots",

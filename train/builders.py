@@ -153,6 +153,9 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
         seed=seed,
         group_by_length=data.group_by_length,
         group_buffer_batches=data.group_buffer_batches,
+        packing=data.packing,
+        max_length=data.max_length,
+        pack_buffer=data.pack_buffer,
     )
     return tokenizer, dm
 

@@ -97,9 +97,15 @@ def n_visual(visual) -> int:
 
 
 def sample_visual_tokens(model, batch, prompts: bool = True) -> list[tuple]:
-    """Per row: its visual tokens for the FLOPs model (the family's layout of its image when it
-    holds one image, else the count of its image tokens) and its text tokens (of the prompt)."""
+    """Per row (per sample of packed rows): its visual tokens for the FLOPs model (the family's layout of
+    its image when it holds one image, else the count of its image tokens) and its text tokens (of the prompt)."""
     ids, mask = (batch.prompt_ids, batch.prompt_mask) if prompts else (batch.input_ids, batch.attention_mask)
+    if not prompts and batch.sample_index is not None:  # one (ids, mask) row per packed sample, in order
+        n = int(batch.sample_index.max()) + 1
+        own = mask.bool()[:, None] & (batch.sample_index[:, None] == torch.arange(n, device=mask.device)[None, :, None])
+        own = own.flatten(0, 1)
+        keep = own.any(1)
+        ids, mask = ids.repeat_interleave(n, 0)[keep], own[keep].long()
     config = model.config
     is_image = (ids == config.image_token_id) & mask.bool()
     per_row = is_image.sum(1).tolist()
@@ -176,9 +182,9 @@ class Throughput(L.Callback):
             if peak:
                 model = module.model
                 shape = Shape.from_hf(model.text_config)
-                length = batch.input_ids.shape[1]
-                step_flops = 3 * sum(prefill_flops(shape, model.plan, n_v, length - n_visual(n_v))  # forward + backward
-                                     for n_v, _ in sample_visual_tokens(model, batch, prompts=False))
+                length = batch.input_ids.shape[1]  # padded rows compute their padding; a packed sample its own tokens
+                step_flops = 3 * sum(prefill_flops(shape, model.plan, n_v, n_t if batch.sample_index is not None else length - n_visual(n_v))
+                                     for n_v, n_t in sample_visual_tokens(model, batch, prompts=False))  # forward + backward
                 metrics["perf/mfu"] = step_flops / seconds / peak
         module.log_dict(metrics, batch_size=batch.input_ids.shape[0])
 

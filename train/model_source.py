@@ -20,6 +20,7 @@ from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
 from models.compile import compile_decoder_layers
+from models.packed_attention import BACKENDS
 from models.family import family_for_model_type
 from models.config import ConfigError, check_types
 from models.methods import resolve_arch
@@ -43,6 +44,7 @@ class ModelSource:
     dtype: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the decoder layers (models/compile.py)
+    attention: str = "auto"  # packed rows' causal kernel: auto | sdpa | varlen (models/packed_attention.py)
     vision_position_init: str = "random"  # random | sincos2d (a tower built from config only)
     # images one sample may hold; None: any number (LLaVA-1.5 takes several per row, like HF's
     # LlavaForConditionalGeneration); samples with more are skipped and counted (too_many_images)
@@ -54,6 +56,8 @@ class ModelSource:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.chat_template not in TEMPLATES:
             raise ConfigError(f"model.chat_template must be one of {sorted(TEMPLATES)}, got {self.chat_template!r}")
+        if self.attention not in BACKENDS:
+            raise ConfigError(f"model.attention must be one of {list(BACKENDS)}, got {self.attention!r}")
         if self.vision_position_init not in ("random", "sincos2d"):
             raise ConfigError(f"model.vision_position_init must be 'random' or 'sincos2d', got {self.vision_position_init!r}")
         if self.max_images_per_sample is not None and self.max_images_per_sample < 1:
@@ -112,6 +116,7 @@ class ModelSource:
         if plan is not None:
             model.set_plan(plan)
         model.gradient_checkpointing = self.gradient_checkpointing
+        model.set_attention(self.attention)
         if self.compile:
             compile_decoder_layers(model)
         return model

@@ -116,7 +116,7 @@ class MLLMModule(L.LightningModule):
         returns its token-loss sum over that count (`batch.window`, summed over the ranks before any
         backward), times what the strategy divides by afterwards (`loss_scale`). Logged `train/loss`:
         the step's mean cross-entropy per supervised token, over all its micro-batches and ranks."""
-        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
+        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images, sample_index=batch.sample_index)
         self._count_skips(batch)
         bs = batch.size
         counted = supervised_tokens(batch.labels)  # what the window's count summed for this batch
@@ -136,6 +136,8 @@ class MLLMModule(L.LightningModule):
         padding = getattr(self.trainer.datamodule, "padding_fraction", None) if self._trainer is not None else None
         if padding is not None:  # padded / all training tokens so far (data/datamodule.py)
             self.log("data/padding_fraction", padding, batch_size=bs)
+        if batch.sample_index is not None:  # packed rows (data/packing.py)
+            self.log("data/samples_per_pack", batch.n_samples / bs, batch_size=bs)
         return loss
 
     def _own_window(self, tokens: int) -> tuple[int, int, int]:
