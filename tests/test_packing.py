@@ -1,6 +1,7 @@
 """Packed rows in the model (models/packed_attention.py): every sample of a packed row gets the logits, the
-loss and the RoPE tables it gets alone, under every plan preset, on LLaVA-1.5, LLaVA-NeXT and InternVL (fp32,
-prefill); changing one sample never changes another's outputs; the CUDA kernel is chosen without a GPU."""
+loss and the RoPE tables it gets alone, under every plan preset on LLaVA-1.5, LLaVA-NeXT and InternVL, and
+under every one that applies on Qwen2-VL / 2.5-VL (M-RoPE) (fp32, prefill); changing one sample never changes another's
+outputs; the CUDA kernel is chosen without a GPU."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from models.packed_attention import block_causal_mask, choose_backend, sample_offsets
 from tests.helpers import internvl_images, next_images, tiny_internvl_config, tiny_next_config
 from tests.test_plans import VARIANTS, ids, plan_model
+from tests.test_plans_qwen import RUNNABLE as QWEN_RUNNABLE  # the presets that apply to M-RoPE
 
-def samples(config, n_images: int, seed: int = 0, image_sizes=None) -> list[dict]:
-    """Samples of different lengths: `n_images` with one image each (prefix, image, suffix) and a text-only one."""
+def samples(config, n_images: int, seed: int = 0, image_sizes=None, ends: tuple[int, int] | None = None) -> list[dict]:
+    """Samples of different lengths: `n_images` with one image each (prefix, image, suffix) and a text-only one;
+    `ends`: the ids written around each image's placeholders (Qwen's vision start and end)."""
     g = torch.Generator().manual_seed(seed)
     vocab = config.hf_text_config().vocab_size
     out = []
@@ -22,9 +25,12 @@ def samples(config, n_images: int, seed: int = 0, image_sizes=None) -> list[dict
         if i < n_images:
             n_v = config.tokens_per_image(image_sizes[i]) if image_sizes else config.num_image_tokens
             image = [torch.full((n_v,), config.image_token_id)]
+            if ends:
+                image = [torch.tensor([ends[0]]), *image, torch.tensor([ends[1]])]
         else:
             image = []
-        ids_ = torch.cat([torch.randint(4, vocab, (prefix,), generator=g), *image, torch.randint(4, vocab, (suffix,), generator=g)])
+        low = 7 if ends else 4  # never a special id
+        ids_ = torch.cat([torch.randint(low, vocab, (prefix,), generator=g), *image, torch.randint(low, vocab, (suffix,), generator=g)])
         labels = torch.full_like(ids_, -100)
         labels[-suffix + 1:] = ids_[-suffix + 1:]  # the answer: after the image's newline-like token
         out.append({"ids": ids_, "labels": labels, "image": i < n_images})
@@ -147,6 +153,24 @@ def test_packed_tiled_rows_keep_each_tiling_to_its_sample(family, variant):
         return out
 
     assert_packed_equals_alone(model, [[s[0], s[3], s[1], s[2]]], pixels_of, lambda i: torch.tensor([images[image_of[i]].size]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("variant", QWEN_RUNNABLE, ids=ids)
+def test_packed_qwen_rows_restart_m_rope_per_sample(family, variant):
+    """Qwen2-VL / 2.5-VL: three images of different grids in one packed row, each sample's M-RoPE (t, h, w)
+    ids restarted as if it were alone (the family's own rule, models/packed_positions.py)."""
+    from tests.helpers import qwen_images, tiny_qwen_config
+
+    model = plan_model(*variant, config=tiny_qwen_config(family, text_layers=8))
+    processor = model.config.model_family.image_processor(model.config)
+    images = [processor(im) for im in qwen_images(0)]
+    ids_ = model.config.token_ids
+    s = samples(model.config, n_images=3, image_sizes=[im.size for im in images],
+                ends=(ids_["vision_start_token_id"], ids_["vision_end_token_id"]))
+    image_of = {0: 0, 2: 1, 3: 2}  # flat sample index -> its image (sample 1 is the text-only one)
+    assert_packed_equals_alone(model, [[s[0], s[3], s[1]], [s[2]]], lambda i: images[image_of[i]].pixels,
+                               lambda i: torch.tensor([images[image_of[i]].size]))
 
 
 @pytest.mark.parametrize("name", ["dense", "fastv", "vica", "xattn", "visipruner"])
