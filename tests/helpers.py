@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from models.generation import greedy_generate
+
 
 def tiny_config(vision: str = "clip", text: str = "llama", text_layers: int = 3, image_size: int = 16, **overrides):
     """A few-thousand-parameter MLLM config; CLIP keeps a CLS token (dropped by 'default')."""
@@ -201,3 +203,14 @@ def qwen_word_tokenizer(image_token: str = "<image>"):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    additional_special_tokens=list(specials))
+
+
+def assert_greedy_matches_hf(ours, hf, ids, mask, pixels, hf_pixels: dict, **image_inputs):
+    """Our greedy decoding (10 new tokens, eos 127, pad 0) equals transformers' `generate` on the same
+    prompts; `hf_pixels`: the HF model's own image inputs, `image_inputs`: ours (e.g. `image_sizes`)."""
+    got = greedy_generate(ours, ids, mask, pixels, max_new_tokens=10, eos_token_id=[127], pad_token_id=0, **image_inputs)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, **hf_pixels, max_new_tokens=10, do_sample=False,
+                           eos_token_id=127, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(got, want[:, : got.shape[1]])
+    return got

@@ -5,8 +5,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from models import MLLM
-from models.generation import greedy_generate
-from tests.helpers import image_batch, tiny_model
+from tests.helpers import assert_greedy_matches_hf, image_batch, tiny_model
 
 FAMILIES = [("clip", "llama"), ("siglip", "qwen2")]
 
@@ -65,12 +64,7 @@ def test_loss_matches_hf(pair):
 def test_greedy_generation_matches_hf(pair):
     ours, hf = pair
     ids, mask, pixels = image_batch(ours.config, batch=3, pad_left=[0, 2, 4], seed=1)
-    got = greedy_generate(ours, ids, mask, pixels, max_new_tokens=10, eos_token_id=[127], pad_token_id=0)
-    with torch.no_grad():
-        want = hf.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=10, do_sample=False, eos_token_id=127, pad_token_id=0
-        )[:, ids.shape[1] :]
-    assert torch.equal(got, want[:, : got.shape[1]])
+    assert_greedy_matches_hf(ours, hf, ids, mask, pixels, {"pixel_values": pixels})
 
 
 def test_export_roundtrip_identical_logits(pair, tmp_path):

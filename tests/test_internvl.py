@@ -15,9 +15,8 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 from models import MLLM, MLLMConfig
-from models.generation import greedy_generate
 from models.streams import Place
-from tests.helpers import exported_pair, internvl_images, next_batch, tiny_internvl_config
+from tests.helpers import assert_greedy_matches_hf, exported_pair, internvl_images, next_batch, tiny_internvl_config
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +111,7 @@ def test_loss_matches_hf(pair):
 def test_greedy_generation_matches_hf(pair):
     ours, hf = pair
     ids, mask, pixels, sizes, flat = batch(ours.config, pad_left=[0, 2, 4], seed=1)
-    got = greedy_generate(ours, ids, mask, pixels, max_new_tokens=10, eos_token_id=[127], pad_token_id=0, image_sizes=sizes)
-    with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=flat, max_new_tokens=10,
-                           do_sample=False, eos_token_id=127, pad_token_id=0)[:, ids.shape[1]:]
-    assert torch.equal(got, want[:, : got.shape[1]])
+    assert_greedy_matches_hf(ours, hf, ids, mask, pixels, {"pixel_values": flat}, image_sizes=sizes)
 
 
 def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):

@@ -12,9 +12,8 @@ from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
 
 from models import MLLM
-from models.generation import greedy_generate
 from models.streams import Place
-from tests.helpers import exported_pair, next_batch, next_images, tiny_next_config
+from tests.helpers import assert_greedy_matches_hf, exported_pair, next_batch, next_images, tiny_next_config
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +73,7 @@ def test_loss_matches_hf(pair):
 def test_greedy_generation_matches_hf(pair):
     ours, hf = pair
     ids, mask, pixels, sizes = next_batch(ours.config, pad_left=[0, 2, 4], seed=1)
-    got = greedy_generate(ours, ids, mask, pixels, max_new_tokens=10, eos_token_id=[127], pad_token_id=0, image_sizes=sizes)
-    with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, max_new_tokens=10,
-                           do_sample=False, eos_token_id=127, pad_token_id=0)[:, ids.shape[1]:]
-    assert torch.equal(got, want[:, : got.shape[1]])
+    assert_greedy_matches_hf(ours, hf, ids, mask, pixels, {"pixel_values": pixels, "image_sizes": sizes}, image_sizes=sizes)
 
 
 def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
