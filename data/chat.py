@@ -19,6 +19,10 @@ VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
+VICUNA_V1_SYSTEM = (  # haotian-liu/LLaVA's conv_vicuna_v1 (`--version v1`), which MobileVLM's `v1` repeats
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,14 @@ class Template:
     assistant_prefix: str  # written before every reply (not supervised)
     stop: str  # appended to every reply (supervised: the model must learn to stop)
     default_system: str = ""
+    reply_lead: str = ""  # written (supervised) between `assistant_prefix` and the reply
 
 
 TEMPLATES = {
-    # LLaVA-1.5 conv_vicuna_v1: "<sys> USER: ... ASSISTANT: reply</s>"
-    "vicuna": Template("vicuna", "{system} ", "USER: {text} ", "ASSISTANT:", "</s>", VICUNA_SYSTEM),
+    # llava-hf's LLaVA-1.5 prompt (LLaVA's conv_llava_v1): "<sys> USER: ... ASSISTANT: reply</s>"
+    "vicuna": Template("vicuna", "{system} ", "USER: {text} ", "ASSISTANT:", "</s>", VICUNA_SYSTEM, " "),
+    # the same with the system prompt the original LLaVA-1.5 and MobileVLM V2 trained with (conv_vicuna_v1)
+    "vicuna_v1": Template("vicuna_v1", "{system} ", "USER: {text} ", "ASSISTANT:", "</s>", VICUNA_V1_SYSTEM, " "),
     # Qwen2 / ChatML
     "chatml": Template(
         "chatml",
@@ -80,7 +87,7 @@ def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, li
         elif role == ASSISTANT:
             parts.append(t.assistant_prefix)
             start = sum(map(len, parts))
-            reply = (" " if t.name == "vicuna" else "") + value + t.stop
+            reply = t.reply_lead + value + t.stop
             parts.append(reply)
             last_start = start
             spans.append((start, start + len(reply)))
@@ -126,7 +133,7 @@ def image_placeholder(tokenizer, image_token_id: int | None) -> str:
     """The text that stands for one image in the prompts a tokenizer reads: `<image>` (LLaVA's data),
     or, when the model's image token is another special token of the tokenizer (Qwen checkpoints'
     `<|image_pad|>`), that token, which `<image>` in the data is written as."""
-    if image_token_id is None or tokenizer.convert_tokens_to_ids(IMAGE) == image_token_id:
+    if image_token_id is None or (IMAGE in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids(IMAGE) == image_token_id):
         return IMAGE
     token = tokenizer.convert_ids_to_tokens(image_token_id)
     if token not in tokenizer.all_special_tokens and token not in tokenizer.get_added_vocab():
@@ -150,7 +157,7 @@ class ChatTokenizer:
         self.max_length = max_length
         self.placeholder = image_placeholder(tokenizer, image_token_id)  # the model's image token (default: <image>)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+        if self.image_token_id is None or (self.placeholder == IMAGE and self.image_token_id == tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {IMAGE} token; add it as a special token (tokenizer.add_special_tokens)")
         self.image_wrap = wrap_ids(tokenizer, image_wrap)  # e.g. InternVL's <img> ... </img> (`Family.image_wrap`)
 

@@ -69,14 +69,17 @@ def load_or_train(directory: str | Path, texts_fn, vocab_size: int, extra_specia
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_pretrained_tokenizer(path: str | Path, extra_special: tuple[str, ...] = ()):
+def load_pretrained_tokenizer(path: str | Path, extra_special: tuple[str, ...] = (), image_token_id: int | None = None):
     """A checkpoint's tokenizer; `<image>` (and a family's `extra_special` tokens) are added when
-    missing (llava-hf tokenizers already have `<image>`, InternVL's `<img>` and `</img>`)."""
+    missing (llava-hf tokenizers already have `<image>`, InternVL's `<img>` and `</img>`), except when
+    the model's `image_token_id` is the tokenizer's unknown token: the original LLaVA layout's placeholder
+    (models/original_layout.py), whose vocabulary has no room for another token."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
     tok = AutoTokenizer.from_pretrained(path)
-    missing = [t for t in ("<image>", *extra_special) if t not in tok.get_vocab()]
+    placeholder_is_unk = image_token_id is not None and image_token_id == tok.unk_token_id
+    missing = [t for t in ("<image>", *extra_special) if t not in tok.get_vocab() and not (t == "<image>" and placeholder_is_unk)]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.pad_token is None:

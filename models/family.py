@@ -108,6 +108,7 @@ class Family:
     renumbers_positions: ClassVar[bool] = True  # 1-D positions: a selection may renumber them (PyramidDrop)
     image_wrap: ClassVar[tuple[str, str] | None] = None  # text tokens the prompt writes around each image's tokens
     hf_processor_class: ClassVar[str | None] = None  # preprocessor_config.json `processor_class` (tiling families)
+    original_layout: ClassVar[bool] = False  # the original LLaVA layout is its only one (no transformers class reads it)
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: "MLLMConfig") -> None:

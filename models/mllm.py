@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
-from . import checkpoint
+from . import checkpoint, original_layout
 from .blind_scores import image_keys_for
 from .config import MLLMConfig
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
@@ -114,20 +114,22 @@ class MLLM(nn.Module):
             torch.set_default_dtype(previous)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "MLLM":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, vision_tower=None) -> "MLLM":
         """Load a directory of any family (written by transformers' `save_pretrained`, a Hub download
-        or one of our exports, whose plan it restores). Names and shapes are checked against the
-        safetensors headers before any tensor is read, so a checkpoint that does not fit fails at
-        once, naming the first mismatches."""
-        hf = checkpoint.read_config(path)
+        or one of our exports, whose plan it restores), or of the original LLaVA layout, whose vision
+        tower is the CLIP directory `vision_tower` (default: the one its config.json names; see
+        models/original_layout.py). Names and shapes are checked against the safetensors headers
+        before any tensor is read, so a checkpoint that does not fit fails at once, naming the first
+        mismatches."""
+        hf = original_layout.read_config(path, vision_tower)
         plan_dict = hf.get("efficient_mllm", {}).get("plan")
         model = cls.from_config(MLLMConfig.from_hf(hf), Plan.from_dict(plan_dict) if plan_dict else None, dtype=dtype, init=False)
-        shapes = checkpoint.read_shapes(path)
+        shapes = original_layout.read_shapes(path, vision_tower)
         if shapes is not None:
             message = checkpoint.mismatch_message(str(path), *checkpoint.mismatches(model, shapes))
             if message:
                 raise ValueError(message)
-        checkpoint.load_weights(model, checkpoint.read_state_dict(path), str(path))
+        checkpoint.load_weights(model, original_layout.read_state_dict(path, vision_tower), str(path))
         return model
 
     @classmethod
@@ -145,9 +147,7 @@ class MLLM(nn.Module):
             llm = AutoConfig.from_pretrained(checkpoint.checkpoint_dir(llm_path, "model.llm_pretrained"))
         model = cls.from_config(config.with_backbones(vision, llm), dtype=dtype)
         if vision_path:
-            sd = checkpoint.read_state_dict(vision_path)
-            sd = {k.split("vision_model.", 1)[1]: v for k, v in sd.items() if "vision_model." in k} or sd
-            _load_part(model.vision_tower, sd, str(vision_path))
+            _load_part(model.vision_tower, original_layout.tower_weights(checkpoint.read_state_dict(vision_path)), str(vision_path))
         if llm_path:
             sd = checkpoint.read_state_dict(llm_path)
             _load_part(model.language_model, {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, str(llm_path))

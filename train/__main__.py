@@ -22,6 +22,7 @@ TOOLS = {
     "analyze": "calibrate a model: layer scores and plan files (ShortV, VTW, ViCA, YOPO, VisiPruner)",
     "pareto": "aggregate a sweep: efficiency-versus-accuracy table and plots",
     "time_to_accuracy": "val/acc against training wall-clock of runs evaluated along the way",
+    "convert_checkpoint": "a checkpoint directory in the other layout: llava-hf <-> the original LLaVA layout",
 }
 
 

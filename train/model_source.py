@@ -18,7 +18,8 @@ import torch
 from data.chat import TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
-from models.checkpoint import mismatch_message, mismatches, read_config, read_shapes
+from models.checkpoint import mismatch_message, mismatches
+from models.original_layout import read_config, read_shapes
 from models.compile import compile_decoder_layers
 from models.packed_attention import BACKENDS
 from models.family import family_for_model_type
@@ -35,6 +36,7 @@ class ModelSource:
     name: str
     config: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    vision_tower: str | None = None  # the CLIP directory of an original-layout `pretrained` (models/original_layout.py)
     vision_pretrained: str | None = None
     llm_pretrained: str | None = None
     tokenizer: str | None = None
@@ -64,13 +66,16 @@ class ModelSource:
             raise ConfigError(f"model.max_images_per_sample must be >= 1 or null (no limit), got {self.max_images_per_sample}")
         if self.pretrained and (self.vision_pretrained or self.llm_pretrained):
             raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
+        if self.vision_tower and not self.pretrained:
+            raise ConfigError("model.vision_tower is the CLIP directory of an original-layout model.pretrained checkpoint; set "
+                              "model.pretrained too (or model.vision_pretrained to start from a separate tower)")
 
     @cached_property
     def mllm_config(self) -> MLLMConfig:
         """The model's configuration (`MLLMConfig`): the checkpoint's when loading a llava directory,
         else the preset's `config`. (The plan is `arch`, resolved by `plan`.)"""
         if self.pretrained:
-            return MLLMConfig.from_hf(read_config(self.pretrained))
+            return MLLMConfig.from_hf(read_config(self.pretrained, self.vision_tower))
         return MLLMConfig.from_dict(self.config)
 
     def plan(self, arch: dict[str, Any] | None) -> Plan:
@@ -78,7 +83,7 @@ class ModelSource:
         `arch`: the checkpoint's own plan (dense for checkpoints without one, e.g. llava-hf's)."""
         text = self.mllm_config.hf_text_config()
         if arch is None:
-            saved = read_config(self.pretrained).get("efficient_mllm", {}).get("plan") if self.pretrained else None
+            saved = read_config(self.pretrained, self.vision_tower).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
         return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
 
@@ -88,12 +93,12 @@ class ModelSource:
         tensor read). MLLM.from_pretrained checks the same when it loads."""
         if not self.pretrained:
             return
-        hf = read_config(self.pretrained)
+        hf = read_config(self.pretrained, self.vision_tower)
         try:
             family_for_model_type(hf.get("model_type"))
         except ConfigError as e:
             raise ConfigError(f"model.pretrained: {self.pretrained}/{e}") from None
-        shapes = read_shapes(self.pretrained)
+        shapes = read_shapes(self.pretrained, self.vision_tower)
         if shapes is None:  # torch .bin weights: shapes are only known after loading them
             return
         saved_plan = hf.get("efficient_mllm", {}).get("plan")
@@ -106,7 +111,7 @@ class ModelSource:
     def build(self, plan: Plan | None = None) -> MLLM:
         dtype = DTYPES[self.dtype]
         if self.pretrained:
-            model = MLLM.from_pretrained(self.pretrained, dtype=dtype)
+            model = MLLM.from_pretrained(self.pretrained, dtype=dtype, vision_tower=self.vision_tower)
         elif self.vision_pretrained or self.llm_pretrained:
             model = MLLM.from_components(self.mllm_config, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
         else:
@@ -126,7 +131,7 @@ class ModelSource:
         source = self.tokenizer or self.pretrained or self.llm_pretrained
         wrap = self.mllm_config.model_family.image_wrap or ()  # InternVL's <img> / </img>
         if source:
-            tok = load_pretrained_tokenizer(source, wrap)
+            tok = load_pretrained_tokenizer(source, wrap, self.mllm_config.image_token_id)
         else:
             template = TEMPLATES[self.chat_template]
             system = template.default_system if self.system_prompt is None else self.system_prompt

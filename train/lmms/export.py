@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from models import MLLMConfig
+from models.original_layout import read_config
 
 from .preprocess import PREPROCESSOR_FILE, ImageProcessing
 from .processor import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, EvalProcessor
@@ -46,13 +47,13 @@ def write_eval_files(export_dir: str | Path, chat_template: str, system_prompt: 
     config_file = export_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{export_dir} has no config.json; call write_eval_files after save_pretrained")
-    config = MLLMConfig.from_hf(json.loads(config_file.read_text()))
+    config = MLLMConfig.from_hf(read_config(export_dir))  # an original-layout export names its own tower
     if tokenizer is None:
         if not (export_dir / "tokenizer_config.json").is_file():
             raise FileNotFoundError(f"{export_dir} has no tokenizer; save it there first (tokenizer.save_pretrained) or pass tokenizer=")
         from data.tokenizer import load_pretrained_tokenizer
 
-        tokenizer = load_pretrained_tokenizer(export_dir, config.model_family.image_wrap or ())
+        tokenizer = load_pretrained_tokenizer(export_dir, config.model_family.image_wrap or (), config.image_token_id)
     processor = EvalProcessor.for_training(tokenizer, config, chat_template, system_prompt)
     files = {
         PREPROCESSOR_FILE: json.dumps(preprocessor_fields(config), indent=2) + "\n",

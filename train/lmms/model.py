@@ -5,6 +5,8 @@
         --tasks pope,gqa,mme
 
 model_args: `pretrained` (a llava-hf download or one of our exports, loaded with MLLM.from_pretrained),
+`vision_tower` (the CLIP directory of a checkpoint in the original LLaVA layout, e.g. LLaVA-1.5's or
+MobileVLM V2's release; see models/original_layout.py),
 `arch` (preset name in conf/arch/, a plan .yaml file, or `a+b`; default: the plan saved in the
 checkpoint, dense for llava-hf), `dtype` (auto|float32|bfloat16|float16), `device`, `batch_size`
 (model_args win over the CLI's --batch_size), `chat_template` (a data/chat.py template name instead
@@ -50,6 +52,7 @@ class EfficientMLLM(lmms):
     def __init__(
         self,
         pretrained: str | None = None,
+        vision_tower: str | None = None,
         arch: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
@@ -62,13 +65,13 @@ class EfficientMLLM(lmms):
         super().__init__()
         if unknown:
             raise TypeError(
-                f"efficient_mllm: unknown model_args {sorted(unknown)}; valid: pretrained, arch, dtype, device, "
+                f"efficient_mllm: unknown model_args {sorted(unknown)}; valid: pretrained, vision_tower, arch, dtype, device, "
                 "batch_size, chat_template, system_prompt, pad_to_square"
             )
         if not pretrained:
             raise ValueError("efficient_mllm needs --model_args pretrained=<checkpoint directory> (llava-hf or our export)")
         batch_size, device, pad_to_square = _batch_size(batch_size), _device(device), _bool(pad_to_square)  # fail before loading
-        model = MLLM.from_pretrained(pretrained, dtype=_dtype(dtype, device))
+        model = MLLM.from_pretrained(pretrained, dtype=_dtype(dtype, device), vision_tower=vision_tower)
         if arch:
             model.set_plan(plan_for_checkpoint(str(arch), model.config))
         processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, pad_to_square)

@@ -11,11 +11,13 @@ from data.chat import IMAGE, TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLMConfig
 from models.family import ProcessedImage
+from models.original_layout import is_original
 
 from .preprocess import ImageProcessing
 from .prompts import PromptEncoder, jinja_template
 
 FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml", "qwen2_vl": "chatml", "qwen2_5_vl": "chatml"}  # data/chat.py template when a checkpoint has none
+ORIGINAL_LAYOUT_TEMPLATE = "vicuna_v1"  # the original LLaVA-1.5's and MobileVLM V2's (models/original_layout.py)
 CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_template.jinja", "chat_template.json", "generation_config.json"
 
 
@@ -63,7 +65,7 @@ class EvalProcessor:
         template, else the data/chat.py template of the LLM family. `system_prompt` applies to
         data/chat.py templates (default: the template's own)."""
         path = Path(path)
-        tokenizer = load_pretrained_tokenizer(path, config.model_family.image_wrap or ())
+        tokenizer = load_pretrained_tokenizer(path, config.model_family.image_wrap or (), config.image_token_id)
         try:
             image_placeholder(tokenizer, config.image_token_id)
         except ValueError:
@@ -72,7 +74,7 @@ class EvalProcessor:
         stops = [tokenizer.eos_token_id, *_generation_eos(path)]
         jinja = None if chat_template else (tokenizer.chat_template or _legacy_chat_template(path))
         if jinja is None:
-            template = _template(chat_template or FAMILY_TEMPLATES[config.text_family])
+            template = _template(chat_template or _default_template(path, config))
             system = template.default_system if system_prompt is None else system_prompt
             jinja = jinja_template(template, system)
             stops += _single_token_ids(tokenizer, [template.stop.strip()])
@@ -95,6 +97,14 @@ def images_for(config: MLLMConfig):
     if config.model_family.variable_tokens:
         return config.model_family.image_processor(config)
     return ImageProcessing.for_model(config)
+
+
+def _default_template(path: Path, config: MLLMConfig) -> str:
+    """The data/chat.py template of a checkpoint that has no chat template of its own: LLaVA's
+    `vicuna_v1` for the original layout, else the LLM family's."""
+    if is_original(json.loads((path / "config.json").read_text())):
+        return ORIGINAL_LAYOUT_TEMPLATE
+    return FAMILY_TEMPLATES[config.text_family]
 
 
 def _template(name: str):

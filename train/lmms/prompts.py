@@ -28,7 +28,6 @@ def jinja_template(template: Template, system: str) -> str:
         raise ValueError("the 'plain' template (LLaVA stage-1 captioning) drops the question text; such a model cannot be evaluated on VQA tasks")
     sys_pre, sys_post = template.system_fmt.split("{system}")
     user_pre, user_post = template.user_fmt.split("{text}")
-    reply_lead = " " if template.name == "vicuna" else ""  # data.chat.render puts a space before vicuna replies
     return "".join([
         "{%- set ns = namespace(text='') -%}",
         "{%- if not messages or messages[0]['role'] != 'system' -%}",
@@ -43,7 +42,7 @@ def jinja_template(template: Template, system: str) -> str:
         "{%- endfor -%}{%- endif -%}",
         f"{{%- if message['role'] == 'system' -%}}{{%- if ns.text -%}}{{{{ {_literal(sys_pre)} ~ ns.text ~ {_literal(sys_post)} }}}}{{%- endif -%}}",
         f"{{%- elif message['role'] == 'user' -%}}{{{{ {_literal(user_pre)} ~ ns.text ~ {_literal(user_post)} }}}}",
-        f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {_literal(template.assistant_prefix + reply_lead)} ~ ns.text ~ {_literal(template.stop)} }}}}",
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {_literal(template.assistant_prefix + template.reply_lead)} ~ ns.text ~ {_literal(template.stop)} }}}}",
         "{%- endif -%}",
         "{%- endfor -%}",
         f"{{%- if add_generation_prompt -%}}{{{{ {_literal(template.assistant_prefix)} }}}}{{%- endif -%}}",
