@@ -66,6 +66,11 @@ class MLLMConfig:
     tie_word_embeddings: bool | None = None  # None: the text config's (Qwen's configs hold it at the top level)
     token_ids: dict[str, int] = field(default_factory=dict)  # the family's other special tokens by HF config name
                                                               # (Qwen: vision_start_token_id, vision_end_token_id, video_token_id)
+    video_min_pixels: int | None = None  # qwen2_vl / qwen2_5_vl: the pixel bounds of a video frame (None: the image's)
+    video_max_pixels: int | None = None
+    mrope_rule: str = "qwen"  # M-RoPE families: where text after a vision span continues (docs/video.md): `qwen`, one
+                              # past the span's largest position (how Qwen trained its checkpoints), or `hf`,
+                              # transformers >= 5.3's get_rope_index (start + max(h, w) / 2, overlapping long videos)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,12 @@ class MLLMConfig:
             raise ConfigError(f"model.projector must be one of {PROJECTORS}, got {self.projector!r}")
         if not 0 <= self.image_token_id < text.vocab_size:
             raise ConfigError(f"model.image_token_id={self.image_token_id} is outside the vocabulary ({text.vocab_size})")
+        if self.mrope_rule not in ("qwen", "hf"):
+            raise ConfigError(f"model.mrope_rule must be qwen (Qwen's original M-RoPE rule) or hf (transformers' get_rope_index), "
+                              f"got {self.mrope_rule!r}")
+        if self.mrope_rule != "qwen" and not self.model_family.mrope:
+            raise ConfigError(f"model.mrope_rule={self.mrope_rule} only applies to M-RoPE families (Qwen); {self.family} has "
+                              "1-D positions: drop it")
         if any(t != "full_attention" for t in getattr(text, "layer_types", None) or []):
             raise ConfigError("sliding-window attention layers are not supported; set text.use_sliding_window=false")
         self.model_family.validate(self)
@@ -121,6 +132,11 @@ class MLLMConfig:
             raise ValueError(f"family {self.family!r} gives each image as many tokens as its size needs: use "
                              "MLLMConfig.tokens_per_image((height, width))")
         return self.tokens_per_image()
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids of visual tokens in prompts (the image token; Qwen's video token too)."""
+        return self.model_family.visual_token_ids(self)
 
     def tokens_per_image(self, size: tuple[int, int] | None = None) -> int:
         """Visual tokens (placeholders in the prompt) of one image of `size` (height, width)."""
@@ -172,7 +188,8 @@ class MLLMConfig:
         text.update(fields_.pop("text_overrides", {}))  # e.g. InternVL's top-level tie_word_embeddings
         mean, std = IMAGE_STATS.get(vision["model_type"], ((0.5,) * 3, (0.5,) * 3))
         fields_ = {"image_mean": mean, "image_std": std} | fields_
-        fields_ |= {k: ours[k] for k in ("projector", "image_mean", "image_std", "extra", "min_pixels", "max_pixels") if k in ours}
+        fields_ |= {k: ours[k] for k in ("projector", "image_mean", "image_std", "extra", "min_pixels", "max_pixels",
+                                         "video_min_pixels", "video_max_pixels", "mrope_rule") if k in ours}
         return cls(vision=vision, text=text, family=family.name, **fields_)
 
     def with_backbones(self, vision: PretrainedConfig | None = None, text: PretrainedConfig | None = None) -> "MLLMConfig":
@@ -187,9 +204,11 @@ class MLLMConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = self.hf_config().to_dict()
         d["efficient_mllm"] = {k: v for k, v in asdict(self).items() if k in ("projector", "image_mean", "image_std", "extra")}
-        for name in ("max_tiles", "min_pixels", "max_pixels"):  # the families' own preprocessing bounds
+        for name in ("max_tiles", "min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):  # preprocessing bounds
             if getattr(self, name) is not None:
                 d["efficient_mllm"][name] = getattr(self, name)
+        if self.model_family.mrope:
+            d["efficient_mllm"]["mrope_rule"] = self.mrope_rule
         return d
 
 

@@ -59,9 +59,10 @@ class VisualTokens(NamedTuple):
         return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
 
 
-def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, device=None) -> Tensor:
+def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, time: int = 0, device=None) -> Tensor:
     """Places [rows * cols, len(Place)] of a raster-ordered `rows` x `cols` grid of one unit (the
-    image-local columns a family fills; the model adds SLOT and IMAGE when it lays images into rows)."""
+    image-local columns a family fills; the model adds SLOT and IMAGE when it lays images into rows),
+    at time step `time` of a video."""
     n = rows * cols
     place = torch.zeros(n, len(Place), dtype=torch.long, device=device)
     index = torch.arange(n, device=device)
@@ -69,6 +70,7 @@ def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, dev
     place[:, Place.UNIT] = unit
     place[:, Place.ROW] = index // cols
     place[:, Place.COL] = index % cols
+    place[:, Place.TIME] = time
     return place
 
 
@@ -96,6 +98,17 @@ class ProcessedImage:
     size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class ProcessedVideo:
+    """One video as the model takes it: `pixels` (Qwen: [t*h*w, patch pixels], transformers'
+    `pixel_values_videos` layout), its patch grid `size` (t, h, w) and `step_seconds`, the seconds one
+    temporal grid step spans (its frames / the sampled fps): what places its steps in time."""
+
+    pixels: Tensor
+    size: tuple[int, int, int]
+    step_seconds: float
+
+
 class Family:
     """Base class of the model families (see the module docstring for the contract)."""
 
@@ -106,6 +119,7 @@ class Family:
     text_types: ClassVar[dict[str, str]]  # HF text model_type -> our short name
     variable_tokens: ClassVar[bool] = False  # tokens per image depend on its size
     renumbers_positions: ClassVar[bool] = True  # 1-D positions: a selection may renumber them (PyramidDrop)
+    mrope: ClassVar[bool] = False  # 3-D M-RoPE positions (Qwen), whose rule `MLLMConfig.mrope_rule` names
     image_wrap: ClassVar[tuple[str, str] | None] = None  # text tokens the prompt writes around each image's tokens
     hf_processor_class: ClassVar[str | None] = None  # preprocessor_config.json `processor_class` (tiling families)
     original_layout: ClassVar[bool] = False  # the original LLaVA layout is its only one (no transformers class reads it)
@@ -181,17 +195,34 @@ class Family:
         return pixel_values
 
     # --- positions ------------------------------------------------------------------------------
-    def rope_positions(self, config: "MLLMConfig", attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None) -> Tensor:
+    def rope_positions(self, config: "MLLMConfig", attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None,
+                       step_seconds: Tensor | None = None) -> Tensor:
         """RoPE position ids of the prompt tokens: [B, L] for 1-D families (the sequence order over
         `attention_mask`), or [3, B, L] for M-RoPE, where `is_image` [B, L] marks the placeholder
-        tokens and `image_sizes` describes the row-ordered images (a rule of one row at a time, so
-        packed samples can restart it). Padding gets position 0."""
+        tokens, `image_sizes` describes the row-ordered images and videos and `step_seconds` the
+        seconds each one's temporal step spans (a rule of one row at a time, so packed samples can
+        restart it). Padding gets position 0."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # --- video ----------------------------------------------------------------------------------
+    def visual_token_ids(self, config: "MLLMConfig") -> tuple[int, ...]:
+        """The placeholder ids visual tokens take in the prompt (Qwen: the image's and the video's)."""
+        return (config.image_token_id,)
+
+    def visual_items(self, config: "MLLMConfig", input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                     image_sizes: Tensor | None, videos: tuple[Tensor, Tensor, Tensor | None]):
+        """transformers' image and video inputs (`videos`: `pixel_values_videos`, `video_grid_thw`,
+        `second_per_grid_ts`) as one `models.video.VisualItems` in prompt order, or None when there
+        are none."""
+        raise ValueError(f"the {self.name} family takes no video (pixel_values_videos); give the frames as images")
 
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: "MLLMConfig") -> "ImageProcessor":
         raise NotImplementedError
+
+    def video_processor(self, config: "MLLMConfig") -> "VideoProcessor":
+        raise ValueError(f"the {self.name} family takes no video; give the frames as images")
 
     # --- training and parallelism ---------------------------------------------------------------
     def vision_layers(self, model: "MLLM") -> list[nn.Module]:
@@ -211,6 +242,13 @@ class ImageProcessor:
     """PIL image -> `ProcessedImage` for one family and config (training, evaluation, lmms-eval)."""
 
     def __call__(self, image: "Image.Image") -> ProcessedImage:
+        raise NotImplementedError
+
+
+class VideoProcessor:
+    """Sampled frames (uint8 [F, H, W, 3]) and their fps -> `ProcessedVideo` for one family and config."""
+
+    def __call__(self, frames, fps: float) -> ProcessedVideo:
         raise NotImplementedError
 
 

@@ -18,16 +18,19 @@ def greedy_generate(
     pad_token_id: int = 0,
     sync_ranks: bool = False,
     image_sizes: Tensor | None = None,
+    step_seconds: Tensor | None = None,
 ) -> Tensor:
     """New tokens `[B, <=max_new_tokens]`; rows that finished are filled with `pad_token_id`.
 
     Works with left or right padding: each row continues from its own last valid position.
     `sync_ranks`: keep stepping until every process is done. Needed when parameters are sharded
     (ZeRO-3, FSDP): each forward is a collective, so a rank that stopped early would hang the rest.
-    `image_sizes`: what tiling families (LLaVA-NeXT) need beside `pixel_values`.
+    `image_sizes`: what tiling families (LLaVA-NeXT) need beside `pixel_values`; `step_seconds`: the
+    seconds per temporal step of each item when videos are among them (models/video.py).
     """
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
-    out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes)
+    out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes,
+                step_seconds=step_seconds)
     state, logits = out.cache, out.logits
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []

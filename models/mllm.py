@@ -28,7 +28,7 @@ from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed
-from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts
+from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts, visual_mask
 from .xattn import GatedCrossAttention
 
 
@@ -207,14 +207,14 @@ class MLLM(nn.Module):
 
     def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
                      image_sizes: Tensor | None = None, positions: Tensor | None = None,
-                     sample_index: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
+                     sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
         (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps);
         `positions`: the prompt's RoPE position ids (default: `prompt_positions`); `sample_index` [B, L]:
         packed rows' samples (positions then restart at each sample)."""
-        layout = Layout.from_inputs(input_ids, attention_mask, self.config.image_token_id, sample_index)
+        layout = Layout.from_inputs(input_ids, attention_mask, self.config.visual_token_ids, sample_index)
         if positions is None:
-            positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index)
+            positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
         text_h = self.language_model.embed_tokens(text_ids)
         text = Stream(text_h, torch.gather(layout.order, 1, layout.text_index), layout.text_valid,
@@ -224,12 +224,13 @@ class MLLM(nn.Module):
         return layout, text, vis
 
     def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None,
-                         sample_index: Tensor | None = None) -> Tensor:
+                         sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> Tensor:
         """RoPE position ids of a batch of prompts, by the family's rule (`Family.rope_positions`):
-        [B, L], or [3, B, L] for M-RoPE; packed rows (`sample_index`): each sample's as if it were alone."""
+        [B, L], or [3, B, L] for M-RoPE; packed rows (`sample_index`): each sample's as if it were alone.
+        `image_sizes` / `step_seconds`: the visual items in prompt order (models/video.py)."""
         def rule(ids: Tensor, mask: Tensor) -> Tensor:
-            is_image = (ids == self.config.image_token_id) & mask.bool()
-            return self.family.rope_positions(self.config, mask, is_image, image_sizes)
+            is_image = visual_mask(ids, mask, self.config.visual_token_ids)
+            return self.family.rope_positions(self.config, mask, is_image, image_sizes, step_seconds)
 
         if sample_index is None:
             return rule(input_ids, attention_mask)
@@ -286,6 +287,10 @@ class MLLM(nn.Module):
         image_grid_thw: Tensor | None = None,
         mm_token_type_ids: Tensor | None = None,
         sample_index: Tensor | None = None,
+        step_seconds: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        second_per_grid_ts: Tensor | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
         placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
@@ -298,7 +303,10 @@ class MLLM(nn.Module):
         valid token, i.e. the end of the prompt at inference). `layer_hook` observes (or replaces) each
         layer's output streams: how the calibration tools measure layers (models/calibration.py).
         Qwen's inputs are accepted under transformers' names: `image_grid_thw` (our `image_sizes` for
-        that family) and `mm_token_type_ids`, which must agree with the placeholders in `input_ids`.
+        that family) and `mm_token_type_ids`, which must agree with the placeholders in `input_ids`;
+        videos as `pixel_values_videos`, `video_grid_thw` and (Qwen2.5-VL) `second_per_grid_ts`, or,
+        as the data path gives them, among the images in prompt order (`pixel_values`, `image_sizes`
+        with t > 1) with `step_seconds` [n_items], each item's seconds per temporal step (models/video.py).
         `sample_index` [B, L]: rows packed with several samples each (data/packing.py): the sample of its
         row each token belongs to. Every sample is then computed as if it were alone: attention, token
         scoring and selection stay inside it, its positions restart, its loss never predicts across.
@@ -310,10 +318,17 @@ class MLLM(nn.Module):
                 raise ValueError("give image_grid_thw (transformers' name) or image_sizes, not both")
             image_sizes = image_grid_thw
         if mm_token_type_ids is not None:
-            check_token_types(mm_token_type_ids, input_ids, attention_mask, self.config.image_token_id)
+            check_token_types(mm_token_type_ids, input_ids, attention_mask, self.config.visual_token_ids)
+        if pixel_values_videos is not None:
+            if step_seconds is not None:
+                raise ValueError("give videos as pixel_values_videos (transformers' inputs) or among the images with "
+                                 "step_seconds, not both")
+            items = self.family.visual_items(self.config, input_ids, attention_mask, pixel_values, image_sizes,
+                                             (pixel_values_videos, video_grid_thw, second_per_grid_ts))
+            pixel_values, image_sizes, step_seconds = items if items is not None else (None, None, None)
         if sample_index is not None:
             self._check_packable(use_cache, query_pos)
-        positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index)
+        positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index)
         text, vis, keys, cross, rope_shift = run_decoder(
             self.language_model,
@@ -395,15 +410,16 @@ class MLLM(nn.Module):
         return logits
 
 
-def check_token_types(mm_token_type_ids: Tensor, input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> None:
-    """transformers' `mm_token_type_ids` (0 text, 1 image, 2 video) must mark exactly the image
-    placeholders of `input_ids`: positions are computed from the placeholders themselves."""
+def check_token_types(mm_token_type_ids: Tensor, input_ids: Tensor, attention_mask: Tensor, visual_token_ids: tuple[int, ...]) -> None:
+    """transformers' `mm_token_type_ids` (0 text, 1 image, 2 video) must mark exactly the image and
+    video placeholders of `input_ids`: positions are computed from the placeholders themselves."""
     valid = attention_mask.bool()
-    if bool((mm_token_type_ids[valid] == 2).any()):
-        raise ValueError("mm_token_type_ids marks video tokens (2): videos are not supported, only images")
-    if not torch.equal((mm_token_type_ids == 1) & valid, (input_ids == image_token_id) & valid):
-        raise ValueError(f"mm_token_type_ids marks other tokens as image (1) than the image placeholders of input_ids "
-                         f"(image_token_id={image_token_id}); build both from the same prompt")
+    for kind, (name, token_id) in enumerate(zip(("image", "video"), visual_token_ids), start=1):
+        if not torch.equal((mm_token_type_ids == kind) & valid, (input_ids == token_id) & valid):
+            raise ValueError(f"mm_token_type_ids marks other tokens as {name} ({kind}) than the {name} placeholders of "
+                             f"input_ids (id {token_id}); build both from the same prompt")
+    if len(visual_token_ids) < 2 and bool((mm_token_type_ids[valid] == 2).any()):
+        raise ValueError("mm_token_type_ids marks video tokens (2): this family takes no video, only images")
 
 
 def take_positions(positions: Tensor, index: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ queries/keys (frozen or text-only layers) without changing what the remaining to
 order inside a stream never matters for correctness, only `order` does, which is what lets every
 plan run on physically smaller tensors instead of masking a full sequence.
 
-Visual tokens also carry their `place` (which image, which token of it, which tile, where on the
-tile's grid, whether it is a layout token such as LLaVA-NeXT's row newline): what plans that work
-per image, per tile or on a grid read.
+Visual tokens also carry their `place` (which image or video, which token of it, which tile or time
+step, where on that grid, whether it is a layout token such as LLaVA-NeXT's row newline): what plans
+that work per image, per tile, per time step or on a grid read. A token's *grid* is its (IMAGE,
+UNIT, TIME): a tile of an image, or one time step of a video.
 
 In a packed row (several samples one after another, data/packing.py) every token also carries its
 sample's `start` (the order of the sample's first token): attention never crosses it
@@ -37,6 +38,7 @@ class Place(IntEnum):
     ROW = 4  # row on its unit's grid (-1: not on a grid, e.g. a kept CLS token or a newline)
     COL = 5  # column on its unit's grid
     EXTRA = 6  # 1: a layout token (LLaVA-NeXT's row newline), kept by selections and pooling
+    TIME = 7  # time step of its video (a temporal grid step of 2 frames for Qwen); 0 for a still image
 
 
 class Stream(NamedTuple):
@@ -166,6 +168,11 @@ def sample_starts(order: Tensor, sample_index: Tensor) -> Tensor:
     return torch.where(new, order, 0).cummax(1).values
 
 
+def visual_mask(input_ids: Tensor, attention_mask: Tensor, visual_token_ids: tuple[int, ...]) -> Tensor:
+    """[B, L] bool: the valid tokens that are visual placeholders (any of `visual_token_ids`)."""
+    return torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device)) & attention_mask.bool()
+
+
 @dataclass
 class Layout:
     """Where text and image tokens sit in the original `[B, L]` sequence."""
@@ -179,15 +186,17 @@ class Layout:
     sample: Tensor | None = None  # packed rows: [B, L] which sample of its row each token belongs to (0, 1, ...)
 
     @staticmethod
-    def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int, sample_index: Tensor | None = None) -> "Layout":
-        """`sample_index` [B, L]: for packed rows, the sample of its row each token belongs to
-        (consecutive, non-decreasing: 0, 0, ..., 1, 1, ...; data/packing.py); None: a row is one sample."""
+    def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int | tuple[int, ...],
+                    sample_index: Tensor | None = None) -> "Layout":
+        """`image_token_id`: the visual placeholder id(s) (Qwen's image and video pads); `sample_index`
+        [B, L]: for packed rows, the sample of its row each token belongs to (consecutive,
+        non-decreasing: 0, 0, ..., 1, 1, ...; data/packing.py); None: a row is one sample."""
         mask = attention_mask.bool()
         order = (mask.long().cumsum(-1) - 1).clamp(min=0)
         start = None
         if sample_index is not None:
             start = sample_starts(order, sample_index.to(order.device))
-        is_image = (input_ids == image_token_id) & mask
+        is_image = visual_mask(input_ids, mask, image_token_id if isinstance(image_token_id, tuple) else (image_token_id,))
         n_image = is_image.sum(1)
         n_text = input_ids.shape[1] - n_image
         # A stable sort puts text (0) before padding (1) before image (2) tokens, keeping each group's

@@ -143,14 +143,15 @@ QWEN_TOKENS = {"vision_start_token_id": 4, "vision_end_token_id": 5, "video_toke
 def tiny_qwen_config(family: str = "qwen2_vl", text_layers: int = 3, **overrides):
     """A tiny Qwen2-VL (or `family="qwen2_5_vl"`) config: patches of 4 px merged 2 x 2, so an image
     gives one token per 8 x 8 pixels of its `smart_resize` (within 4..64 tokens); M-RoPE sections
-    [2, 3, 3] over head_dim 16. Qwen2.5-VL windows cover 2 x 2 tokens and block 1 attends fully."""
+    [2, 3, 3] over head_dim 16. Qwen2.5-VL windows cover 2 x 2 tokens and block 1 attends fully, and its
+    M-RoPE counts 2 time positions per second (the released models' tokens_per_second)."""
     from models import MLLMConfig
 
     if family == "qwen2_vl":
         vision = dict(model_type="qwen2_vl_vision", depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=4)
     else:
         vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64,
-                      num_heads=2, patch_size=4, window_size=16, fullatt_block_indexes=[1])
+                      num_heads=2, patch_size=4, window_size=16, fullatt_block_indexes=[1], tokens_per_second=2)
     text = dict(model_type=f"{family}_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
@@ -188,6 +189,52 @@ def qwen_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix:
     ids, mask = left_padded(rows, pad_left)
     types = ((ids == config.image_token_id) & mask.bool()).long()
     return ids, mask, torch.cat([im.pixels for im in processed]), torch.tensor([im.size for im in processed]), types
+
+
+def qwen_frames(seed: int = 0):
+    """Three random videos (uint8 [F, H, W, 3]): 4 frames of 32 x 32 (2 steps of 4 x 4 tokens), 5 of
+    24 x 40 (3 steps of 3 x 5, the last frame repeated) and 2 of 16 x 24 (1 step of 2 x 3)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((4, 32, 32, 3), (5, 24, 40, 3), (2, 16, 24, 3))]
+
+
+def qwen_visual_batch(config, rows: list[list[str]], pad_left: list[int] | None = None, seed: int = 0,
+                      fps: tuple[float, ...] = (2.0, 1.0, 4.0)):
+    """Rows of Qwen prompts holding images ("image k", `qwen_images`) and videos ("video k",
+    `qwen_frames` sampled at `fps[k]`) in the given order, each as `<|vision_start|>` + its pads +
+    `<|vision_end|>` between random text, left padded: ids, mask, transformers' inputs (`hf`: pixel
+    values, grids, second_per_grid_ts, mm_token_type_ids) and ours (`ours`: the items in prompt order,
+    as the data path gives them)."""
+    images = [config.model_family.image_processor(config)(im) for im in qwen_images(seed)]
+    videos = [config.model_family.video_processor(config)(frames, f) for frames, f in zip(qwen_frames(seed), fps)]
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.hf_text_config().vocab_size
+    start, end = config.token_ids["vision_start_token_id"], config.token_ids["vision_end_token_id"]
+    pads = {"image": config.image_token_id, "video": config.token_ids["video_token_id"]}
+    ids, used = [], {"image": [], "video": []}
+    items = []
+    for row in rows:
+        out = torch.randint(7, vocab, (3,), generator=g).tolist()
+        for name in row:
+            kind, k = name.split()
+            item = (images if kind == "image" else videos)[int(k)]
+            out += [start, *[pads[kind]] * config.tokens_per_image(item.size), end, *torch.randint(7, vocab, (2,), generator=g).tolist()]
+            used[kind].append(item)
+            items.append(item)
+        ids.append(torch.tensor(out))
+    ids, mask = left_padded(ids, pad_left)
+    types = ((ids == pads["image"]).long() + 2 * (ids == pads["video"]).long()) * mask
+    hf = {"mm_token_type_ids": types}
+    if used["image"]:
+        hf |= {"pixel_values": torch.cat([im.pixels for im in used["image"]]), "image_grid_thw": torch.tensor([im.size for im in used["image"]])}
+    if used["video"]:
+        hf |= {"pixel_values_videos": torch.cat([v.pixels for v in used["video"]]), "video_grid_thw": torch.tensor([v.size for v in used["video"]]),
+               "second_per_grid_ts": torch.tensor([v.step_seconds for v in used["video"]])}
+    ours = {"pixel_values": torch.cat([it.pixels for it in items]), "image_sizes": torch.tensor([it.size for it in items]),
+            "step_seconds": torch.tensor([getattr(it, "step_seconds", 0.0) for it in items])}
+    return ids, mask, hf, ours
 
 
 def qwen_word_tokenizer(image_token: str = "<image>"):

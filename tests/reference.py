@@ -24,7 +24,7 @@ from models.attention import apply_rope
 from models.blind_scores import blind_scores, row_image_keys
 from models.mllm import images_of_rows
 from models.plan import Select
-from models.streams import Place, Stream
+from models.streams import Place, Stream, visual_mask
 
 
 def _heads(x, dh):
@@ -82,15 +82,17 @@ def visual_places(model, is_vis, tokens):
 
 
 @torch.no_grad()
-def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None, image_sizes=None, prompt_len=None):
+def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None, image_sizes=None, prompt_len=None,
+                     step_seconds=None):
     """Text logits [B, L, V] of `model` (its plan) computed the slow masked way; only the first
-    `prompt_len` columns hold images (generated tokens are text, whatever their id)."""
+    `prompt_len` columns hold images (generated tokens are text, whatever their id); videos come among
+    the images in prompt order with `step_seconds` (models/video.py)."""
     cfg, plan, lm = model.config, model.plan, model.language_model
     tcfg = model.text_config
     b, L = input_ids.shape
     valid = attention_mask.bool()
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    is_vis = (input_ids == cfg.image_token_id) & valid
+    is_vis = visual_mask(input_ids, attention_mask, cfg.visual_token_ids)
     if prompt_len is not None:
         is_vis[:, prompt_len:] = False
     h = lm.embed_tokens(input_ids)
@@ -105,7 +107,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
     place = visual_places(model, is_vis, tokens)
     image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
     keys = row_image_keys(model.family.image_pixels(pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
-    cos, sin = lm.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes))
+    cos, sin = lm.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes, step_seconds))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values
     q_idx = ((pos == query_pos[:, None]) & valid & ~is_vis).float().argmax(1)
@@ -195,13 +197,14 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens, image_sizes=None):
+def reference_generate(model, input_ids, attention_mask, pixel_values, max_new_tokens, image_sizes=None, step_seconds=None):
     """Greedy decoding by re-running the reference on the growing sequence (no cache), scoring
     visual tokens with the last *prompt* token as the physical engine does at prefill."""
     query_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0).max(1).values
     ids, mask, out = input_ids, attention_mask, []
     for _ in range(max_new_tokens):
-        logits = reference_logits(model, ids, mask, pixel_values, query_pos, image_sizes, prompt_len=input_ids.shape[1])
+        logits = reference_logits(model, ids, mask, pixel_values, query_pos, image_sizes, prompt_len=input_ids.shape[1],
+                                  step_seconds=step_seconds)
         nxt = logits[:, -1].argmax(-1)
         out.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], 1)

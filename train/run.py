@@ -112,6 +112,8 @@ def run(cfg: DictConfig) -> dict:
         "seconds": {"data": round(data_seconds, 1), "fit": round(time.time() - start - data_seconds, 1)},
         "metrics": {**fit_metrics, **logged_metrics(trainer), **bench},  # the final evaluation's over fit's last values
     }
+    if module.model.family.mrope:  # which M-RoPE rule placed the tokens (docs/video.md#m-rope-after-a-video)
+        summary["mrope_rule"] = module.model.config.mrope_rule
     model = module.unsharded_model() if cfg.export and not evaluate_only else None  # a collective under ZeRO-3 / FSDP
     if model is not None and trainer.is_global_zero:
         export_dir = out_dir / "export"

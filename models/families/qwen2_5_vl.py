@@ -31,6 +31,28 @@ class Qwen25VLFamily(Qwen2VLFamily):
     hf_config_class = Qwen2_5_VLConfig
     tower_class = Qwen2_5_VisionTransformerPretrainedModel
 
+    def step_times(self, config, steps: int, seconds: Tensor | None) -> Tensor:
+        """Time offsets of a video's steps: each step spans `seconds` (`second_per_grid_ts`: 2 frames /
+        the sampled fps), M-RoPE's t counts `tokens_per_second` per second, floored per step. In the
+        arithmetic of each rule's reference: `hf` k * (tps * s) (transformers' `get_rope_index`),
+        `qwen` k * s * tps (Qwen's original rule) in float32."""
+        if steps == 1:
+            return torch.zeros(1, dtype=torch.long)
+        if seconds is None or not float(seconds) > 0:
+            raise ValueError(f"{self.name} places a video's {steps} temporal steps in time by the seconds each spans: give "
+                             f"second_per_grid_ts (2 / the sampled fps) > 0 for every video, got {seconds}")
+        tps = config.hf_vision_config().tokens_per_second
+        seconds = torch.as_tensor(seconds, dtype=torch.float32)
+        if config.mrope_rule == "hf":
+            return (torch.arange(steps) * (tps * seconds)).long()
+        return (torch.arange(steps) * seconds.item() * tps).long()
+
+    def visual_items(self, config, input_ids, attention_mask, pixel_values, image_sizes, videos):
+        if videos is not None and videos[2] is None:
+            raise ValueError(f"{self.name} places video tokens in time by second_per_grid_ts (2 / the sampled fps of each "
+                             "video): pass it (transformers' processor falls back to 24 fps without metadata, 0.083 s)")
+        return super().visual_items(config, input_ids, attention_mask, pixel_values, image_sizes, videos)
+
     def merged_width(self, vision) -> int:
         return vision.out_hidden_size
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -35,13 +36,16 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
 from ..config import MLLMConfig
-from ..family import Family, ImageProcessor, ProcessedImage, VisualTokens, grid_place, register
+from ..family import Family, ImageProcessor, ProcessedImage, ProcessedVideo, VideoProcessor, VisualTokens, grid_place, register
 from ..gathered import hf_from_config
 from ..validation import ConfigError
+from ..video import VisualItems, merge_in_prompt_order
 from .llava import rename
 
-# The HF processor's defaults: 4 to 1280 LLM tokens per image.
+# The HF processors' defaults: 4 to 1280 LLM tokens per image, 128 to 768 per video frame.
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+MAX_VIDEO_TOKENS = 128000  # the reference's context budget for a video's pixels (VIDEO_TOTAL_PIXELS / 28^2 / 0.9)
 SPECIAL_TOKENS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
 
 LOAD_PREFIXES = [  # on disk (transformers' save_pretrained) and transformers-v5 in memory -> ours
@@ -55,37 +59,51 @@ LOAD_PREFIXES = [  # on disk (transformers' save_pretrained) and transformers-v5
 SAVE_PREFIXES = [("multi_modal_projector.", "visual.merger."), ("vision_tower.", "visual."), ("language_model.", "model.")]
 
 
-def mrope_row(is_image: Tensor, grids: Tensor, merge: int) -> Tensor:
-    """M-RoPE ids [3, n] of one row's `n` valid tokens: `is_image` [n] marks image placeholders,
-    `grids` [k, 3] the (t, h, w) patch grids of its images in order (`merge` x `merge` patches per
-    token). transformers' `get_rope_index` rule, one row at a time (so packed samples can restart it)."""
+MROPE_RULES = ("qwen", "hf")  # how positions continue after a vision span (MLLMConfig.mrope_rule)
+
+
+def mrope_row(is_image: Tensor, grids: Tensor, merge: int, rule: str = "hf", times: list[Tensor] | None = None) -> Tensor:
+    """M-RoPE ids [3, n] of one row's `n` valid tokens: `is_image` [n] marks visual placeholders,
+    `grids` [k, 3] the (t, h, w) patch grids of its images and videos in order (`merge` x `merge`
+    patches per token, each temporal step's tokens row-major), `times` each item's time offsets [t]
+    (None: 0, 1, ..., t - 1). A token of step k, row r, column c of an item starting at `start` sits
+    at (start + times[k], start + r, start + c); text after it continues by `rule`: `hf` at start +
+    max(rows, cols) (transformers >= 5.3's `get_rope_index`), `qwen` one past the item's largest
+    position (Qwen's original rule, transformers <= 5.2: the two differ once a video's time offsets
+    reach max(rows, cols)). One row at a time, so packed samples can restart it."""
+    if rule not in MROPE_RULES:
+        raise ValueError(f"mrope rule must be one of {MROPE_RULES}, got {rule!r}")
     n = len(is_image)
     out = torch.empty(3, n, dtype=torch.long, device=is_image.device)
     change = (torch.nonzero(is_image[1:] != is_image[:-1]).flatten() + 1).tolist()
-    cur, image = 0, 0
+    cur, item = 0, 0
     for start, end in zip([0, *change], [*change, n]):
         if not bool(is_image[start]):
             out[:, start:end] = torch.arange(cur, cur + end - start, device=out.device)
             cur += end - start
             continue
-        while start < end:  # consecutive images without text between them
-            if image >= len(grids):
-                raise ValueError(f"a row holds more image placeholders than its {len(grids)} image grid(s) give tokens")
-            t, h, w = (int(v) for v in grids[image])
-            if t != 1:
-                raise ValueError(f"image grid {(t, h, w)} has t={t}: videos are not supported, images have t=1")
+        while start < end:  # consecutive items without text between them
+            if item >= len(grids):
+                raise ValueError(f"a row holds more visual placeholders than its {len(grids)} image/video grid(s) give tokens")
+            steps, h, w = (int(v) for v in grids[item])
+            time = torch.arange(steps) if times is None else times[item]
             rows, cols = h // merge, w // merge
-            count = rows * cols
+            count = steps * rows * cols
             if start + count > end:
-                raise ValueError(f"an image of grid {(t, h, w)} needs {count} consecutive placeholders, the row has {end - start}")
-            index = torch.arange(count, device=out.device)
-            out[0, start : start + count] = cur
+                raise ValueError(f"an item of grid {(steps, h, w)} needs {count} consecutive placeholders, the row has {end - start}")
+            index = torch.arange(count, device=out.device) % (rows * cols)
+            out[0, start : start + count] = cur + time.to(out.device).repeat_interleave(rows * cols)
             out[1, start : start + count] = cur + index // cols
             out[2, start : start + count] = cur + index % cols
-            cur += max(rows, cols)
+            cur += max(rows, cols) if rule == "hf" else max(int(time.max()), rows - 1, cols - 1) + 1
             start += count
-            image += 1
+            item += 1
     return out
+
+
+def steps_of(size) -> int:
+    """Temporal grid steps of an item given by its patch grid (t, h, w); 1 for an image's (height, width)."""
+    return int(size[0]) if size is not None and len(size) == 3 else 1
 
 
 class SmartResize(ImageProcessor):
@@ -105,6 +123,47 @@ class SmartResize(ImageProcessor):
         return ProcessedImage(out["pixel_values"], tuple(int(v) for v in out["image_grid_thw"][0]))
 
 
+class FrameResize(VideoProcessor):
+    """Qwen's video preprocessing without torchvision (transformers' `Qwen2VLVideoProcessor` needs it):
+    every frame goes through transformers' PIL image processor (`smart_resize` within the video pixel
+    bounds, capped as the reference does for long videos; bicubic; CLIP normalisation), and each
+    temporal step stacks two frames' patches in the patch's temporal slot, the layout of
+    transformers' video `patchify` (an odd last frame is repeated). `fps` is the sampled frames' rate,
+    so a step spans 2 / fps seconds."""
+
+    def __init__(self, config: MLLMConfig):
+        self.config = config
+        v = config.hf_vision_config()
+        self.patch, self.temporal, self.merge = v.patch_size, v.temporal_patch_size, v.spatial_merge_size
+        self.bounds = (config.video_min_pixels or config.min_pixels, config.video_max_pixels or config.max_pixels)
+
+    def max_pixels(self, n_frames: int) -> int:
+        """A frame's pixel bound: the video maximum, or an even share of MAX_VIDEO_TOKENS' pixels if less
+        (the reference's total cap, `cap_pixels_per_frame`), never under 1.05 x the minimum."""
+        factor = self.patch * self.merge
+        total = int(MAX_VIDEO_TOKENS * factor * factor * 0.9)
+        return max(min(self.bounds[1], total * self.temporal // n_frames), int(self.bounds[0] * 1.05))
+
+    def __call__(self, frames, fps: float) -> ProcessedVideo:
+        frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
+        if not frames or not fps > 0:
+            raise ValueError(f"a video needs at least one frame and its sampled fps > 0, got {len(frames)} frame(s) at {fps}")
+        processor = Qwen2VLImageProcessorPil(
+            min_pixels=self.bounds[0], max_pixels=self.max_pixels(len(frames)), patch_size=self.patch,
+            temporal_patch_size=self.temporal, merge_size=self.merge,
+            image_mean=list(self.config.image_mean), image_std=list(self.config.image_std),
+        )
+        out = processor(images=[f.convert("RGB") for f in frames], return_tensors="pt")
+        _, h, w = (int(v) for v in out["image_grid_thw"][0])
+        p, t = self.patch, self.temporal
+        rows = out["pixel_values"].view(len(frames), h * w, 3, t, p, p)[:, :, :, 0]  # an image fills both slots with itself
+        if len(frames) % t:
+            rows = torch.cat([rows, rows[-1:].expand(t - len(frames) % t, -1, -1, -1, -1)])
+        steps = rows.shape[0] // t
+        pixels = rows.view(steps, t, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(steps * h * w, 3 * t * p * p)
+        return ProcessedVideo(pixels.contiguous(), (steps, h, w), t / fps)
+
+
 @register
 class Qwen2VLFamily(Family):
     name = "qwen2_vl"
@@ -114,6 +173,7 @@ class Qwen2VLFamily(Family):
     text_types = {"qwen2_vl_text": "qwen2_vl"}
     variable_tokens = True
     renumbers_positions = False  # M-RoPE triples are not ranks
+    mrope = True
     image_wrap = ("<|vision_start|>", "<|vision_end|>")  # written around each image's placeholders
     hf_processor_class = "Qwen2VLProcessor"
     hf_config_class = Qwen2VLConfig
@@ -141,6 +201,11 @@ class Qwen2VLFamily(Family):
         if config.min_pixels is None or config.max_pixels is None or not 0 < config.min_pixels <= config.max_pixels:
             raise ConfigError(f"model.min_pixels={config.min_pixels} / model.max_pixels={config.max_pixels}: set both, "
                               f"0 < min <= max (the processor's defaults are {MIN_PIXELS} / {MAX_PIXELS})")
+        video = (config.video_min_pixels, config.video_max_pixels)
+        if video != (None, None) and (None in video or not 0 < video[0] <= video[1]):
+            raise ConfigError(f"model.video_min_pixels={video[0]} / model.video_max_pixels={video[1]}: set both, 0 < min <= max "
+                              f"(the video processor's defaults are {VIDEO_MIN_PIXELS} / {VIDEO_MAX_PIXELS}), or neither (a "
+                              "frame then gets an image's bounds)")
         if config.image_grid_pinpoints is not None:
             raise ConfigError(f"model.image_grid_pinpoints tiles images (llava_next); {self.name} resizes them: set it to null")
 
@@ -165,6 +230,8 @@ class Qwen2VLFamily(Family):
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             min_pixels=MIN_PIXELS,
             max_pixels=MAX_PIXELS,
+            video_min_pixels=VIDEO_MIN_PIXELS,
+            video_max_pixels=VIDEO_MAX_PIXELS,
         )
 
     # --- modules and weights --------------------------------------------------------------------
@@ -195,15 +262,30 @@ class Qwen2VLFamily(Family):
         h, w = smart_resize(int(size[0]), int(size[1]), factor=factor, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
         return h // factor, w // factor
 
+    def visual_token_ids(self, config: MLLMConfig) -> tuple[int, int]:
+        return config.image_token_id, config.token_ids["video_token_id"]
+
+    def visual_items(self, config: MLLMConfig, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                     image_sizes: Tensor | None, videos: tuple[Tensor, Tensor, Tensor | None]) -> VisualItems | None:
+        images = None if pixel_values is None else (pixel_values, image_sizes)
+        if images is not None and image_sizes is None:
+            raise ValueError(f"{self.name} needs image_grid_thw [n_images, 3] (t, h, w patches) beside pixel_values")
+        return merge_in_prompt_order(input_ids, attention_mask, self.visual_token_ids(config),
+                                     config.hf_vision_config().spatial_merge_size, images, videos)
+
     def image_wrap_ids(self, config: MLLMConfig) -> tuple[int, int]:
         return config.token_ids["vision_start_token_id"], config.token_ids["vision_end_token_id"]
 
     def tokens_per_image(self, config: MLLMConfig, size=None) -> int:
+        """Tokens of an image of original `size` (height, width), or of an item of patch grid (t, h, w):
+        t * h * w / merge^2 (a video's steps one after another)."""
         rows, cols = self.grid(config, size)
-        return rows * cols
+        return steps_of(size) * rows * cols
 
     def image_places(self, config: MLLMConfig, size=None) -> Tensor:
-        return grid_place(*self.grid(config, size))
+        """Each step's raster grid in turn: TIME is the step, PATCH the index in the item's span."""
+        rows, cols = self.grid(config, size)
+        return torch.cat([grid_place(rows, cols, first_patch=k * rows * cols, time=k) for k in range(steps_of(size))])
 
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
@@ -238,11 +320,13 @@ class Qwen2VLFamily(Family):
 
     def vision_flops(self, config: MLLMConfig, size: tuple[int, ...]) -> dict[str, int]:
         """Tower and projector FLOPs of one image (`size`: original (height, width), or its patch grid
-        (t, h, w)). Counted are the matmuls and convolutions (what `FlopCounterMode` counts): the
+        (t, h, w); a video of t steps costs t times one step). Counted are the matmuls and convolutions (what `FlopCounterMode` counts): the
         patch embedding, per block Q/K/V/O, attention scores and mixing over each attention segment
         (4 n^2 d, no halving), the MLP; then the merger's two linear layers per 2 x 2 unit."""
         v = config.hf_vision_config()
         rows, cols = self.grid(config, size)
+        if steps_of(size) > 1:  # a video's steps run through the tower apart (attention per step)
+            return {part: steps_of(size) * flops for part, flops in self.vision_flops(config, (1, *size[1:])).items()}
         merge = v.spatial_merge_size
         n = rows * cols * merge**2
         width = self.tower_width(v)
@@ -307,8 +391,14 @@ class Qwen2VLFamily(Family):
     def image_processor(self, config: MLLMConfig) -> ImageProcessor:
         return SmartResize(config)
 
-    def rope_positions(self, config: MLLMConfig, attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None) -> Tensor:
-        """M-RoPE ids [3, B, L] (padding 0), row by row with `mrope_row`."""
+    def video_processor(self, config: MLLMConfig) -> VideoProcessor:
+        return FrameResize(config)
+
+    def rope_positions(self, config: MLLMConfig, attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None,
+                       step_seconds: Tensor | None = None) -> Tensor:
+        """M-RoPE ids [3, B, L] (padding 0), row by row with `mrope_row` under `config.mrope_rule`;
+        `image_sizes` are the row-ordered items' grids (t, h, w) and `step_seconds` [n] the seconds
+        each item's temporal step spans (videos; what places them in time, `step_times`)."""
         from ..mllm import images_of_rows  # the model module builds on this one
 
         valid = attention_mask.bool()
@@ -316,13 +406,22 @@ class Qwen2VLFamily(Family):
         per_row = is_image.sum(1)
         merge = config.hf_vision_config().spatial_merge_size
         grids = image_sizes if image_sizes is not None and int(per_row.sum()) else None
+        times = []
         if grids is not None:
             counts = grids.prod(-1) // merge**2
             rows = images_of_rows(per_row, counts.to(per_row.device), config.image_token_id)
+            seconds = [None] * len(grids) if step_seconds is None else step_seconds.reshape(-1).float().cpu()
+            times = [self.step_times(config, int(g[0]), s) for g, s in zip(grids.tolist(), seconds)]
         for b in range(valid.shape[0]):
-            own = grids[(rows == b).to(grids.device)] if grids is not None else torch.zeros(0, 3, dtype=torch.long)
-            positions[:, b, valid[b]] = mrope_row(is_image[b, valid[b]], own, merge)
+            own = [i for i in range(len(times)) if int(rows[i]) == b]
+            grid = grids[own] if grids is not None else torch.zeros(0, 3, dtype=torch.long)
+            positions[:, b, valid[b]] = mrope_row(is_image[b, valid[b]], grid, merge, config.mrope_rule, [times[i] for i in own])
         return positions
+
+    def step_times(self, config: MLLMConfig, steps: int, seconds: Tensor | None) -> Tensor:
+        """Time offsets [steps] of an item's temporal grid steps in M-RoPE's t (Qwen2-VL: the step
+        index, whatever the seconds)."""
+        return torch.arange(steps)
 
     # --- training and parallelism ---------------------------------------------------------------
     def vision_layers(self, model) -> list[nn.Module]:
