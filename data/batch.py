@@ -41,6 +41,8 @@ class Batch:
                                                 # accumulation window on this rank (data/windows.py)
     sample_index: Tensor | None = None  # packed rows (data/packing.py): [B, L] the sample of its row each token
                                         # belongs to; answers, skills, keys, prompts are then per sample
+    step_seconds: Tensor | None = None  # [N] float: the seconds one temporal step of each image / video spans
+                                        # (0 for an image; models/video.py); None when the batch holds no video
 
     @property
     def n_samples(self) -> int:
@@ -52,8 +54,8 @@ class Batch:
 
     @property
     def images(self) -> dict[str, Tensor | None]:
-        """The model's image inputs (`model(ids, mask, **batch.images)`)."""
-        return {"pixel_values": self.pixel_values, "image_sizes": self.image_sizes}
+        """The model's image (and video) inputs (`model(ids, mask, **batch.images)`)."""
+        return {"pixel_values": self.pixel_values, "image_sizes": self.image_sizes, "step_seconds": self.step_seconds}
 
     def blank_images(self) -> "Batch":
         """The same batch with every image replaced by zeros (the normalised mean image)."""
@@ -91,6 +93,7 @@ class Collator:
             n_tokens=len(ids) * max(lengths),
             n_padding=len(ids) * max(lengths) - sum(lengths),
             image_sizes=image_sizes,
+            step_seconds=collate_step_seconds(samples),
         )
 
 
@@ -117,6 +120,12 @@ class Collator:
             n_tokens=len(ids) * max(lengths),
             n_padding=len(ids) * max(lengths) - sum(lengths),
         )
+
+
+def collate_step_seconds(samples: list[dict]) -> Tensor | None:
+    """Every image's and video's seconds per temporal step in row order, when some sample holds a video."""
+    seconds = [float(v) for s in samples if s["pixel_values"] is not None for v in s.get("step_seconds") or []]
+    return torch.tensor(seconds, dtype=torch.float32) if any(seconds) else None
 
 
 def collate_images(samples: list[dict]) -> tuple[Tensor | None, Tensor | None]:

@@ -97,10 +97,12 @@ def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, li
 
 
 def expand_images(ids: list[int], image_token_id: int, counts: list[int],
-                  wrap: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+                  wrap: tuple[int, int] | None = None, item_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
     """`ids` with the k-th `<image>` id repeated `counts[k]` times (the k-th image's visual tokens, the
     model's input layout), between `wrap`'s two text tokens when the family writes them (InternVL's
     `<img>` ... `</img>`), and for each position of `ids` (and one past its end) where it lands.
+    `item_ids[k]`: the placeholder id the k-th item's tokens take (a video's: Qwen's `<|video_pad|>`;
+    default: the image token).
 
     The one place placeholders become visual tokens, for training (ChatTokenizer) and evaluation
     prompts (train/lmms/prompts.py); `counts` may differ per image (a family whose token count
@@ -112,7 +114,8 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int],
     for t in ids:
         where.append(len(out))
         if t == image_token_id:
-            out.extend([t] * counts[k] if wrap is None else [wrap[0], *[t] * counts[k], wrap[1]])
+            pad = t if item_ids is None else item_ids[k]
+            out.extend([pad] * counts[k] if wrap is None else [wrap[0], *[pad] * counts[k], wrap[1]])
             k += 1
         else:
             out.append(t)
@@ -147,7 +150,7 @@ class ChatTokenizer:
     """Turns LLaVA `conversations` into model inputs for one template and tokenizer."""
 
     def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None,
-                 image_wrap: tuple[str, str] | None = None, image_token_id: int | None = None):
+                 image_wrap: tuple[str, str] | None = None, image_token_id: int | None = None, video_token_id: int | None = None):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -160,14 +163,17 @@ class ChatTokenizer:
         if self.image_token_id is None or (self.placeholder == IMAGE and self.image_token_id == tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {IMAGE} token; add it as a special token (tokenizer.add_special_tokens)")
         self.image_wrap = wrap_ids(tokenizer, image_wrap)  # e.g. InternVL's <img> ... </img> (`Family.image_wrap`)
+        self.video_token_id = video_token_id  # what a video's tokens are written as (Qwen's <|video_pad|>); None: no video
 
     def render(self, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
         return render(self.template, self.system, conversations)
 
-    def encode(self, conversations: list[dict], n_images: int = 1, image_tokens: list[int] | None = None) -> Encoded:
+    def encode(self, conversations: list[dict], n_images: int = 1, image_tokens: list[int] | None = None,
+               videos: list[bool] | None = None) -> Encoded:
         """Token ids and labels of a conversation with `n_images` images, each `<image>` expanded to
         `image_tokens[k]` visual tokens (default: `num_image_tokens` each; None for a family whose
-        count depends on the image size, whose callers always pass the counts).
+        count depends on the image size, whose callers always pass the counts); `videos[k]`: the k-th
+        item is a video, whose tokens are the video token.
 
         Raises InvalidSample (data/validity.py) for a conversation that is not a usable sample, or
         one whose image tokens would be cut at `max_length` (`too_long`)."""
@@ -190,7 +196,10 @@ class ChatTokenizer:
                 prompt_len = i
             supervised = b > a and tid != self.image_token_id and any(s <= a and b <= e for s, e in spans)
             labels.append(tid if supervised else IGNORE)
-        expanded, where = expand_images(ids, self.image_token_id, counts, self.image_wrap)
+        if any(videos or []) and self.video_token_id is None:
+            raise ValueError("a video sample, but this ChatTokenizer has no video token (the model's family takes no video)")
+        item_ids = [self.video_token_id if v else self.image_token_id for v in videos] if videos else None
+        expanded, where = expand_images(ids, self.image_token_id, counts, self.image_wrap, item_ids)
         expanded_labels = [IGNORE] * len(expanded)  # visual tokens are never supervised
         for i, lab in enumerate(labels):
             expanded_labels[where[i]] = lab if ids[i] != self.image_token_id else IGNORE
@@ -199,7 +208,8 @@ class ChatTokenizer:
         n, truncated = len(ids), len(ids) > self.max_length
         if truncated:
             cut = ids[self.max_length :]
-            if self.image_token_id in cut or (self.image_wrap is not None and self.image_wrap[1] in cut):
+            if self.image_token_id in cut or (self.video_token_id is not None and self.video_token_id in cut) or (
+                    self.image_wrap is not None and self.image_wrap[1] in cut):
                 raise InvalidSample("too_long", f"sample of {n} tokens would lose image tokens at max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             if all(lab == IGNORE for lab in labels):

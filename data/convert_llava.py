@@ -1,7 +1,8 @@
 """Convert a LLaVA instruction JSON plus its image folder into WebDataset shards.
 
     python -m data.convert_llava --json llava_v1_5_mix665k.json --images IMAGE_ROOT --out OUT_DIR \
-        [--samples-per-shard 1000] [--prefix train] [--max-samples N] [--allow-outside-images] [--strict]
+        [--samples-per-shard 1000] [--prefix train] [--max-samples N] [--allow-outside-images] [--strict] \
+        [--video-fps 2 | --video-frames N] [--video-max-pixels 602112]
 
 Why shards: hundreds of thousands of small image files are slow to read from network file
 systems; sequential tar shards stream well and split cleanly across workers and nodes.
@@ -9,7 +10,11 @@ systems; sequential tar shards stream well and split cleanly across workers and 
 Each sample has ``__key__`` (the record index, ``%09d``), ``json`` (the record unchanged) and the
 original image bytes, never re-encoded: one image under its extension (``jpg``, ``png``, ...), several
 (``"image": [...]``, LLaVA-OneVision style) as ``0.jpg``, ``1.png``, ... in placeholder order; text-only
-records get only ``json``. No record stops the conversion: one that cannot be a usable sample (the rule
+records get only ``json``. A LLaVA-Video record (``"video": "clips/a.mp4"``, under ``--images`` too, its one
+``<image>`` placeholder standing for the video) gets its sampled frames as ``frames.npy`` and their timing
+added to its record under ``"frames"`` (data/video_files.py decodes them with PyAV, the `video` extra;
+data/frames.py: Qwen's sampling rule, 2 frames per second unless ``--video-fps`` / ``--video-frames`` say
+otherwise); a video that does not decode or is truncated is skipped like a corrupt image. No record stops the conversion: one that cannot be a usable sample (the rule
 of data/validity.py, which training and evaluation apply too, or an image that is missing, corrupt or
 outside ``--images``) is skipped, counted by reason and listed in ``OUT/<prefix>-skipped.jsonl`` (record
 index, id, reason, detail; docs/data-conversion.md); ``--strict`` stops at the first one instead. Image
@@ -37,8 +42,9 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from .frames import FRAMES_MEMBER, encode_frames
 from .members import IMAGE_KEYS, member_names
-from .validity import InvalidSample, check_record, image_paths
+from .validity import InvalidSample, check_record, image_paths, video_path
 
 MAX_REPORTED_MISSING = 20
 FORMAT_KEYS = {"jpeg": "jpg", "mpo": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "gif": "gif", "tiff": "tif"}
@@ -56,6 +62,7 @@ class ShardResult:
     samples: int = 0  # written samples (text-only included)
     text_only: int = 0
     multi_image: int = 0  # written samples with several images
+    videos: int = 0  # written samples with a video's frames
     missing: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)  # paths that could leave the image folder (refused)
@@ -120,12 +127,12 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 def make_sample(record: object, index: int, images_root: Path, result: ShardResult, allow_outside: bool = False,
-                strict: bool = False) -> dict | None:
+                strict: bool = False, video: "VideoSampling | None" = None) -> dict | None:
     """The WebDataset sample of one record, or None when it cannot be a usable sample: then it is
     listed in `result.skipped` (its image paths also in `result.missing` / `corrupt` / `outside`),
     or with `strict` the conversion stops."""
     try:
-        return build_sample(record, index, images_root, result, allow_outside)
+        return build_sample(record, index, images_root, result, allow_outside, video or VideoSampling())
     except InvalidSample as e:
         entry = {"index": index, "id": record_id(record), "reason": e.reason, "detail": str(e)}
         if strict:
@@ -135,11 +142,29 @@ def make_sample(record: object, index: int, images_root: Path, result: ShardResu
         return None
 
 
-def build_sample(record: object, index: int, images_root: Path, result: ShardResult, allow_outside: bool) -> dict:
+@dataclass(frozen=True)
+class VideoSampling:
+    """How a video record's frames are sampled and stored (data/frames.py, data/extract_frames.py)."""
+
+    fps: float | None = 2.0
+    num_frames: int | None = None
+    max_pixels: int | None = None  # None: data.extract_frames.MAX_PIXELS
+
+    def read(self, path: Path):
+        from .video_files import MAX_PIXELS, read_video
+
+        return read_video(path, self.num_frames, None if self.num_frames else self.fps, self.max_pixels or MAX_PIXELS)
+
+
+def build_sample(record: object, index: int, images_root: Path, result: ShardResult, allow_outside: bool,
+                 video: VideoSampling = VideoSampling()) -> dict:
     """The sample, or InvalidSample: data/validity.py's rule first (no file is read for a record it
     rejects), then every image is read (all of a record's unreadable paths are reported)."""
     paths = image_paths(record) if isinstance(record, dict) else []
-    check_record(record, len(paths))
+    clip = video_path(record) if isinstance(record, dict) else None
+    check_record(record, 1 if clip is not None else len(paths))
+    if clip is not None:
+        return video_sample(record, index, images_root, clip, result, allow_outside, video)
     sample = {"__key__": f"{index:09d}", "json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
     if not paths:
         result.text_only += 1
@@ -162,8 +187,28 @@ def build_sample(record: object, index: int, images_root: Path, result: ShardRes
     return sample
 
 
+def video_sample(record: dict, index: int, images_root: Path, clip: str, result: ShardResult, allow_outside: bool,
+                 video: VideoSampling) -> dict:
+    """A video record's sample: its sampled frames and the record with their timing under "frames"."""
+    path = images_root / clip
+    if not (allow_outside or stays_inside(clip)):
+        result.outside.append(clip)
+        raise InvalidSample("outside_image", f"video {clip!r} could leave the image folder")
+    if not path.is_file():
+        result.missing.append(clip)
+        raise InvalidSample("missing_video", f"video {clip!r} does not exist")
+    try:
+        frames, timing = video.read(path)
+    except InvalidSample as e:
+        result.corrupt.append(clip)
+        raise InvalidSample(e.reason, f"video {clip!r}: {e}") from None
+    result.videos += 1
+    return {"__key__": f"{index:09d}", "json": json.dumps({**record, "frames": timing}, ensure_ascii=False).encode("utf-8"),
+            FRAMES_MEMBER: encode_frames(frames)}
+
+
 def write_shard(out_dir: Path, result: ShardResult, records: list, images_root: Path, bar: tqdm,
-                allow_outside: bool = False, strict: bool = False) -> None:
+                allow_outside: bool = False, strict: bool = False, video: VideoSampling = VideoSampling()) -> None:
     """Writes records[result.start:result.stop] to a ``.tmp`` file, renamed only when complete.
     Fixed tar metadata (mtime 0) makes a resumed run byte-identical to a clean one."""
     final = out_dir / result.name
@@ -171,12 +216,12 @@ def write_shard(out_dir: Path, result: ShardResult, records: list, images_root: 
     try:
         with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as writer:
             for index in range(result.start, result.stop):
-                sample = make_sample(records[index], index, images_root, result, allow_outside, strict)
+                sample = make_sample(records[index], index, images_root, result, allow_outside, strict, video)
                 if sample is not None:
                     writer.write(sample)
                     result.samples += 1
                 bar.update(1)
-    except ConversionError:  # --strict: this shard is incomplete
+    except (ConversionError, RuntimeError):  # --strict, or video without PyAV: this shard is incomplete
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
@@ -247,6 +292,7 @@ def write_reports(out_dir: Path, fingerprint: dict, results: list[ShardResult]) 
         "written": sum(r.samples for r in results),
         "text_only": sum(r.text_only for r in results),
         "multi_image": sum(r.multi_image for r in results),
+        "videos": sum(r.videos for r in results),
         "skipped_records": len(records),
         "skipped": dict(Counter(e["reason"] for e in records).most_common()),
         "skipped_report": report.name,
@@ -270,6 +316,7 @@ def convert(
     progress: bool = True,
     allow_outside_images: bool = False,
     strict: bool = False,
+    video: VideoSampling = VideoSampling(),
 ) -> dict:
     """Runs (or resumes) the conversion and returns the summary printed by the CLI. `strict`: stop at
     the first record that cannot be a usable sample (ConversionError) instead of skipping it."""
@@ -284,6 +331,8 @@ def convert(
     # What must match for a rerun to resume: shard boundaries and names depend on exactly these.
     fingerprint = {"source": json_path.name, "num_records": len(records),
                    "samples_per_shard": samples_per_shard, "prefix": prefix}
+    if any(isinstance(r, dict) and r.get("video") is not None for r in records):  # the frames depend on the sampling
+        fingerprint["video_sampling"] = asdict(video)
     done = completed_shards(out_dir, fingerprint)
     resumed = len(done)
     retry = [k for k, r in enumerate(done) if can_read_now(r, images_root, allow_outside_images)]
@@ -293,7 +342,7 @@ def convert(
               desc=f"{prefix} shards", disable=not progress) as bar:
         for k in [*retry, *range(resumed, len(starts))]:
             result = ShardResult(shard_name(prefix, k), starts[k], min(starts[k] + samples_per_shard, len(records)))
-            write_shard(out_dir, result, records, images_root, bar, allow_outside_images, strict)
+            write_shard(out_dir, result, records, images_root, bar, allow_outside_images, strict, video)
             done[k:k + 1] = [result]  # replaces a retried shard, appends a new one
             save_progress(out_dir, fingerprint, done)
     if not done:
@@ -301,7 +350,7 @@ def convert(
     manifest = write_reports(out_dir, fingerprint, done)
     return {"shards": len(done), "resumed_shards": resumed - len(retry), "retried_shards": len(retry),
             "records": len(records), "written": manifest["written"], "text_only": manifest["text_only"],
-            "multi_image": manifest["multi_image"], "skipped_records": manifest["skipped_records"],
+            "multi_image": manifest["multi_image"], "videos": manifest["videos"], "skipped_records": manifest["skipped_records"],
             "skipped": manifest["skipped"], "missing": manifest["missing"], "corrupt": manifest["corrupt"],
             "outside": manifest["outside"], "seconds": round(time.monotonic() - started, 2),
             "first_missing": manifest["first_missing"], "first_outside": manifest["first_outside"],
@@ -322,12 +371,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first record that cannot be a usable sample (default: skip it, count it by "
                              "reason and list it in OUT/{prefix}-skipped.jsonl)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--video-fps", type=float, default=None, help="video records: frames per second of video to sample (default 2)")
+    how.add_argument("--video-frames", type=int, default=None, help="video records: frames per video, spread over it")
+    parser.add_argument("--video-max-pixels", type=int, default=None, help="video records: largest stored frame (pixels)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    video = VideoSampling(None if args.video_frames else (args.video_fps or 2.0), args.video_frames, args.video_max_pixels)
     try:
         summary = convert(args.json, args.images, args.out, args.samples_per_shard, args.prefix, args.max_samples,
-                          progress=not args.no_progress, allow_outside_images=args.allow_outside_images, strict=args.strict)
-    except ConversionError as e:
+                          progress=not args.no_progress, allow_outside_images=args.allow_outside_images, strict=args.strict,
+                          video=video)
+    except (ConversionError, RuntimeError) as e:  # RuntimeError: video records without PyAV (data/video_files.py)
         sys.exit(f"convert_llava: error: {e}")
     json.dump(summary, sys.stdout, indent=2)
     print()

@@ -16,6 +16,7 @@ from .batch import Batch, Collator
 from .chat import ChatTokenizer
 from .images import decode
 from .even_eval import EvenEvalStream
+from .frames import read_frames
 from .length_groups import LengthGrouping
 from .packing import Packing
 from .pipeline import ShardStream, parse_record
@@ -70,11 +71,13 @@ class ImageSpec:
     to a square, LLaVA-NeXT tiles), `tokens` gives the visual tokens of an image of a size (its
     placeholders in the prompt), and `max_images_per_sample` how many one sample may hold (None: any
     number, as LLaVA-1.5 and HF's LlavaForConditionalGeneration take several images per row).
-    Samples with more are skipped and counted (`too_many_images`)."""
+    Samples with more are skipped and counted (`too_many_images`). `video` turns a video sample's
+    frames into the model's pixels (Qwen; a video counts as one image here)."""
 
     processor: Callable[[Any], Any]
     tokens: Callable[[tuple[int, int]], int] | None = None  # None: the ChatTokenizer's fixed count per image
     max_images_per_sample: int | None = None
+    video: Callable[[Any, float], Any] | None = None  # frames, sampled fps -> ProcessedVideo; None: the family takes no video
 
 
 class SampleEncoder:
@@ -88,11 +91,11 @@ class SampleEncoder:
         self.image = image
 
     def __call__(self, raw: dict) -> dict:
-        record, images, _ = parse_record(raw)
-        check_image_count(len(images), self.image.max_images_per_sample)
-        processed = [self._pixels(data, k) for k, data in enumerate(images)]
+        record, images, _, has_video = parse_record(raw)
+        check_image_count(len(images) + has_video, self.image.max_images_per_sample)
+        processed = [self._pixels(data, k) for k, data in enumerate(images)] if not has_video else [self._video(raw, record)]
         counts = [self.image.tokens(p.size) for p in processed] if self.image.tokens else None  # NeXT: by each image's size
-        enc = self.chat.encode(record["conversations"], n_images=len(images), image_tokens=counts)
+        enc = self.chat.encode(record["conversations"], n_images=len(processed), image_tokens=counts, videos=[has_video] * has_video)
         skills = record.get("skills") or []
         return {
             "key": raw.get("__key__", ""),
@@ -103,8 +106,16 @@ class SampleEncoder:
             "skill": str(skills[-1]) if isinstance(skills, list) and skills else "all",
             "pixel_values": [p.pixels for p in processed] if processed else None,
             "image_sizes": [tuple(p.size) for p in processed],
+            "step_seconds": [getattr(p, "step_seconds", 0.0) for p in processed],  # a video's seconds per temporal step
             "truncated": enc.truncated,
         }
+
+    def _video(self, raw: dict, record: dict):
+        if self.image.video is None:
+            raise InvalidSample("video_not_supported", "a video sample, but the model's family takes no video (Qwen2-VL and "
+                                "Qwen2.5-VL do)")
+        frames, fps = read_frames(raw, record)
+        return self.image.video(frames, fps)
 
     def _pixels(self, data: bytes, k: int):
         try:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .frames import FRAMES_MEMBER
 from .length_groups import LengthGrouping
 from .members import image_members
 from .skips import SkipLog
@@ -215,13 +216,15 @@ class ParsedSample(NamedTuple):
     record: dict  # the JSON record as written
     images: list[bytes]  # encoded image bytes in placeholder order ([] for text-only samples)
     conversation: Conversation  # the record's conversation, checked by data/validity.py
+    has_video: bool = False  # the sample holds a video's frames (data/frames.py: read them with read_frames)
 
 
 def parse_record(raw: dict) -> ParsedSample:
-    """The record, image bytes and checked conversation of a raw shard sample.
+    """The record, image bytes and checked conversation of a raw shard sample (a video's frames are
+    not loaded here).
 
     Raises InvalidSample (data/validity.py) naming what is wrong: malformed JSON, or a record the
-    validity rule rejects for the images this sample holds."""
+    validity rule rejects for the images (or video) this sample holds."""
     if "json" not in raw:
         raise InvalidSample("malformed_json", "sample has no .json member")
     try:
@@ -229,7 +232,11 @@ def parse_record(raw: dict) -> ParsedSample:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidSample("malformed_json", f"malformed JSON ({e})") from None
     images = image_members(raw)
-    return ParsedSample(record, images, check_record(record, len(images)))
+    has_video = FRAMES_MEMBER in raw
+    if has_video and (images or not isinstance(record, dict) or record.get("video") is None):
+        raise InvalidSample("bad_video_frames", f"{FRAMES_MEMBER} beside {len(images)} image(s) and video "
+                            f"{record.get('video') if isinstance(record, dict) else None!r}: a video sample holds its frames only")
+    return ParsedSample(record, images, check_record(record, len(images) + has_video), has_video)
 
 
 def _carry(sample: dict, skipped: dict[str, int]) -> None:

@@ -8,7 +8,8 @@ readers count (`data/skipped_samples/<reason>`, the converter's report) instead 
 
 A usable record is an object with a non-empty `conversations` list of `{"from", "value"}` turns
 (`human`/`user`, `gpt`/`assistant`, and `system` turns before the first of those), whose `<image>`
-placeholders sit in user turns and are exactly as many as its images, and where a non-empty assistant
+placeholders sit in user turns and are exactly as many as its images (a `video` record: one, standing
+for the video, as in LLaVA-Video's data), and where a non-empty assistant
 reply follows the user turn that completes the images (for text-only records: the first user turn).
 That reply is what evaluation scores; its prompt is everything before it (`Conversation.eval_reply`).
 """
@@ -31,13 +32,17 @@ REASONS = {
     "unknown_role": "a turn whose 'from' is none of human/user, gpt/assistant, system",
     "misplaced_system_turn": "a system turn after the first user or assistant turn",
     "bad_image_field": "'image' is neither a path string nor a list of path strings",
-    "video_not_supported": "the record has a 'video' (only images are supported)",
+    "bad_video_field": "'video' is not a path string, or the record holds images and a video (one or the other)",
     "image_placeholder_mismatch": "<image> placeholders (in user turns) and images differ in number",
     "bad_image_members": "a shard sample's image members are neither one `<ext>` nor `0.<ext>`, `1.<ext>`, ...",
     "no_assistant_reply": "no non-empty assistant reply after the user turn that carries the image(s)",
     "too_many_images": "more images than the model takes per sample (max_images_per_sample)",
     "too_long": "image tokens would be cut at max_length, or no supervised token is left within it",
     "missing_image": "an image file that does not exist (converter)",
+    "missing_video": "a video file that does not exist (converter)",
+    "corrupt_video": "a video that does not decode, is truncated or has too few frames (converter, data/extract_frames.py)",
+    "bad_video_frames": "a shard sample whose frames.npy or its timing (frames.sampled_fps) is missing or unreadable",
+    "video_not_supported": "a video sample for a model family that takes no video (only Qwen2-VL / Qwen2.5-VL do)",
     "outside_image": "an image path that could leave the image folder (converter, without --allow-outside-images)",
     "corrupt_image": "an image that does not decode",
     "unreadable_tar_member": "a tar member that cannot be read (truncated or damaged shard)",
@@ -97,13 +102,31 @@ def image_paths(record: dict) -> list[str]:
     return list(paths)
 
 
+def video_path(record: dict) -> str | None:
+    """The record's video path (LLaVA-Video style: `"video": "clips/a.mp4"`, its one `<image>`
+    placeholder standing for the video), or None."""
+    video = record.get("video")
+    if video is None:
+        return None
+    if not isinstance(video, str) or not video:
+        raise InvalidSample("bad_video_field", f"'video' must be a path, got {video!r:.80}")
+    if record.get("image") is not None:
+        raise InvalidSample("bad_video_field", "the record holds images and a video; a record holds one or the other")
+    return video
+
+
+def visual_count(record: dict) -> int:
+    """How many visual items a record names: its images, or 1 for its video."""
+    return 1 if video_path(record) is not None else len(image_paths(record))
+
+
 def check_record(record: object, n_images: int) -> Conversation:
-    """The conversation of a record that has `n_images` images, or InvalidSample naming why it is
-    not a usable sample."""
+    """The conversation of a record that has `n_images` visual items (its images, or its video), or
+    InvalidSample naming why it is not a usable sample."""
     if not isinstance(record, dict):
         raise InvalidSample("not_an_object", f"the record is a {type(record).__name__}, not an object")
-    if record.get("video") is not None:
-        raise InvalidSample("video_not_supported", f"the record has a video ({record['video']!r:.60}); only images are supported")
+    if video_path(record) is not None and n_images != 1:
+        raise InvalidSample("bad_video_frames", f"the record has a video but the sample holds {n_images} visual items, not its frames")
     return check_conversation(record.get("conversations"), n_images)
 
 
@@ -130,7 +153,8 @@ def check_conversation(turns: object, n_images: int) -> Conversation:
         raise InvalidSample("image_placeholder_mismatch", f"a system turn has an {IMAGE} placeholder; only user turns may")
     placeholders = sum(text.count(IMAGE) for role, text in out if role == USER)
     if placeholders != n_images:
-        raise InvalidSample("image_placeholder_mismatch", f"{placeholders} {IMAGE} placeholder(s) for {n_images} image(s)")
+        raise InvalidSample("image_placeholder_mismatch", f"{placeholders} {IMAGE} placeholder(s) for {n_images} image(s) "
+                            f"(a video is one, written {IMAGE} as in LLaVA-Video's data)")
     return Conversation("\n".join(system) if system else None, tuple(out), n_images, _eval_reply(out, n_images))
 
 

@@ -128,7 +128,7 @@ def last_logits(model: MLLM, batch: PromptBatch, hook: LayerHook | None = None) 
     """Next-token logits [B, V] at the end of each prompt (prefill under the model's plan), with
     `hook` observing or replacing each layer's output."""
     return model(batch.prompt_ids, batch.prompt_mask, batch.pixel_values, logits="last", layer_hook=hook,
-                 image_sizes=getattr(batch, "image_sizes", None)).logits
+                 image_sizes=getattr(batch, "image_sizes", None), step_seconds=getattr(batch, "step_seconds", None)).logits
 
 
 def _freeze_text_hook(layer: int) -> LayerHook:

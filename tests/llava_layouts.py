@@ -75,7 +75,8 @@ SKIPPED = [
     ({"id": "placeholder_in_reply", "image": "coco/train2017/red.jpg", "conversations": [
         human("<image>\nColor?"), gpt("<image> red")]}, "image_placeholder_mismatch"),
     ({"id": "image_number", "image": 7, "conversations": [human("<image>\nColor?"), gpt("red")]}, "bad_image_field"),
-    ({"id": "video", "video": "clips/a.mp4", "conversations": [human("<video>\nWhat happens?"), gpt("nothing")]}, "video_not_supported"),
+    ({"id": "video_and_image", "video": "clips/a.mp4", "image": "coco/train2017/red.jpg", "conversations": [
+        human("<image>\nWhat happens?"), gpt("nothing")]}, "bad_video_field"),  # one or the other
     ({"id": "lost", "image": "coco/train2017/lost.jpg", "conversations": [human("<image>\nColor?"), gpt("red")]}, "missing_image"),
     ({"id": "one_of_two_lost", "image": ["onevision/red.png", "onevision/lost.png"], "conversations": [
         human("<image><image>\nColors?"), gpt("red and ?")]}, "missing_image"),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from data.chat import IGNORE, ChatTokenizer, expand_images
-from data.validity import REASONS, InvalidSample, check_record, image_paths
+from data.validity import REASONS, InvalidSample, check_record, image_paths, visual_count
 from tests.llava_layouts import SKIPPED, USABLE, gpt, human
 
 FILE_REASONS = {"missing_image", "corrupt_image", "outside_image"}  # decided by reading the files (converter)
@@ -23,7 +23,7 @@ def test_usable_layouts_pass(record, n_images):
                          ids=[str(r.get("id") if isinstance(r, dict) else r) for r, n in SKIPPED if n not in FILE_REASONS])
 def test_unusable_records_are_refused_with_their_reason(record, reason):
     with pytest.raises(InvalidSample) as info:
-        check_record(record, len(image_paths(record)) if isinstance(record, dict) else 0)
+        check_record(record, visual_count(record) if isinstance(record, dict) else 0)
     assert info.value.reason == reason and reason in REASONS and str(info.value)
 
 

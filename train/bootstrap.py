@@ -7,7 +7,8 @@ nothing breaks and nothing huge is pulled by accident:
   * otherwise, on a machine with an NVIDIA GPU (`nvidia-smi` works), pip's default torch (CUDA);
   * otherwise the CPU build `torch==2.13.0` (set TORCH_INDEX_URL, e.g.
     https://download.pytorch.org/whl/cpu, where the default index would serve a CUDA wheel).
-Then the project is installed editable with its test extra, and `python -m train ARGS` runs.
+Then the project is installed editable with its test and video extras (PyAV, for the offline frame
+extractor and its tests), and `python -m train ARGS` runs.
 `--eval` also installs lmms-eval (train/lmms/) without the requirements its package declares: they
 would pull torchvision, opencv, yt-dlp, ... and pin wandb==0.25.0; the harness needs only EVAL_DEPS.
 
@@ -71,7 +72,7 @@ def main() -> None:
         else:
             index = os.environ.get("TORCH_INDEX_URL")
             pip(python, CPU_TORCH, *(["--index-url", index] if index else []))
-    pip(python, "-e", f"{ROOT}[test]")
+    pip(python, "-e", f"{ROOT}[test,video]")
     if args.eval:
         pip(python, *EVAL_DEPS)
         pip(python, "--no-deps", *EVAL_NO_DEPS)

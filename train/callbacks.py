@@ -17,6 +17,7 @@ import torch
 from models.flops import ImageTokens, Shape, convert, prefill_flops
 from models.vision_flops import vision_flops_of_batch
 from models.plan import Plan
+from models.streams import visual_mask
 
 # dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -56,7 +57,7 @@ class EfficiencyMetrics(L.Callback):
         sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
         sync()
         t = time.perf_counter()
-        out = model(ids, mask, pixels, logits="last", use_cache=True, image_sizes=batch.image_sizes)
+        out = model(ids, mask, pixels, logits="last", use_cache=True, image_sizes=batch.image_sizes, step_seconds=batch.step_seconds)
         sync()
         prefill_ms = 1e3 * (time.perf_counter() - t)
         state, token = out.cache, out.logits.argmax(-1)
@@ -107,7 +108,7 @@ def sample_visual_tokens(model, batch, prompts: bool = True) -> list[tuple]:
         keep = own.any(1)
         ids, mask = ids.repeat_interleave(n, 0)[keep], own[keep].long()
     config = model.config
-    is_image = (ids == config.image_token_id) & mask.bool()
+    is_image = visual_mask(ids, mask, config.visual_token_ids)
     per_row = is_image.sum(1).tolist()
     sizes = batch.image_sizes.tolist() if batch.image_sizes is not None else None
     out, image = [], 0

@@ -190,6 +190,7 @@ class MLLMModule(L.LightningModule):
             batch.prompt_mask,
             batch.pixel_values,
             image_sizes=batch.image_sizes,
+            step_seconds=batch.step_seconds,
             max_new_tokens=self.evaluation.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,

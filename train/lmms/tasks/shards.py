@@ -53,7 +53,7 @@ def write_shards_task(out_dir: str | Path, shards: str | list[str], name: str = 
     urls = expand_urls(shards)
     for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=lambda e: skip(f"(unreadable tar member: {e})", e, "unreadable_tar_member")):
         try:
-            record, images, conversation = parse_record(raw)
+            record, images, conversation, _ = parse_record(raw)
             check_image_count(len(images), max_images_per_sample)
             extensions = [_image_format(data) for data in images]
         except InvalidSample as e:
