@@ -26,6 +26,7 @@ class Shards:
     val: list[str]
     texts: Callable[[], list[str]]  # text to train a tokenizer on, when the model needs one
     skills: list[str] | None = None
+    videos: bool = False  # the shards hold videos (a trained tokenizer then gets the family's video token)
 
 
 class SyntheticSource:
@@ -49,6 +50,26 @@ class SyntheticSource:
             texts=lambda: all_texts(self.cfg),
             skills=list(meta["skills"]),
         )
+
+
+class SyntheticVideoSource:
+    """The synthetic temporal task of `data.synthetic_video`, generated once per config in its own
+    directory below the cache directory `root` (`synthetic-video-s<seed>-<hash of the config>`)."""
+
+    def __init__(self, root: str, **task):
+        from .synthetic_video import VideoTaskConfig, cache_dir
+
+        self.cfg = VideoTaskConfig(**task)
+        self.dir = cache_dir(root, self.cfg)
+
+    def prepare(self) -> Shards:
+        from .synthetic_video import all_texts, ensure_generated
+
+        meta = ensure_generated(self.dir, self.cfg)
+        splits = meta["splits"]
+        return Shards(train=[str(self.dir / s) for s in splits["train"]["shards"]],
+                      val=[str(self.dir / s) for s in splits["val"]["shards"]],
+                      texts=lambda: all_texts(self.cfg), skills=list(meta["skills"]), videos=True)
 
 
 class ShardSource:

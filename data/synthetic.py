@@ -503,17 +503,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def generate(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
-    """(Re)generates the dataset into ``out_dir`` and returns its meta.
+    """(Re)generates the dataset into ``out_dir`` and returns its meta (``write_dataset``). Not safe
+    against concurrent callers on the same ``out_dir``: use ``ensure_generated`` for that."""
 
-    Shards are written to a temporary sibling directory that is renamed into place only when
-    complete, so an interruption never leaves a dataset that looks finished. Not safe against
-    concurrent callers on the same ``out_dir``: use ``ensure_generated`` for that."""
-    out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset may be shared between users
+    def write(tmp: Path) -> dict:
         meta = {"format_version": FORMAT_VERSION, "config": config_record(cfg), "config_hash": config_hash(cfg),
                 "skills": list(SKILLS), "answer_vocab": {s: list(v) for s, v in ANSWER_VOCAB.items()},
                 "splits": {}}
@@ -521,6 +514,22 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -
         with tqdm(total=total, desc="synthetic vqa", unit="img", disable=not progress) as bar:
             for split in SPLITS:
                 meta["splits"][split] = _write_split(tmp, cfg, split, bar)
+        return meta
+
+    return write_dataset(out_dir, write)
+
+
+def write_dataset(out_dir: str | Path, write) -> dict:
+    """`write(tmp)` writes a dataset's shards into a temporary sibling directory of ``out_dir`` and
+    returns its meta (saved as meta.json); the directory is renamed into place only when complete, so
+    an interruption never leaves a dataset that looks finished. Shared by the generated tasks."""
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset may be shared between users
+        meta = write(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -531,12 +540,17 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -
 
 def load_meta(out_dir: str | Path, cfg: SyntheticConfig) -> dict | None:
     """The existing meta if ``out_dir`` holds a complete dataset for ``cfg``, else None."""
+    return load_built(out_dir, config_hash(cfg))
+
+
+def load_built(out_dir: str | Path, content_hash: str) -> dict | None:
+    """The meta of a complete dataset in ``out_dir`` whose content hash is ``content_hash``, else None."""
     out_dir = Path(out_dir)
     try:
         meta = json.loads((out_dir / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("config_hash") != config_hash(cfg):
+    if meta.get("config_hash") != content_hash:
         return None
     shards = [s for split in meta.get("splits", {}).values() for s in split.get("shards", [])]
     if not all((out_dir / s).is_file() for s in shards):
@@ -552,23 +566,28 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 
 
 def ensure_generated(out_dir: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
-    """Cached ``generate``: reuses a complete dataset with the same config hash. A file lock next
-    to ``out_dir`` makes concurrent callers (several trainers started at once) wait for a single
-    generator and then reuse its output: one build per filesystem, whether the cache is shared by all
-    nodes of a job or local to each (every node then builds its own; the lock must hold across the nodes
-    that share one, as flock does on NFSv4). A complete dataset of ``cfg`` is never rewritten; one of
-    another config is replaced, so a cache shared by runs of different configs names ``out_dir`` with
-    ``cache_dir``."""
+    """Cached ``generate`` (``ensure_built``)."""
+    return ensure_built(out_dir, config_hash(cfg), lambda: generate(out_dir, cfg, progress))
+
+
+def ensure_built(out_dir: str | Path, content_hash: str, build) -> dict:
+    """Reuses a complete dataset with the same content hash, or runs ``build()`` (which writes it with
+    ``write_dataset`` and returns its meta). A file lock next to ``out_dir`` makes concurrent callers
+    (several trainers started at once) wait for a single generator and then reuse its output: one build
+    per filesystem, whether the cache is shared by all nodes of a job or local to each (every node then
+    builds its own; the lock must hold across the nodes that share one, as flock does on NFSv4). A
+    complete dataset of the same content is never rewritten; one of another is replaced, so a cache
+    shared by runs of different configs names ``out_dir`` by the content (``cache_dir``)."""
     out_dir = Path(out_dir)
-    meta = load_meta(out_dir, cfg)
+    meta = load_built(out_dir, content_hash)
     if meta is not None:
         return meta
     with locked(out_dir):
-        meta = load_meta(out_dir, cfg)  # another process may have finished while we waited
+        meta = load_built(out_dir, content_hash)  # another process may have finished while we waited
         if meta is not None:
             return meta
         _remove_stale_temporaries(out_dir)
-        meta = generate(out_dir, cfg, progress)
+        meta = build()
         # one line per build: a multi-node job with a node-local cache logs one per node, a shared cache one
         log.info("generated the synthetic dataset %s on %s", out_dir, socket.gethostname())
         return meta

@@ -121,6 +121,7 @@ class Family:
     renumbers_positions: ClassVar[bool] = True  # 1-D positions: a selection may renumber them (PyramidDrop)
     mrope: ClassVar[bool] = False  # 3-D M-RoPE positions (Qwen), whose rule `MLLMConfig.mrope_rule` names
     image_wrap: ClassVar[tuple[str, str] | None] = None  # text tokens the prompt writes around each image's tokens
+    video_token: ClassVar[str | None] = None  # the special token a video's placeholders are (Qwen: <|video_pad|>); None: no video
     hf_processor_class: ClassVar[str | None] = None  # preprocessor_config.json `processor_class` (tiling families)
     original_layout: ClassVar[bool] = False  # the original LLaVA layout is its only one (no transformers class reads it)
 
@@ -223,6 +224,15 @@ class Family:
 
     def video_processor(self, config: "MLLMConfig") -> "VideoProcessor":
         raise ValueError(f"the {self.name} family takes no video; give the frames as images")
+
+    def frames_per_item(self, config: "MLLMConfig", image_sizes: Tensor) -> list[int]:
+        """Frames each item's pixels hold (a still image: as many as a video step)."""
+        raise ValueError(f"the {self.name} family takes no video")
+
+    def reorder_frames(self, config: "MLLMConfig", pixel_values: Tensor, image_sizes: Tensor, orders: list[Tensor]) -> Tensor:
+        """The items' pixels with item i's frames taken in `orders[i]` (frame indices, repeats allowed):
+        the evaluation's shuffled and single-frame video controls."""
+        raise ValueError(f"the {self.name} family takes no video")
 
     # --- training and parallelism ---------------------------------------------------------------
     def vision_layers(self, model: "MLLM") -> list[nn.Module]:

@@ -136,7 +136,7 @@ def model_and_plan(cfg: DictConfig) -> tuple[ModelSource, Plan]:
 def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed: int = 0):
     """Prepare shards (generating the synthetic task if needed), the tokenizer and the data module."""
     shards = data.source.prepare()
-    tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers")
+    tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers", videos=shards.videos)
     arch = model.mllm_config
     chat = ChatTokenizer(tokenizer, model.chat_template, None, data.max_length, model.system_prompt, arch.model_family.image_wrap,
                          arch.image_token_id, video_token_id(arch))

@@ -126,10 +126,16 @@ class ModelSource:
             compile_decoder_layers(model)
         return model
 
-    def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path):
-        """The configured / checkpoint tokenizer, or a BPE trained on the data (cached by content)."""
+    def load_tokenizer(self, texts: Callable[[], list[str]], cache_root: str | Path, videos: bool = False):
+        """The configured / checkpoint tokenizer, or a BPE trained on the data (cached by content);
+        `videos`: the data holds videos, so the tokenizer needs the family's video token."""
         source = self.tokenizer or self.pretrained or self.llm_pretrained
-        wrap = self.mllm_config.model_family.image_wrap or ()  # InternVL's <img> / </img>
+        family = self.mllm_config.model_family
+        wrap = family.image_wrap or ()  # InternVL's <img> / </img>
+        if videos:
+            if family.video_token is None:
+                raise ConfigError(f"the data holds videos, but the {family.name} family takes none (Qwen2-VL / Qwen2.5-VL do)")
+            wrap = (*wrap, family.video_token)
         if source:
             tok = load_pretrained_tokenizer(source, wrap, self.mllm_config.image_token_id)
         else:
@@ -155,6 +161,10 @@ def check_tokenizer(tok, config: MLLMConfig) -> None:
                               f"{tok.convert_ids_to_tokens(token_id)!r}; pick an id the tokenizer does not use "
                               f"(>= {len(tok)}) or its special token")
     family = config.model_family
+    video = family.video_token
+    if video is not None and video in tok.get_vocab() and tok.convert_tokens_to_ids(video) != config.token_ids.get("video_token_id"):
+        raise ConfigError(f"the tokenizer maps {video} to {tok.convert_tokens_to_ids(video)} but the model's config says "
+                          f"{config.token_ids.get('video_token_id')} (model.config.token_ids.video_token_id); set it to the tokenizer's id")
     fixed = family.image_wrap_ids(config)  # Qwen's config fixes the ids of the tokens around each image
     if fixed is not None and wrap_ids(tok, family.image_wrap) != fixed:
         raise ConfigError(f"the tokenizer maps {' / '.join(family.image_wrap)} to {wrap_ids(tok, family.image_wrap)} but the model's "

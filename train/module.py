@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -17,7 +17,7 @@ from models import MLLM
 from models.generation import greedy_generate
 from models.plan import Plan
 
-from .evaluation import AccuracyTracker, EvalConfig
+from .evaluation import CONTROLS, AccuracyTracker, EvalConfig, video_controls
 from .infra.sharding import excludes_frozen_weights, full_state_dict, offloads_optimizer, prepare_model, shards_parameters
 from .model_source import ModelSource
 from .nonfinite import NonFiniteGuard
@@ -179,7 +179,12 @@ class MLLMModule(L.LightningModule):
         preds_noimage = None
         if self.evaluation.noimage and batch.pixel_values is not None:
             preds_noimage = self._generate(batch.blank_images())
-        self.tracker.add(batch.skills, batch.answers, preds, preds_noimage, scored=batch.scored)
+        controls = {}
+        if self.evaluation.video_controls and batch.step_seconds is not None:  # the batch holds video
+            for kind in CONTROLS:
+                pixels = video_controls(self.model, batch.pixel_values, batch.image_sizes, batch.step_seconds, kind, seed=batch_idx)
+                controls[kind] = self._generate(replace(batch, pixel_values=pixels))
+        self.tracker.add(batch.skills, batch.answers, preds, preds_noimage, scored=batch.scored, controls=controls)
 
     def _generate(self, batch: Batch) -> list[str]:
         if self.tokenizer is None:

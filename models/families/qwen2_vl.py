@@ -175,6 +175,7 @@ class Qwen2VLFamily(Family):
     renumbers_positions = False  # M-RoPE triples are not ranks
     mrope = True
     image_wrap = ("<|vision_start|>", "<|vision_end|>")  # written around each image's placeholders
+    video_token = "<|video_pad|>"
     hf_processor_class = "Qwen2VLProcessor"
     hf_config_class = Qwen2VLConfig
     tower_class = Qwen2VisionTransformerPretrainedModel
@@ -393,6 +394,19 @@ class Qwen2VLFamily(Family):
 
     def video_processor(self, config: MLLMConfig) -> VideoProcessor:
         return FrameResize(config)
+
+    def frames_per_item(self, config: MLLMConfig, image_sizes: Tensor) -> list[int]:
+        return [int(t) * config.hf_vision_config().temporal_patch_size for t in image_sizes[:, 0].tolist()]
+
+    def reorder_frames(self, config: MLLMConfig, pixel_values: Tensor, image_sizes: Tensor, orders: list[Tensor]) -> Tensor:
+        """A step's patch row holds (channel, frame slot, p, p): frames are (step, slot) pairs."""
+        slots = config.hf_vision_config().temporal_patch_size
+        out = []
+        for part, (t, h, w), order in zip(pixel_values.split(image_sizes.prod(-1).tolist()), image_sizes.tolist(), orders):
+            frames = part.view(t, h * w, 3, slots, -1).permute(0, 3, 1, 2, 4).reshape(t * slots, h * w, 3, -1)
+            frames = frames[order.to(frames.device)]
+            out.append(frames.view(t, slots, h * w, 3, -1).permute(0, 2, 3, 1, 4).reshape(t * h * w, -1))
+        return torch.cat(out)
 
     def rope_positions(self, config: MLLMConfig, attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None,
                        step_seconds: Tensor | None = None) -> Tensor:
