@@ -36,6 +36,7 @@ from .blind_scores import blind_scores
 from .packed_attention import causal_attention
 from .lora import linear_weight
 from .plan import LayerPolicy, Plan, Select
+from .routing import Routing
 from .selection import compact, dense_groups, keep_best
 from .streams import Place, RopeTable, Stream, empty_like_visual, present_count, renumbered
 
@@ -190,6 +191,7 @@ ONE_SEQUENCE_FIELDS: dict[str, Callable[[object], bool]] = {
     "select": lambda s: s is None or s.source == "previous",  # chosen before the layer; source=current selects inside it
     "drop_visual": lambda drop: True,  # the visual stream is emptied before the layer
     "xattn": lambda block: True,  # the gated block runs on the text stream before the layer
+    "route": lambda route: True,  # the router's tokens are chosen before the layer, which weighs their FFN output
 }
 
 
@@ -232,9 +234,11 @@ class PlannedDecoderLayer(nn.Module):
 
     def forward(
         self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
-        rope: RopeTable | None = None,
+        rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None,
     ) -> LayerIO:
-        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next, rope)
+        """`visual_ffn_weight` [B, V]: what each visual token's FFN output is multiplied by (a routed
+        layer's router gate, models/routing.py)."""
+        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next, rope, visual_ffn_weight)
 
 
 class LayerRunner:
@@ -250,7 +254,7 @@ class LayerRunner:
         self.backend = getattr(layer, "attention", "auto")
 
     def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None,
-                 rope: RopeTable | None = None) -> LayerIO:
+                 rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None) -> LayerIO:
         if past is None and self.p.select is not None and self.p.select.source == "current" and self.p.select.positions == "renumber":
             # PyramidDrop's stage boundary: score with this layer's own Q/K at the old positions, drop,
             # renumber the survivors, then run the layer on them as a layer without a selection
@@ -260,7 +264,7 @@ class LayerRunner:
             self.p = replace(self.p, select=None)
         p, attn = self.p, self.attn
         if past is None and vis.n > 0 and runs_as_one_sequence(p):
-            return self._one_sequence(text, vis, query_idx, score_next)
+            return self._one_sequence(text, vis, query_idx, score_next, visual_ffn_weight)
         heads = list(p.visual_heads) if p.visual_heads is not None else None
         x_text = self.layer.input_layernorm(text.h)
         k_text = self._keys(x_text, text, None, visual=False)
@@ -295,7 +299,8 @@ class LayerRunner:
         if update:
             h_vis = vis.h + self._visual_attention(x_vis, vis, k_text, k_vis, heads)
             if p.visual_ffn > 0:
-                h_vis = h_vis + mlp_fraction(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), p.visual_ffn)
+                ffn = mlp_fraction(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), p.visual_ffn)
+                h_vis = h_vis + (ffn if visual_ffn_weight is None else ffn * visual_ffn_weight[..., None])
             vis = vis.with_h(h_vis)
         return LayerIO(text.with_h(h_text), vis, keys, scores)
 
@@ -311,7 +316,8 @@ class LayerRunner:
         flag = torch.full_like(tokens.valid, visual)
         return Keys(k, v, tokens.order, tokens.valid, flag)
 
-    def _one_sequence(self, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None) -> LayerIO:
+    def _one_sequence(self, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None,
+                      visual_ffn_weight: Tensor | None = None) -> LayerIO:
         """Text and visual tokens as one sequence ordered by position (padding last), so a single
         causal SDPA call without a mask is exact; the cached keys stay in that order (every key
         carries its position, validity and kind)."""
@@ -336,7 +342,10 @@ class LayerRunner:
         keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         out = causal_attention(q, k, v, self.attn.scaling, keys.order, keys.valid, start, self.backend)
         h = h + self.attn.o_proj(merge_heads(out))
-        h = h + self.layer.mlp(self.layer.post_attention_layernorm(h))
+        ffn = self.layer.mlp(self.layer.post_attention_layernorm(h))
+        if visual_ffn_weight is not None:
+            ffn = ffn * seq(torch.ones_like(text.h[..., 0]), visual_ffn_weight)[..., None]
+        h = h + ffn
         slot = order.argsort(1)  # where each stream token sits in the sequence
         h = take(h, slot)
         scores = None
@@ -469,6 +478,7 @@ def run_decoder(
     image_keys: Tensor | None = None,
     rope: RopeTable | None = None,
     rope_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    routing: Routing | None = None,
 ) -> tuple[Stream, Stream, list[Keys], dict[int, Keys], Tensor | None]:
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
 
@@ -483,6 +493,9 @@ def run_decoder(
     Returns the streams, per-layer keys and the gated cross-attention keys (both only kept when
     `use_cache` or decoding), and per layer the prompt tokens a renumbering removed before it
     ([layers, B], None without renumbering).
+    Plans that route visual tokens (`LayerPolicy.route`) need `routing` (models/routing.py) at prefill: it
+    picks each routed layer's tokens before the layer's (possibly checkpointed) call and puts the
+    skipped ones back after it; decoding runs no router (text is never routed).
     """
     keep = use_cache or state is not None
     layer_keys: list[Keys] = []
@@ -514,12 +527,19 @@ def run_decoder(
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
         score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         past = state.keys[i] if state is not None else None
+        routed = None
+        if state is None and p.route is not None:
+            if routing is None:
+                raise ValueError(f"plan {plan.name!r} routes layer {i}: pass routing=models.routing.Routing(...) to run_decoder")
+            routed = routing.enter(i, vis)
+        args = (text, vis if routed is None else routed.kept, past, query_idx, p, score_next, rope, None if routed is None else routed.weight)
         if gradient_checkpointing and torch.is_grad_enabled():
-            io = checkpoint(layer, text, vis, past, query_idx, p, score_next, rope, use_reentrant=False)
+            io = checkpoint(layer, *args, use_reentrant=False)
         else:
-            io = layer(text, vis, past, query_idx, p, score_next, rope)
-        replaced = hook(LayerStep(i, layer, p, text, vis, io.text, io.vis, query_idx)) if hook is not None else None
-        text, vis = replaced if replaced is not None else (io.text, io.vis)
+            io = layer(*args)
+        vis_out = io.vis if routed is None else routing.leave(vis, routed, io.vis)
+        replaced = hook(LayerStep(i, layer, p, text, vis, io.text, vis_out, query_idx)) if hook is not None else None
+        text, vis = replaced if replaced is not None else (io.text, vis_out)
         scores = io.scores
         if state is None and renumbers:
             if p.select is not None and p.select.positions == "renumber":

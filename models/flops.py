@@ -5,7 +5,8 @@ and FFN; visual K/V where someone reads them (only the KV heads a head mask keep
 FFN where visual tokens are updated (kept heads, kept FFN neurons); attention as
 4 * heads * queries * keys * head_dim for every (query group, key set) the engine forms (no causal
 halving, like the papers and like FlopCounterMode on SDPA); scoring probes for token selection;
-gated cross-attention blocks. Conventions (the papers count differently, so each is explicit):
+gated cross-attention blocks; routers (`LayerPolicy.route`: a Linear(d, 1) over every visual token
+present, then the layer on text and the tokens each image's budget lets in). Conventions (the papers count differently, so each is explicit):
   convention: `2mac` (FLOPs) or `mac` (multiply-accumulates, VisiPruner);
   scope: `total` (every token: ShortV/FastV tables), `visual_side` (total minus the same model
          on text alone: ViCA), `visual` (visual rows only: projections, FFN and visual-to-visual
@@ -24,7 +25,7 @@ from .plan import LayerPolicy, Plan, PreSelect, Select
 from .selection import ceil_budget
 
 TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text"}
-VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn"}
+VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn", "router"}
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,15 @@ def plan_terms(s: Shape, plan: Plan, n_visual: "int | ImageTokens", n_text: int,
             total["probe"] += _proj(n_text + n_v, s.d, s.kv_heads * s.head_dim) + _proj(1, s.d, s.heads * s.head_dim)
             total["probe"] += 2 * s.heads * (n_text + n_v) * s.head_dim
             p, n_v, kept = replace(p, select=None), kept, None
-        terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0)
+        if p.route is not None and n_v:  # routed-out tokens skip this layer only
+            total["router"] += _proj(n_v, s.d, 1)
+            entering = p.route.budget(n_v - min(extra, n_v)) + min(extra, n_v)
+            terms, _ = layer_terms(s, p, n_text, entering, kept, ffn_mats, score_next and n_v > 0, n_v0)
+            present.append(entering)
+        else:
+            terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0)
+            present.append(n_v)
         total.update(terms)
-        present.append(n_v)
     return total, present
 
 

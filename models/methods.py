@@ -167,6 +167,40 @@ def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, posit
     return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions}}}]
 
 
+def shifted_cosine(depth: int, average: float = 0.5) -> list[float]:
+    """p-MoD's retention per layer (`shifted_cos_with_ratio`): average + cos(pi * l / (depth - 1)) / 2,
+    from average + 0.5 at the first layer to average - 0.5 at the last (its code's 31 is 32 layers' depth - 1)."""
+    return [average + math.cos(math.pi * i / max(1, depth - 1)) / 2 for i in range(depth)]
+
+
+@method
+def pmod(depth, heads, max_ratio=0.85, min_ratio=0.15, average=0.5):
+    """p-MoD (arXiv 2412.04449): a zero-initialised router per layer (on the layer's raw input) picks the
+    visual tokens each layer processes; the others skip it, scaled by their gate (w * x, the gate
+    w = 1 + 0.2 tanh(s) also weighs the kept tokens' FFN output). Retention follows a shifted cosine
+    over depth (`shifted_cosine`, p-MoD's `shiftedcos_decay_0.85_0.15`); layers retaining more than
+    `max_ratio` stay dense (LLaVA-1.5-7B: layers 0-7), the routed ones keep that fraction of each image's
+    tokens, truncated, never below `min_ratio` (layers 8-23 decay from 0.844 to 0.156, 24-31 keep 0.15).
+    No auxiliary loss."""
+    return [{"layers": [i], "set": {"route": {"keep": max(r, min_ratio)}}}
+            for i, r in enumerate(shifted_cosine(depth, average)) if r <= max_ratio]
+
+
+@method
+def gamma_mod(depth, heads, keep=0.5, first=3, reference_depth=32, aux=0.01):
+    """gamma-MoD (arXiv 2410.13859) as its released code routes visual tokens: one router shared by
+    every routed layer (layers `first`..L-2, all but the first three and the last of LLaVA-1.5-7B's 32)
+    reads the layer's normalised input; ceil(keep * n) of each image's tokens enter, the gate
+    sigmoid(s) weighs their FFN output, skipped tokens pass unchanged, and an auxiliary loss (weight
+    `aux`) teaches the router which tokens were kept. Unlike the release, text is never routed (its
+    decoding would skip layers and write no KV) and kept tokens keep their positions. The paper's
+    negative control: at keep 0.5 LLaVA-1.5-7B falls from 55.3 to 44.4."""
+    (start,) = _scaled([first], reference_depth, depth)
+    route = {"keep": keep, "rounding": "ceil", "router": "shared", "router_input": "normed", "gate": "sigmoid",
+             "skipped": "identity", "aux": aux}
+    return [{"layers": list(range(start, depth - 1)), "set": {"route": route}}]
+
+
 # The field's simple baselines (arXiv 2511.02650, 2502.11501). Keep fractions 1/3, 2/9 and 1/9 are
 # LLaVA-1.5's 192 / 128 / 64 of 576 visual tokens. K=0 selects before the first layer, so the whole
 # LLM sees the kept tokens (how UniPruneBench applies them); K > 0 selects before layer K, like FastV.

@@ -28,6 +28,7 @@ from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed
+from .routing import Routing, RouteStats, build_routers
 from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts, visual_mask
 from .xattn import GatedCrossAttention
 
@@ -44,6 +45,8 @@ class MLLMOutput:
     loss_sum: Tensor | None = None  # the same summed (loss = loss_sum / n_loss_tokens): for callers that weigh
                                     # tokens across batches (train/module.py)
     cache: "DecodeState | None" = None
+    aux_loss: Tensor | None = None  # routed plans: the routers' auxiliary loss (models/routing.py), to add to the loss
+    route_stats: "dict[int, RouteStats] | None" = None  # routed plans: per routed layer, what its router did
 
 
 class MLLM(nn.Module):
@@ -60,6 +63,7 @@ class MLLM(nn.Module):
         self.language_model.layers = nn.ModuleList(PlannedDecoderLayer(layer) for layer in self.language_model.layers)
         self.lm_head = nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
         self.xattn = nn.ModuleDict()
+        self.routers = nn.ModuleDict()  # per routed layer (or one shared) router of `plan` (models/routing.py)
         self.gradient_checkpointing = False
         with gathered(self.lm_head.parameters()):
             nn.init.normal_(self.lm_head.weight, std=text_cfg.initializer_range)
@@ -78,7 +82,8 @@ class MLLM(nn.Module):
 
     def set_plan(self, plan: Plan) -> None:
         """Switch the visual-compute plan (training-free plans can change at any time). Gated
-        cross-attention blocks the plan needs are created zero-gated, i.e. as identities."""
+        cross-attention blocks the plan needs are created zero-gated, i.e. as identities, and routers
+        zero-initialised (every score 0: the gate at its initial value, ties to the earlier token)."""
         n = self.text_config.num_hidden_layers
         if len(plan.layers) != n:
             raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
@@ -95,6 +100,8 @@ class MLLM(nn.Module):
             if str(i) not in self.xattn:
                 block = GatedCrossAttention(self.text_config)
                 self.xattn[str(i)] = block.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        for name, router in build_routers(plan, self.text_config.hidden_size, self.routers).items():
+            self.routers[name] = router.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         self.plan = plan
 
     # --- construction: the one place a model is made (from a config, a checkpoint or two backbones) --
@@ -330,6 +337,7 @@ class MLLM(nn.Module):
             self._check_packable(use_cache, query_pos)
         positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index)
+        routing = self.routing()
         text, vis, keys, cross, rope_shift = run_decoder(
             self.language_model,
             self.plan,
@@ -342,8 +350,11 @@ class MLLM(nn.Module):
             hook=layer_hook,
             image_keys=image_keys_for(self.plan, self.family.image_pixels(pixel_values, image_sizes), images_per_row(vis)),
             rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
+            routing=routing,
         )
         out = MLLMOutput()
+        if routing is not None:
+            out.aux_loss, out.route_stats = routing.aux_loss, routing.stats
         if labels is not None:
             out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels)
             out.loss = out.loss_sum / max(out.n_loss_tokens, 1)
@@ -357,6 +368,10 @@ class MLLM(nn.Module):
             out.cache = DecodeState(keys, n, next_positions(positions, attention_mask), cross, rope_shift)
         return out
 
+
+    def routing(self) -> Routing | None:
+        """What `run_decoder` needs to run this model's routed layers in one forward (None: no routing)."""
+        return Routing(self.plan, self.routers, self.text_config.rms_norm_eps) if self.plan.routers else None
 
     def _check_packable(self, use_cache: bool, query_pos: Tensor | None) -> None:
         if use_cache or query_pos is not None:

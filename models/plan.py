@@ -30,6 +30,11 @@ BLIND_SCORERS = ("random", "uniform")  # read no attention, so they are valid be
 SCORERS = ATTENTION_SCORERS + BLIND_SCORERS
 SCORE_SOURCES = ("previous", "current")
 POSITIONS = ("keep", "renumber")
+ROUNDING = ("floor", "ceil")
+ROUTERS = ("own", "shared")
+ROUTER_INPUTS = ("raw", "normed")
+GATES = ("tanh", "sigmoid")
+SKIPPED = ("scaled", "identity")
 PRE_LLM_METHODS = ("cls_knee", "dominant", "pool")
 
 
@@ -105,6 +110,62 @@ class Select:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Learned layer skipping for visual tokens (Mixture-of-Depths for MLLMs: p-MoD, arXiv 2412.04449;
+    gamma-MoD, arXiv 2410.13859), executed in models/routing.py.
+
+    Before the layer a router (a zero-initialised `Linear(d, 1)`: every score ties at 0 and the earliest
+    tokens win) scores each visual token; only the best `keep` fraction of each image's tokens enter the
+    layer. The others are *absent* from it (no query, no key/value, no FFN: unlike `visual_update=frozen`,
+    whose tokens still give K/V) and come back at the next layer. Text is never routed; layout tokens
+    (LLaVA-NeXT's newlines) always enter. Kept tokens keep their RoPE positions.
+    Budget per image: `rounding` of keep * n (p-MoD truncates, gamma-MoD rounds up), at least `min_keep`.
+    `router`: `own` (one per routed layer, p-MoD) or `shared` (one for every layer routed with `shared`,
+    gamma-MoD); `router_input`: the layer's input hidden state (`raw`, p-MoD) or its RMS normalisation
+    without a weight (`normed`: gamma-MoD reads the layer's input norm, whose per-channel scale a
+    zero-initialised router absorbs). The router's gate w reaches the loss through the FFN output of
+    the kept tokens (x + attn + w * ffn) and, with `skipped=scaled`, through the skipped tokens' state
+    (w * x; p-MoD's STRing); `identity` leaves them as they are (gamma-MoD). `gate`: `tanh`,
+    w = 1 + gate_scale * tanh(s) (p-MoD: 1 at init) or `sigmoid`, w = sigmoid(s) (gamma-MoD's softmax over two
+    logits: 0.5 at init). `aux`: weight of gamma-MoD's auxiliary loss (binary cross-entropy of each score
+    against "kept"), 0 for none (p-MoD).
+    """
+
+    keep: float | None = None
+    rounding: str = "floor"
+    min_keep: int = 1
+    router: str = "own"
+    router_input: str = "raw"
+    gate: str = "tanh"
+    gate_scale: float = 0.2
+    skipped: str = "scaled"
+    aux: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("route.rounding", self.rounding, ROUNDING)
+        _choice("route.router", self.router, ROUTERS)
+        _choice("route.router_input", self.router_input, ROUTER_INPUTS)
+        _choice("route.gate", self.gate, GATES)
+        _choice("route.skipped", self.skipped, SKIPPED)
+        if self.keep is None:
+            raise ConfigError("route needs keep: the fraction of each image's visual tokens that enter the layer")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ConfigError(f"route.keep must be in (0, 1], got {self.keep!r}")
+        if not isinstance(self.min_keep, int) or self.min_keep < 0:
+            raise ConfigError(f"route.min_keep must be an integer >= 0, got {self.min_keep!r}")
+        if self.aux < 0:
+            raise ConfigError(f"route.aux must be >= 0 (0: no auxiliary loss), got {self.aux}")
+        if self.gate_scale != 0.2 and self.gate != "tanh":
+            raise ConfigError(f"route.gate_scale={self.gate_scale} scales gate=tanh only, not gate={self.gate}")
+
+    def budget(self, n: int) -> int:
+        """Visual tokens of an image with `n` candidates that enter the layer (models/routing.py
+        computes the same on the device)."""
+        k = math.floor(self.keep * n + 1e-9) if self.rounding == "floor" else math.ceil(self.keep * n - 1e-9)
+        return min(n, max(k, self.min_keep))
+
+
+@dataclass(frozen=True)
 class PreSelect:
     """A step between the projector and the LLM that changes the visual tokens entering it
     (`models/pruning.py`); the prompt keeps its n_v `<image>` tokens.
@@ -166,6 +227,7 @@ class LayerPolicy:
     drop_visual: bool = False  # every visual token leaves before this layer (VTW, YOPO cut, VisiPruner exit)
     xattn: bool = False  # a new gated cross-attention block runs before this layer (Flamingo/Mllama)
     mask_semantics: str = "renorm"  # post_softmax_zero: zero blocked visual columns after softmax, no renorm
+    route: Route | None = None  # a router picks the visual tokens that take part in this layer (p-MoD, gamma-MoD)
 
     def __post_init__(self) -> None:
         _choice("visual_update", self.visual_update, VISUAL_UPDATE)
@@ -221,6 +283,11 @@ class Plan:
     def xattn_layers(self) -> list[int]:
         return [i for i, p in enumerate(self.layers) if p.xattn]
 
+    @property
+    def routers(self) -> dict[int, str]:
+        """Routed layer -> the name of its router (`MLLM.routers`): its index, or `shared`."""
+        return {i: "shared" if p.route.router == "shared" else str(i) for i, p in enumerate(self.layers) if p.route is not None}
+
     def validate(self, num_heads: int) -> None:
         """Contradictions that only show with the whole plan; each error names the layer and field."""
         visual_left, grid_intact = True, self.pre_llm is None
@@ -231,6 +298,8 @@ class Plan:
             if (p.drop_visual or p.select is not None) and not visual_left:
                 field_name = "drop_visual" if p.drop_visual else "select"
                 raise ConfigError(f"{where}: {field_name} has no visual tokens left (they were dropped earlier)")
+            if p.route is not None:
+                _check_route(p, self.layers[i + 1] if i + 1 < len(self.layers) else None, visual_left, where)
             if p.drop_visual:
                 visual_left = False
             if p.select is not None:
@@ -274,13 +343,28 @@ class Plan:
         )
 
 
+def _check_route(p: LayerPolicy, nxt: LayerPolicy | None, visual_left: bool, where: str) -> None:
+    """What a routed layer cannot be combined with, and why."""
+    if not visual_left or p.drop_visual:
+        raise ConfigError(f"{where}: route has no visual tokens to route (they were dropped before or by this layer)")
+    if not p.updates_visual:
+        raise ConfigError(f"{where}: route picks the visual tokens a layer updates, but visual_update=frozen updates none "
+                          "there (ViCA, xattn and ShortV freeze them), so routing would save nothing; keep one of the two")
+    if p.select is not None and p.select.source == "current":
+        raise ConfigError(f"{where}: route and select.source=current both choose visual tokens inside the layer; select "
+                          "before the layer (source=previous) or in another layer")
+    if nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer:
+        raise ConfigError(f"{where}: the next layer's select.source=previous scores this layer's attention, which sees only "
+                          "the visual tokens the router kept; select before a layer that is not routed")
+
+
 def _policy_dict(p: LayerPolicy) -> dict[str, Any]:
     """Only the fields that differ from dense: resolved plans stay readable in YAML/JSON."""
     out = {}
     for f in fields(LayerPolicy):
         v = getattr(p, f.name)
         if v != getattr(DENSE, f.name):
-            out[f.name] = asdict(v) if isinstance(v, Select) else (list(v) if isinstance(v, tuple) else v)
+            out[f.name] = asdict(v) if isinstance(v, (Select, Route)) else (list(v) if isinstance(v, tuple) else v)
     return out
 
 
@@ -291,13 +375,15 @@ def make_policy(d: dict[str, Any], where: str, base: LayerPolicy = DENSE) -> Lay
     """`base` with the fields of `d` replaced; unknown fields name the place and a suggestion."""
     check_keys(d, POLICY_FIELDS, where)
     d = dict(d)
-    if d.get("select") is not None:
-        sel = d["select"]
-        check_keys(sel, {f.name for f in fields(Select)}, f"{where}.select")
-        d["select"] = Select(**sel)
+    for name, cls in (("select", Select), ("route", Route)):
+        if isinstance(d.get(name), dict):
+            check_keys(d[name], {f.name for f in fields(cls)}, f"{where}.{name}")
     if d.get("visual_heads") is not None:
         d["visual_heads"] = tuple(int(h) for h in d["visual_heads"])
     try:
+        for name, cls in (("select", Select), ("route", Route)):
+            if isinstance(d.get(name), dict):
+                d[name] = cls(**d[name])
         return replace(base, **d)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

@@ -6,7 +6,10 @@ probabilities after the softmax (post_softmax_zero), zeroed outputs for tokens t
 updated, pruned heads or FFN neurons, and a `present` mask for tokens that left the sequence.
 Pre-LLM steps act through the tokens and keep mask of `model.encode_images` (pooled tokens fill
 the first slots of each image span, the other slots are absent); selections that read no
-attention use the scores of `models/blind_scores.py`. Budgets apply per image (per tile for
+attention use the scores of `models/blind_scores.py`. A routed layer (`LayerPolicy.route`) leaves the
+visual tokens its router does not pick out of that layer only (neither queries nor keys), weighs the
+kept ones' FFN output by the gate and overwrites the others' outputs with their input (times the gate
+when `skipped=scaled`). Budgets apply per image (per tile for
 uniform lattices) and layout tokens (LLaVA-NeXT's newlines) are always kept, written here as
 plain loops over each row's groups (models/selection.py vectorises the same rule). Local windows
 are the neighbours on the token's own tile grid.
@@ -61,6 +64,28 @@ def _keep_top(s, vis_mask, sel: Select, present, place):
             for j in sorted(members, key=lambda j: (-float(s[b, j]), j))[:k]:
                 new[b, j] = True
     return new
+
+
+def _routed(model, layer, route, h, candidates, place):
+    """The visual tokens a routed layer keeps [B, L] and every token's gate [B, L] (1 off the candidates):
+    the router's scores of the layer input, then per image of each row the `route.budget(n)` best, ties
+    to the earlier token, as plain loops."""
+    x = h
+    if route.router_input == "normed":
+        x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + model.text_config.rms_norm_eps)
+    router = model.routers[model.plan.routers[layer]]
+    s = x @ router.weight[0] + router.bias[0]
+    w = 1 + route.gate_scale * torch.tanh(s) if route.gate == "tanh" else torch.sigmoid(s)
+    kept = torch.zeros_like(candidates)
+    for b in range(h.shape[0]):
+        images = {}
+        for j in range(h.shape[1]):
+            if candidates[b, j]:
+                images.setdefault(int(place[b, j, Place.IMAGE]), []).append(j)
+        for members in images.values():
+            for j in sorted(members, key=lambda j: (-float(s[b, j]), j))[: route.budget(len(members))]:
+                kept[b, j] = True
+    return kept, torch.where(candidates, w, torch.ones_like(w))
 
 
 def _ranks(present):
@@ -133,13 +158,19 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         if p.xattn:
             block = model.xattn[str(li)]
             h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(embed, pos, entered)), h)
+        h_in, absent, gate = h, torch.zeros_like(valid), torch.ones_like(valid, dtype=h.dtype)
+        if p.route is not None:  # tokens the router leaves out are absent from this layer only
+            candidates = is_vis & present & ~place[..., Place.EXTRA].bool()
+            kept, gate = _routed(model, li, p.route, h, candidates, place)
+            absent = candidates & ~kept
+        here = present & ~absent
         x = layer.input_layernorm(h)
         xkv = torch.where(is_vis[..., None], layer.input_layernorm(embed), x) if p.visual_kv_source == "embed" else x
         q = apply_rope(_heads(attn.q_proj(x), dh), cos, sin)
         k = apply_rope(_heads(attn.k_proj(xkv), dh), cos, sin).repeat_interleave(n_rep, 1)
         v = _heads(attn.v_proj(xkv), dh).repeat_interleave(n_rep, 1)
         logits = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H, L, L]
-        key_ok = valid & present
+        key_ok = valid & here
         if p.select is not None and p.select.source == "current":
             base_q = (causal & key_ok[:, None, :])[rows, q_idx]  # [B, L]
             lq = logits[rows, :, q_idx].masked_fill(~base_q[:, None], float("-inf"))
@@ -169,7 +200,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         vis_allowed = torch.where(is_vis[:, None, :], vv_ok & key_ok[:, None, :], base)  # [B, Lq(vis rows), Lk]
         allowed = torch.where(text_q[:, None, :, None], base[:, None] & ~text_block if p.mask_semantics == "renorm" else base[:, None],
                               vis_allowed[:, None])
-        allowed = allowed | ~(valid & present)[:, None, :, None]  # rows that do not matter: anything finite
+        allowed = allowed | ~(valid & here)[:, None, :, None]  # rows that do not matter: anything finite
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
         if p.mask_semantics == "post_softmax_zero":
             probs = torch.where(text_q[:, None, :, None] & text_block, torch.zeros_like(probs), probs)
@@ -192,7 +223,9 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         neuron_ok = torch.arange(inner.shape[-1]) < n_keep
         inner = torch.where(is_vis[..., None], inner * neuron_ok, inner)
         ffn_ok = text_q | (is_vis & torch.tensor(p.updates_visual and p.visual_ffn > 0))
-        h = h + m.down_proj(inner) * ffn_ok[..., None]
+        h = h + m.down_proj(inner) * ffn_ok[..., None] * gate[..., None]
+        if p.route is not None:
+            h = torch.where(absent[..., None], h_in * (gate if p.route.skipped == "scaled" else torch.ones_like(gate))[..., None], h)
     return model.lm_head(lm.norm(h))
 
 

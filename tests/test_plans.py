@@ -28,7 +28,8 @@ VARIANTS = [(name, {}) for name in PRESETS] + [
 
 
 def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0, config=None) -> MLLM:
-    """An 8-layer CLIP/Llama model (8x8 patch grid; or `config`'s model) with the preset's plan, xattn gates opened."""
+    """An 8-layer CLIP/Llama model (8x8 patch grid; or `config`'s model) with the preset's plan, xattn gates
+    opened and routers drawn at random (zero-initialised ones would tie every score and gate at 1)."""
     config = config or tiny_config(text_layers=layers, image_size=32)
     arch = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     if knobs:
@@ -41,6 +42,9 @@ def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0, config=No
     for block in model.xattn.values():  # zero gates would make the blocks trivially equal
         torch.nn.init.normal_(block.attn_gate, std=1.0)
         torch.nn.init.normal_(block.mlp_gate, std=1.0)
+    for router in model.routers.values():
+        torch.nn.init.normal_(router.weight, std=0.1)
+        torch.nn.init.normal_(router.bias, std=0.1)
     return model
 
 

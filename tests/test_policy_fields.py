@@ -20,7 +20,7 @@ import torch
 from models import MLLM
 from models.decoder import ONE_SEQUENCE_FIELDS, runs_as_one_sequence
 from models.flops import Shape, plan_terms
-from models.plan import DENSE, LayerPolicy, Plan, Select
+from models.plan import DENSE, LayerPolicy, Plan, Route, Select
 from tests.helpers import image_batch, tiny_config
 from tests.reference import reference_logits
 
@@ -37,7 +37,9 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.field}={self.value}" if not isinstance(self.value, Select) else f"select-{self.value.scorer}-{self.value.source}"
+        if isinstance(self.value, Select):
+            return f"select-{self.value.scorer}-{self.value.source}"
+        return f"route-{self.value.keep}" if isinstance(self.value, Route) else f"{self.field}={self.value}"
 
 
 def case(field, value, fast=False, base=None, **companions):
@@ -62,6 +64,7 @@ CASES = [
     # on a dense layer post-softmax zeroing zeroes nothing; where text reads no visual token it keeps
     # them in the softmax's denominator (the released YOPO / VisiPruner code)
     case("mask_semantics", "post_softmax_zero", base={"text_reads_visual": "none"}),
+    case("route", Route(keep=0.5), fast=True),  # chosen before the layer, which weighs the kept tokens' FFN
 ]
 
 # (field, value) pairs that cost exactly the matmuls of their base, and why
@@ -135,6 +138,8 @@ def test_masked_reference_and_engine_honour_it(c, model):
     for block in model.xattn.values():  # zero gates would make a gated block an identity
         torch.nn.init.normal_(block.attn_gate, std=1.0)
         torch.nn.init.normal_(block.mlp_gate, std=1.0)
+    for router in model.routers.values():  # zero-initialised routers tie every score (the earliest tokens enter)
+        torch.nn.init.normal_(router.weight, std=0.1)
     want = reference_logits(model, input_ids, mask, pixels)
     with torch.no_grad():
         got = model(input_ids, mask, pixels, logits="all").logits
