@@ -18,7 +18,7 @@ from .validation import ConfigError, check_keys, check_types
 
 __all__ = ["MLLMConfig", "ConfigError", "check_keys", "check_types", "CLIP_MEAN", "CLIP_STD", "PROJECTORS"]
 
-PROJECTORS = ("mlp2x_gelu", "linear")
+PROJECTORS = ("mlp2x_gelu", "linear", "ldpnetv2")  # ldpnetv2: MobileVLM V2 (model.family=mobilevlm)
 # LLaVA-1.5 preprocessing constants (CLIP); SigLIP uses 0.5 / 0.5.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

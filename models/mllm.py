@@ -166,13 +166,15 @@ class MLLM(nn.Module):
     def save_pretrained(self, path, max_shard_size: str = "5GB", state_dict: dict | None = None) -> Path:
         """A directory of the family's format (safetensors, Hub weight names, our plan in config.json)
         that `MLLM.from_pretrained` and transformers' class of the family (e.g.
-        `LlavaForConditionalGeneration`) load. `state_dict` replaces the model's own (e.g. LoRA
+        `LlavaForConditionalGeneration`) load; a family no transformers class reads (MobileVLM) writes the
+        original LLaVA layout, its tower's CLIP directory inside (models/original_layout.py). `state_dict` replaces the model's own (e.g. LoRA
         merged into plain weights: models.lora)."""
         hf = self.config.to_hf_dict()
         hf["efficient_mllm"]["plan"] = self.plan.to_dict()
         hf["architectures"] = [self.family.hf_architecture]
         hf["dtype"] = str(self.dtype).removeprefix("torch.")
-        return checkpoint.write_checkpoint(path, checkpoint.hub_state_dict(self, state_dict), hf, max_shard_size)
+        write = original_layout.write_checkpoint if self.family.original_layout else checkpoint.write_checkpoint
+        return write(path, checkpoint.hub_state_dict(self, state_dict), hf, max_shard_size)
 
     # --- what parameter sharding needs (train/infra/sharding.py) -----------------------------------
     def gathered_units(self) -> list[nn.Module]:

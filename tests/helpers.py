@@ -90,6 +90,12 @@ def tiny_next_config(text_layers: int = 3, **overrides):
     return tiny_config(text_layers=text_layers, family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS, **overrides)
 
 
+def tiny_mobilevlm_config(text_layers: int = 3, **overrides):
+    """A tiny MobileVLM V2 config: a CLIP tower over 64 px images (a 16 x 16 patch grid, CLS dropped), LDPv2
+    pooling it to 12 x 12 = 144 tokens, a Llama LLM."""
+    return tiny_config(text_layers=text_layers, image_size=64, family="mobilevlm", projector="ldpnetv2", **overrides)
+
+
 def tiny_internvl_config(text_layers: int = 3, **overrides):
     """A tiny InternVL config: InternViT tiles of 32 px (an 8 x 8 patch grid, 4 x 4 tokens after the
     pixel shuffle), at most 4 tiles per image (+ the thumbnail), a Qwen2 LLM."""

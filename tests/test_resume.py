@@ -65,10 +65,11 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-MODELS = {  # + InternVL's tiles, + Qwen2-VL's grids of two sizes per batch (M-RoPE)
+MODELS = {  # + InternVL's tiles, + Qwen2-VL's grids of two sizes per batch (M-RoPE), + MobileVLM V2
     "tiny": ["model.config.vision.num_hidden_layers=2"],
     "tiny_internvl": ["model=tiny_internvl", "data=synthetic_hires", "model.config.vision.num_hidden_layers=2"],
     "tiny_qwen2vl": ["model=tiny_qwen2vl", "data=synthetic_hires", "model.config.vision.depth=2"],
+    "tiny_mobilevlm": ["model=tiny_mobilevlm", "model.config.vision.num_hidden_layers=2"],  # LDPv2's pooled grid
 }
 
 

@@ -211,3 +211,23 @@ def test_the_high_resolution_job_trains_qwen2_vl_with_accumulation(tmp_path):
     assert hf.config.vision_start_token_id == 4 and ours.config.max_pixels == 12288  # the task tokenizer's <|vision_start|>
     preprocessor = json.loads((run / "export" / "preprocessor_config.json").read_text())
     assert preprocessor["image_processor_type"] == "Qwen2VLImageProcessor" and preprocessor["size"]["longest_edge"] == 12288
+
+
+def test_the_main_job_trains_mobilevlm_and_evaluates_its_original_layout_export(tmp_path):
+    """`python -m train model=tiny_mobilevlm` (LDPv2: 144 visual tokens on a 12 x 12 grid) trains under the
+    default plan and exports the original LLaVA layout with its tower's CLIP directory inside, which
+    `python -m train evaluate` loads and runs under a grid plan (pool)."""
+    cmd = [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", "run_name=mvlm", "model=tiny_mobilevlm", *DATA,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "model.config.text.num_hidden_layers=2",
+           "model.config.vision.num_hidden_layers=2", "eval.noimage=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "mvlm").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert (summary["export_layout"], summary["export_class"]) == ("original", "MobileLlamaForCausalLM")
+    assert "the original LLaVA layout" in proc.stdout
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["model_type"] == "mobilevlm" and config["mm_vision_tower"] == str((run / "export" / "vision_tower").resolve())
+    proc, pooled = evaluate(tmp_path, f"model.pretrained={run / 'export'}", "arch=pool", "eval.noimage=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pooled["arch"] == "pool" and 0 < pooled["metrics"]["eff/flops_ratio"] < 1 and "val/acc/fine" in pooled["metrics"]

@@ -1,6 +1,7 @@
 """`Family.vision_flops` (models/vision_flops.py) counts exactly what `FlopCounterMode` measures when
 each family encodes a batch: the tower and the projector separately, per image summed, on LLaVA-1.5
-(CLIP without and with CLS, SigLIP), LLaVA-NeXT tiles and InternVL tiles with their thumbnail."""
+(CLIP without and with CLS, SigLIP), LLaVA-NeXT tiles, InternVL tiles with their thumbnail and MobileVLM V2's
+LDPv2."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from models import MLLM
 from models.flops import measure_flops
 from models.vision_flops import vision_flops_of_batch
-from tests.helpers import image_batch, internvl_images, next_batch, tiny_config, tiny_internvl_config, next_images, tiny_next_config
+from tests.helpers import (image_batch, internvl_images, next_batch, tiny_config, tiny_internvl_config, next_images, tiny_mobilevlm_config,
+                           tiny_next_config)
 
 CASES = {
     "llava-clip": (lambda: tiny_config(), None),
@@ -18,6 +20,7 @@ CASES = {
     "llava-siglip": (lambda: tiny_config("siglip", vision_feature_layer=-1), None),
     "llava_next": (lambda: tiny_next_config(), next_images),
     "internvl": (lambda: tiny_internvl_config(), internvl_images),
+    "mobilevlm": (lambda: tiny_mobilevlm_config(), None),  # LDPv2: the MLP on 256 patches, the PEG conv on 144
 }
 
 

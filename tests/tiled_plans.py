@@ -1,6 +1,6 @@
-"""Checks the plan tests of every tiling family share (tests/test_plans_next.py, tests/test_plans_internvl.py):
-a plan's prefill and decode equal the masked reference on a batch with `image_sizes`, and the places of the
-visual keys a layer reads."""
+"""Checks the plan tests of other families share (tests/test_plans_next.py, tests/test_plans_internvl.py,
+tests/test_plans_mobilevlm.py): a plan's prefill and decode equal the masked reference on a batch (with
+`image_sizes` for tiling families, None otherwise), and the places of the visual keys a layer reads."""
 
 from __future__ import annotations
 

@@ -58,7 +58,11 @@ def print_summary(summary: dict) -> None:
     ]
     if "export" in summary:
         loader = summary.get("export_class", "LlavaForConditionalGeneration")
-        lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / {loader}.from_pretrained)")
+        if summary.get("export_layout") == "original":  # no transformers class: LLaVA's own files, its tower inside
+            lines.append(f"model:    {summary['export']}  (the original LLaVA layout, tower in vision_tower/: "
+                         f"MLLM.from_pretrained / the original code's {loader})")
+        else:
+            lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / {loader}.from_pretrained)")
     print("\n".join(lines), flush=True)
 
 

@@ -123,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
         tokenizer.save_pretrained(export_dir)
         write_eval_files(export_dir, job.model.chat_template, job.model.system_prompt, tokenizer)  # prompts + preprocessing
         summary["export"] = str(export_dir)
-        summary["export_class"] = model.family.hf_architecture  # what transformers loads it with
+        summary["export_class"] = model.family.hf_architecture  # what transformers (or the original code) loads it with
+        summary["export_layout"] = "original" if model.family.original_layout else "transformers"  # models/original_layout.py
     this_attempt = round(record.seconds(), 1)
     summary["seconds"].update(total=this_attempt, earlier_attempts=record.earlier,
                               all_attempts=round(sum(record.earlier) + this_attempt, 1))

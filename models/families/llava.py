@@ -93,6 +93,8 @@ class LlavaFamily(Family):
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: MLLMConfig) -> None:
         self.validate_tower(config)
+        if config.projector == "ldpnetv2":
+            raise ConfigError("model.config.projector=ldpnetv2 is MobileVLM V2's projector: set model.config.family=mobilevlm")
         if config.max_tiles is not None:
             raise ConfigError("model.max_tiles tiles images InternVL's way: set model.family=internvl")
         self.validate_grid(config)
