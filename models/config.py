@@ -35,8 +35,15 @@ def _hf_config(section: dict, families: dict[str, str], where: str) -> Pretraine
     if model_type not in families:
         raise ConfigError(f"{where}.model_type must be one of {sorted(families)}, got {model_type!r}")
     config_cls = CONFIG_MAPPING[model_type]
-    check_keys(section, set(config_cls().to_dict()) - {"model_type"}, where)
+    check_keys(section, config_keys(model_type) - {"model_type"}, where)
     return config_cls(**section)
+
+
+def config_keys(model_type: str) -> set[str]:
+    """The fields an HF config class takes: what it writes, plus the names its `attribute_map` aliases
+    (Qwen3-MoE writes `num_local_experts` and reads the released configs' `num_experts`)."""
+    config_cls = CONFIG_MAPPING[model_type]
+    return set(config_cls().to_dict()) | set(getattr(config_cls, "attribute_map", {}))
 
 
 @dataclass
@@ -223,7 +230,6 @@ def square_side(value) -> int:
 
 def _known_fields(section: dict[str, Any]) -> dict[str, Any]:
     """Keep only the fields of an HF sub-config that matter (drop bookkeeping keys HF adds on save)."""
-    model_type = section["model_type"]
-    allowed = set(CONFIG_MAPPING[model_type]().to_dict())
+    allowed = config_keys(section["model_type"])
     skip = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "id2label", "label2id"}
     return {k: v for k, v in section.items() if k in allowed and k not in skip}

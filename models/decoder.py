@@ -35,10 +35,11 @@ from .attention import (
 from .blind_scores import blind_scores
 from .packed_attention import causal_attention
 from .lora import linear_weight
+from .moe import RouterLogits, feed_forward
 from .plan import LayerPolicy, Plan, Select
 from .routing import Routing
 from .selection import compact, dense_groups, keep_best
-from .streams import Place, RopeTable, Stream, empty_like_visual, present_count, renumbered
+from .streams import Place, RopeTable, Stream, empty_like_visual, injected, present_count, renumbered
 
 
 @dataclass
@@ -79,13 +80,16 @@ def _rows(linear: nn.Linear, heads: list[int] | None, head_dim: int) -> tuple[Te
     return w[idx], None if b is None else b[idx]
 
 
-def project_heads(linear: nn.Linear, x: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
+def project_heads(linear: nn.Linear, x: Tensor, heads: list[int] | None, head_dim: int, norm: nn.Module | None = None) -> Tensor:
     """The projection's output heads `heads` only (all heads: the module itself, so adapters such
-    as LoRA that wrap it apply)."""
+    as LoRA that wrap it apply), then `norm` per head if given (Qwen3's q_norm / k_norm, which act
+    on each head's vector before RoPE, so they commute with the head subset)."""
     if heads is None:
-        return split_heads(linear(x), head_dim)
-    w, b = _rows(linear, heads, head_dim)
-    return split_heads(F.linear(x, w, b), head_dim)
+        out = split_heads(linear(x), head_dim)
+    else:
+        w, b = _rows(linear, heads, head_dim)
+        out = split_heads(F.linear(x, w, b), head_dim)
+    return out if norm is None else norm(out)
 
 
 def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
@@ -213,6 +217,7 @@ class LayerIO(NamedTuple):
     vis: Stream
     keys: Keys  # what text queries attended to (cached for decode)
     scores: Tensor | None = None  # scores for the next layer's selection
+    router: tuple[RouterLogits, ...] = ()  # MoE layers: the router logits of the tokens its FFN processed
 
 
 class PlannedDecoderLayer(nn.Module):
@@ -251,6 +256,8 @@ class LayerRunner:
         self.dh = self.attn.head_dim
         self.n_heads = self.attn.q_proj.out_features // self.dh
         self.n_kv = self.attn.k_proj.out_features // self.dh
+        self.q_norm = getattr(self.attn, "q_norm", None)  # Qwen3: per-head RMSNorm of q and k before RoPE
+        self.k_norm = getattr(self.attn, "k_norm", None)
         self.backend = getattr(layer, "attention", "auto")
 
     def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None,
@@ -285,7 +292,7 @@ class LayerRunner:
         keys = k_text if past is None else past.append(k_text)
         if text_sees_visual:
             keys = keys.append(k_vis)
-        q_text = apply_rope(split_heads(attn.q_proj(x_text), self.dh), text.cos, text.sin)
+        q_text = apply_rope(project_heads(attn.q_proj, x_text, None, self.dh, self.q_norm), text.cos, text.sin)
         if past is None and not text_sees_visual and score_next is None:
             # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
             out_text = causal_attention(q_text, keys.k, keys.v, attn.scaling, text.order, text.valid, text.start, self.backend)
@@ -294,19 +301,25 @@ class LayerRunner:
             base = causal_mask(text.order, text.valid, keys, text.start)
             out_text, scores = self._text_attention(q_text, keys, base, text, vis, query_idx, score_next)
         h_text = text.h + attn.o_proj(merge_heads(out_text))
-        h_text = h_text + self.layer.mlp(self.layer.post_attention_layernorm(h_text))
+        ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h_text), text.valid)
+        h_text = h_text + ffn
+        router = () if routed is None else (routed,)
 
         if update:
             h_vis = vis.h + self._visual_attention(x_vis, vis, k_text, k_vis, heads)
-            if p.visual_ffn > 0:
+            if p.visual_ffn >= 1:
+                ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), vis.valid)
+                router += () if routed is None else (routed,)
+            elif p.visual_ffn > 0:
                 ffn = mlp_fraction(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), p.visual_ffn)
+            if p.visual_ffn > 0:
                 h_vis = h_vis + (ffn if visual_ffn_weight is None else ffn * visual_ffn_weight[..., None])
             vis = vis.with_h(h_vis)
-        return LayerIO(text.with_h(h_text), vis, keys, scores)
+        return LayerIO(text.with_h(h_text), vis, keys, scores, router)
 
     def _keys(self, x: Tensor, tokens: Stream, kv_heads: list[int] | None, visual: bool) -> Keys:
         """K/V of `tokens` (only `kv_heads`, zero elsewhere, when a head subset reads them)."""
-        k = apply_rope(project_heads(self.attn.k_proj, x, kv_heads, self.dh), tokens.cos, tokens.sin)
+        k = apply_rope(project_heads(self.attn.k_proj, x, kv_heads, self.dh, self.k_norm), tokens.cos, tokens.sin)
         v = project_heads(self.attn.v_proj, x, kv_heads, self.dh)
         if kv_heads is not None and len(kv_heads) < self.n_kv:
             full_k = k.new_zeros(k.shape[0], self.n_kv, *k.shape[2:])
@@ -336,13 +349,13 @@ class LayerRunner:
         h, cos, sin = seq(text.h, vis.h), seq(text.cos, vis.cos), seq(text.sin, vis.sin)
         start = None if text.start is None else seq(text.start, vis.start)
         x = self.layer.input_layernorm(h)
-        q = apply_rope(project_heads(self.attn.q_proj, x, None, self.dh), cos, sin)
-        k = apply_rope(project_heads(self.attn.k_proj, x, None, self.dh), cos, sin)
+        q = apply_rope(project_heads(self.attn.q_proj, x, None, self.dh, self.q_norm), cos, sin)
+        k = apply_rope(project_heads(self.attn.k_proj, x, None, self.dh, self.k_norm), cos, sin)
         v = project_heads(self.attn.v_proj, x, None, self.dh)
         keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         out = causal_attention(q, k, v, self.attn.scaling, keys.order, keys.valid, start, self.backend)
         h = h + self.attn.o_proj(merge_heads(out))
-        ffn = self.layer.mlp(self.layer.post_attention_layernorm(h))
+        ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h), keys.valid)
         if visual_ffn_weight is not None:
             ffn = ffn * seq(torch.ones_like(text.h[..., 0]), visual_ffn_weight)[..., None]
         h = h + ffn
@@ -355,7 +368,7 @@ class LayerRunner:
             m_last = causal_mask(torch.gather(keys.order, 1, last), torch.gather(keys.valid, 1, last), keys, last_start)
             probs = last_query_probs(take_heads(q, last), keys, m_last.expand(-1, self.n_heads, -1, -1), self.attn.scaling)
             scores = visual_scores(probs, keys, slot[:, n_text:], score_next, query_of_visual(vis.start, last_start))
-        return LayerIO(text.with_h(h[:, :n_text]), vis.with_h(h[:, n_text:]), keys, scores)
+        return LayerIO(text.with_h(h[:, :n_text]), vis.with_h(h[:, n_text:]), keys, scores, () if routed is None else (routed,))
 
     def _text_attention(self, q: Tensor, keys: Keys, base: Tensor, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None):
         p = self.p
@@ -384,7 +397,7 @@ class LayerRunner:
         """This layer's queries [B, H, Q, dh] of the scoring tokens (normed hidden states `x_text`), and
         their order, validity and sample start [B, Q] (start None in unpacked rows)."""
         rows = scoring_rows(query_idx)
-        q = project_heads(self.attn.q_proj, take_tokens(x_text, rows), None, self.dh)
+        q = project_heads(self.attn.q_proj, take_tokens(x_text, rows), None, self.dh, self.q_norm)
         q = apply_rope(q, take_tokens(text.cos, rows), take_tokens(text.sin, rows))
         start = None if text.start is None else torch.gather(text.start, 1, rows)
         return q, (torch.gather(text.order, 1, rows), torch.gather(text.valid, 1, rows), start)
@@ -401,8 +414,9 @@ class LayerRunner:
         own norm, Q and K (K of every token present, one query per row): PyramidDrop's ranking."""
         src = vis.embed if self.p.visual_kv_source == "embed" else vis.h
         x_text = self.layer.input_layernorm(text.h)
-        k_text = apply_rope(project_heads(self.attn.k_proj, x_text, None, self.dh), text.cos, text.sin)
-        k_vis = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(src), None, self.dh), vis.cos, vis.sin)
+        k_text = apply_rope(project_heads(self.attn.k_proj, x_text, None, self.dh, self.k_norm), text.cos, text.sin)
+        k_vis = apply_rope(project_heads(self.attn.k_proj, self.layer.input_layernorm(src), None, self.dh, self.k_norm),
+                           vis.cos, vis.sin)
         q_last, facts = self._scoring_query(x_text, text, query_idx)
         k = torch.cat([k_text, k_vis], 2)
         keys = Keys(k, k, torch.cat([text.order, vis.order], 1), torch.cat([text.valid, vis.valid], 1),
@@ -429,8 +443,7 @@ class LayerRunner:
     def _visual_attention(self, x_vis: Tensor, vis: Stream, k_text: Keys, k_vis: Keys, heads: list[int] | None) -> Tensor:
         """Attention output (after o_proj) of the visual tokens: their kept heads only."""
         p = self.p
-        q = project_heads(self.attn.q_proj, x_vis, heads, self.dh)
-        q = apply_rope(q, vis.cos, vis.sin)
+        q = apply_rope(project_heads(self.attn.q_proj, x_vis, heads, self.dh, self.q_norm), vis.cos, vis.sin)
         hs = heads if heads is not None else list(range(self.n_heads))
         kv_of = torch.tensor([h * self.n_kv // self.n_heads for h in hs], device=q.device)
         tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.order, k_text.valid, k_text.is_visual)
@@ -479,7 +492,7 @@ def run_decoder(
     rope: RopeTable | None = None,
     rope_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     routing: Routing | None = None,
-) -> tuple[Stream, Stream, list[Keys], dict[int, Keys], Tensor | None]:
+) -> "DecoderOutput":
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
 
     Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
@@ -490,12 +503,13 @@ def run_decoder(
     Plans whose selections renumber positions need `rope` (the RoPE tables of positions 0..P-1) at
     prefill and `rope_fn` (the model's RoPE of a position tensor) at decode, where each layer's new
     token sits at `state.next_rope - state.rope_shift[layer]`.
-    Returns the streams, per-layer keys and the gated cross-attention keys (both only kept when
-    `use_cache` or decoding), and per layer the prompt tokens a renumbering removed before it
-    ([layers, B], None without renumbering).
     Plans that route visual tokens (`LayerPolicy.route`) need `routing` (models/routing.py) at prefill: it
     picks each routed layer's tokens before the layer's (possibly checkpointed) call and puts the
     skipped ones back after it; decoding runs no router (text is never routed).
+    After layer i the visual stream receives its family's injection i, if it carries one
+    (`models.streams.injected`: Qwen3-VL's DeepStack), after the hook; routed-out tokens are in the
+    stream again by then and receive it too.
+    Returns a `DecoderOutput`.
     """
     keep = use_cache or state is not None
     layer_keys: list[Keys] = []
@@ -506,6 +520,7 @@ def run_decoder(
     prompt_tokens = present_count(text, vis) if state is None else None
     shift = torch.zeros_like(text.valid[:, 0], dtype=torch.long)
     shifts = []
+    router: list[RouterLogits] = []
     decode_base = text
     for i, layer in enumerate(lm.layers):
         p = plan.layers[i]
@@ -540,7 +555,9 @@ def run_decoder(
         vis_out = io.vis if routed is None else routing.leave(vis, routed, io.vis)
         replaced = hook(LayerStep(i, layer, p, text, vis, io.text, vis_out, query_idx)) if hook is not None else None
         text, vis = replaced if replaced is not None else (io.text, vis_out)
+        vis = injected(vis, i)
         scores = io.scores
+        router.extend(io.router)
         if state is None and renumbers:
             if p.select is not None and p.select.positions == "renumber":
                 shift = prompt_tokens - present_count(io.text, io.vis)
@@ -548,4 +565,15 @@ def run_decoder(
         if keep:
             layer_keys.append(io.keys)
     rope_shift = torch.stack(shifts) if shifts else (state.rope_shift if state is not None else None)
-    return text, vis, layer_keys, (cross_keys if keep else {}), rope_shift
+    return DecoderOutput(text, vis, layer_keys, cross_keys if keep else {}, rope_shift, router)
+
+
+class DecoderOutput(NamedTuple):
+    """What `run_decoder` gives back."""
+
+    text: Stream
+    vis: Stream
+    keys: list[Keys]  # per layer (the KV cache; kept when use_cache or decoding)
+    cross: dict[int, Keys]  # gated cross-attention keys by layer (same)
+    rope_shift: Tensor | None  # [layers, B] prompt tokens a renumbering removed before each layer (None: none)
+    router: list[RouterLogits]  # every MoE FFN call's router logits, in layer order (the load-balancing loss)

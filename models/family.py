@@ -45,13 +45,16 @@ class VisualTokens(NamedTuple):
     (long): placeholder tokens per image; `keep` [T] (bool) or None: which entries enter the LLM
     after a pre-LLM step (pruning keeps tokens in their slots; pooling writes the pooled tokens into
     the first slots of each image). `scores`: per-token scores a pre-LLM step asked the family for
-    ("dominance": the tower's attention to each token; "cls_similarity": cosine to its unit's CLS)."""
+    ("dominance": the tower's attention to each token; "cls_similarity": cosine to its unit's CLS).
+    `inject` [T, K, d] or None: features added to each token after decoder layers 0..K-1 (Qwen3-VL's
+    DeepStack; `models.streams.injected`)."""
 
     h: Tensor
     place: Tensor
     counts: Tensor
     keep: Tensor | None = None
     scores: dict[str, Tensor] | None = None
+    inject: Tensor | None = None
 
     @property
     def image_of_token(self) -> Tensor:

@@ -31,18 +31,39 @@ VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn", "router
 @dataclass(frozen=True)
 class Shape:
     d: int  # hidden size
-    m: int  # FFN intermediate size
+    m: int  # FFN intermediate size (of the dense layers)
     layers: int
     heads: int
     kv_heads: int
     head_dim: int
+    moe: "MoeShape | None" = None  # mixture-of-experts layers, if any
 
     @staticmethod
     def from_hf(text_config) -> "Shape":
+        from .moe import moe_layers
+
         h = text_config.num_attention_heads
         dh = getattr(text_config, "head_dim", None) or text_config.hidden_size // h
+        sparse = moe_layers(text_config)
+        moe = MoeShape(text_config.num_experts, text_config.num_experts_per_tok, text_config.moe_intermediate_size,
+                       tuple(sparse)) if any(sparse) else None
         return Shape(text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, h,
-                     text_config.num_key_value_heads, dh)
+                     text_config.num_key_value_heads, dh, moe)
+
+    def ffn_per_token(self, layer: int, ffn_mats: int) -> int:
+        """FFN FLOPs of one token in `layer`: the dense MLP, or an MoE layer's *active* parameters (the
+        router's logits over every expert, then its top-k experts' SwiGLU)."""
+        if self.moe is not None and self.moe.layers[layer]:
+            return 2 * self.d * self.moe.experts + self.moe.top_k * 3 * 2 * self.d * self.moe.m
+        return ffn_mats * 2 * self.d * self.m
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    experts: int
+    top_k: int  # experts per token
+    m: int  # each expert's intermediate size
+    layers: tuple[bool, ...]  # which decoder layers are sparse
 
 
 def _proj(n: int, d_in: int, d_out: int) -> int:
@@ -50,18 +71,18 @@ def _proj(n: int, d_in: int, d_out: int) -> int:
 
 
 def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | None, ffn_mats: int, score_next: bool,
-                n_v_xattn: int, past: int = 0) -> tuple[Counter, int]:
+                n_v_xattn: int, past: int = 0, layer: int = 0) -> tuple[Counter, int]:
     """FLOPs (2xMAC) per term of one layer and the visual tokens it leaves for the next one.
 
     `n_v`: visual tokens entering the layer (after this layer's own pre-layer drop/select).
     `n_v_next`: for source=current selection, the tokens kept inside this layer.
-    `past`: cached keys before the new text tokens (decode).
+    `past`: cached keys before the new text tokens (decode); `layer`: its index (MoE layers' FFN).
     """
     t = Counter()
     dq, dkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    ffn = ffn_mats * 2 * s.d * s.m
-    if p.xattn:
-        t["xattn"] += _proj(n_t, s.d, dq) + _proj(n_t, dq, s.d) + n_t * ffn + 4 * s.heads * n_t * n_v_xattn * s.head_dim
+    ffn = s.ffn_per_token(layer, ffn_mats)
+    if p.xattn:  # the block's own MLP is dense
+        t["xattn"] += _proj(n_t, s.d, dq) + _proj(n_t, dq, s.d) + n_t * ffn_mats * 2 * s.d * s.m + 4 * s.heads * n_t * n_v_xattn * s.head_dim
         if past == 0:
             t["xattn"] += 2 * _proj(n_v_xattn, s.d, dkv)
     t["text_proj"] += _proj(n_t, s.d, dq) + 2 * _proj(n_t, s.d, dkv) + _proj(n_t, dq, s.d)
@@ -94,7 +115,9 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
             vis_keys = 1
         t["vis_attn_text"] += 4 * k * n_v * n_t * s.head_dim
         t["vis_attn_vis"] += 4 * k * n_v * vis_keys * s.head_dim
-        if p.visual_ffn > 0:
+        if p.visual_ffn >= 1:
+            t["vis_ffn"] += n_v * ffn
+        elif p.visual_ffn > 0:  # YOPO's neuron fraction (dense layers only: refused on MoE ones)
             kept = max(1, round(p.visual_ffn * s.m))
             t["vis_ffn"] += n_v * ffn_mats * 2 * s.d * kept
     return t, n_v
@@ -210,10 +233,10 @@ def plan_terms(s: Shape, plan: Plan, n_visual: "int | ImageTokens", n_text: int,
         if p.route is not None and n_v:  # routed-out tokens skip this layer only
             total["router"] += _proj(n_v, s.d, 1)
             entering = p.route.budget(n_v - min(extra, n_v)) + min(extra, n_v)
-            terms, _ = layer_terms(s, p, n_text, entering, kept, ffn_mats, score_next and n_v > 0, n_v0)
+            terms, _ = layer_terms(s, p, n_text, entering, kept, ffn_mats, score_next and n_v > 0, n_v0, layer=i)
             present.append(entering)
         else:
-            terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0)
+            terms, n_v = layer_terms(s, p, n_text, n_v, kept, ffn_mats, score_next and n_v > 0, n_v0, layer=i)
             present.append(n_v)
         total.update(terms)
     return total, present
@@ -245,7 +268,7 @@ def decode_flops(s: Shape, plan: Plan, n_visual: int, n_text: int, convention: s
     total = 0
     for i, p in enumerate(plan.layers):
         cached_vis = present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0
-        terms, _ = layer_terms(s, _decode_policy(p), 1, 0, None, ffn_mats, False, n_v0, past=n_text + cached_vis)
+        terms, _ = layer_terms(s, _decode_policy(p), 1, 0, None, ffn_mats, False, n_v0, past=n_text + cached_vis, layer=i)
         total += sum(terms.values())
     return convert(total, convention)
 
@@ -277,6 +300,8 @@ def measure_flops(fn, *args, **kwargs) -> tuple[int, object]:
 
     PyTorch has no FLOP formula for the CPU flash-attention kernel that SDPA dispatches to, so it
     would count attention as zero on CPU; we register the same formula it uses for the CUDA kernels.
+    Nor for `_grouped_mm`, transformers' default kernel for fused MoE experts: every output element is
+    a dot product over the inner dimension, 2 * out.numel() * inner FLOPs.
     """
     import torch
     from torch.utils import flop_counter
@@ -288,6 +313,13 @@ def measure_flops(fn, *args, **kwargs) -> tuple[int, object]:
             return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
         flop_counter.register_flop_formula(cpu_sdpa)(cpu_sdpa_flop)
+    grouped = torch.ops.aten._grouped_mm
+    if grouped not in flop_counter.flop_registry:
+
+        def grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs):
+            return 2 * math.prod(out_shape) * a_shape[-1]
+
+        flop_counter.register_flop_formula(grouped)(grouped_mm_flop)
     with flop_counter.FlopCounterMode(display=False) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops(), result

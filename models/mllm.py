@@ -24,6 +24,7 @@ from .config import MLLMConfig
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
+from .moe import is_moe, load_balancing_loss
 from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
@@ -47,6 +48,7 @@ class MLLMOutput:
     cache: "DecodeState | None" = None
     aux_loss: Tensor | None = None  # routed plans: the routers' auxiliary loss (models/routing.py), to add to the loss
     route_stats: "dict[int, RouteStats] | None" = None  # routed plans: per routed layer, what its router did
+    moe_aux_loss: Tensor | None = None  # MoE LLMs: the load-balancing loss over the routed tokens (models/moe.py), unweighted
 
 
 class MLLM(nn.Module):
@@ -88,6 +90,11 @@ class MLLM(nn.Module):
         if len(plan.layers) != n:
             raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
         plan.validate(self.text_config.num_attention_heads)
+        for i, (policy, layer) in enumerate(zip(plan.layers, self.language_model.layers)):
+            if 0 < policy.visual_ffn < 1 and is_moe(layer.mlp):
+                raise ValueError(f"plan {plan.name!r}: layer {i} is a mixture-of-experts FFN, where visual_ffn={policy.visual_ffn} "
+                                 "(YOPO's fraction of FFN neurons) has no defined meaning; use visual_ffn=1 (all of the routed "
+                                 "experts) or 0 (no FFN) there")
         if plan.renumbers and not self.family.renumbers_positions:
             raise ValueError(f"plan {plan.name!r} renumbers RoPE positions (select.positions=renumber), which has no meaning "
                              f"for the {self.family.name} family's positions; use select.positions=keep")
@@ -271,8 +278,12 @@ class MLLM(nn.Module):
         place[..., Place.IMAGE][layout.vis_valid] = torch.repeat_interleave(image_in_row, tokens.counts)
         rope_pos = take_positions(positions, layout.vis_index)
         start = None if layout.start is None else torch.gather(layout.start, 1, layout.vis_index)
+        inject = None
+        if tokens.inject is not None:  # DeepStack: each token's features for the first decoder layers
+            inject = h.new_zeros(b, v, *tokens.inject.shape[1:])
+            inject[layout.vis_valid] = tokens.inject.to(h.dtype)
         vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h,
-                     start=start)
+                     start=start, inject=inject)
         if tokens.keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
             kept = torch.zeros_like(layout.vis_valid)
             kept[layout.vis_valid] = tokens.keep
@@ -340,7 +351,7 @@ class MLLM(nn.Module):
         positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index)
         routing = self.routing()
-        text, vis, keys, cross, rope_shift = run_decoder(
+        decoded = run_decoder(
             self.language_model,
             self.plan,
             text,
@@ -354,7 +365,8 @@ class MLLM(nn.Module):
             rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
             routing=routing,
         )
-        out = MLLMOutput()
+        text, vis = decoded.text, decoded.vis
+        out = MLLMOutput(moe_aux_loss=self.router_loss(decoded.router))
         if routing is not None:
             out.aux_loss, out.route_stats = routing.aux_loss, routing.stats
         if labels is not None:
@@ -367,7 +379,7 @@ class MLLM(nn.Module):
             out.logits = self.lm_logits(last_valid_hidden(text))
         if use_cache:
             n = attention_mask.long().sum(1)
-            out.cache = DecodeState(keys, n, next_positions(positions, attention_mask), cross, rope_shift)
+            out.cache = DecodeState(decoded.keys, n, next_positions(positions, attention_mask), decoded.cross, decoded.rope_shift)
         return out
 
 
@@ -387,12 +399,19 @@ class MLLM(nn.Module):
         h = self.language_model.embed_tokens(token_ids[:, None])
         text = Stream(h, order, torch.ones_like(order, dtype=torch.bool), *self.rope(h, rope))
         idx = torch.zeros_like(token_ids)
-        text, _, state.keys, state.xattn, _ = run_decoder(
-            self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state, rope_fn=self.rope
-        )
+        decoded = run_decoder(self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state, rope_fn=self.rope)
+        text, state.keys, state.xattn = decoded.text, decoded.keys, decoded.cross
         state.next_order = state.next_order + 1
         state.next_rope = state.next_rope + 1
         return self.lm_logits(text.h[:, 0])
+
+    def router_loss(self, router: list) -> Tensor | None:
+        """The MoE load-balancing loss (unweighted) over the tokens each MoE layer's FFN processed under
+        the plan (models/moe.py); None for dense LLMs. Training adds it times `router_aux_loss_coef`."""
+        if not router:
+            return None
+        t = self.text_config
+        return load_balancing_loss(router, t.num_experts, t.num_experts_per_tok)
 
     def lm_logits(self, h: Tensor) -> Tensor:
         """Next-token logits of final hidden states (final norm, then the LM head)."""

@@ -55,6 +55,7 @@ class Stream(NamedTuple):
     place: Tensor | None = None  # visual only: [B, N, len(Place)] (long)
     embed: Tensor | None = None  # visual only: layer-0 embedding (projector output) [B, N, d]
     start: Tensor | None = None  # packed rows only: sequence order of the first token of each token's sample [B, N]
+    inject: Tensor | None = None  # visual only: [B, N, K, d] added to the token after decoder layers 0..K-1 (`injected`)
 
     @property
     def n(self) -> int:
@@ -90,6 +91,19 @@ class Stream(NamedTuple):
 
     def with_h(self, h: Tensor) -> "Stream":
         return self._replace(h=h)
+
+
+def injected(vis: Stream, layer: int) -> Stream:
+    """The visual stream after decoder layer `layer` takes its injection: Qwen3-VL's DeepStack adds
+    features of earlier tower blocks to the visual tokens after each of the first K layers. The
+    features travel in the stream (`Stream.inject`), so they follow their tokens through every
+    selection, pooling and drop, and a token that left takes its injections with it. They are added to
+    the hidden state whether the layer updated the token or not (a frozen token still receives them)
+    and to `embed`, the bypass stream that ViCA-style layers read their visual K/V from."""
+    if vis.inject is None or layer >= vis.inject.shape[2] or vis.n == 0:
+        return vis
+    add = vis.inject[:, :, layer].to(vis.h.dtype)
+    return vis._replace(h=vis.h + add, embed=None if vis.embed is None else vis.embed + add)
 
 
 def images_per_row(vis: Stream) -> Tensor:

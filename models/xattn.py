@@ -16,13 +16,19 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP as Qwen25VLMLP
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2MLP as Qwen2VLMLP
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextMLP
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextMLP
 
 from .gathered import gathered
 from .attention import Keys, attend, merge_heads, split_heads
 
 
-# text config model_type -> its decoder layers' MLP
-MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP, "qwen2_vl_text": Qwen2VLMLP, "qwen2_5_vl_text": Qwen25VLMLP}
+# text config model_type -> its decoder layers' (dense) MLP; MoE LLMs' blocks get the dense MLP of
+# `intermediate_size` that their dense layers use
+MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP, "qwen2_vl_text": Qwen2VLMLP, "qwen2_5_vl_text": Qwen25VLMLP, "qwen3": Qwen3MLP,
+        "qwen3_moe": Qwen3MoeMLP, "qwen3_vl_text": Qwen3VLTextMLP, "qwen3_vl_moe_text": Qwen3VLMoeTextMLP}
 
 
 def family_mlp(config: PretrainedConfig) -> nn.Module:

@@ -35,6 +35,19 @@ def tiny_config(vision: str = "clip", text: str = "llama", text_layers: int = 3,
     return MLLMConfig(**args)
 
 
+def qwen3_text(moe: bool = False, text_layers: int = 3, **overrides) -> dict:
+    """A tiny Qwen3 (or Qwen3-MoE: 4 experts, 2 per token) text config section: per-head q/k norms,
+    head_dim 16 (Qwen3's own field; 128 by default)."""
+    text = dict(model_type="qwen3_moe" if moe else "qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.01)
+    else:
+        text["head_dim"] = 16
+    return text | overrides
+
+
 def tiny_model(seed: int = 0, **kw):
     from models import MLLM
 

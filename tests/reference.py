@@ -26,13 +26,16 @@ import torch.nn.functional as F
 from models.attention import apply_rope
 from models.blind_scores import blind_scores, row_image_keys
 from models.mllm import images_of_rows
+from models.moe import RouterLogits, is_moe
 from models.plan import Select
 from models.streams import Place, Stream, visual_mask
 
 
-def _heads(x, dh):
+def _heads(x, dh, norm=None):
+    """[B, N, H*dh] -> [B, H, N, dh], then the layer's per-head norm (Qwen3's q_norm / k_norm) if any."""
     b, n, _ = x.shape
-    return x.view(b, n, -1, dh).transpose(1, 2)
+    out = x.view(b, n, -1, dh).transpose(1, 2)
+    return out if norm is None else norm(out)
 
 
 def _scores_and_select(probs_q, v, vis_mask, sel: Select, present, place):
@@ -108,10 +111,12 @@ def visual_places(model, is_vis, tokens):
 
 @torch.no_grad()
 def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None, image_sizes=None, prompt_len=None,
-                     step_seconds=None):
+                     step_seconds=None, router=None):
     """Text logits [B, L, V] of `model` (its plan) computed the slow masked way; only the first
     `prompt_len` columns hold images (generated tokens are text, whatever their id); videos come among
-    the images in prompt order with `step_seconds` (models/video.py)."""
+    the images in prompt order with `step_seconds` (models/video.py). `router`: a list that receives each
+    MoE layer's router logits of every position, with the positions whose FFN counts (valid, present and
+    updated) as the mask (`models.moe.RouterLogits`)."""
     cfg, plan, lm = model.config, model.plan, model.language_model
     tcfg = model.text_config
     b, L = input_ids.shape
@@ -166,8 +171,9 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         here = present & ~absent
         x = layer.input_layernorm(h)
         xkv = torch.where(is_vis[..., None], layer.input_layernorm(embed), x) if p.visual_kv_source == "embed" else x
-        q = apply_rope(_heads(attn.q_proj(x), dh), cos, sin)
-        k = apply_rope(_heads(attn.k_proj(xkv), dh), cos, sin).repeat_interleave(n_rep, 1)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        q = apply_rope(_heads(attn.q_proj(x), dh, q_norm), cos, sin)
+        k = apply_rope(_heads(attn.k_proj(xkv), dh, k_norm), cos, sin).repeat_interleave(n_rep, 1)
         v = _heads(attn.v_proj(xkv), dh).repeat_interleave(n_rep, 1)
         logits = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H, L, L]
         key_ok = valid & here
@@ -178,8 +184,8 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
             key_ok = valid & present
             if p.select.positions == "renumber":  # scored at the old positions, the layer runs at the new ones
                 cos, sin = lm.rotary_emb(h, _ranks(key_ok))
-                q = apply_rope(_heads(attn.q_proj(x), dh), cos, sin)
-                k = apply_rope(_heads(attn.k_proj(xkv), dh), cos, sin).repeat_interleave(n_rep, 1)
+                q = apply_rope(_heads(attn.q_proj(x), dh, q_norm), cos, sin)
+                k = apply_rope(_heads(attn.k_proj(xkv), dh, k_norm), cos, sin).repeat_interleave(n_rep, 1)
                 logits = (q @ k.transpose(-1, -2)) * attn.scaling
         base = causal & key_ok[:, None, :]
         heads_ok = torch.zeros(H, dtype=torch.bool)
@@ -218,12 +224,17 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         h = h + o * update[..., None]
         y = layer.post_attention_layernorm(h)
         m = layer.mlp
-        inner = m.act_fn(m.gate_proj(y)) * m.up_proj(y)
-        n_keep = max(1, round(p.visual_ffn * inner.shape[-1])) if p.visual_ffn > 0 else 0
-        neuron_ok = torch.arange(inner.shape[-1]) < n_keep
-        inner = torch.where(is_vis[..., None], inner * neuron_ok, inner)
         ffn_ok = text_q | (is_vis & torch.tensor(p.updates_visual and p.visual_ffn > 0))
-        h = h + m.down_proj(inner) * ffn_ok[..., None] * gate[..., None]
+        if is_moe(m):  # every token routed on its own: computing all of them and masking is exact
+            ffn = m(y)
+            if router is not None:
+                router.append(RouterLogits(m.gate(y.reshape(-1, y.shape[-1]))[0], (ffn_ok & valid & here).reshape(-1)))
+        else:
+            inner = m.act_fn(m.gate_proj(y)) * m.up_proj(y)
+            n_keep = max(1, round(p.visual_ffn * inner.shape[-1])) if p.visual_ffn > 0 else 0
+            neuron_ok = torch.arange(inner.shape[-1]) < n_keep
+            ffn = m.down_proj(torch.where(is_vis[..., None], inner * neuron_ok, inner))
+        h = h + ffn * ffn_ok[..., None] * gate[..., None]
         if p.route is not None:
             h = torch.where(absent[..., None], h_in * (gate if p.route.skipped == "scaled" else torch.ones_like(gate))[..., None], h)
     return model.lm_head(lm.norm(h))

@@ -125,7 +125,11 @@ class MLLMModule(L.LightningModule):
                                f"counts {counted}: the accumulation window's normalisation would be wrong")
         tokens, index, length = batch.window or self._own_window(counted)
         tokens = max(self._over_ranks(tokens), 1)  # a step without supervised tokens: loss 0, no gradient
-        loss = self.nonfinite.check(self, out.loss_sum / tokens * loss_scale(self.trainer), bs)  # NaN on every rank if any is
+        objective = out.loss_sum / tokens
+        if out.moe_aux_loss is not None:  # MoE LLM: the load-balancing loss, averaged over the window's micro-batches and ranks
+            objective = objective + self.model.text_config.router_aux_loss_coef * out.moe_aux_loss / (length * self.trainer.world_size)
+            self.log("train/moe_aux_loss", out.moe_aux_loss.detach(), batch_size=bs, sync_dist=True)
+        loss = self.nonfinite.check(self, objective * loss_scale(self.trainer), bs)  # NaN on every rank if any is
         share = out.loss_sum.detach() / tokens if torch.isfinite(loss) else loss.detach()
         self._step_loss = share if index == 0 else self._step_loss + share
         if index == length - 1 and torch.isfinite(self._step_loss):

@@ -84,7 +84,7 @@ class InternVLFamily(LlavaFamily):
     hf_model_type = "internvl"
     hf_architecture = "InternVLForConditionalGeneration"
     vision_types = {"internvl_vision": "internvit"}
-    text_types = {"qwen2": "qwen2", "llama": "llama"}
+    text_types = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
     variable_tokens = True
     image_wrap = ("<img>", "</img>")  # transformers' InternVLProcessor: start_image_token, end_image_token
     hf_processor_class = "InternVLProcessor"

@@ -88,7 +88,7 @@ class LlavaFamily(Family):
     hf_model_type = "llava"
     hf_architecture = "LlavaForConditionalGeneration"
     vision_types = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-    text_types = {"llama": "llama", "qwen2": "qwen2"}
+    text_types = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
 
     # --- configuration ------------------------------------------------------------------------
     def validate(self, config: MLLMConfig) -> None:

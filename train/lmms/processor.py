@@ -16,7 +16,8 @@ from models.original_layout import is_original
 from .preprocess import ImageProcessing
 from .prompts import PromptEncoder, jinja_template
 
-FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml", "qwen2_vl": "chatml", "qwen2_5_vl": "chatml"}  # data/chat.py template when a checkpoint has none
+FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml", "qwen2_vl": "chatml", "qwen2_5_vl": "chatml", "qwen3": "chatml",
+                    "qwen3_moe": "chatml"}  # data/chat.py template when a checkpoint has none
 ORIGINAL_LAYOUT_TEMPLATE = "vicuna_v1"  # the original LLaVA-1.5's and MobileVLM V2's (models/original_layout.py)
 CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_template.jinja", "chat_template.json", "generation_config.json"
 
