@@ -91,6 +91,12 @@ def pool_tokens(tokens: VisualTokens, kernel: int) -> VisualTokens:
     slot = image_start[w_image] + rank
     out_h = torch.zeros_like(h)
     out_h[slot] = pooled[by_first].to(h.dtype)
+    out_inject = None
+    if tokens.inject is not None:  # a pooled token's injections are its window's mean too (they add to h)
+        inject = tokens.inject
+        means = inject.new_zeros(n_windows, *inject.shape[1:]).index_add_(0, window, inject) / size[:, None, None].to(inject.dtype)
+        out_inject = torch.zeros_like(inject)
+        out_inject[slot] = means[by_first]
     out_place = torch.zeros_like(place)
     lead = first[by_first]
     out_place[slot] = place[lead]
@@ -100,7 +106,7 @@ def pool_tokens(tokens: VisualTokens, kernel: int) -> VisualTokens:
     out_place[slot, Place.PATCH] = rank
     keep = torch.zeros(t, dtype=torch.bool, device=h.device)
     keep[slot] = True
-    return tokens._replace(h=out_h, place=out_place, keep=keep)
+    return tokens._replace(h=out_h, place=out_place, keep=keep, inject=out_inject)
 
 
 def apply_pre_llm(tokens: VisualTokens, pre: PreSelect | None) -> VisualTokens:

@@ -37,13 +37,14 @@ def tower_flops(config, layers: int | None = None) -> int:
 
 
 def vision_flops_of_batch(config, pixel_values, image_sizes) -> dict[str, int]:
-    """Tower and projector FLOPs of every image of a batch, summed (images without a size, as
-    LLaVA-1.5 gives them, count as one tower-sized image)."""
+    """Tower and projector FLOPs (and any other part a family counts: Qwen3-VL's DeepStack mergers)
+    of every image of a batch, summed (images without a size, as LLaVA-1.5 gives them, count as one
+    tower-sized image)."""
     family = config.model_family
     n = family.image_count(pixel_values, image_sizes)
     sizes = image_sizes.tolist() if image_sizes is not None else [(config.tile_size, config.tile_size)] * n
     total = {"tower": 0, "projector": 0}
     for size in sizes:
         for part, flops in family.vision_flops(config, tuple(int(v) for v in size)).items():
-            total[part] += flops
+            total[part] = total.get(part, 0) + flops
     return total

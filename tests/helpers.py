@@ -180,6 +180,28 @@ def tiny_qwen_config(family: str = "qwen2_vl", text_layers: int = 3, **overrides
     return MLLMConfig(**args)
 
 
+def tiny_qwen3_vl_config(moe: bool = False, text_layers: int = 3, **overrides):
+    """A tiny Qwen3-VL (or Qwen3-VL-MoE: 4 experts, 2 per token) config: patches of 4 px merged 2 x 2
+    (one token per 8 x 8 pixels, as `tiny_qwen_config`), a 4 x 4 learned position table, DeepStack from
+    both tower blocks (added after decoder layers 0 and 1), interleaved M-RoPE sections [4, 2, 2] over
+    head_dim 16."""
+    from models import MLLMConfig
+
+    family = "qwen3_vl_moe" if moe else "qwen3_vl"
+    vision = dict(model_type=f"{family}_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(model_type=f"{family}_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.01)
+    args = dict(vision=vision, text=text, family=family, image_token_id=3, token_ids=dict(QWEN_TOKENS),
+                min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 64, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    args.update(overrides)
+    return MLLMConfig(**args)
+
+
 def qwen_images(seed: int = 0):
     """A wide (3 x 5 tokens), a tall (5 x 2) and an odd-sized image (resized to 4 x 3 tokens)."""
     from PIL import Image
@@ -189,25 +211,33 @@ def qwen_images(seed: int = 0):
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((24, 40), (40, 16), (33, 27))]
 
 
-def qwen_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5, images=None):
-    """One image per row as the Qwen processors lay it out (`<|vision_start|>` + one `<|image_pad|>`
-    per token + `<|vision_end|>`), left padding to the longest row plus `pad_left[i]`: ids, mask,
-    pixel_values [sum t*h*w, 96] (every image's patches, concatenated), image_grid_thw [n, 3] and
-    mm_token_type_ids."""
+def qwen_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix: int = 3, suffix: int = 5, images=None,
+               images_per_row: list[int] | None = None):
+    """Rows of images as the Qwen processors lay them out (`<|vision_start|>` + one `<|image_pad|>`
+    per token + `<|vision_end|>`, text between), one image per row unless `images_per_row` says how
+    many of the images (in order) each row holds (0: a text-only row), left padding to the longest row
+    plus `pad_left[i]`: ids, mask, pixel_values [sum t*h*w, patch pixels] (every image's patches,
+    concatenated), image_grid_thw [n, 3] and mm_token_type_ids."""
     processor = config.model_family.image_processor(config)
     processed = [processor(image) for image in (images or qwen_images(seed))]
+    per_row = images_per_row or [1] * len(processed)
     g = torch.Generator().manual_seed(seed)
     vocab = config.hf_text_config().vocab_size
     start, end = config.token_ids["vision_start_token_id"], config.token_ids["vision_end_token_id"]
-    rows = []
-    for image in processed:
-        n_v = config.tokens_per_image(image.size)
-        text = torch.randint(7, vocab, (prefix + suffix,), generator=g)
-        rows.append(torch.cat([text[:prefix], torch.tensor([start]), torch.full((n_v,), config.image_token_id),
-                               torch.tensor([end]), text[prefix:]]))
+    rows, queue = [], iter(processed)
+    for count in per_row:
+        parts = [torch.randint(7, vocab, (prefix,), generator=g)]
+        for _ in range(count):
+            n_v = config.tokens_per_image(next(queue).size)
+            parts += [torch.tensor([start]), torch.full((n_v,), config.image_token_id), torch.tensor([end]),
+                      torch.randint(7, vocab, (2,), generator=g)]
+        parts.append(torch.randint(7, vocab, (suffix,), generator=g))
+        rows.append(torch.cat(parts))
+    used = sum(per_row)
     ids, mask = left_padded(rows, pad_left)
     types = ((ids == config.image_token_id) & mask.bool()).long()
-    return ids, mask, torch.cat([im.pixels for im in processed]), torch.tensor([im.size for im in processed]), types
+    return (ids, mask, torch.cat([im.pixels for im in processed[:used]]), torch.tensor([im.size for im in processed[:used]]),
+            types)
 
 
 def qwen_frames(seed: int = 0):

@@ -128,11 +128,16 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
     h = lm.embed_tokens(input_ids)
     present = valid.clone()
     tokens = model.encode_images(pixel_values, image_sizes) if is_vis.any() else None
+    inject = None
     if tokens is not None:
         h[is_vis] = tokens.h.to(h.dtype)
         if tokens.keep is not None:
             present[is_vis] = tokens.keep
-    embed = h.clone()
+        if tokens.inject is not None:  # DeepStack: added to the visual tokens present after layers 0..K-1
+            inject = h.new_zeros(b, L, *tokens.inject.shape[1:])
+            inject[is_vis] = tokens.inject.to(h.dtype)
+    embed = h.clone()  # the bypass stream (ViCA's K/V source), which receives the injections too
+    projected = h.clone()  # the projector output that gated cross-attention blocks read
     entered = is_vis & present  # visual tokens that enter the LLM (gated blocks read all of them)
     place = visual_places(model, is_vis, tokens)
     image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
@@ -162,7 +167,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
             cos, sin = lm.rotary_emb(h, _ranks(valid & present))
         if p.xattn:
             block = model.xattn[str(li)]
-            h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(embed, pos, entered)), h)
+            h = torch.where(text_q[..., None], block(h, pos, block.visual_keys(projected, pos, entered)), h)
         h_in, absent, gate = h, torch.zeros_like(valid), torch.ones_like(valid, dtype=h.dtype)
         if p.route is not None:  # tokens the router leaves out are absent from this layer only
             candidates = is_vis & present & ~place[..., Place.EXTRA].bool()
@@ -237,6 +242,9 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
         h = h + ffn * ffn_ok[..., None] * gate[..., None]
         if p.route is not None:
             h = torch.where(absent[..., None], h_in * (gate if p.route.skipped == "scaled" else torch.ones_like(gate))[..., None], h)
+        if inject is not None and li < inject.shape[2]:  # frozen and routed-out tokens too; pruned or withdrawn ones are gone
+            add = inject[:, :, li] * (is_vis & present & valid)[..., None]
+            h, embed = h + add, embed + add
     return model.lm_head(lm.norm(h))
 
 

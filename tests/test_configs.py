@@ -45,6 +45,21 @@ def test_llava15_shapes_match_the_paper():
         assert abs(total - n_params) / n_params < 0.01, (name, total)
 
 
+@pytest.mark.parametrize("name, n_params, n_vision", [
+    ("qwen3_vl_8b", 8.77e9, 0.416e9),        # the Hub card of Qwen/Qwen3-VL-8B-Instruct: 8.77B
+    ("qwen3_vl_30b_a3b", 31.07e9, 0.416e9),  # Qwen/Qwen3-VL-30B-A3B-Instruct: 31.1B
+    ("internvl3_5_8b", 8.5e9, 0.304e9),      # InternVL's table: 0.3B vision + 8.2B language
+])
+def test_qwen3_generation_shapes_match_the_released_models(name, n_params, n_vision):
+    cfg = compose_train([f"model={name}"])
+    mcfg = MLLMConfig.from_dict(OmegaConf.to_container(cfg.model.config, resolve=True))
+    with torch.device("meta"):
+        model = MLLM.from_config(mcfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - n_params) / n_params < 0.01, (name, total)
+    assert abs(sum(p.numel() for p in model.vision_tower.parameters()) - n_vision) / n_vision < 0.01
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("logger", LOGGERS)
 @pytest.mark.parametrize("data", DATA)
@@ -162,3 +177,56 @@ def test_sincos_vision_positions_for_towers_built_from_config(tmp_path):
                       model.vision_tower.embeddings.position_embedding.weight)
     with pytest.raises(ConfigError, match="vision_position_init must be"):
         ModelSource(**{**cfg, "vision_position_init": "sincos"})
+
+
+QWEN3_RECIPES = {  # Qwen's qwen-vl-finetune README (full and TRL LoRA); InternVL's internvl3_5_8b_sft.sh
+    "qwen3_vl_8b_finetune": dict(model="qwen3_vl_8b", global_batch=128, lr=1e-6, projector_lr=1e-5, weight_decay=0.01,
+                                 strategy="deepspeed_zero3", stage="finetune", peft="none", max_length=4096),
+    "qwen3_vl_8b_lora": dict(model="qwen3_vl_8b", global_batch=4, lr=2e-5, projector_lr=None, weight_decay=0.0,
+                             strategy="auto", stage="finetune", peft="lora", max_length=4096),
+    "qwen3_vl_30b_a3b_finetune": dict(model="qwen3_vl_30b_a3b", global_batch=128, lr=1e-6, projector_lr=1e-5, weight_decay=0.01,
+                                      strategy="deepspeed_zero3", stage="finetune", peft="none", max_length=4096),
+    "internvl3_5_8b_finetune": dict(model="internvl3_5_8b", global_batch=512, lr=8e-5, projector_lr=None, weight_decay=0.05,
+                                    strategy="deepspeed_zero3", stage="scratch", peft="none", max_length=32768),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(QWEN3_RECIPES))
+def test_qwen3_generation_recipes_carry_the_published_hyper_parameters(recipe):
+    from train.builders import register_resolvers
+
+    register_resolvers()
+    want = QWEN3_RECIPES[recipe]
+    devices = 1 if want["strategy"] == "auto" else 8
+    cfg = compose_train([f"experiment={recipe}", f"trainer.devices={devices}", "trainer.max_steps=100"])
+    assert cfg.model.name == want["model"] and cfg.data.packing is True and cfg.data.max_length == want["max_length"]
+    assert cfg.data.batch_size * devices * cfg.trainer.accumulate_grad_batches == want["global_batch"]
+    assert (cfg.optim.lr, cfg.optim.projector_lr, cfg.optim.weight_decay, cfg.optim.warmup_ratio) == (
+        want["lr"], want["projector_lr"], want["weight_decay"], 0.03)
+    assert (cfg.strategy.name, cfg.stage.name, cfg.peft.name) == (want["strategy"], want["stage"], want["peft"])
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing is True
+    if recipe.startswith("qwen3"):
+        assert dict(cfg.model.preprocessing) == {"min_pixels": 12544, "max_pixels": 451584}
+    if want["peft"] == "lora":
+        assert (cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout) == (64, 16, 0.05)
+    with pytest.raises(Exception, match="model.pretrained is required"):
+        cfg.model.pretrained
+
+
+def test_preprocessing_bounds_apply_to_a_checkpoint(tmp_path):
+    """`model.preprocessing` replaces a loaded checkpoint's resolution bounds (what the data path resizes
+    to and what the export records), and unknown keys are refused."""
+    import torch
+
+    from models import MLLM
+    from tests.helpers import tiny_qwen3_vl_config
+    from train.model_source import ModelSource
+
+    MLLM.from_config(tiny_qwen3_vl_config()).save_pretrained(tmp_path / "ckpt")
+    source = ModelSource(name="x", pretrained=str(tmp_path / "ckpt"), preprocessing={"min_pixels": 1024, "max_pixels": 2048})
+    assert (source.mllm_config.min_pixels, source.mllm_config.max_pixels) == (1024, 2048)
+    model = source.build()
+    assert (model.config.min_pixels, model.config.max_pixels) == (1024, 2048)
+    assert isinstance(next(model.parameters()), torch.Tensor)
+    with pytest.raises(ConfigError, match="model.preprocessing: unknown key"):
+        ModelSource(name="x", preprocessing={"max_pixel": 1})

@@ -22,7 +22,7 @@ def test_vision_flops_equal_the_flop_counter(family):
         one, thw = pixels[start : start + n], torch.tensor([grid])
         start += n
         with torch.no_grad():
-            tower, (features, _, _) = measure_flops(model.family.run_tower, model.vision_tower, one, thw, False)
+            tower, (features, *_) = measure_flops(model.family.run_tower, model.vision_tower, one, thw, False)
             projector, _ = measure_flops(model.multi_modal_projector, features)
         want = model.family.vision_flops(model.config, tuple(grid))
         assert want == {"tower": tower, "projector": projector}, grid

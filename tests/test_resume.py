@@ -81,6 +81,14 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate, model):
 
 
 @pytest.mark.slow
+def test_killed_qwen3_vl_moe_run_resumes_on_the_same_loss_curve(tmp_path):
+    """Qwen3-VL-MoE (DeepStack, a Qwen3-MoE LLM whose load-balancing loss is part of every step's objective),
+    under accumulation: one variant only, the machinery is the families' shared one above."""
+    assert_killed_run_resumes(tmp_path, ["trainer.accumulate_grad_batches=2", "model=tiny_qwen3vl_moe", "data=synthetic_hires",
+                                         "model.config.vision.depth=2"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_killed_packed_run_resumes_on_the_same_loss_curve(tmp_path, model):
     """data.packing=true (data/packing.py): a buffer's packs are rebuilt on resume and its taken batches skipped."""

@@ -231,3 +231,24 @@ def test_the_main_job_trains_mobilevlm_and_evaluates_its_original_layout_export(
     proc, pooled = evaluate(tmp_path, f"model.pretrained={run / 'export'}", "arch=pool", "eval.noimage=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pooled["arch"] == "pool" and 0 < pooled["metrics"]["eff/flops_ratio"] < 1 and "val/acc/fine" in pooled["metrics"]
+
+
+def test_the_high_resolution_job_trains_qwen3_vl_moe_with_accumulation(tmp_path):
+    """`python -m train experiment=hires model=tiny_qwen3vl_moe` (DeepStack, interleaved M-RoPE, a Qwen3-MoE
+    LLM) under gradient accumulation: trains with the load-balancing loss logged, evaluates, records the
+    tower's, projector's and DeepStack mergers' FLOPs, and exports a directory transformers'
+    Qwen3VLMoeForConditionalGeneration loads, whose logits equal ours."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from models import MLLM
+
+    run, summary = hires_job(tmp_path, "tiny_qwen3vl_moe-qwen3_vl_moe-dense", "model=tiny_qwen3vl_moe", "model.config.vision.depth=2")
+    assert summary["export_class"] == "Qwen3VLMoeForConditionalGeneration"
+    metrics = summary["metrics"]
+    assert metrics["eff/tower_tflops"] > metrics["eff/deepstack_tflops"] > metrics["eff/projector_tflops"] > 0
+    assert metrics["train/moe_aux_loss"] > 0  # the Switch loss of 8 experts, 2 per token: 2 when perfectly balanced
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(run / "export").eval()
+    ours = MLLM.from_pretrained(run / "export").eval()
+    ids = torch.tensor([[7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-5)

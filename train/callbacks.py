@@ -76,6 +76,8 @@ class EfficiencyMetrics(L.Callback):
                 "eff/flops_ratio": plan_flops / dense_flops if dense_flops else 1.0,
                 "eff/tower_tflops": convert(vision["tower"], self.convention) / len(rows) / 1e12,
                 "eff/projector_tflops": convert(vision["projector"], self.convention) / len(rows) / 1e12,
+                **({"eff/deepstack_tflops": convert(vision["deepstack"], self.convention) / len(rows) / 1e12}
+                   if "deepstack" in vision else {}),
                 "eff/peak_mem_mb": peak_memory_mb(ids.device),
             },
             sync_dist=True,

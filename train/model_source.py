@@ -8,7 +8,7 @@ tokenizer is the checkpoint's (or `tokenizer`), else one trained on the task's t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +29,7 @@ from models.plan import Plan
 from models.vision import init_sincos_positions
 
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREPROCESSING = ("min_pixels", "max_pixels", "max_tiles")  # resolution bounds a run may set on any model, a checkpoint included
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ModelSource:
     # images one sample may hold; None: any number (LLaVA-1.5 takes several per row, like HF's
     # LlavaForConditionalGeneration); samples with more are skipped and counted (too_many_images)
     max_images_per_sample: int | None = None
+    # resolution bounds that replace the model's own, whether it is built from `config` or loaded from a
+    # checkpoint (a fine-tuning recipe's pixel budget on a released model): keys of PREPROCESSING
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self, "model")
@@ -64,6 +68,9 @@ class ModelSource:
             raise ConfigError(f"model.vision_position_init must be 'random' or 'sincos2d', got {self.vision_position_init!r}")
         if self.max_images_per_sample is not None and self.max_images_per_sample < 1:
             raise ConfigError(f"model.max_images_per_sample must be >= 1 or null (no limit), got {self.max_images_per_sample}")
+        unknown = sorted(set(self.preprocessing) - set(PREPROCESSING))
+        if unknown:
+            raise ConfigError(f"model.preprocessing: unknown key(s) {unknown}; it sets {list(PREPROCESSING)}")
         if self.pretrained and (self.vision_pretrained or self.llm_pretrained):
             raise ConfigError("set either model.pretrained (a llava directory) or model.vision_pretrained/llm_pretrained, not both")
         if self.vision_tower and not self.pretrained:
@@ -74,9 +81,8 @@ class ModelSource:
     def mllm_config(self) -> MLLMConfig:
         """The model's configuration (`MLLMConfig`): the checkpoint's when loading a llava directory,
         else the preset's `config`. (The plan is `arch`, resolved by `plan`.)"""
-        if self.pretrained:
-            return MLLMConfig.from_hf(read_config(self.pretrained, self.vision_tower))
-        return MLLMConfig.from_dict(self.config)
+        config = MLLMConfig.from_hf(read_config(self.pretrained, self.vision_tower)) if self.pretrained else MLLMConfig.from_dict(self.config)
+        return replace(config, **self.preprocessing) if self.preprocessing else config
 
     def plan(self, arch: dict[str, Any] | None) -> Plan:
         """The `arch` config resolved for this model's depth and heads (fails at config time); no
@@ -112,6 +118,7 @@ class ModelSource:
         dtype = DTYPES[self.dtype]
         if self.pretrained:
             model = MLLM.from_pretrained(self.pretrained, dtype=dtype, vision_tower=self.vision_tower)
+            model.config = self.mllm_config  # the checkpoint's, with the run's resolution bounds
         elif self.vision_pretrained or self.llm_pretrained:
             model = MLLM.from_components(self.mllm_config, self.vision_pretrained, self.llm_pretrained, dtype=dtype)
         else:

@@ -24,7 +24,7 @@ attention each patch receives within its image, averaged over heads and queries,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -179,6 +179,7 @@ class Qwen2VLFamily(Family):
     hf_processor_class = "Qwen2VLProcessor"
     hf_config_class = Qwen2VLConfig
     tower_class = Qwen2VisionTransformerPretrainedModel
+    default_pixels = (MIN_PIXELS, MAX_PIXELS)  # the processor's bounds when a checkpoint names none
 
     # --- configuration ------------------------------------------------------------------------
     def merged_width(self, vision) -> int:
@@ -191,7 +192,7 @@ class Qwen2VLFamily(Family):
             raise ConfigError(f"the {self.name} merger writes {self.merged_width(vision)}-wide tokens but the LLM's hidden_size "
                               f"is {text.hidden_size}: set the vision config's merger width to the LLM's")
         section = (text.rope_parameters or {}).get("mrope_section")
-        head_dim = text.hidden_size // text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if not section or sum(section) != head_dim // 2:
             raise ConfigError(f"model.text.rope_parameters.mrope_section={section} must split head_dim/2={head_dim // 2} "
                               "frequencies into (t, h, w) chunks, e.g. [16, 24, 24] for head_dim 128")
@@ -201,7 +202,7 @@ class Qwen2VLFamily(Family):
                                   f"got {config.token_ids.get(name)}")
         if config.min_pixels is None or config.max_pixels is None or not 0 < config.min_pixels <= config.max_pixels:
             raise ConfigError(f"model.min_pixels={config.min_pixels} / model.max_pixels={config.max_pixels}: set both, "
-                              f"0 < min <= max (the processor's defaults are {MIN_PIXELS} / {MAX_PIXELS})")
+                              f"0 < min <= max (the processor's defaults are {self.default_pixels[0]} / {self.default_pixels[1]})")
         video = (config.video_min_pixels, config.video_max_pixels)
         if video != (None, None) and (None in video or not 0 < video[0] <= video[1]):
             raise ConfigError(f"model.video_min_pixels={video[0]} / model.video_max_pixels={video[1]}: set both, 0 < min <= max "
@@ -229,8 +230,8 @@ class Qwen2VLFamily(Family):
             image_token_id=hf["image_token_id"],
             token_ids={name: hf[name] for name in SPECIAL_TOKENS},
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            min_pixels=MIN_PIXELS,
-            max_pixels=MAX_PIXELS,
+            min_pixels=self.default_pixels[0],
+            max_pixels=self.default_pixels[1],
             video_min_pixels=VIDEO_MIN_PIXELS,
             video_max_pixels=VIDEO_MAX_PIXELS,
         )
@@ -311,13 +312,19 @@ class Qwen2VLFamily(Family):
         if scores not in (None, "dominance"):
             raise ValueError(f"{self.name}'s tower has no CLS token, so it gives no {scores!r} scores (only dominance)")
         with model.tower_grad():
-            features, unit_order, received = self.run_tower(model.vision_tower, pixel_values, grids, scores == "dominance")
-        merged = model.multi_modal_projector(features)  # one token per 2 x 2 unit, in tower order (trains on its own)
-        raster = torch.argsort(unit_order)
+            tower = self.run_tower(model.vision_tower, pixel_values, grids, scores == "dominance")
+        merged = model.multi_modal_projector(tower.features)  # one token per 2 x 2 unit, in tower order (trains on its own)
+        inject = self.injections(model, tower.captured)
+        raster = torch.argsort(tower.unit_order)
         counts = torch.tensor([self.tokens_per_image(model.config, tuple(g)) for g in grids.tolist()], device=merged.device)
         places = torch.cat([self.image_places(model.config, tuple(g)) for g in grids.tolist()]).to(merged.device)
-        score = None if received is None else {scores: received.view(-1, 4).mean(1)[raster]}
-        return VisualTokens(merged[raster], places, counts, None, score)
+        score = None if tower.received is None else {scores: tower.received.view(-1, 4).mean(1)[raster]}
+        return VisualTokens(merged[raster], places, counts, None, score, None if inject is None else inject[raster])
+
+    def injections(self, model, captured: dict[int, Tensor]) -> Tensor | None:
+        """Features [units, K, d] (tower order) added to the visual tokens after the first K decoder
+        layers, from the tower blocks `captured_blocks` kept (Qwen3-VL's DeepStack); None: none."""
+        return None
 
     def vision_flops(self, config: MLLMConfig, size: tuple[int, ...]) -> dict[str, int]:
         """Tower and projector FLOPs of one image (`size`: original (height, width), or its patch grid
@@ -361,13 +368,19 @@ class Qwen2VLFamily(Family):
     def window_seqlens(self, tower, grids: Tensor) -> Tensor | None:
         return None
 
-    def run_tower(self, tower, pixel_values: Tensor, grids: Tensor, dominance: bool):
-        """transformers' tower forward without its merger: patch features [sum t*h*w, width] in tower
-        order, the order of their merge units, and (for `dominance`) the attention each patch
-        receives in the last block, within its image [sum t*h*w]."""
+    def embed_patches(self, tower, pixel_values: Tensor, grids: Tensor) -> Tensor:
+        """The tower's input tokens [sum t*h*w, width] (Qwen2-VL: the patch embedding)."""
+        return tower.patch_embed(pixel_values)
+
+    def captured_blocks(self, tower) -> tuple[int, ...]:
+        """Tower blocks whose outputs `injections` reads (Qwen2-VL: none)."""
+        return ()
+
+    def run_tower(self, tower, pixel_values: Tensor, grids: Tensor, dominance: bool) -> "TowerOutput":
+        """transformers' tower forward without its merger(s), block by block (`TowerOutput`)."""
         unit = tower.spatial_merge_size**2
         order = self.unit_order(tower, grids)
-        x = tower.patch_embed(pixel_values)
+        x = self.embed_patches(tower, pixel_values, grids)
         cos, sin = tower.rotary_pos_emb(x, get_vision_position_ids(grids, tower.spatial_merge_size))
         x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].flatten(0, 1) for t in (x, cos, sin))
         full, _ = get_vision_attention_seqlens(grids, tower.config)
@@ -380,13 +393,16 @@ class Qwen2VLFamily(Family):
                     seen["received"] = attention_received(module, args[0] if args else kwargs["hidden_states"],
                                                           kwargs["position_embeddings"], full)
             hook = tower.blocks[-1].attn.register_forward_hook(read, with_kwargs=True)
+        captured, wanted = {}, self.captured_blocks(tower)
         try:
             for i, block in enumerate(tower.blocks):
                 x = block(x, cu_seqlens=self.block_seqlens(tower, i, full, windows), position_embeddings=(cos, sin))
+                if i in wanted:
+                    captured[i] = x
         finally:
             if hook is not None:
                 hook.remove()
-        return x, order, seen.get("received")
+        return TowerOutput(x, order, seen.get("received"), captured)
 
     # --- preprocessing --------------------------------------------------------------------------
     def image_processor(self, config: MLLMConfig) -> ImageProcessor:
@@ -440,6 +456,17 @@ class Qwen2VLFamily(Family):
     # --- training and parallelism ---------------------------------------------------------------
     def vision_layers(self, model) -> list[nn.Module]:
         return list(model.vision_tower.blocks)
+
+
+class TowerOutput(NamedTuple):
+    """The tower's work on a batch of images: patch features [sum t*h*w, width] in tower order, the
+    order of their merge units, (for `dominance`) the attention each patch receives in the last block
+    within its image [sum t*h*w], and the outputs of the blocks the family captures (DeepStack)."""
+
+    features: Tensor
+    unit_order: Tensor
+    received: Tensor | None
+    captured: dict[int, Tensor]
 
 
 def attention_received(attn: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor], segments: Tensor) -> Tensor:

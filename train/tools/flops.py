@@ -63,11 +63,14 @@ def flops_report(cfg) -> dict:
 
 
 def vision_columns(vision: dict | None, dense: float, planned: float) -> dict:
-    """The tower's and projector's TFLOPs and the totals with the LLM's (None without an image)."""
+    """The tower's, projector's (and Qwen3-VL's DeepStack mergers') TFLOPs and the totals with the
+    LLM's (None without an image; deepstack None for families without it)."""
     if vision is None:
-        return dict.fromkeys(("tower_tflops", "projector_tflops", "dense_total_tflops", "plan_total_tflops"))
-    before = vision["tower"] + vision["projector"]
+        return dict.fromkeys(("tower_tflops", "projector_tflops", "deepstack_tflops", "dense_total_tflops", "plan_total_tflops"))
+    before = sum(vision.values())
+    deepstack = vision.get("deepstack")
     return {"tower_tflops": round(vision["tower"], 6), "projector_tflops": round(vision["projector"], 6),
+            "deepstack_tflops": None if deepstack is None else round(deepstack, 6),
             "dense_total_tflops": round(dense + before, 6), "plan_total_tflops": round(planned + before, 6)}
 
 

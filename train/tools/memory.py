@@ -66,12 +66,20 @@ def act_shape(model: MLLM, seq_len: int, mode: str, r: int, targets: list[str], 
     heads = text.num_attention_heads
     inputs = tuple(lin.in_features for lin in lora_linears(model.language_model.layers[0], targets)) if mode == "lora" else ()
     return ActShape(
-        seq_len=seq_len, n_visual=n_visual, hidden=text.hidden_size, ffn=text.intermediate_size,
+        seq_len=seq_len, n_visual=n_visual, hidden=text.hidden_size, ffn=active_ffn_width(text),
         layers=text.num_hidden_layers, heads=heads, kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size, vision_hidden=model.config.hf_vision_config().hidden_size,
         lora_r=r if mode == "lora" else 0, lora_inputs=inputs, lora_dropout=dropout if mode == "lora" else 0.0,
         frozen_llm=mode == "lora")
+
+
+def active_ffn_width(text) -> int:
+    """The FFN width a token's activations span: the MLP's, or in an MoE LLM its top-k experts' together
+    (each token's SwiGLU intermediates in each expert it is routed to)."""
+    if getattr(text, "num_experts", 0):
+        return text.num_experts_per_tok * text.moe_intermediate_size
+    return text.intermediate_size
 
 
 def memory_report(cfg) -> dict:

@@ -1,0 +1,159 @@
+"""Qwen3-VL and Qwen3-VL-MoE (families `qwen3_vl`, `qwen3_vl_moe`): our forward equals transformers'
+`Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForConditionalGeneration` on the same weights (fp32) on a
+left-padded batch of a row with one image, a text-only row and a row with two images (three grids of
+different sizes): logits, loss and the MoE load-balancing loss; our M-RoPE positions equal
+`get_rope_index`; greedy generation with the KV cache equals `generate`; DeepStack's features reach
+the LLM (turning them off changes the logits); directories transformers writes load, ours load into
+transformers; the tower's patches and the preprocessing are transformers' own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+from models import MLLM
+from models.mllm import next_positions
+from tests.helpers import assert_greedy_matches_hf, exported_pair, qwen_batch, tiny_qwen3_vl_config
+
+HF_CLASSES = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
+MIXED = dict(images_per_row=[1, 0, 2], pad_left=[0, 3, 1])  # one image, text only, two images
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CLASSES))
+def pair(request, tmp_path_factory):
+    """Our model and HF's, loaded from our export (so this also checks save_pretrained)."""
+    config = tiny_qwen3_vl_config(moe=request.param == "qwen3_vl_moe")
+    return exported_pair(config, HF_CLASSES[request.param], tmp_path_factory.mktemp(request.param) / "export")
+
+
+def hf_inputs(ids, mask, pixels, grids, types):
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types)
+
+
+def test_positions_equal_get_rope_index(pair):
+    ours, hf = pair
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED)
+    want, deltas = hf.model.get_rope_index(ids, types, grids, attention_mask=mask)
+    got = ours.prompt_positions(ids, mask, grids)
+    assert torch.equal(got * mask, want * mask)
+    assert torch.equal(next_positions(got, mask), mask.sum(1) + deltas.flatten())
+
+
+def test_logits_loss_and_aux_loss_match_hf(pair):
+    ours, hf = pair
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED)
+    assert len(set(grids.prod(-1).tolist())) == 3
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    moe = ours.family.name == "qwen3_vl_moe"
+    with torch.no_grad():
+        got = ours(ids, mask, pixels, image_grid_thw=grids, mm_token_type_ids=types)
+        loss = ours(ids, mask, pixels, labels=labels, image_sizes=grids).loss
+        want = hf(**hf_inputs(ids, mask, pixels, grids, types), output_router_logits=moe)
+        want_loss = hf(**hf_inputs(ids, mask, pixels, grids, types), labels=labels).loss
+    valid = mask.bool()
+    assert torch.isfinite(got.logits[valid]).all()
+    assert (got.logits - want.logits)[valid].abs().max().item() <= 1e-5
+    assert abs(loss.item() - want_loss.item()) <= 1e-5
+    if moe:
+        t = ours.text_config
+        want_aux = load_balancing_loss_func(want.router_logits, t.num_experts, t.num_experts_per_tok, mask)
+        assert abs(got.aux_loss.item() - want_aux.item()) <= 1e-6
+
+
+def test_deepstack_features_reach_the_llm(pair):
+    """Each visual token carries one feature per DeepStack merger (equal to transformers' own), and
+    without them the logits change: the injections are not a no-op in this test's model."""
+    ours, hf = pair
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED)
+    with torch.no_grad():
+        tokens = ours.encode_images(pixels, grids)
+        theirs = hf.model.get_image_features(pixels, grids)
+        want = torch.stack([torch.cat(f) for f in theirs.deepstack_features], 1)
+        assert tokens.inject.shape == (tokens.h.shape[0], 2, 64)
+        assert torch.allclose(tokens.inject, want, atol=1e-6)
+        assert torch.allclose(tokens.h, torch.cat(theirs.pooler_output), atol=1e-6)
+        with_ds = ours(ids, mask, pixels, image_sizes=grids).logits
+        ours.deepstack_mergers.requires_grad_(False)
+        saved = [p.detach().clone() for p in ours.deepstack_mergers.parameters()]
+        for p in ours.deepstack_mergers.parameters():
+            p.zero_()  # every merger writes zeros: no injection
+        without = ours(ids, mask, pixels, image_sizes=grids).logits
+        for p, s in zip(ours.deepstack_mergers.parameters(), saved):
+            p.copy_(s)
+    assert (with_ds - without)[mask.bool()].abs().max() > 1e-4
+
+
+def test_greedy_generation_matches_hf(pair):
+    ours, hf = pair
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, seed=1, **MIXED)
+    assert_greedy_matches_hf(ours, hf, ids, mask, pixels, {"pixel_values": pixels, "image_grid_thw": grids, "mm_token_type_ids": types},
+                             image_sizes=grids)
+
+
+def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
+    ours, hf = pair
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = MLLM.from_pretrained(tmp_path / "hf").eval()
+    assert loaded.family.name == ours.family.name
+    ids, mask, pixels, grids, _ = qwen_batch(ours.config, pad_left=[0, 2, 1])
+    with torch.no_grad():
+        want = ours(ids, mask, pixels, logits="last", image_sizes=grids).logits
+        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+    loaded.save_pretrained(tmp_path / "again")
+    again = MLLM.from_pretrained(tmp_path / "again").eval()
+    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+
+
+def test_a_hub_config_gets_the_released_pixel_bounds(pair, tmp_path):
+    """A directory without our own fields (as the Hub's) takes the released preprocessor's bounds."""
+    import json
+
+    _, hf = pair
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    hub = json.loads(path.read_text())
+    hub.pop("efficient_mllm")  # transformers keeps our export's extra key; the Hub's files have none
+    path.write_text(json.dumps(hub))
+    config = MLLM.from_pretrained(tmp_path / "hf").config
+    assert (config.min_pixels, config.max_pixels) == (65536, 16777216)
+    assert config.image_mean == (0.5, 0.5, 0.5) and config.image_std == (0.5, 0.5, 0.5)
+
+
+def test_preprocessing_is_transformers(pair):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tests.helpers import qwen_images
+
+    ours, _ = pair
+    config = ours.config
+    theirs = Qwen2VLImageProcessorPil(min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=4, merge_size=2,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for image in qwen_images():
+        mine = config.model_family.image_processor(config)(image)
+        out = theirs(images=[image], return_tensors="pt")
+        assert torch.equal(mine.pixels, out["pixel_values"]) and list(mine.size) == out["image_grid_thw"][0].tolist()
+        assert config.tokens_per_image((image.height, image.width)) == config.tokens_per_image(mine.size)
+
+
+def test_vision_flops_equal_the_flop_counter():
+    """Tower (patch embedding, blocks), projector (the merger) and DeepStack mergers of each image equal
+    FlopCounterMode on the real tiny modules."""
+    from models.flops import measure_flops
+
+    model = MLLM.from_config(tiny_qwen3_vl_config()).eval()
+    _, _, pixels, grids, _ = qwen_batch(model.config)
+    start = 0
+    for grid in grids.tolist():
+        n = grid[0] * grid[1] * grid[2]
+        one, thw = pixels[start : start + n], torch.tensor([grid])
+        start += n
+        with torch.no_grad():
+            tower, out = measure_flops(model.family.run_tower, model.vision_tower, one, thw, False)
+            projector, _ = measure_flops(model.multi_modal_projector, out.features)
+            deepstack, _ = measure_flops(model.family.injections, model, out.captured)
+        assert model.family.vision_flops(model.config, tuple(grid)) == {"tower": tower, "projector": projector, "deepstack": deepstack}
