@@ -24,7 +24,7 @@ from .config import MLLMConfig
 from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
-from .moe import is_moe, load_balancing_loss
+from .moe import expert_load, is_moe, load_balancing_loss
 from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
@@ -49,6 +49,7 @@ class MLLMOutput:
     aux_loss: Tensor | None = None  # routed plans: the routers' auxiliary loss (models/routing.py), to add to the loss
     route_stats: "dict[int, RouteStats] | None" = None  # routed plans: per routed layer, what its router did
     moe_aux_loss: Tensor | None = None  # MoE LLMs: the load-balancing loss over the routed tokens (models/moe.py), unweighted
+    expert_load: Tensor | None = None  # MoE LLMs: [experts] share of the top-k assignments (1/experts each when balanced)
 
 
 class MLLM(nn.Module):
@@ -366,7 +367,9 @@ class MLLM(nn.Module):
             routing=routing,
         )
         text, vis = decoded.text, decoded.vis
-        out = MLLMOutput(moe_aux_loss=self.router_loss(decoded.router))
+        out = MLLMOutput()
+        if decoded.router:  # MoE LLM
+            out.moe_aux_loss, out.expert_load = self.moe_routing(decoded.router)
         if routing is not None:
             out.aux_loss, out.route_stats = routing.aux_loss, routing.stats
         if labels is not None:
@@ -405,13 +408,13 @@ class MLLM(nn.Module):
         state.next_rope = state.next_rope + 1
         return self.lm_logits(text.h[:, 0])
 
-    def router_loss(self, router: list) -> Tensor | None:
-        """The MoE load-balancing loss (unweighted) over the tokens each MoE layer's FFN processed under
-        the plan (models/moe.py); None for dense LLMs. Training adds it times `router_aux_loss_coef`."""
-        if not router:
-            return None
+    def moe_routing(self, router: list) -> tuple[Tensor | None, Tensor | None]:
+        """An MoE LLM's load-balancing loss (unweighted; training adds it times `router_aux_loss_coef`) and
+        each expert's share of the assignments, over the tokens each MoE layer's FFN processed under the
+        plan (models/moe.py)."""
         t = self.text_config
-        return load_balancing_loss(router, t.num_experts, t.num_experts_per_tok)
+        return (load_balancing_loss(router, t.num_experts, t.num_experts_per_tok),
+                expert_load(router, t.num_experts, t.num_experts_per_tok).detach())
 
     def lm_logits(self, h: Tensor) -> Tensor:
         """Next-token logits of final hidden states (final norm, then the LM head)."""

@@ -39,11 +39,9 @@ class RouterLogits(NamedTuple):
     valid: Tensor
 
 
-def load_balancing_loss(layers: list[RouterLogits], num_experts: int, top_k: int) -> Tensor | None:
-    """Switch Transformer's auxiliary loss over the valid tokens each MoE layer routed: transformers'
-    `load_balancing_loss_func` (counts of top-k assignments and router probabilities summed over the
-    layers, each divided by the routed rows of all layers), with a per-layer token mask because a plan
-    routes a different token set through each layer. None: no MoE layer routed a token."""
+def routing_counts(layers: list[RouterLogits], num_experts: int, top_k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Over the valid tokens each MoE layer routed: top-k assignments per expert [E], router probabilities
+    summed per expert [E], and the routed rows (all layers together). None: no MoE layer routed a token."""
     counts = probs = rows = None
     for layer in layers:
         p = torch.softmax(layer.logits.float(), dim=-1)
@@ -52,10 +50,26 @@ def load_balancing_loss(layers: list[RouterLogits], num_experts: int, top_k: int
         c = p.new_zeros(num_experts).scatter_add_(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
         s, n = (p * mask[:, None]).sum(0), mask.sum()
         counts, probs, rows = (c, s, n) if counts is None else (counts + c, probs + s, rows + n)
-    if counts is None:
+    return None if counts is None else (counts, probs, rows)
+
+
+def load_balancing_loss(layers: list[RouterLogits], num_experts: int, top_k: int) -> Tensor | None:
+    """Switch Transformer's auxiliary loss over the valid tokens each MoE layer routed: transformers'
+    `load_balancing_loss_func` (counts of top-k assignments and router probabilities summed over the
+    layers, each divided by the routed rows of all layers), with a per-layer token mask because a plan
+    routes a different token set through each layer. None: no MoE layer routed a token."""
+    routed = routing_counts(layers, num_experts, top_k)
+    if routed is None:
         return None
+    counts, probs, rows = routed
     rows = rows.clamp(min=1)
     return num_experts * torch.sum((counts / rows) * (probs / rows))
+
+
+def expert_load(layers: list[RouterLogits], num_experts: int, top_k: int) -> Tensor | None:
+    """[E] each expert's share of the top-k assignments (sums to 1; 1/E each when balanced)."""
+    routed = routing_counts(layers, num_experts, top_k)
+    return None if routed is None else routed[0] / routed[0].sum().clamp(min=1)
 
 
 def moe_layers(text_config) -> list[bool]:

@@ -111,6 +111,9 @@ def test_aux_loss_counts_only_the_tokens_each_layer_processed(arch):
     want = load_balancing_loss(routed, config.hf_text_config().num_experts, config.hf_text_config().num_experts_per_tok)
     assert abs(got.item() - want.item()) <= 1e-6
     assert abs(got.item() - dense.item()) > 1e-6
+    with torch.no_grad():  # each expert's share of the assignments (the eff/expert_load_max metric)
+        load = model(ids, mask, pixels, logits="none").expert_load
+    assert load.shape == (4,) and abs(load.sum().item() - 1) < 1e-6
 
 
 def test_yopo_ffn_fraction_is_refused_on_moe_layers():

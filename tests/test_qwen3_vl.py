@@ -60,7 +60,7 @@ def test_logits_loss_and_aux_loss_match_hf(pair):
     if moe:
         t = ours.text_config
         want_aux = load_balancing_loss_func(want.router_logits, t.num_experts, t.num_experts_per_tok, mask)
-        assert abs(got.aux_loss.item() - want_aux.item()) <= 1e-6
+        assert abs(got.moe_aux_loss.item() - want_aux.item()) <= 1e-6
 
 
 def test_deepstack_features_reach_the_llm(pair):

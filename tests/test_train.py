@@ -246,7 +246,7 @@ def test_the_high_resolution_job_trains_qwen3_vl_moe_with_accumulation(tmp_path)
     assert summary["export_class"] == "Qwen3VLMoeForConditionalGeneration"
     metrics = summary["metrics"]
     assert metrics["eff/tower_tflops"] > metrics["eff/deepstack_tflops"] > metrics["eff/projector_tflops"] > 0
-    assert metrics["train/moe_aux_loss"] > 0  # the Switch loss of 8 experts, 2 per token: 2 when perfectly balanced
+    assert metrics["train/moe_aux_loss"] > 0 and metrics["eff/expert_load_max"] >= 1  # 1: every expert as busy as the others
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(run / "export").eval()
     ours = MLLM.from_pretrained(run / "export").eval()
     ids = torch.tensor([[7, 8, 9, 10]])

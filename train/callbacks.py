@@ -89,6 +89,8 @@ class EfficiencyMetrics(L.Callback):
                 "eff/prefill_ms": prefill_ms / b,  # per sample, batched prefill
                 "eff/decode_ms_per_token": decode_ms,  # one step for the whole batch
                 "eff/kv_cache_mb": state.nbytes / b / 2**20,  # per sample, after the decoded tokens
+                # MoE: the busiest expert's share of the routed assignments over the balanced share (1 = balanced)
+                **({"eff/expert_load_max": float(out.expert_load.max() * len(out.expert_load))} if out.expert_load is not None else {}),
             },
             sync_dist=True,
             batch_size=b,
