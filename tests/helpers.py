@@ -301,6 +301,36 @@ def qwen_word_tokenizer(image_token: str = "<image>"):
                                    additional_special_tokens=list(specials))
 
 
+def assert_hf_directories_round_trip(ours, hf, directory, batch) -> None:
+    """A directory transformers' `hf` writes loads into `MLLM` (same family, same logits as `ours` on
+    `batch` = (ids, mask, pixels, image_sizes)), and ours saved again loads with an unchanged config and logits."""
+    from models import MLLM
+
+    hf.save_pretrained(directory / "hf")
+    loaded = MLLM.from_pretrained(directory / "hf").eval()
+    assert loaded.family.name == ours.family.name
+    ids, mask, pixels, sizes = batch
+    with torch.no_grad():
+        want = ours(ids, mask, pixels, logits="last", image_sizes=sizes).logits
+        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=sizes).logits, want)
+    loaded.save_pretrained(directory / "again")
+    again = MLLM.from_pretrained(directory / "again").eval()
+    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
+    assert (again.config.min_pixels, again.config.max_pixels, again.config.token_ids) == \
+        (ours.config.min_pixels, ours.config.max_pixels, ours.config.token_ids)
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=sizes).logits, want)
+
+
+def image_patches(pixels, grids):
+    """(patches [t*h*w, patch pixels], grid [1, 3]) of each image of a Qwen batch (patches concatenated)."""
+    start = 0
+    for grid in grids.tolist():
+        n = grid[0] * grid[1] * grid[2]
+        yield pixels[start : start + n], torch.tensor([grid])
+        start += n
+
+
 def assert_greedy_matches_hf(ours, hf, ids, mask, pixels, hf_pixels: dict, **image_inputs):
     """Our greedy decoding (10 new tokens, eos 127, pad 0) equals transformers' `generate` on the same
     prompts; `hf_pixels`: the HF model's own image inputs, `image_inputs`: ours (e.g. `image_sizes`)."""

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from models import MLLM
-from models.generation import greedy_generate
 from models.streams import Place
 from tests.helpers import qwen_batch, tiny_qwen_config
-from tests.reference import reference_generate, reference_logits
 from tests.test_plans import VARIANTS, ids, plan_model
+from tests.tiled_plans import assert_decode_matches_reference, assert_prefill_matches_reference
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 REFUSED = {"cls_knee": "no CLS token", "pdrop": "renumbers RoPE positions"}  # PDrop renumbers by default
@@ -34,12 +33,7 @@ def qwen_plan_model(family: str, name: str, knobs: dict, layers: int = 8, seed: 
 def test_prefill_matches_masked_reference_on_qwen(family, variant):
     model = qwen_plan_model(family, *variant)
     input_ids, mask, pixels, grids, _ = qwen_batch(model.config, pad_left=[0, 2, 5])
-    with torch.no_grad():
-        got = model(input_ids, mask, pixels, logits="all", image_sizes=grids).logits
-    want = reference_logits(model, input_ids, mask, pixels, image_sizes=grids)
-    text = mask.bool() & (input_ids != model.config.image_token_id)
-    assert torch.isfinite(got[text]).all()
-    assert (got - want)[text].abs().max().item() <= 1e-5
+    assert_prefill_matches_reference(model, input_ids, mask, pixels, grids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,9 +41,7 @@ def test_prefill_matches_masked_reference_on_qwen(family, variant):
 def test_decode_matches_masked_reference_on_qwen(family, variant):
     model = qwen_plan_model(family, *variant, seed=1)
     input_ids, mask, pixels, grids, _ = qwen_batch(model.config, pad_left=[0, 3, 1], seed=2)
-    got = greedy_generate(model, input_ids, mask, pixels, max_new_tokens=4, eos_token_id=[-1], image_sizes=grids)
-    want = reference_generate(model, input_ids, mask, pixels, max_new_tokens=4, image_sizes=grids)
-    assert torch.equal(got, want)
+    assert_decode_matches_reference(model, input_ids, mask, pixels, grids)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

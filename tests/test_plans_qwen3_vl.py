@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.generation import greedy_generate
 from tests.helpers import qwen_batch, tiny_qwen3_vl_config
-from tests.reference import reference_generate, reference_logits
 from tests.test_plans import ids, plan_model
 from tests.test_plans_qwen import REFUSED, RUNNABLE as QWEN_RUNNABLE
+from tests.tiled_plans import assert_decode_matches_reference, assert_prefill_matches_reference
 
 IN_DEEPSTACK_ZONE = [
     ("fastv", {"K": 4}),  # 4 of 32 -> before layer 1 of 8: between the two injections
@@ -34,15 +33,9 @@ def qwen3_plan_model(name: str, knobs: dict, moe: bool = False, seed: int = 0):
 
 def check_prefill_and_decode(model, seed: int = 0):
     input_ids, mask, pixels, grids, _ = qwen_batch(model.config, pad_left=[0, 2, 5], seed=seed)
-    with torch.no_grad():
-        got = model(input_ids, mask, pixels, logits="all", image_sizes=grids).logits
-    want = reference_logits(model, input_ids, mask, pixels, image_sizes=grids)
-    text = mask.bool() & (input_ids != model.config.image_token_id)
-    assert torch.isfinite(got[text]).all()
-    assert (got - want)[text].abs().max().item() <= 1e-5
+    assert_prefill_matches_reference(model, input_ids, mask, pixels, grids)
     n = int(grids[:2].prod(-1).sum())  # the first two rows' images
-    generated = greedy_generate(model, input_ids[:2], mask[:2], pixels[:n], max_new_tokens=3, eos_token_id=[-1], image_sizes=grids[:2])
-    assert torch.equal(generated, reference_generate(model, input_ids[:2], mask[:2], pixels[:n], max_new_tokens=3, image_sizes=grids[:2]))
+    assert_decode_matches_reference(model, input_ids[:2], mask[:2], pixels[:n], grids[:2], steps=3)
 
 
 @pytest.mark.parametrize("variant", RUNNABLE, ids=ids)

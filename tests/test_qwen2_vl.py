@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 from models import MLLM
 from models.families.qwen2_vl import mrope_row
-from tests.helpers import assert_greedy_matches_hf, qwen_batch, qwen_images, tiny_qwen_config
+from tests.helpers import assert_greedy_matches_hf, assert_hf_directories_round_trip, qwen_batch, qwen_images, tiny_qwen_config
 
 HF_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
@@ -92,20 +92,8 @@ def test_greedy_generation_matches_hf(pair):
 
 def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
     ours, hf = pair
-    hf.save_pretrained(tmp_path / "hf")
-    loaded = MLLM.from_pretrained(tmp_path / "hf").eval()
-    assert loaded.family.name == ours.family.name
     ids, mask, pixels, grids, _ = qwen_batch(ours.config, pad_left=[0, 2, 1])
-    with torch.no_grad():
-        want = ours(ids, mask, pixels, logits="last", image_sizes=grids).logits
-        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
-    loaded.save_pretrained(tmp_path / "again")
-    again = MLLM.from_pretrained(tmp_path / "again").eval()
-    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
-    assert (again.config.min_pixels, again.config.max_pixels, again.config.token_ids) == \
-        (ours.config.min_pixels, ours.config.max_pixels, ours.config.token_ids)
-    with torch.no_grad():
-        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+    assert_hf_directories_round_trip(ours, hf, tmp_path, (ids, mask, pixels, grids))
 
 
 def test_preprocessing_and_token_counts_are_transformers(pair):

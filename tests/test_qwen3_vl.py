@@ -15,7 +15,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from models import MLLM
 from models.mllm import next_positions
-from tests.helpers import assert_greedy_matches_hf, exported_pair, qwen_batch, tiny_qwen3_vl_config
+from tests.helpers import (assert_greedy_matches_hf, assert_hf_directories_round_trip, exported_pair, image_patches, qwen_batch,
+                           tiny_qwen3_vl_config)
 
 HF_CLASSES = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
 MIXED = dict(images_per_row=[1, 0, 2], pad_left=[0, 3, 1])  # one image, text only, two images
@@ -95,18 +96,8 @@ def test_greedy_generation_matches_hf(pair):
 
 def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
     ours, hf = pair
-    hf.save_pretrained(tmp_path / "hf")
-    loaded = MLLM.from_pretrained(tmp_path / "hf").eval()
-    assert loaded.family.name == ours.family.name
     ids, mask, pixels, grids, _ = qwen_batch(ours.config, pad_left=[0, 2, 1])
-    with torch.no_grad():
-        want = ours(ids, mask, pixels, logits="last", image_sizes=grids).logits
-        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
-    loaded.save_pretrained(tmp_path / "again")
-    again = MLLM.from_pretrained(tmp_path / "again").eval()
-    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
-    with torch.no_grad():
-        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+    assert_hf_directories_round_trip(ours, hf, tmp_path, (ids, mask, pixels, grids))
 
 
 def test_a_hub_config_gets_the_released_pixel_bounds(pair, tmp_path):
@@ -147,13 +138,9 @@ def test_vision_flops_equal_the_flop_counter():
 
     model = MLLM.from_config(tiny_qwen3_vl_config()).eval()
     _, _, pixels, grids, _ = qwen_batch(model.config)
-    start = 0
-    for grid in grids.tolist():
-        n = grid[0] * grid[1] * grid[2]
-        one, thw = pixels[start : start + n], torch.tensor([grid])
-        start += n
+    for one, thw in image_patches(pixels, grids):
         with torch.no_grad():
             tower, out = measure_flops(model.family.run_tower, model.vision_tower, one, thw, False)
             projector, _ = measure_flops(model.multi_modal_projector, out.features)
             deepstack, _ = measure_flops(model.family.injections, model, out.captured)
-        assert model.family.vision_flops(model.config, tuple(grid)) == {"tower": tower, "projector": projector, "deepstack": deepstack}
+        assert model.family.vision_flops(model.config, tuple(thw[0].tolist())) == {"tower": tower, "projector": projector, "deepstack": deepstack}

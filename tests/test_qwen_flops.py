@@ -9,23 +9,19 @@ import torch
 
 from models import MLLM
 from models.flops import measure_flops
-from tests.helpers import qwen_batch, tiny_qwen_config
+from tests.helpers import image_patches, qwen_batch, tiny_qwen_config
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_vision_flops_equal_the_flop_counter(family):
     model = MLLM.from_config(tiny_qwen_config(family)).eval()
     _, _, pixels, grids, _ = qwen_batch(model.config)
-    start = 0
-    for grid in grids.tolist():
-        n = grid[0] * grid[1] * grid[2]
-        one, thw = pixels[start : start + n], torch.tensor([grid])
-        start += n
+    for one, thw in image_patches(pixels, grids):
         with torch.no_grad():
             tower, (features, *_) = measure_flops(model.family.run_tower, model.vision_tower, one, thw, False)
             projector, _ = measure_flops(model.multi_modal_projector, features)
-        want = model.family.vision_flops(model.config, tuple(grid))
-        assert want == {"tower": tower, "projector": projector}, grid
+        want = model.family.vision_flops(model.config, tuple(thw[0].tolist()))
+        assert want == {"tower": tower, "projector": projector}, thw
 
 
 def flops_row(*args):

@@ -1,5 +1,5 @@
 """Checks the plan tests of other families share (tests/test_plans_next.py, tests/test_plans_internvl.py,
-tests/test_plans_mobilevlm.py): a plan's prefill and decode equal the masked reference on a batch (with
+tests/test_plans_mobilevlm.py, tests/test_plans_qwen.py, tests/test_plans_qwen3_vl.py, tests/test_plans_qwen3_text.py): a plan's prefill and decode equal the masked reference on a batch (with
 `image_sizes` for tiling families, None otherwise), and the places of the visual keys a layer reads."""
 
 from __future__ import annotations
