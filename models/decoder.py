@@ -122,13 +122,13 @@ def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
 
 
 def select_visual(vis: Stream, scores: Tensor, sel: Select) -> tuple[Stream, Tensor]:
-    """Keep the best-scoring visual tokens of each image (of each unit for `uniform`), layout
-    tokens always (models/selection.py); original order kept, rows may keep different counts
-    (padded with `valid=False`). Returns the kept stream and its indices."""
+    """Keep the best-scoring visual tokens of each image (of each unit, a tile or a video's time step,
+    for `per=unit` and `uniform`), layout tokens always (models/selection.py); original order kept,
+    rows may keep different counts (padded with `valid=False`). Returns the kept stream and its indices."""
     if vis.n == 0:
         return vis, vis.valid.new_zeros(vis.valid.shape, dtype=torch.long)
     rows = torch.arange(vis.h.shape[0], device=scores.device)[:, None].expand_as(vis.valid)
-    columns = (rows, vis.image, vis.at(Place.UNIT)) if sel.scorer == "uniform" else (rows, vis.image)
+    columns = (rows, vis.image, vis.at(Place.UNIT)) if sel.per_unit else (rows, vis.image)
     groups, n_groups = dense_groups(*columns)
     candidates = vis.valid & ~vis.extra
     keep = keep_best(scores.flatten(), groups.flatten(), candidates.flatten(), (vis.valid & vis.extra).flatten(), n_groups,

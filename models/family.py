@@ -232,6 +232,11 @@ class Family:
         """Frames each item's pixels hold (a still image: as many as a video step)."""
         raise ValueError(f"the {self.name} family takes no video")
 
+    def take_steps(self, config: "MLLMConfig", pixel_values: Tensor, image_sizes: Tensor, steps: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """The pixels and sizes of the items with only their time steps `steps[i]` (uniform frame
+        subsampling before the tower)."""
+        raise ValueError(f"the {self.name} family takes no video")
+
     def reorder_frames(self, config: "MLLMConfig", pixel_values: Tensor, image_sizes: Tensor, orders: list[Tensor]) -> Tensor:
         """The items' pixels with item i's frames taken in `orders[i]` (frame indices, repeats allowed):
         the evaluation's shuffled and single-frame video controls."""

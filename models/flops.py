@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from .plan import LayerPolicy, Plan, PreSelect, Select
-from .selection import ceil_budget
+from .selection import ceil_budget, frame_steps
 
 TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text"}
 VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn", "router"}
@@ -133,6 +133,7 @@ class ImageTokens:
     units: tuple[tuple[tuple[int, int], ...], ...]  # per unit, its (row, col) cells
     extra: int = 0  # layout tokens
     off_grid: int = 0  # selectable tokens on no grid
+    times: tuple[int, ...] = ()  # per unit, its video time step (a video's steps are units; empty: all at 0)
 
     @staticmethod
     def square(n_visual: int) -> "ImageTokens":
@@ -148,6 +149,7 @@ class ImageTokens:
         from .streams import Place
 
         units: dict[int, list[tuple[int, int]]] = {}
+        times: dict[int, int] = {}
         extra = off = 0
         for row in places.tolist():
             if row[Place.EXTRA]:
@@ -156,7 +158,9 @@ class ImageTokens:
                 off += 1
             else:
                 units.setdefault(row[Place.UNIT], []).append((row[Place.ROW], row[Place.COL]))
-        return ImageTokens(tuple(tuple(cells) for _, cells in sorted(units.items())), extra, off)
+                times[row[Place.UNIT]] = row[Place.TIME]
+        time = tuple(times[u] for u in sorted(units)) if any(times.values()) else ()
+        return ImageTokens(tuple(tuple(cells) for _, cells in sorted(units.items())), extra, off, time)
 
     @property
     def selectable(self) -> int:
@@ -168,8 +172,14 @@ class ImageTokens:
 
     def pre_llm(self, pre: PreSelect, pre_llm_keep: float) -> int | None:
         """Tokens entering the LLM after a pre-LLM step (None when data-dependent: CLS knee)."""
-        if pre.method == "pool":
-            return sum(len({(r // pre.kernel, c // pre.kernel) for r, c in u}) for u in self.units) + self.off_grid + self.extra
+        times = self.times or (0,) * len(self.units)
+        if pre.method == "pool":  # windows per (tile, group of kernel_t steps, row // k, col // k)
+            kt = pre.kernel_t or 1
+            cells = {(k - t, t // kt, r // pre.kernel, c // pre.kernel) for k, (u, t) in enumerate(zip(self.units, times)) for r, c in u}
+            return len(cells) + self.off_grid + self.extra
+        if pre.method == "frames":  # the kept steps' cells
+            kept = set(frame_steps(len(set(times)), pre.keep))
+            return sum(len(u) for u, t in zip(self.units, times) if t in kept) + self.off_grid + self.extra
         if pre.method == "dominant":
             return ceil_budget(pre.keep, self.selectable, pre.min_keep) + self.extra
         return None
@@ -212,7 +222,7 @@ def plan_terms(s: Shape, plan: Plan, n_visual: "int | ImageTokens", n_text: int,
     n_v0 = n_v
 
     def selected(p: LayerPolicy, n: int) -> int:
-        if p.select.scorer == "uniform":  # the full grid is present (validated): a lattice per unit
+        if p.select.scorer == "uniform" or (p.select.per_unit and n == n_v0 == image.n):  # the full grid: a budget per unit
             return image.uniform(p.select)
         return selected_count(p, n, threshold_keep, min(extra, n))
     total, present = Counter(), []

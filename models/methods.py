@@ -149,22 +149,25 @@ def vtw(depth, heads, K=16, reference_depth=32):
 
 
 @method
-def fastv(depth, heads, K=2, R=0.5, reference_depth=32):
+def fastv(depth, heads, K=2, R=0.5, reference_depth=32, per="image"):
     """FastV (arXiv 2403.06764): before layer K, drop the fraction R of visual tokens least attended
-    by the last prompt token in layer K-1 (head average)."""
+    by the last prompt token in layer K-1 (head average); `per=unit`: R of each video's time step
+    (of each tile) rather than of each image or video."""
     at = _scaled([K], reference_depth, depth, min_layer=1)
-    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "previous", "keep": 1.0 - R}}}]
+    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "previous", "keep": 1.0 - R, "per": per}}}]
 
 
 @method
-def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, positions="renumber"):
+def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, positions="renumber", per="image"):
     """PyramidDrop (arXiv 2410.17247): at each stage boundary keep `ratio` of the remaining visual
     tokens, scored by the last prompt token's attention computed with that layer's own Q/K. Its
     released code renumbers the survivors' positions (`pdrop_rank_drop` rebuilds position_ids as
     an arange over the kept tokens, decoding subtracts the dropped count): `positions=renumber`;
-    `keep` gives the survivors their original positions instead."""
+    `keep` gives the survivors their original positions instead (the one that applies to M-RoPE);
+    `per=unit`: the budget of each video's time step."""
     at = _scaled(layers, reference_depth, depth, min_layer=1)
-    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions}}}]
+    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions,
+                                              "per": per}}}]
 
 
 def shifted_cosine(depth: int, average: float = 0.5) -> list[float]:
@@ -207,11 +210,12 @@ def gamma_mod(depth, heads, keep=0.5, first=3, reference_depth=32, aux=0.01):
 
 
 @method
-def random(depth, heads, keep=1 / 3, K=0, seed=0, reference_depth=32):
-    """Random visual tokens before layer K: ceil(keep * n) per row, drawn per image from a local
-    generator seeded by `seed` and the image's pixels (`models/blind_scores.py`): the same seed
-    and image keep the same tokens, the global RNG is untouched."""
-    return [{"layers": _scaled([K], reference_depth, depth), "set": {"select": {"scorer": "random", "keep": keep, "seed": seed}}}]
+def random(depth, heads, keep=1 / 3, K=0, seed=0, reference_depth=32, per="image"):
+    """Random visual tokens before layer K: ceil(keep * n) per image (`per=unit`: per tile or time
+    step), drawn per image from a local generator seeded by `seed` and the image's pixels
+    (`models/blind_scores.py`): the same seed and image keep the same tokens, the global RNG is untouched."""
+    return [{"layers": _scaled([K], reference_depth, depth),
+             "set": {"select": {"scorer": "random", "keep": keep, "seed": seed, "per": per}}}]
 
 
 @method
@@ -222,11 +226,27 @@ def uniform(depth, heads, keep=1 / 3, K=0, reference_depth=32):
 
 
 @method
-def pool(depth, heads, kernel=2):
+def pool(depth, heads, kernel=2, kernel_t=1):
     """`kernel` x `kernel` average pooling of the projector output before the LLM: a 24 x 24 grid
-    becomes 144 tokens with kernel 2, 64 (1/9) with kernel 3. The pooled tokens take the first
-    positions of the image span; text positions stay as the prompt's n_v `<image>` tokens put them."""
-    return [{"pre_llm": {"method": "pool", "kernel": kernel}}]
+    becomes 144 tokens with kernel 2, 64 (1/9) with kernel 3; a video's steps are pooled each on its
+    own (per-frame pooling), and `kernel_t` adjacent steps are merged too (temporal pooling). The pooled
+    tokens take the first positions of the image span (of their first step); text positions stay as the
+    prompt's n_v `<image>` tokens put them."""
+    return [{"pre_llm": {"method": "pool", "kernel": kernel, **({"kernel_t": kernel_t} if kernel_t != 1 else {})}}]
+
+
+@method
+def temporal_pool(depth, heads, kernel_t=2):
+    """Temporal pooling before the LLM: the tokens at the same row and column of `kernel_t` adjacent
+    time steps of a video are averaged into one, at the first step's slot and position (images untouched)."""
+    return pool(depth, heads, kernel=1, kernel_t=kernel_t)
+
+
+@method
+def frames(depth, heads, keep=0.5):
+    """Uniform frame subsampling before the tower: of each video's t time steps the ceil(keep * t)
+    of an even lattice; the tower never runs on the others (images are untouched)."""
+    return [{"pre_llm": {"method": "frames", "keep": keep}}]
 
 
 @method

@@ -28,8 +28,9 @@ from .moe import expert_load, is_moe, load_balancing_loss
 from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
-from .pruning import apply_pre_llm, scores_needed
+from .pruning import apply_pre_llm, scores_needed, spread_steps
 from .routing import Routing, RouteStats, build_routers
+from .selection import frame_steps
 from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts, visual_mask
 from .xattn import GatedCrossAttention
 
@@ -205,6 +206,12 @@ class MLLM(nn.Module):
         with its place), after the plan's pre-LLM step: pruning keeps tokens in their slots, pooling
         writes the pooled tokens into the first slots of each image."""
         pre = self.plan.pre_llm
+        if pre is not None and pre.method == "frames" and self.family.video_token is not None:  # the tower never sees the others
+            steps = [frame_steps(int(t), pre.keep) for t in image_sizes[:, 0].tolist()]
+            pixels, sizes = self.family.take_steps(self.config, pixel_values, image_sizes, steps)
+            places = torch.cat([self.family.image_places(self.config, tuple(g)) for g in image_sizes.tolist()]).to(pixel_values.device)
+            counts = torch.tensor([self.config.tokens_per_image(tuple(g)) for g in image_sizes.tolist()], device=pixel_values.device)
+            return spread_steps(self.family.encode(self, pixels, sizes).h, places, counts, steps)
         return apply_pre_llm(self.family.encode(self, pixel_values, image_sizes, scores_needed(pre)), pre)
 
     def tower_grad(self):

@@ -35,7 +35,8 @@ ROUTERS = ("own", "shared")
 ROUTER_INPUTS = ("raw", "normed")
 GATES = ("tanh", "sigmoid")
 SKIPPED = ("scaled", "identity")
-PRE_LLM_METHODS = ("cls_knee", "dominant", "pool")
+PRE_LLM_METHODS = ("cls_knee", "dominant", "pool", "frames")
+BUDGET_GROUPS = ("image", "unit")
 
 
 def _choice(name: str, value, options) -> None:
@@ -71,9 +72,11 @@ class Select:
     min_keep: int = 1
     seed: int = 0  # scorer=random only
     positions: str = "keep"
+    per: str = "image"  # what a budget applies to: each image / video, or each unit (tile, time step)
 
     def __post_init__(self) -> None:
         _choice("select.scorer", self.scorer, SCORERS)
+        _choice("select.per", self.per, BUDGET_GROUPS)
         _choice("select.source", self.source, SCORE_SOURCES)
         _choice("select.positions", self.positions, POSITIONS)
         if (self.keep is None) == (self.threshold is None):
@@ -98,6 +101,11 @@ class Select:
     @property
     def reads_attention(self) -> bool:
         return self.scorer in ATTENTION_SCORERS
+
+    @property
+    def per_unit(self) -> bool:
+        """Budgets per unit (tile, time step): asked for, or the uniform lattice's own."""
+        return self.per == "unit" or self.scorer == "uniform"
 
     @property
     def scores_previous_layer(self) -> bool:
@@ -176,24 +184,32 @@ class PreSelect:
     `dominant`: VisionZip's dominant tokens (arXiv 2412.04467, without its merged contextual
     tokens): the ceil(keep * n_v) tokens that the tower's CLS attends to most in its feature layer
     (heads averaged; a tower without CLS, SigLIP: the mean attention each token receives).
-    `pool`: `kernel` x `kernel` average pooling of the projector output over the patch grid, from
-    the top-left; a grid side that `kernel` does not divide ends in partial windows (their mean).
-    The ceil(g / kernel)^2 pooled tokens, in raster order, take the first slots (and positions) of
-    the image span; text positions do not change.
+    `pool`: `kernel` x `kernel` average pooling of the projector output over each unit's grid (an
+    image, a tile, a video's time step), from the top-left, and over `kernel_t` adjacent time steps
+    of a video (same row and column); a side that a kernel does not divide ends in partial windows
+    (their mean). The pooled tokens, in raster order, take the first slots (and positions) of their
+    image span, or of their video's first pooled time step (which keeps its time).
+    `frames`: uniform frame subsampling: of each video's t temporal steps the ceil(keep * t) steps of
+    an even lattice (centred in equal parts) enter, the others are never run through the tower; images
+    are untouched.
     Pruning methods keep their tokens in place, with their original positions.
     """
 
     method: str = "cls_knee"
     min_keep: int = 1
-    keep: float | None = None  # dominant
+    keep: float | None = None  # dominant, frames
     kernel: int | None = None  # pool
+    kernel_t: int | None = None  # pool: time steps per window (None: 1)
 
     def __post_init__(self) -> None:
         _choice("pre_llm.method", self.method, PRE_LLM_METHODS)
-        if (self.keep is not None) != (self.method == "dominant"):
-            raise ConfigError(f"pre_llm.keep is the budget of method=dominant only (got method={self.method}, keep={self.keep})")
+        if (self.keep is not None) != (self.method in ("dominant", "frames")):
+            raise ConfigError(f"pre_llm.keep is the budget of method=dominant or frames only (got method={self.method}, keep={self.keep})")
         if (self.kernel is not None) != (self.method == "pool"):
             raise ConfigError(f"pre_llm.kernel is the window of method=pool only (got method={self.method}, kernel={self.kernel})")
+        if self.kernel_t is not None and (self.method != "pool" or not isinstance(self.kernel_t, int) or self.kernel_t < 1):
+            raise ConfigError(f"pre_llm.kernel_t is method=pool's window over time steps, an integer >= 1 (got method={self.method}, "
+                              f"kernel_t={self.kernel_t!r})")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise ConfigError(f"pre_llm.keep must be in (0, 1], got {self.keep}")
         if self.kernel is not None and (not isinstance(self.kernel, int) or self.kernel < 1):
@@ -203,10 +219,10 @@ class PreSelect:
 
     def tokens(self, n_visual: int) -> int | None:
         """Visual tokens of an `n_visual`-token image that enter the LLM; None when the count
-        depends on the image (cls_knee)."""
+        depends on the image (cls_knee) or on a video's steps (frames, pooling over time)."""
         if self.method == "dominant":
             return max(min(self.min_keep, n_visual), int(math.ceil(self.keep * n_visual - 1e-9)))
-        if self.method == "pool":
+        if self.method == "pool" and (self.kernel_t or 1) == 1:
             grid = math.isqrt(n_visual)
             if grid * grid != n_visual:
                 raise ValueError(f"pre_llm.method=pool needs a square patch grid, but an image has {n_visual} visual tokens")

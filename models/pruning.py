@@ -11,11 +11,17 @@ place), so it applies per image and per tile whatever the family:
   feature layer carry most of the image; VisionZip keeps them (and merges the rest into a few
   contextual tokens, which is not done here). The budget is per image.
 * Pooling: k x k average pooling of the projector output on each unit's grid, the cheapest
-  compression of LLaVA-style models (LLaVA-OneVision, arXiv 2408.03326, pools 2 x 2 for video frames).
+  compression of LLaVA-style models (LLaVA-OneVision, arXiv 2408.03326, pools 2 x 2 for video frames),
+  and over adjacent time steps of a video (temporal pooling: the same row and column of k_t steps merged).
+* Uniform frame subsampling (`frames`): fewer time steps of each video, spread evenly; the field's
+  first baseline for video token reduction. It acts on the pixels, so the tower never runs on the
+  dropped steps (`MLLM.encode_images`; which steps: models/selection.py `frame_steps`); `spread_steps`
+  puts the kept steps' tokens back in their slots.
 
 Pruning returns a keep mask over each image's slots; pooling writes each image's pooled tokens
-(windows in the order of their first token) into its first slots. Layout tokens (LLaVA-NeXT's
-newlines) are always kept, and pooling keeps them in their place among the windows.
+(windows in the order of their first token) into its first slots, a video's into the first slots of
+each pooled group of time steps (so they keep their time). Layout tokens (LLaVA-NeXT's newlines) are
+always kept, and pooling keeps them in their place among the windows.
 """
 
 from __future__ import annotations
@@ -67,28 +73,33 @@ def dominant_keep(tokens: VisualTokens, pre: PreSelect) -> Tensor:
     return keep_best(tokens.scores["dominance"], groups, cand, ~cand, n_groups, keep=pre.keep, min_keep=pre.min_keep)
 
 
-def pool_tokens(tokens: VisualTokens, kernel: int) -> VisualTokens:
-    """`kernel` x `kernel` means over each unit's grid (windows from the top-left; a partial window
-    at a grid's edge averages what it covers). Each image's pooled tokens, layout tokens among them,
-    fill its first slots in the order of their windows' first tokens."""
+def pool_tokens(tokens: VisualTokens, kernel: int, kernel_t: int = 1) -> VisualTokens:
+    """`kernel` x `kernel` means over each unit's grid and over `kernel_t` adjacent time steps of a video
+    (windows from the top-left and the first step; a partial window at an edge averages what it
+    covers). The pooled tokens of each image, and of each group of `kernel_t` steps of a video, layout
+    tokens among them, fill its first slots in the order of their windows' first tokens."""
     place, h = tokens.place, tokens.h
     t = h.shape[0]
     image = tokens.image_of_token
     on_grid = (place[:, Place.ROW] >= 0) & _candidates(tokens)
     index = torch.arange(t, device=h.device)
-    # a window per (image, unit, row // k, col // k); every other token is a window of its own
+    time = place[:, Place.TIME] // kernel_t
+    tile = place[:, Place.UNIT] - place[:, Place.TIME]  # a video's steps are units of their own: the tile within a frame
+    # a window per (image, tile, time // k_t, row // k, col // k); every other token is a window of its own
     window_row = torch.where(on_grid, place[:, Place.ROW] // kernel, -1 - index)
     window_col = torch.where(on_grid, place[:, Place.COL] // kernel, -1)
-    window, n_windows = dense_groups(image, place[:, Place.UNIT], window_row, window_col)
+    window, n_windows = dense_groups(image, tile, time, window_row, window_col)
     size = torch.bincount(window, minlength=n_windows)
     pooled = h.new_zeros(n_windows, h.shape[1]).index_add_(0, window, h) / size[:, None].to(h.dtype)
     first = torch.full((n_windows,), t, device=h.device).scatter_reduce_(0, window, index, "amin")
-    by_first = first.argsort()  # windows in the order of their first token (image by image)
-    image_start = tokens.counts.cumsum(0) - tokens.counts
-    w_image = image[first[by_first]]
-    rank = torch.arange(n_windows, device=h.device) - (torch.bincount(w_image, minlength=len(tokens.counts)).cumsum(0)
-                                                        - torch.bincount(w_image, minlength=len(tokens.counts)))[w_image]
-    slot = image_start[w_image] + rank
+    by_first = first.argsort()  # windows in the order of their first token (image by image, step group by group)
+    span, n_spans = dense_groups(image, time)  # where pooled tokens go: each image, each pooled group of a video's steps
+    span_start = torch.full((n_spans,), t, device=h.device).scatter_reduce_(0, span, index, "amin")
+    lead = first[by_first]
+    w_span = span[lead]
+    per_span = torch.bincount(w_span, minlength=n_spans)
+    rank = torch.arange(n_windows, device=h.device) - (per_span.cumsum(0) - per_span)[w_span]
+    slot = span_start[w_span] + rank
     out_h = torch.zeros_like(h)
     out_h[slot] = pooled[by_first].to(h.dtype)
     out_inject = None
@@ -98,15 +109,28 @@ def pool_tokens(tokens: VisualTokens, kernel: int) -> VisualTokens:
         out_inject = torch.zeros_like(inject)
         out_inject[slot] = means[by_first]
     out_place = torch.zeros_like(place)
-    lead = first[by_first]
     out_place[slot] = place[lead]
     grid = on_grid[lead]
     out_place[slot, Place.ROW] = torch.where(grid, place[lead, Place.ROW] // kernel, place[lead, Place.ROW])
     out_place[slot, Place.COL] = torch.where(grid, place[lead, Place.COL] // kernel, place[lead, Place.COL])
-    out_place[slot, Place.PATCH] = rank
+    image_start = tokens.counts.cumsum(0) - tokens.counts
+    out_place[slot, Place.PATCH] = slot - image_start[image[lead]]
     keep = torch.zeros(t, dtype=torch.bool, device=h.device)
     keep[slot] = True
     return tokens._replace(h=out_h, place=out_place, keep=keep, inject=out_inject)
+
+
+def spread_steps(kept: Tensor, places: Tensor, counts: Tensor, steps: list[list[int]]) -> VisualTokens:
+    """The tokens of the kept time steps (`kept` [K, d], encoded alone, in order) in the slots of every
+    step of their items (`places` [T, len(Place)] and `counts` of the full items; `steps[i]`: item i's
+    kept steps); the others are dropped (`keep` False)."""
+    item = torch.repeat_interleave(torch.arange(len(counts), device=places.device), counts)
+    span = int(places[:, Place.TIME].max()) + 1 if len(places) else 1
+    wanted = torch.tensor([i * span + s for i, own in enumerate(steps) for s in own], device=places.device, dtype=torch.long)
+    keep = torch.isin(item * span + places[:, Place.TIME], wanted)
+    h = kept.new_zeros(len(places), kept.shape[1])
+    h[keep] = kept
+    return VisualTokens(h, places, counts, keep)
 
 
 def apply_pre_llm(tokens: VisualTokens, pre: PreSelect | None) -> VisualTokens:
@@ -114,7 +138,9 @@ def apply_pre_llm(tokens: VisualTokens, pre: PreSelect | None) -> VisualTokens:
     if pre is None:
         return tokens
     if pre.method == "pool":
-        return pool_tokens(tokens, pre.kernel)
+        return pool_tokens(tokens, pre.kernel, pre.kernel_t or 1)
+    if pre.method == "frames":  # a family that takes video subsamples the pixels (MLLM.encode_images); images stay
+        return tokens
     keep = cls_knee_keep(tokens, pre.min_keep) if pre.method == "cls_knee" else dominant_keep(tokens, pre)
     return tokens._replace(keep=keep)
 

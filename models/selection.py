@@ -83,3 +83,10 @@ def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
 def ceil_budget(keep: float, n: int, min_keep: int = 1) -> int:
     """`fraction_budget` for one plain count (FLOPs, token counts)."""
     return max(min(min_keep, n), int(math.ceil(keep * n - 1e-9)))
+
+
+def frame_steps(steps: int, keep: float) -> list[int]:
+    """The time steps uniform frame subsampling keeps of a video of `steps`: ceil(keep * steps) of them,
+    each centred in an equal part of the video (all of a one-step item: an image)."""
+    n = ceil_budget(keep, steps)
+    return [int((i + 0.5) * steps / n) for i in range(n)]

@@ -10,8 +10,8 @@ plan run on physically smaller tensors instead of masking a full sequence.
 
 Visual tokens also carry their `place` (which image or video, which token of it, which tile or time
 step, where on that grid, whether it is a layout token such as LLaVA-NeXT's row newline): what plans
-that work per image, per tile, per time step or on a grid read. A token's *grid* is its (IMAGE,
-UNIT, TIME): a tile of an image, or one time step of a video.
+that work per image, per tile, per time step or on a grid read. A token's *grid* is its (IMAGE, UNIT):
+a tile of an image, or one time step of a video (whose UNIT is its TIME).
 
 In a packed row (several samples one after another, data/packing.py) every token also carries its
 sample's `start` (the order of the sample's first token): attention never crosses it
@@ -34,7 +34,8 @@ class Place(IntEnum):
     SLOT = 0  # index among the row's visual slots in the prompt (`Layout.vis_index`)
     IMAGE = 1  # which image of the row
     PATCH = 2  # index of the token inside its image's span (0..n_i-1)
-    UNIT = 3  # which grid the token belongs to inside its image: a tile (LLaVA-NeXT), the image (LLaVA-1.5)
+    UNIT = 3  # which grid the token belongs to inside its image: a tile (LLaVA-NeXT), the image (LLaVA-1.5), a
+              # video's time step (then equal to TIME)
     ROW = 4  # row on its unit's grid (-1: not on a grid, e.g. a kept CLS token or a newline)
     COL = 5  # column on its unit's grid
     EXTRA = 6  # 1: a layout token (LLaVA-NeXT's row newline), kept by selections and pooling

@@ -2,7 +2,8 @@
 projector, per image, as the families run them (`Family.vision_flops`).
 
 The LLM count (`models/flops.py`) is what in-LLM plans reduce; the tower and the projector run
-whatever the plan does (pre-LLM pruning and pooling act after the projector), and at high
+whatever the plan does (pre-LLM pruning and pooling act after the projector; only uniform frame
+subsampling, `frames`, runs the tower on fewer of a video's steps: `towered_size`), and at high
 resolution they are no longer small next to the LLM (families.md §9: InternVL2.5-8B's tower on 13
 tiles is 9.4 TFLOPs). Counted are the matmuls and convolutions (what
 `torch.utils.flop_counter.FlopCounterMode` counts; `tests/test_vision_flops.py` checks each family
@@ -36,15 +37,26 @@ def tower_flops(config, layers: int | None = None) -> int:
                      config.vision_layers_used if layers is None else layers, vision.num_channels)
 
 
-def vision_flops_of_batch(config, pixel_values, image_sizes) -> dict[str, int]:
+def towered_size(plan, size: tuple[int, ...]) -> tuple[int, ...]:
+    """The size of what the tower runs on under `plan`: a video's grid (t, h, w) with only the steps
+    uniform frame subsampling keeps (models/selection.py `frame_steps`); anything else as given."""
+    from .selection import frame_steps
+
+    pre = plan.pre_llm if plan is not None else None
+    if pre is None or pre.method != "frames" or len(size) != 3:
+        return size
+    return (len(frame_steps(int(size[0]), pre.keep)), *size[1:])
+
+
+def vision_flops_of_batch(config, pixel_values, image_sizes, plan=None) -> dict[str, int]:
     """Tower and projector FLOPs (and any other part a family counts: Qwen3-VL's DeepStack mergers)
-    of every image of a batch, summed (images without a size, as LLaVA-1.5 gives them, count as one
-    tower-sized image)."""
+    of every image of a batch under `plan`, summed (images without a size, as LLaVA-1.5 gives them,
+    count as one tower-sized image)."""
     family = config.model_family
     n = family.image_count(pixel_values, image_sizes)
     sizes = image_sizes.tolist() if image_sizes is not None else [(config.tile_size, config.tile_size)] * n
     total = {"tower": 0, "projector": 0}
     for size in sizes:
-        for part, flops in family.vision_flops(config, tuple(int(v) for v in size)).items():
+        for part, flops in family.vision_flops(config, towered_size(plan, tuple(int(v) for v in size))).items():
             total[part] = total.get(part, 0) + flops
     return total

@@ -48,15 +48,17 @@ def _scores_and_select(probs_q, v, vis_mask, sel: Select, present, place):
 
 
 def _keep_top(s, vis_mask, sel: Select, present, place):
-    """The present mask after keeping, in every image of every row (every tile for `uniform`), the
-    best-scoring present visual tokens (scores [B, L]); layout tokens always stay."""
+    """The present mask after keeping, in every image of every row (every tile or time step for
+    `per=unit` and `uniform`), the best-scoring present visual tokens (scores [B, L]); layout tokens
+    always stay."""
     extra = place[..., Place.EXTRA].bool()
     new = present & (~vis_mask | extra)
     for b in range(s.shape[0]):
         groups = {}
         for j in range(s.shape[1]):
             if vis_mask[b, j] and present[b, j] and not extra[b, j]:
-                key = (int(place[b, j, Place.IMAGE]),) + ((int(place[b, j, Place.UNIT]),) if sel.scorer == "uniform" else ())
+                per_unit = sel.per == "unit" or sel.scorer == "uniform"
+                key = (int(place[b, j, Place.IMAGE]),) + ((int(place[b, j, Place.UNIT]),) if per_unit else ())
                 groups.setdefault(key, []).append(j)
         for members in groups.values():
             n = len(members)

@@ -52,7 +52,7 @@ class EfficiencyMetrics(L.Callback):
             plan_flops += prefill_flops(shape, model.plan, n_v, n_text, scope=self.scope, **kw) / len(rows)
             dense_flops += prefill_flops(shape, Plan.dense(shape.layers), n_v, n_text, scope=self.scope, **kw) / len(rows)
             visual += prefill_flops(shape, model.plan, n_v, n_text, scope="visual_side", **kw) / len(rows)
-        vision = vision_flops_of_batch(model.config, pixels, batch.image_sizes)  # the batch's images, per sample below
+        vision = vision_flops_of_batch(model.config, pixels, batch.image_sizes, model.plan)  # the batch's images, per sample below
 
         sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
         sync()

@@ -144,6 +144,12 @@ class FrameResize(VideoProcessor):
         total = int(MAX_VIDEO_TOKENS * factor * factor * 0.9)
         return max(min(self.bounds[1], total * self.temporal // n_frames), int(self.bounds[0] * 1.05))
 
+    def grid(self, n_frames: int, size: tuple[int, int]) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) of `n_frames` frames of `size` (height, width)."""
+        factor = self.patch * self.merge
+        h, w = smart_resize(int(size[0]), int(size[1]), factor=factor, min_pixels=self.bounds[0], max_pixels=self.max_pixels(n_frames))
+        return -(-n_frames // self.temporal), h // self.patch, w // self.patch
+
     def __call__(self, frames, fps: float) -> ProcessedVideo:
         frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
         if not frames or not fps > 0:
@@ -285,9 +291,10 @@ class Qwen2VLFamily(Family):
         return steps_of(size) * rows * cols
 
     def image_places(self, config: MLLMConfig, size=None) -> Tensor:
-        """Each step's raster grid in turn: TIME is the step, PATCH the index in the item's span."""
+        """Each step's raster grid in turn: a step is a unit of its own (UNIT and TIME are the step), PATCH
+        the index in the item's span."""
         rows, cols = self.grid(config, size)
-        return torch.cat([grid_place(rows, cols, first_patch=k * rows * cols, time=k) for k in range(steps_of(size))])
+        return torch.cat([grid_place(rows, cols, unit=k, first_patch=k * rows * cols, time=k) for k in range(steps_of(size))])
 
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
@@ -413,6 +420,13 @@ class Qwen2VLFamily(Family):
 
     def frames_per_item(self, config: MLLMConfig, image_sizes: Tensor) -> list[int]:
         return [int(t) * config.hf_vision_config().temporal_patch_size for t in image_sizes[:, 0].tolist()]
+
+    def take_steps(self, config: MLLMConfig, pixel_values: Tensor, image_sizes: Tensor, steps: list[list[int]]) -> tuple[Tensor, Tensor]:
+        parts = pixel_values.split(image_sizes.prod(-1).tolist())
+        kept = [part.view(t, h * w, -1)[own].flatten(0, 1) for part, (t, h, w), own in zip(parts, image_sizes.tolist(), steps)]
+        sizes = image_sizes.clone()
+        sizes[:, 0] = torch.tensor([len(own) for own in steps], device=sizes.device)
+        return torch.cat(kept), sizes
 
     def reorder_frames(self, config: MLLMConfig, pixel_values: Tensor, image_sizes: Tensor, orders: list[Tensor]) -> Tensor:
         """A step's patch row holds (channel, frame slot, p, p): frames are (step, slot) pairs."""

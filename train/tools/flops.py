@@ -13,15 +13,19 @@ newlines included), e.g.
     python -m train flops model=llava_next_13b arch=shortv   # 2928 visual tokens at 672 x 672 (ShortV: 81.8 -> 41.0)
     python -m train flops model=internvl2_5_8b arch=visipruner flops.convention=mac flops.n_text=74   # 5 tiles at 672 x 672
     python -m train flops model=qwen2_vl_7b flops.image_size=[1344,1344] model.config.max_pixels=12845056   # tower 25.5 T
+    python -m train flops model=qwen2_5_vl_7b flops.image_size=[448,448] flops.frames=64 arch=frames   # a video (docs/video.md)
+With `flops.frames` the input is a video of that many frames of `image_size` (Qwen: the family's frame
+preprocessing gives its grid), and the KV cache of a sample is reported too (bf16).
 """
 
 from __future__ import annotations
 
 import json
 
-from models.flops import ImageTokens, Shape, convert, prefill_flops
+from models.flops import ImageTokens, Shape, convert, kv_cache_bytes, prefill_flops
 from models.families.internvl import max_tiles as family_max_tiles
 from models.plan import Plan
+from models.vision_flops import towered_size
 
 from ..builders import model_and_plan
 from .cli import compose_cli
@@ -33,21 +37,28 @@ def flops_report(cfg) -> dict:
     config = model.mllm_config
     shape = Shape.from_hf(config.hf_text_config())
     size = tuple(int(v) for v in f.image_size)
+    frames = f.get("frames")
+    if frames is not None:  # a video: its patch grid (t, h, w) stands for the size
+        size = config.model_family.video_processor(config).grid(int(frames), size)
     n_visual = f.n_visual if f.n_visual is not None else ImageTokens.from_places(config.model_family.image_places(config, size))
     kw = dict(convention=f.convention, scope=f.scope, ffn=f.ffn)
     dense = prefill_flops(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)
     planned = prefill_flops(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep, **kw)
     family = config.model_family
-    vision = tiles = None  # flops.n_visual gives tokens, not an image: the tower's cost is unknown
+    vision = dense_vision = tiles = None  # flops.n_visual gives tokens, not an image: the tower's cost is unknown
     if f.n_visual is None:
-        vision = {part: convert(flops, f.convention) / 1e12 for part, flops in family.vision_flops(config, size).items()}
+        def front(which: tuple[int, ...]) -> dict:
+            return {part: convert(flops, f.convention) / 1e12 for part, flops in family.vision_flops(config, which).items()}
+        vision, dense_vision = front(towered_size(plan, size)), front(size)  # frame subsampling: fewer steps through the tower
         tiles = family.tiles_per_image(config, size) if hasattr(family, "tiles_per_image") else 1
     return {
         "model": model.name,
         "arch": plan.name,
         "n_visual": n_visual if isinstance(n_visual, int) else n_visual.n,
         "n_text": f.n_text,
-        "image_size": list(size) if f.n_visual is None else None,
+        "image_size": list(f.image_size) if f.n_visual is None else None,
+        "frames": frames,
+        "grid_thw": list(size) if frames is not None else None,
         "tile_size": config.tile_size if hasattr(config.hf_vision_config(), "image_size") else None,  # Qwen: no tiles
         "pinpoints": config.image_grid_pinpoints,
         "pixels": [config.min_pixels, config.max_pixels] if config.max_pixels is not None else None,
@@ -58,20 +69,22 @@ def flops_report(cfg) -> dict:
         "dense_tflops": round(dense / 1e12, 6),
         "plan_tflops": round(planned / 1e12, 6),
         "ratio": round(planned / dense, 6),
-        **vision_columns(vision, dense / 1e12, planned / 1e12),
+        **vision_columns(vision, dense_vision, dense / 1e12, planned / 1e12),
+        **({"kv_cache_gib": {"dense": kv_cache_bytes(shape, Plan.dense(shape.layers), n_visual, f.n_text) / 2**30,
+                             "plan": kv_cache_bytes(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep,
+                                                    pre_llm_keep=f.pre_llm_keep) / 2**30}} if frames is not None else {}),
     }
 
 
-def vision_columns(vision: dict | None, dense: float, planned: float) -> dict:
-    """The tower's, projector's (and Qwen3-VL's DeepStack mergers') TFLOPs and the totals with the
-    LLM's (None without an image; deepstack None for families without it)."""
+def vision_columns(vision: dict | None, dense_vision: dict | None, dense: float, planned: float) -> dict:
+    """The tower's, projector's (and Qwen3-VL's DeepStack mergers') TFLOPs under the plan and the totals
+    with the LLM's, dense and planned (None without an image; deepstack None for families without it)."""
     if vision is None:
         return dict.fromkeys(("tower_tflops", "projector_tflops", "deepstack_tflops", "dense_total_tflops", "plan_total_tflops"))
-    before = sum(vision.values())
     deepstack = vision.get("deepstack")
     return {"tower_tflops": round(vision["tower"], 6), "projector_tflops": round(vision["projector"], 6),
             "deepstack_tflops": None if deepstack is None else round(deepstack, 6),
-            "dense_total_tflops": round(dense + before, 6), "plan_total_tflops": round(planned + before, 6)}
+            "dense_total_tflops": round(dense + sum(dense_vision.values()), 6), "plan_total_tflops": round(planned + sum(vision.values()), 6)}
 
 
 def main() -> None:

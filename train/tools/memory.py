@@ -94,10 +94,12 @@ def memory_report(cfg) -> dict:
     targets = list(m.lora.targets)
     config = spec.mllm_config
     size = tuple(int(v) for v in m.image_size)
-    n_visual = config.tokens_per_image(size)  # the family's count: LLaVA-1.5 576, LLaVA-NeXT 2928 at 672 x 672
+    frames = m.get("frames")
+    grid = config.model_family.video_processor(config).grid(int(frames), size) if frames is not None else size
+    n_visual = config.tokens_per_image(grid)  # the family's count: LLaVA-1.5 576, LLaVA-NeXT 2928 at 672 x 672, a video's t*h*w/4
     seq_len = m.seq_len if m.seq_len is not None else n_visual + m.text_tokens
     report = {"model": spec.name, "gpus": m.gpus, "precision": m.precision, "seq_len": seq_len, "n_visual": n_visual,
-              "image_size": list(size), "pinpoints": config.image_grid_pinpoints,
+              "image_size": list(size), "frames": frames, "pinpoints": config.image_grid_pinpoints,
               "micro_batch": m.micro_batch, "gradient_checkpointing": gc, "unit": "GB = 1e9 bytes, per GPU",
               "modes": {}, "rows": []}
     for mode in m.modes:
@@ -116,13 +118,18 @@ def memory_report(cfg) -> dict:
     return report
 
 
+def inputs(report: dict) -> str:
+    size = f"{report['image_size'][0]} x {report['image_size'][1]}"
+    return f"{report['frames']} frames of {size}" if report.get("frames") else f"{size} images"
+
+
 def table(report: dict) -> str:
     cols = ["params_gb", "grads_gb", "optimizer_gb", "frozen_gb", "gathered_gb", "activations_gb", "total_gb", "host_gb"]
     head = ["mode", "strategy", *(c.removesuffix("_gb") for c in cols)]
     lines = [
         f"{report['model']} on {report['gpus']} GPUs, {report['precision']}, per GPU in GB (1e9 B); activations: "
-        f"{report['micro_batch']} x {report['seq_len']} tokens ({report['n_visual']} visual: {report['image_size'][0]} x "
-        f"{report['image_size'][1]} images), gradient checkpointing {report['gradient_checkpointing']}",
+        f"{report['micro_batch']} x {report['seq_len']} tokens ({report['n_visual']} visual: {inputs(report)}), "
+        f"gradient checkpointing {report['gradient_checkpointing']}",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
