@@ -11,7 +11,10 @@ MobileVLM V2's release; see models/original_layout.py),
 checkpoint, dense for llava-hf), `dtype` (auto|float32|bfloat16|float16), `device`, `batch_size`
 (model_args win over the CLI's --batch_size), `chat_template` (a data/chat.py template name instead
 of the checkpoint's own), `system_prompt` (with a data/chat.py template), `pad_to_square`
-(true|false; default from preprocessor_config.json, see preprocess.py).
+(true|false; default from preprocessor_config.json, see preprocess.py), `video_fps` (frames sampled per
+second of a video document, 2 by default) or `video_frames` (frames per video): a document's visual may be
+a video file's path (lmms-eval's video tasks), decoded here with PyAV (the `video` extra) for a family that
+takes video (docs/video.md).
 
 Generation is greedy with the plan's KV cache; `loglikelihood` scores continuations through the same
 prefill + decode path (scoring.py). Registered via the `lmms_eval.models` entry point in pyproject.toml.
@@ -26,14 +29,14 @@ from collections import defaultdict
 
 import torch
 
-from data.batch import collate_images
+from data.batch import collate_images, collate_step_seconds
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
-from PIL import Image
 from tqdm import tqdm
 
 from models import MLLM
+from models.family import ProcessedVideo
 
 from .compat import alias_filelock_api
 from .plans import plan_for_checkpoint
@@ -60,14 +63,18 @@ class EfficientMLLM(lmms):
         chat_template: str | None = None,
         system_prompt: str | None = None,
         pad_to_square: bool | str | None = None,
+        video_fps: float | str | None = None,
+        video_frames: int | str | None = None,
         **unknown,
     ) -> None:
         super().__init__()
         if unknown:
             raise TypeError(
                 f"efficient_mllm: unknown model_args {sorted(unknown)}; valid: pretrained, vision_tower, arch, dtype, device, "
-                "batch_size, chat_template, system_prompt, pad_to_square"
+                "batch_size, chat_template, system_prompt, pad_to_square, video_fps, video_frames"
             )
+        if video_fps is not None and video_frames is not None:
+            raise ValueError("efficient_mllm: give video_fps or video_frames, not both")
         if not pretrained:
             raise ValueError("efficient_mllm needs --model_args pretrained=<checkpoint directory> (llava-hf or our export)")
         batch_size, device, pad_to_square = _batch_size(batch_size), _device(device), _bool(pad_to_square)  # fail before loading
@@ -75,6 +82,7 @@ class EfficientMLLM(lmms):
         if arch:
             model.set_plan(plan_for_checkpoint(str(arch), model.config))
         processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, pad_to_square)
+        processor.video_sampling = {"num_frames": int(video_frames)} if video_frames is not None else {"fps": float(video_fps or 2.0)}
         log.info("efficient_mllm: %s, plan %s, %s, images %s", pretrained, model.plan.name, model.dtype, processor.images)
         self._bind(model.to(device).eval(), processor, batch_size)
 
@@ -131,11 +139,12 @@ class EfficientMLLM(lmms):
                 prompts, pixels = [], []
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    images = [self.processor.image(im) for im in self._images(doc_to_visual, task, split, doc_id)]
-                    prompts.append(self.processor.prompts.encode(context, len(images), self.processor.tokens(images)))
+                    images = self._visuals(doc_to_visual, task, split, doc_id)
+                    prompts.append(self.processor.prompts.encode(context, len(images), self.processor.tokens(images), _videos(images)))
                     pixels += images
-                pixel_values, sizes = self._pixel_values(pixels)
-                new = generate(self.model, prompts, pixel_values, max_new_tokens, self.processor.stop_ids, self.processor.pad_id, sizes)
+                pixel_values, sizes, seconds = self._pixel_values(pixels)
+                new = generate(self.model, prompts, pixel_values, max_new_tokens, self.processor.stop_ids, self.processor.pad_id, sizes,
+                               seconds)
                 for i, ids in zip(batch, new):
                     answers[i] = _cut(self.tokenizer.decode(ids, skip_special_tokens=True), until)
                 bar.update(len(batch))
@@ -164,13 +173,14 @@ class EfficientMLLM(lmms):
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 if not isinstance(continuation, str):
                     raise ValueError(f"task {task}: the loglikelihood target must be a string, got {continuation!r}")
-                images = [self.processor.image(im) for im in self._images(doc_to_visual, task, split, doc_id)]
+                images = self._visuals(doc_to_visual, task, split, doc_id)
                 prompt = self.processor.prompts.render(context, len(images))
-                prompts.append(self.processor.prompts.expand(self.processor.prompts.tokenize(prompt), self.processor.tokens(images)))
+                prompts.append(self.processor.prompts.expand(self.processor.prompts.tokenize(prompt), self.processor.tokens(images),
+                                                             _videos(images)))
                 continuations.append(self.processor.prompts.continuation(prompt, continuation))
                 pixels += images
-            pixel_values, sizes = self._pixel_values(pixels)
-            scores = continuation_logprobs(self.model, prompts, continuations, pixel_values, self.processor.pad_id, sizes)
+            pixel_values, sizes, seconds = self._pixel_values(pixels)
+            scores = continuation_logprobs(self.model, prompts, continuations, pixel_values, self.processor.pad_id, sizes, seconds)
             for i, (logprob, greedy) in zip(batch, scores):
                 results[i] = GenerationResult(text=(-logprob, greedy))
             bar.update(len(batch))
@@ -183,21 +193,31 @@ class EfficientMLLM(lmms):
         )
 
     # --- helpers -----------------------------------------------------------------------------------
-    def _images(self, doc_to_visual, task: str, split: str, doc_id: int) -> list[Image.Image]:
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        """A document's images and videos (PIL images, video file paths) as the model takes them."""
         if doc_to_visual is None:
             return []
         visuals = list(_flatten(doc_to_visual(self.task_dict[task][split][doc_id])))
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                raise ValueError(f"task {task}: efficient_mllm takes images, but doc_to_visual gave a {type(v).__name__} (video/audio are not supported)")
-        return visuals
+        try:
+            return [self.processor.visual(v) for v in visuals]
+        except ValueError as e:
+            raise ValueError(f"task {task}: {e}") from None
 
-    def _pixel_values(self, images: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The batch's pixel values and image sizes, laid out as training batches them (data.batch)."""
-        pixels, sizes = collate_images([{"pixel_values": [im.pixels for im in images], "image_sizes": [im.size for im in images]}])
+    def _pixel_values(self, images: list) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The batch's pixel values, image sizes and (with videos) seconds per step, laid out as training
+        batches them (data.batch)."""
+        sample = {"pixel_values": [im.pixels for im in images], "image_sizes": [im.size for im in images],
+                  "step_seconds": [getattr(im, "step_seconds", 0.0) for im in images]}
+        pixels, sizes = collate_images([sample])
         if pixels is None:
-            return None, None
-        return pixels.to(self.device, self.model.dtype), sizes.to(self.device)
+            return None, None, None
+        seconds = collate_step_seconds([sample])
+        return pixels.to(self.device, self.model.dtype), sizes.to(self.device), None if seconds is None else seconds.to(self.device)
+
+
+def _videos(items: list) -> list[bool]:
+    """Which of a document's processed visuals are videos (their tokens are the video token)."""
+    return [isinstance(item, ProcessedVideo) for item in items]
 
 
 def _greedy_settings(gen_kwargs: dict, task: str) -> tuple[int, list[str]]:

@@ -10,12 +10,13 @@ from pathlib import Path
 from data.chat import IMAGE, TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer
 from models import MLLMConfig
-from models.family import ProcessedImage
+from models.family import ProcessedImage, ProcessedVideo
 from models.original_layout import is_original
 
 from .preprocess import ImageProcessing
 from .prompts import PromptEncoder, jinja_template
 
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")  # a document's visual given as a file path
 FAMILY_TEMPLATES = {"llama": "vicuna", "qwen2": "chatml", "qwen2_vl": "chatml", "qwen2_5_vl": "chatml", "qwen3": "chatml",
                     "qwen3_moe": "chatml"}  # data/chat.py template when a checkpoint has none
 ORIGINAL_LAYOUT_TEMPLATE = "vicuna_v1"  # the original LLaVA-1.5's and MobileVLM V2's (models/original_layout.py)
@@ -29,6 +30,7 @@ class EvalProcessor:
     images: object  # PIL image -> pixels: ImageProcessing (LLaVA-1.5), or the family's own (LLaVA-NeXT's tiles)
     stop_ids: list[int]  # generation ends at any of these (EOS and the template's end-of-reply token)
     config: MLLMConfig | None = None
+    video_sampling: dict | None = None  # how a video file's frames are sampled: {"fps": 2.0} or {"num_frames": n}
 
     @property
     def pad_id(self) -> int:
@@ -39,8 +41,27 @@ class EvalProcessor:
         out = self.images(image)
         return out if isinstance(out, ProcessedImage) else ProcessedImage(out, (image.height, image.width))
 
+    def video(self, path: str) -> ProcessedVideo:
+        """A video file as the model takes it: frames sampled by Qwen's rule (`video_sampling`, 2 per second
+        by default) and decoded with PyAV (data/video_files.py), then the family's video preprocessing."""
+        from data.video_files import read_video
+
+        if self.config is None or self.config.model_family.video_token is None:
+            raise ValueError(f"{path}: a video, but this model's family takes none (Qwen2-VL / Qwen2.5-VL do)")
+        sampling = self.video_sampling or {"fps": 2.0}
+        frames, timing = read_video(path, num_frames=sampling.get("num_frames"), fps=sampling.get("fps"))
+        return self.config.model_family.video_processor(self.config)(frames, timing["sampled_fps"])
+
+    def visual(self, visual) -> ProcessedImage | ProcessedVideo:
+        """A document's visual as the model takes it: a PIL image, or a video file's path (lmms-eval's form)."""
+        if isinstance(visual, str) and visual.lower().endswith(VIDEO_EXTENSIONS):
+            return self.video(visual)
+        if not hasattr(visual, "convert"):
+            raise ValueError(f"efficient_mllm takes images and video files, not a {type(visual).__name__} ({str(visual)[:80]})")
+        return self.image(visual)
+
     def tokens(self, images: list[ProcessedImage]) -> list[int]:
-        """Each image's visual tokens (its size's, for a tiling family)."""
+        """Each image's (or video's) visual tokens (its size's, for a tiling family; its grid's, for Qwen)."""
         return [self.config.tokens_per_image(im.size) for im in images]
 
     @classmethod
@@ -87,7 +108,8 @@ class EvalProcessor:
     @classmethod
     def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images, stops: list[int]) -> "EvalProcessor":
         fixed = None if config.model_family.variable_tokens else config.num_image_tokens
-        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed, wrap_ids(tokenizer, config.model_family.image_wrap))
+        video = config.token_ids.get("video_token_id") if config.model_family.video_token is not None else None
+        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed, wrap_ids(tokenizer, config.model_family.image_wrap), video)
         return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}), config)
 
 

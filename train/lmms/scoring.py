@@ -21,10 +21,11 @@ def _prompt_batch(model, prompts: list[list[int]], pad_id: int) -> tuple[Tensor,
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], pixel_values: Tensor | None, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-             image_sizes: Tensor | None = None) -> list[list[int]]:
+             image_sizes: Tensor | None = None, step_seconds: Tensor | None = None) -> list[list[int]]:
     """Greedy new tokens per prompt, cut before the first stop id."""
     ids, mask = _prompt_batch(model, prompts, pad_id)
-    out = greedy_generate(model, ids, mask, pixel_values, max_new_tokens, stop_ids, pad_id, image_sizes=image_sizes).tolist()
+    out = greedy_generate(model, ids, mask, pixel_values, max_new_tokens, stop_ids, pad_id, image_sizes=image_sizes,
+                          step_seconds=step_seconds).tolist()
     stops = set(stop_ids)
     return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in out]
 
@@ -32,14 +33,14 @@ def generate(model, prompts: list[list[int]], pixel_values: Tensor | None, max_n
 @torch.no_grad()
 def continuation_logprobs(
     model, prompts: list[list[int]], continuations: list[list[int]], pixel_values: Tensor | None, pad_id: int,
-    image_sizes: Tensor | None = None,
+    image_sizes: Tensor | None = None, step_seconds: Tensor | None = None,
 ) -> list[tuple[float, bool]]:
     """Per row: the summed log-probability of `continuations[i]` after `prompts[i]`, and whether
     greedy decoding would produce exactly it. Prefill the prompts once, then feed the continuation
     tokens one decode step at a time (rows whose continuation ended keep stepping on a pad token;
     those steps are not counted)."""
     ids, mask = _prompt_batch(model, prompts, pad_id)
-    out = model(ids, mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes)
+    out = model(ids, mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes, step_seconds=step_seconds)
     logits, state = out.logits, out.cache
     targets = pad(continuations, pad_id).to(ids.device)  # [B, n], right-padded
     valid = pad([[1] * len(c) for c in continuations], 0).to(ids.device).bool()
