@@ -112,8 +112,8 @@ class SampleEncoder:
 
     def _video(self, raw: dict, record: dict):
         if self.image.video is None:
-            raise InvalidSample("video_not_supported", "a video sample, but the model's family takes no video (Qwen2-VL and "
-                                "Qwen2.5-VL do)")
+            raise InvalidSample("video_not_supported", "a video sample, but the data path takes video for Qwen2-VL and "
+                                "Qwen2.5-VL only (Qwen3-VL's frame timestamps are not written yet)")
         frames, fps = read_frames(raw, record)
         return self.image.video(frames, fps)
 

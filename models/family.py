@@ -125,6 +125,8 @@ class Family:
     mrope: ClassVar[bool] = False  # 3-D M-RoPE positions (Qwen), whose rule `MLLMConfig.mrope_rule` names
     image_wrap: ClassVar[tuple[str, str] | None] = None  # text tokens the prompt writes around each image's tokens
     video_token: ClassVar[str | None] = None  # the special token a video's placeholders are (Qwen: <|video_pad|>); None: no video
+    frame_timestamps: ClassVar[bool] = False  # a video's steps are written apart after their timestamps (Qwen3-VL): the
+                                              # model takes such prompts, the data path and lmms-eval prompts do not write them yet
     hf_processor_class: ClassVar[str | None] = None  # preprocessor_config.json `processor_class` (tiling families)
     original_layout: ClassVar[bool] = False  # the original LLaVA layout is its only one (no transformers class reads it)
 

@@ -163,7 +163,8 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
 def image_spec(config, max_images_per_sample: int | None = None) -> ImageSpec:
     """What the data module needs of the model's images: its family's preprocessing and token counts
     (and its video preprocessing, when it takes video)."""
-    video = config.model_family.video_processor(config) if video_token_id(config) is not None else None
+    family = config.model_family
+    video = family.video_processor(config) if video_token_id(config) is not None and not family.frame_timestamps else None
     return ImageSpec(config.model_family.image_processor(config), config.tokens_per_image, max_images_per_sample, video)
 
 

@@ -68,6 +68,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     hf_config_class = Qwen3VLConfig
     tower_class = Qwen3VLVisionModel
     default_pixels = (MIN_PIXELS, MAX_PIXELS)
+    frame_timestamps = True  # a video's steps are written apart, each after its "<1.5 seconds>" (Qwen3VLProcessor)
 
     # --- configuration ------------------------------------------------------------------------
     def merged_width(self, vision) -> int:
@@ -123,6 +124,17 @@ class Qwen3VLFamily(Qwen2VLFamily):
         if not blocks:
             return None
         return torch.stack([merger(captured[b]) for merger, b in zip(model.deepstack_mergers, blocks)], dim=1)
+
+    # --- positions ------------------------------------------------------------------------------
+    def rope_positions(self, config: MLLMConfig, attention_mask: Tensor, is_image: Tensor, image_sizes: Tensor | None,
+                       step_seconds: Tensor | None = None) -> Tensor:
+        """A video's time lives in the text (a timestamp before each step), so each of its temporal steps
+        is placed like an image of its own, as transformers' `get_rope_index` splits the video grids
+        (`mrope_row`; with one step per span the two M-RoPE rules agree)."""
+        if image_sizes is not None and bool((image_sizes[:, 0] > 1).any()):
+            image_sizes = image_sizes.repeat_interleave(image_sizes[:, 0], dim=0)
+            image_sizes[:, 0] = 1
+        return super().rope_positions(config, attention_mask, is_image, image_sizes)
 
     # --- cost -----------------------------------------------------------------------------------
     def tower_width(self, vision) -> int:

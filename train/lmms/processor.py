@@ -46,8 +46,10 @@ class EvalProcessor:
         by default) and decoded with PyAV (data/video_files.py), then the family's video preprocessing."""
         from data.video_files import read_video
 
-        if self.config is None or self.config.model_family.video_token is None:
-            raise ValueError(f"{path}: a video, but this model's family takes none (Qwen2-VL / Qwen2.5-VL do)")
+        family = None if self.config is None else self.config.model_family
+        if family is None or family.video_token is None or family.frame_timestamps:
+            raise ValueError(f"{path}: a video, but the bridge prompts video for Qwen2-VL / Qwen2.5-VL only (Qwen3-VL's frame "
+                             "timestamps are not written yet)")
         sampling = self.video_sampling or {"fps": 2.0}
         frames, timing = read_video(path, num_frames=sampling.get("num_frames"), fps=sampling.get("fps"))
         return self.config.model_family.video_processor(self.config)(frames, timing["sampled_fps"])
