@@ -62,10 +62,10 @@ def _mismatch(kind: int, token_ids: tuple[int, int], tokens: tuple[list[int], li
 
 
 def merge_in_prompt_order(input_ids: Tensor, attention_mask: Tensor, token_ids: tuple[int, int], merge: int,
-                          images: tuple[Tensor, Tensor] | None, videos: tuple[Tensor, Tensor, Tensor | None] | None) -> VisualItems:
+                          images: tuple[Tensor, Tensor] | None, videos: tuple[Tensor, Tensor, Tensor | None] | None) -> VisualItems | None:
     """One `VisualItems` from transformers' image inputs (`pixel_values`, `image_grid_thw`) and video
     inputs (`pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`: None gives 0 s per step),
-    for prompts whose placeholders (`token_ids`: image, video) take t*h*w / merge^2 tokens per item."""
+    for prompts whose placeholders (`token_ids`: image, video) take t*h*w / merge^2 tokens per item (None: no items)."""
     kinds = [split_items(*images, None) if images is not None else None, split_items(*videos) if videos is not None else None]
     if kinds[0] is not None and bool((kinds[0][1][:, 0] != 1).any()):
         raise ValueError(f"image grids {kinds[0][1].tolist()} must have t=1 (a still image); give videos as pixel_values_videos")
