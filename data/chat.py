@@ -96,13 +96,14 @@ def render(t: Template, system: str, conversations: list[dict]) -> tuple[str, li
     return "".join(parts), spans, last_start
 
 
-def expand_images(ids: list[int], image_token_id: int, counts: list[int],
-                  wrap: tuple[int, int] | None = None, item_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
+def expand_images(ids: list[int], image_token_id: int, counts: list[int], wrap: tuple[int, int] | None = None,
+                  item_ids: list[int] | None = None, step_prefixes: list[list[list[int]] | None] | None = None) -> tuple[list[int], list[int]]:
     """`ids` with the k-th `<image>` id repeated `counts[k]` times (the k-th image's visual tokens, the
     model's input layout), between `wrap`'s two text tokens when the family writes them (InternVL's
     `<img>` ... `</img>`), and for each position of `ids` (and one past its end) where it lands.
     `item_ids[k]`: the placeholder id the k-th item's tokens take (a video's: Qwen's `<|video_pad|>`;
-    default: the image token).
+    default: the image token); `step_prefixes[k]`: an item written step by step, each step's tokens after
+    its prefix and between their own wrap (Qwen3-VL's video: a timestamp before each step).
 
     The one place placeholders become visual tokens, for training (ChatTokenizer) and evaluation
     prompts (train/lmms/prompts.py); `counts` may differ per image (a family whose token count
@@ -115,7 +116,10 @@ def expand_images(ids: list[int], image_token_id: int, counts: list[int],
         where.append(len(out))
         if t == image_token_id:
             pad = t if item_ids is None else item_ids[k]
-            out.extend([pad] * counts[k] if wrap is None else [wrap[0], *[pad] * counts[k], wrap[1]])
+            steps = step_prefixes[k] if step_prefixes is not None and step_prefixes[k] is not None else [[]]
+            per_step = counts[k] // len(steps)
+            for prefix in steps:
+                out.extend([*prefix, *([pad] * per_step if wrap is None else [wrap[0], *[pad] * per_step, wrap[1]])])
             k += 1
         else:
             out.append(t)
@@ -150,7 +154,8 @@ class ChatTokenizer:
     """Turns LLaVA `conversations` into model inputs for one template and tokenizer."""
 
     def __init__(self, tokenizer, template: str, num_image_tokens: int | None, max_length: int, system: str | None = None,
-                 image_wrap: tuple[str, str] | None = None, image_token_id: int | None = None, video_token_id: int | None = None):
+                 image_wrap: tuple[str, str] | None = None, image_token_id: int | None = None, video_token_id: int | None = None,
+                 frame_timestamps: bool = False):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -164,16 +169,17 @@ class ChatTokenizer:
             raise ValueError(f"the tokenizer has no {IMAGE} token; add it as a special token (tokenizer.add_special_tokens)")
         self.image_wrap = wrap_ids(tokenizer, image_wrap)  # e.g. InternVL's <img> ... </img> (`Family.image_wrap`)
         self.video_token_id = video_token_id  # what a video's tokens are written as (Qwen's <|video_pad|>); None: no video
+        self.frame_timestamps = frame_timestamps  # a video's steps are written apart after their timestamps (Qwen3-VL)
 
     def render(self, conversations: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
         return render(self.template, self.system, conversations)
 
     def encode(self, conversations: list[dict], n_images: int = 1, image_tokens: list[int] | None = None,
-               videos: list[bool] | None = None) -> Encoded:
+               videos: list[tuple[float, ...] | None] | None = None) -> Encoded:
         """Token ids and labels of a conversation with `n_images` images, each `<image>` expanded to
         `image_tokens[k]` visual tokens (default: `num_image_tokens` each; None for a family whose
         count depends on the image size, whose callers always pass the counts); `videos[k]`: the k-th
-        item is a video, whose tokens are the video token.
+        item is a video (its steps' timestamps; None: an image), whose tokens are the video token.
 
         Raises InvalidSample (data/validity.py) for a conversation that is not a usable sample, or
         one whose image tokens would be cut at `max_length` (`too_long`)."""
@@ -196,10 +202,8 @@ class ChatTokenizer:
                 prompt_len = i
             supervised = b > a and tid != self.image_token_id and any(s <= a and b <= e for s, e in spans)
             labels.append(tid if supervised else IGNORE)
-        if any(videos or []) and self.video_token_id is None:
-            raise ValueError("a video sample, but this ChatTokenizer has no video token (the model's family takes no video)")
-        item_ids = [self.video_token_id if v else self.image_token_id for v in videos] if videos else None
-        expanded, where = expand_images(ids, self.image_token_id, counts, self.image_wrap, item_ids)
+        item_ids, prefixes = video_layout(self.tok, self.image_token_id, self.video_token_id, videos, self.frame_timestamps)
+        expanded, where = expand_images(ids, self.image_token_id, counts, self.image_wrap, item_ids, prefixes)
         expanded_labels = [IGNORE] * len(expanded)  # visual tokens are never supervised
         for i, lab in enumerate(labels):
             expanded_labels[where[i]] = lab if ids[i] != self.image_token_id else IGNORE
@@ -215,6 +219,24 @@ class ChatTokenizer:
             if all(lab == IGNORE for lab in labels):
                 raise InvalidSample("too_long", f"sample of {n} tokens keeps no supervised token within max_length={self.max_length}")
         return Encoded(ids, labels, min(prompt_len, len(ids)), conv.answer, truncated)
+
+
+def video_layout(tokenizer, image_token_id: int, video_token_id: int | None, videos: list | None,
+                 frame_timestamps: bool) -> tuple[list[int] | None, list | None]:
+    """How each item's tokens are written (`expand_images`' item_ids and step_prefixes): `videos[k]` None
+    for an image, a video's step timestamps otherwise; a family with `frame_timestamps` (Qwen3-VL) writes
+    "<1.5 seconds>" before each step, as transformers' Qwen3VLProcessor does."""
+    if not videos:
+        return None, None
+    if any(v is not None for v in videos) and video_token_id is None:
+        raise ValueError("a video, but the model's family takes no video (no video token)")
+    item_ids = [image_token_id if v is None else video_token_id for v in videos]
+    if not frame_timestamps:
+        return item_ids, None
+    if any(v is not None and not v for v in videos):
+        raise ValueError("this model writes each video step after its timestamp, but a video came without them")
+    return item_ids, [None if v is None else [tokenizer(f"<{t:.1f} seconds>", add_special_tokens=False)["input_ids"] for t in v]
+                      for v in videos]
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -77,7 +77,7 @@ class ImageSpec:
     processor: Callable[[Any], Any]
     tokens: Callable[[tuple[int, int]], int] | None = None  # None: the ChatTokenizer's fixed count per image
     max_images_per_sample: int | None = None
-    video: Callable[[Any, float], Any] | None = None  # frames, sampled fps -> ProcessedVideo; None: the family takes no video
+    video: Callable[..., Any] | None = None  # frames, sampled fps, frame times -> ProcessedVideo; None: the family takes no video
 
 
 class SampleEncoder:
@@ -95,7 +95,8 @@ class SampleEncoder:
         check_image_count(len(images) + has_video, self.image.max_images_per_sample)
         processed = [self._pixels(data, k) for k, data in enumerate(images)] if not has_video else [self._video(raw, record)]
         counts = [self.image.tokens(p.size) for p in processed] if self.image.tokens else None  # NeXT: by each image's size
-        enc = self.chat.encode(record["conversations"], n_images=len(processed), image_tokens=counts, videos=[has_video] * has_video)
+        enc = self.chat.encode(record["conversations"], n_images=len(processed), image_tokens=counts,
+                               videos=[p.timestamps for p in processed] if has_video else None)
         skills = record.get("skills") or []
         return {
             "key": raw.get("__key__", ""),
@@ -112,10 +113,10 @@ class SampleEncoder:
 
     def _video(self, raw: dict, record: dict):
         if self.image.video is None:
-            raise InvalidSample("video_not_supported", "a video sample, but the data path takes video for Qwen2-VL and "
-                                "Qwen2.5-VL only (Qwen3-VL's frame timestamps are not written yet)")
-        frames, fps = read_frames(raw, record)
-        return self.image.video(frames, fps)
+            raise InvalidSample("video_not_supported", "a video sample, but the model's family takes no video (the Qwen "
+                                "families do)")
+        frames, fps, times = read_frames(raw, record)
+        return self.image.video(frames, fps, times)
 
     def _pixels(self, data: bytes, k: int):
         try:

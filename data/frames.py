@@ -65,9 +65,10 @@ def encode_frames(frames: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def read_frames(raw: dict, record: dict) -> tuple[np.ndarray, float]:
-    """A shard sample's frames [F, H, W, 3] and their sampled fps; InvalidSample (`bad_video_frames`) when
-    either is missing or unreadable."""
+def read_frames(raw: dict, record: dict) -> tuple[np.ndarray, float, list[float] | None]:
+    """A shard sample's frames [F, H, W, 3], their sampled fps and each frame's time in the source video
+    (frame index / source fps; None when the record does not say); InvalidSample (`bad_video_frames`)
+    when the frames or their fps are missing or unreadable."""
     try:
         frames = np.load(io.BytesIO(raw[FRAMES_MEMBER]), allow_pickle=False)
     except Exception as e:  # a damaged .npy raises ValueError, EOFError, ...
@@ -78,4 +79,12 @@ def read_frames(raw: dict, record: dict) -> tuple[np.ndarray, float]:
     if not isinstance(fps, (int, float)) or not fps > 0:
         raise InvalidSample("bad_video_frames", f"the record's frames.sampled_fps is {fps!r}: the frames' timing is unknown "
                             "(data/extract_frames.py stores it)")
-    return frames, float(fps)
+    return frames, float(fps), frame_times(record["frames"], len(frames))
+
+
+def frame_times(timing: dict, n: int) -> list[float] | None:
+    """Each of `n` sampled frames' time in the source video in seconds, from a record's "frames" timing."""
+    indices, fps = timing.get("frame_indices"), timing.get("fps")
+    if not isinstance(indices, list) or len(indices) != n or not isinstance(fps, (int, float)) or not fps > 0:
+        return None
+    return [i / fps for i in indices]

@@ -42,7 +42,7 @@ REASONS = {
     "missing_video": "a video file that does not exist (converter)",
     "corrupt_video": "a video that does not decode, is truncated or has too few frames (converter, data/extract_frames.py)",
     "bad_video_frames": "a shard sample whose frames.npy or its timing (frames.sampled_fps) is missing or unreadable",
-    "video_not_supported": "a video sample for a model family the data path gives no video (only Qwen2-VL / Qwen2.5-VL)",
+    "video_not_supported": "a video sample for a model family that takes no video (the Qwen families do)",
     "outside_image": "an image path that could leave the image folder (converter, without --allow-outside-images)",
     "corrupt_image": "an image that does not decode",
     "unreadable_tar_member": "a tar member that cannot be read (truncated or damaged shard)",

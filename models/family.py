@@ -105,11 +105,14 @@ class ProcessedImage:
 class ProcessedVideo:
     """One video as the model takes it: `pixels` (Qwen: [t*h*w, patch pixels], transformers'
     `pixel_values_videos` layout), its patch grid `size` (t, h, w) and `step_seconds`, the seconds one
-    temporal grid step spans (its frames / the sampled fps): what places its steps in time."""
+    temporal grid step spans (its frames / the sampled fps): what places its steps in time; `timestamps`:
+    each step's time in the source video in seconds (the mean of its frames'), which Qwen3-VL's prompts
+    write before each step."""
 
     pixels: Tensor
     size: tuple[int, int, int]
     step_seconds: float
+    timestamps: tuple[float, ...] = ()
 
 
 class Family:
@@ -266,9 +269,10 @@ class ImageProcessor:
 
 
 class VideoProcessor:
-    """Sampled frames (uint8 [F, H, W, 3]) and their fps -> `ProcessedVideo` for one family and config."""
+    """Sampled frames (uint8 [F, H, W, 3]), their fps and (optionally) each frame's time in the source
+    video -> `ProcessedVideo` for one family and config."""
 
-    def __call__(self, frames, fps: float) -> ProcessedVideo:
+    def __call__(self, frames, fps: float, frame_times: list[float] | None = None) -> ProcessedVideo:
         raise NotImplementedError
 
 

@@ -73,7 +73,7 @@ def own_answers(export: Path, docs: list[dict]) -> list[str]:
         frames, timing = read_video(doc["video"], num_frames=16)
         video = model.family.video_processor(model.config)(frames, timing["sampled_fps"])
         assert video.size == (8, 8, 8) and timing["sampled_fps"] == 4.0  # 16 frames of 32 x 32 px (8 x 8 patches) at 4 fps
-        ids = processor.prompts.encode(doc["question"], 1, processor.tokens([video]), [True])
+        ids = processor.prompts.encode(doc["question"], 1, processor.tokens([video]), [video.timestamps])
         n = model.config.tokens_per_image(video.size)
         start = ids.index(4)
         assert ids[start : start + n + 2] == [4, *[6] * n, 5]

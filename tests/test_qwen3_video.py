@@ -2,7 +2,8 @@
 its own vision start / end (Qwen3VLProcessor's layout), each step placed like an image; our forward equals
 transformers' (fp32, <= 1e-5; DeepStack features of the video tokens included) on a video row, an image then
 a video, and a left-padded batch of two; positions equal `get_rope_index`; greedy generation equals
-`generate`. The data path refuses Qwen3-VL video samples (it does not write the timestamps yet)."""
+`generate`. The data path writes a video sample as transformers' Qwen3VLProcessor writes its placeholder
+(timestamps from the stored frame indices and source fps)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,43 @@ def test_greedy_generation_matches_hf(pair):
     assert_greedy_matches_hf(ours, hf, ids, mask, items.pixel_values, hf_in, image_sizes=items.sizes, step_seconds=items.step_seconds)
 
 
-def test_the_data_path_refuses_qwen3_video_samples():
-    from train.builders import image_spec
+def test_the_data_path_writes_transformers_qwen3_video_placeholder():
+    """A video sample from a shard (frames 3, 6, ..., 15 of a 30 fps source) expands to exactly the ids of
+    transformers' `Qwen3VLProcessor.replace_video_token` string for it (each step's mean frame time)."""
+    import json
+    from types import SimpleNamespace
 
-    assert image_spec(tiny_qwen3_vl_config()).video is None  # SampleEncoder then skips them: video_not_supported
+    import numpy as np
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from data.chat import ChatTokenizer
+    from data.datamodule import SampleEncoder
+    from data.frames import FRAMES_MEMBER, encode_frames, timing
+    from data.synthetic_video import all_texts
+    from data.tokenizer import train_bpe
+    from train.builders import image_spec, video_token_id
+
+    config = tiny_qwen3_vl_config()
+    tok = train_bpe(all_texts() + ["<0.1 seconds>"], 300, ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>"))
+    chat = ChatTokenizer(tok, "chatml", None, 512, "", ("<|vision_start|>", "<|vision_end|>"), config.image_token_id,
+                         video_token_id(config), config.model_family.frame_timestamps)
+    frames = qwen_frames()[1]  # 5 frames of 24 x 40: 3 steps
+    indices = [3, 6, 9, 12, 15]
+    record = {"video": "clip.mp4", "frames": timing(60, 30.0, indices),
+              "conversations": [{"from": "human", "value": "<image>\nhow many times does the light flash ?"},
+                                {"from": "gpt", "value": "two"}]}
+    sample = SampleEncoder(chat, image_spec(config))({"json": json.dumps(record).encode(), FRAMES_MEMBER: encode_frames(frames)})
+    (size,) = sample["image_sizes"]
+    fake = SimpleNamespace(video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2), video_token="<|video_pad|>",
+                           vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+                           _calculate_timestamps=lambda *a: Qwen3VLProcessor._calculate_timestamps(None, *a))
+    text = Qwen3VLProcessor.replace_video_token(fake, {"video_grid_thw": [torch.tensor(size)],
+                                                        "video_metadata": [VideoMetadata(total_num_frames=60, fps=30.0,
+                                                                                         frames_indices=np.array(indices))]}, 0)
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    ids = sample["input_ids"]
+    first = ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))
+    lead = len(tok(text[: text.index("<|vision_start|>")], add_special_tokens=False)["input_ids"])  # the first timestamp
+    assert text.startswith("<0.2 seconds>") and "<0.3 seconds>" in text  # steps of frames (3, 6), (9, 12), (15, 15)
+    assert ids[first - lead : first - lead + len(want)] == want

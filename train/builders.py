@@ -139,7 +139,7 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
     tokenizer = model.load_tokenizer(shards.texts, Path(data_dir) / "tokenizers", videos=shards.videos)
     arch = model.mllm_config
     chat = ChatTokenizer(tokenizer, model.chat_template, None, data.max_length, model.system_prompt, arch.model_family.image_wrap,
-                         arch.image_token_id, video_token_id(arch))
+                         arch.image_token_id, video_token_id(arch), arch.model_family.frame_timestamps)
     image = image_spec(arch, model.max_images_per_sample)
     dm = MLLMDataModule(
         shards.train,
@@ -163,8 +163,7 @@ def build_data(model: ModelSource, data: DataConfig, data_dir: str | Path, seed:
 def image_spec(config, max_images_per_sample: int | None = None) -> ImageSpec:
     """What the data module needs of the model's images: its family's preprocessing and token counts
     (and its video preprocessing, when it takes video)."""
-    family = config.model_family
-    video = family.video_processor(config) if video_token_id(config) is not None and not family.frame_timestamps else None
+    video = config.model_family.video_processor(config) if video_token_id(config) is not None else None
     return ImageSpec(config.model_family.image_processor(config), config.tokens_per_image, max_images_per_sample, video)
 
 

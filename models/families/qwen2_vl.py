@@ -150,7 +150,9 @@ class FrameResize(VideoProcessor):
         h, w = smart_resize(int(size[0]), int(size[1]), factor=factor, min_pixels=self.bounds[0], max_pixels=self.max_pixels(n_frames))
         return -(-n_frames // self.temporal), h // self.patch, w // self.patch
 
-    def __call__(self, frames, fps: float) -> ProcessedVideo:
+    def __call__(self, frames, fps: float, frame_times: list[float] | None = None) -> ProcessedVideo:
+        """`frame_times`: each frame's time in the source video in seconds (frame index / source fps;
+        default k / fps), which gives the steps' timestamps (transformers' Qwen3VLProcessor's rule)."""
         frames = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
         if not frames or not fps > 0:
             raise ValueError(f"a video needs at least one frame and its sampled fps > 0, got {len(frames)} frame(s) at {fps}")
@@ -167,7 +169,10 @@ class FrameResize(VideoProcessor):
             rows = torch.cat([rows, rows[-1:].expand(t - len(frames) % t, -1, -1, -1, -1)])
         steps = rows.shape[0] // t
         pixels = rows.view(steps, t, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(steps * h * w, 3 * t * p * p)
-        return ProcessedVideo(pixels.contiguous(), (steps, h, w), t / fps)
+        times = list(frame_times) if frame_times is not None else [k / fps for k in range(len(frames))]
+        times += times[-1:] * (steps * t - len(times))  # the repeated last frame
+        stamps = tuple((times[k * t] + times[k * t + t - 1]) / 2 for k in range(steps))
+        return ProcessedVideo(pixels.contiguous(), (steps, h, w), t / fps, stamps)
 
 
 @register

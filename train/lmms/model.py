@@ -215,9 +215,9 @@ class EfficientMLLM(lmms):
         return pixels.to(self.device, self.model.dtype), sizes.to(self.device), None if seconds is None else seconds.to(self.device)
 
 
-def _videos(items: list) -> list[bool]:
-    """Which of a document's processed visuals are videos (their tokens are the video token)."""
-    return [isinstance(item, ProcessedVideo) for item in items]
+def _videos(items: list) -> list[tuple[float, ...] | None]:
+    """For each of a document's processed visuals: None for an image, a video's step timestamps."""
+    return [item.timestamps if isinstance(item, ProcessedVideo) else None for item in items]
 
 
 def _greedy_settings(gen_kwargs: dict, task: str) -> tuple[int, list[str]]:

@@ -46,13 +46,13 @@ class EvalProcessor:
         by default) and decoded with PyAV (data/video_files.py), then the family's video preprocessing."""
         from data.video_files import read_video
 
-        family = None if self.config is None else self.config.model_family
-        if family is None or family.video_token is None or family.frame_timestamps:
-            raise ValueError(f"{path}: a video, but the bridge prompts video for Qwen2-VL / Qwen2.5-VL only (Qwen3-VL's frame "
-                             "timestamps are not written yet)")
+        from data.frames import frame_times
+
+        if self.config is None or self.config.model_family.video_token is None:
+            raise ValueError(f"{path}: a video, but this model's family takes none (the Qwen families do)")
         sampling = self.video_sampling or {"fps": 2.0}
         frames, timing = read_video(path, num_frames=sampling.get("num_frames"), fps=sampling.get("fps"))
-        return self.config.model_family.video_processor(self.config)(frames, timing["sampled_fps"])
+        return self.config.model_family.video_processor(self.config)(frames, timing["sampled_fps"], frame_times(timing, len(frames)))
 
     def visual(self, visual) -> ProcessedImage | ProcessedVideo:
         """A document's visual as the model takes it: a PIL image, or a video file's path (lmms-eval's form)."""
@@ -111,7 +111,8 @@ class EvalProcessor:
     def _build(cls, tokenizer, config: MLLMConfig, jinja: str, images, stops: list[int]) -> "EvalProcessor":
         fixed = None if config.model_family.variable_tokens else config.num_image_tokens
         video = config.token_ids.get("video_token_id") if config.model_family.video_token is not None else None
-        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed, wrap_ids(tokenizer, config.model_family.image_wrap), video)
+        prompts = PromptEncoder(tokenizer, jinja, config.image_token_id, fixed, wrap_ids(tokenizer, config.model_family.image_wrap), video,
+                                config.model_family.frame_timestamps)
         return cls(tokenizer, prompts, images, sorted({s for s in stops if s is not None}), config)
 
 

@@ -9,7 +9,7 @@ as data.chat.ChatTokenizer does for training.
 
 from __future__ import annotations
 
-from data.chat import IMAGE, Template, expand_images, image_placeholder
+from data.chat import IMAGE, Template, expand_images, image_placeholder, video_layout
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -53,7 +53,7 @@ class PromptEncoder:
     """Renders a question with `n_images` images through `chat_template` and tokenises it."""
 
     def __init__(self, tokenizer, chat_template: str, image_token_id: int, num_image_tokens: int | None,
-                 image_wrap: tuple[int, int] | None = None, video_token_id: int | None = None):
+                 image_wrap: tuple[int, int] | None = None, video_token_id: int | None = None, frame_timestamps: bool = False):
         self.tok = tokenizer
         self.chat_template = chat_template
         self.image_token_id = image_token_id
@@ -61,6 +61,7 @@ class PromptEncoder:
         self.image_wrap = image_wrap  # ids written around each image's tokens (InternVL's <img>, </img>, Qwen's vision start / end)
         self.placeholder = image_placeholder(tokenizer, image_token_id)  # what <image> is tokenised as
         self.video_token_id = video_token_id  # what a video's tokens are written as (Qwen's <|video_pad|>)
+        self.frame_timestamps = frame_timestamps  # a video's steps written apart after their timestamps (Qwen3-VL)
 
     def render(self, text: str, n_images: int) -> str:
         """The prompt string, ending where the assistant's reply begins.
@@ -89,22 +90,20 @@ class PromptEncoder:
         text = text.replace(IMAGE, self.placeholder)
         return list(self.tok(text, add_special_tokens=add_special)["input_ids"])
 
-    def encode(self, text: str, n_images: int, image_tokens: list[int] | None = None, videos: list[bool] | None = None) -> list[int]:
+    def encode(self, text: str, n_images: int, image_tokens: list[int] | None = None, videos: list | None = None) -> list[int]:
         """Prompt ids of a question with `n_images` images or videos (each `<image>` expanded to its count;
-        `videos[k]`: the k-th is a video)."""
+        `videos[k]`: None for an image, a video's step timestamps)."""
         return self.expand(self.tokenize(self.render(text, n_images)), image_tokens, videos)
 
-    def expand(self, ids: list[int], image_tokens: list[int] | None = None, videos: list[bool] | None = None) -> list[int]:
+    def expand(self, ids: list[int], image_tokens: list[int] | None = None, videos: list | None = None) -> list[int]:
         """The k-th `<image>` id repeated `image_tokens[k]` times (default: `num_image_tokens` each; a video's
         as the video token), between the family's wrapping tokens if it has them: the model's input layout,
         through the same function as training (data.chat.expand_images)."""
         if image_tokens is None and self.num_image_tokens is None and self.image_token_id in ids:
             raise ValueError("this model's images have as many tokens as their size needs: pass image_tokens")
         counts = [self.num_image_tokens] * ids.count(self.image_token_id) if image_tokens is None else image_tokens
-        if any(videos or []) and self.video_token_id is None:
-            raise ValueError("a video, but this model's family takes no video (Qwen2-VL / Qwen2.5-VL do)")
-        item_ids = [self.video_token_id if v else self.image_token_id for v in videos] if videos else None
-        return expand_images(ids, self.image_token_id, counts, self.image_wrap, item_ids)[0]
+        item_ids, prefixes = video_layout(self.tok, self.image_token_id, self.video_token_id, videos, self.frame_timestamps)
+        return expand_images(ids, self.image_token_id, counts, self.image_wrap, item_ids, prefixes)[0]
 
     def continuation(self, prompt: str, continuation: str) -> list[int]:
         """Ids of `continuation` right after `prompt`: tokenise both together and cut at the prompt's
