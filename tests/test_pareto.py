@@ -60,7 +60,8 @@ def test_pareto_sweeps_every_point_on_the_base_and_names_runs_by_point():
     HydraConfig.instance().set_config(cfg)
     assert cfg.run_name == "tiny-fastv_k33"
     assert cfg.model.pretrained == f"{cfg.paths.log_dir}/base/tiny-dense/export"  # experiment=base writes it
-    assert OmegaConf.to_container(cfg.arch, resolve=True) == {"methods": {"fastv": {"K": 1, "R": 0.6666666667, "reference_depth": 4}}}
+    assert OmegaConf.to_container(cfg.arch, resolve=True) == {"methods": {"fastv": {"K": 1, "R": 0.6666666667, "reference_depth": 4,
+                                                                               "per": "image"}}}
     assert cfg.trainer.max_steps == 0  # training-free: evaluated as is
     assert len(POINTS) >= 25 and "dense" in POINTS
     for k in ("33", "22", "11"):  # the field's baselines at the field's ratios

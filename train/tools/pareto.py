@@ -39,7 +39,7 @@ COST_AXES = {  # x axis of each figure: (metric, file stem, axis label)
     "latency": ("eff/prefill_ms", "pareto_latency", "prefill latency, ms per sample (measured, batched)"),
 }
 TABLE_METRICS = [
-    "val/acc", "val/acc_noimage", "val/acc_majority", "val/loss",
+    "val/acc", "val/acc_noimage", "val/acc_majority", "val/loss", "val/acc_shuffled", "val/acc_single",
     "eff/flops_ratio", "eff/prefill_tflops", "eff/visual_tflops", "eff/prefill_ms", "eff/decode_ms_per_token",
     "eff/kv_cache_mb", "eff/peak_mem_mb", "perf/tokens_per_s",
 ]
@@ -319,7 +319,7 @@ def build_rows(runs: Sequence[Run], accuracy: str = "val/acc") -> list[dict[str,
     for r in runs:
         row = {"point": r.label, "method": r.method, "protocol": protocol(r), "model": r.model, "knobs": knob_text(r.knobs),
                "varied": knob_text(r.knobs, varying.get(r.method)), "steps": r.steps, "seconds": r.seconds}
-        for k in TABLE_METRICS[:4] + [f"val/acc/{s}" for s in names] + TABLE_METRICS[4:]:
+        for k in TABLE_METRICS[:6] + [f"val/acc/{s}" for s in names] + TABLE_METRICS[6:]:
             row[k] = r.metrics.get(k, math.nan)
         coarse = [r.metrics[f"val/acc/{s}"] for s in names if s != FINE and f"val/acc/{s}" in r.metrics]
         row["val/acc_coarse"] = sum(coarse) / len(coarse) if coarse and FINE in names else math.nan
@@ -381,6 +381,8 @@ def write_markdown(rows: Sequence[dict], runs: Sequence[Run], failures: Sequence
     if detail:
         cols += [("val/acc_coarse", "coarse", 3)]
     cols += [(k, k.split("/")[-1], 3) for k in detail]
+    if any("val/acc_shuffled" in r.metrics for r in runs):  # video: every skill beside the frame-order controls
+        cols += [(f"val/acc/{s}", s, 3) for s in names] + [("val/acc_shuffled", "frames shuffled", 3), ("val/acc_single", "one frame", 3)]
     cols += [("val/acc_noimage", "acc no image", 3), ("eff/flops_ratio", "FLOPs ratio", 3),
              ("eff/prefill_ms", "prefill ms", 2), ("eff/decode_ms_per_token", "decode ms/token", 2),
              ("eff/kv_cache_mb", "KV MB", 3), ("steps", "steps", None), ("seconds", "seconds", 1),
