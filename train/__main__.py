@@ -16,6 +16,7 @@ JOBS = {"evaluate": "evaluate a trained model under any plan, no training (the j
 TOOLS = {
     "flops": "analytic FLOPs of a plan (JSON)",
     "bench": "prefill / training step / decode timings of plans against dense (JSON + results file)",
+    "bench_dispatch": "aten ops, host syncs and decode graph breaks per family and plan, against transformers (JSON + results file)",
     "bench_strategies": "real multi-rank training per strategy: per-rank memory and step time",
     "bench_packing": "padded, length-grouped and packed training steps on a LLaVA-665k-like length mix",
     "memory": "analytic per-GPU training memory per strategy",
