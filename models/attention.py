@@ -133,8 +133,8 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = No
     `causal`: query i sees keys 0..i (the same tokens, ordered; see `sequence_order`), passed as
     is_causal so flash kernels run. Grouped-query K/V go to SDPA as they are (`enable_gqa`) when
     there is no mask; with a mask CUDA would fall back to the math kernel for GQA (transformers'
-    `use_gqa_in_sdpa`), so a single query row under a mask shared by the heads is folded onto its
-    K/V head (transformers' `pack_gqa`) and other masked calls expand K/V.
+    `use_gqa_in_sdpa`), so a single query row is folded onto its K/V head (transformers' `pack_gqa`; a
+    per-head mask folds with the heads) and other masked calls expand K/V.
     """
     b, h, n_q, dh = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
@@ -147,9 +147,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = No
     elif mask is None:
         gqa = "native"
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-    elif n_q == 1 and mask.shape[1] == 1:
+    elif n_q == 1:  # a per-head mask [B, H, 1, S] folds with its heads (head kv * rep + r reads K/V head kv)
         gqa = "packed"
-        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, rep, dh), k, v, attn_mask=mask, scale=scale).reshape(b, h, 1, dh)
+        folded = mask if mask.shape[1] == 1 else mask.reshape(mask.shape[0], n_kv, rep, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q.reshape(b, n_kv, rep, dh), k, v, attn_mask=folded, scale=scale).reshape(b, h, 1, dh)
     else:
         gqa = "expanded"
         out = F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), attn_mask=mask, scale=scale)
@@ -197,7 +198,7 @@ def attend_eager(q: Tensor, keys: Keys, base: Tensor, scale: float, *, zero: Ten
             candidate = candidate & (keys.order[:, None, :] >= q_start[:, :, None])
         first = torch.where(candidate, column, keys.n).min(-1).values
         has = first < keys.n
-        onehot = F.one_hot(first.clamp(max=keys.n - 1), keys.n).to(probs.dtype) * has[..., None]
+        onehot = (column == first.clamp(max=keys.n - 1)[..., None]).to(probs.dtype) * has[..., None]  # (F.one_hot reads its range back)
         probs = probs.masked_fill(vis, 0.0) + mass * onehot[:, None, :, :]
     return probs @ v
 

@@ -3,13 +3,13 @@
 Each layer follows its `LayerPolicy` by choosing *which tokens* take part, never by masking a full
 sequence: text tokens are always queries; visual tokens are queries only where they are updated
 (and then only in the heads they keep, with the FFN neurons they keep); visual keys/values exist
-only where someone reads them; token-set changes gather the visual stream. The same layer function
-serves prefill and decode (keys = cached keys + new tokens).
+only where someone reads them; token-set changes gather the visual stream. Decoding runs over the keys
+this module caches, in models/decoding.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -40,32 +40,6 @@ from .plan import LayerPolicy, Plan, Select
 from .routing import Routing
 from .selection import compact, dense_groups, keep_best
 from .streams import Place, RopeTable, Stream, empty_like_visual, injected, present_count, renumbered
-
-
-@dataclass
-class DecodeState:
-    """What decoding needs after prefill: per-layer keys (the KV cache), cross-attention keys of
-    gated blocks, and each row's next order and RoPE position (counted here, never read back from
-    cache lengths: a pruned layer's cache is shorter than its neighbours')."""
-
-    keys: list[Keys]
-    next_order: Tensor  # [B] sequence order of the next token (each row's own counter)
-    next_rope: Tensor  # [B] its RoPE position (the order, or the order plus the family's rope delta)
-    xattn: dict[int, Keys] = field(default_factory=dict)
-    rope_shift: Tensor | None = None  # [layers, B] prompt tokens a renumbering selection removed before each layer
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.keys) + sum(k.nbytes for k in self.xattn.values())
-
-    @property
-    def visual_nbytes(self) -> int:
-        """Bytes of cached visual K/V (what plans save at decode time)."""
-        total = 0
-        for k in [*self.keys, *self.xattn.values()]:
-            frac = k.is_visual.float().mean().item() if k.is_visual.numel() else 0.0
-            total += int(k.nbytes * frac)
-        return total
 
 
 # --- projections restricted to heads / neurons -------------------------------------------------
@@ -238,12 +212,12 @@ class PlannedDecoderLayer(nn.Module):
         self.attention = "auto"  # packed rows' causal kernel (models/packed_attention.py; MLLM.set_attention)
 
     def forward(
-        self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
+        self, text: Stream, vis: Stream, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
         rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None,
     ) -> LayerIO:
         """`visual_ffn_weight` [B, V]: what each visual token's FFN output is multiplied by (a routed
         layer's router gate, models/routing.py)."""
-        return LayerRunner(self, policy)(text, vis, past, query_idx, score_next, rope, visual_ffn_weight)
+        return LayerRunner(self, policy)(text, vis, query_idx, score_next, rope, visual_ffn_weight)
 
 
 class LayerRunner:
@@ -260,9 +234,9 @@ class LayerRunner:
         self.k_norm = getattr(self.attn, "k_norm", None)
         self.backend = getattr(layer, "attention", "auto")
 
-    def __call__(self, text: Stream, vis: Stream, past: Keys | None, query_idx: Tensor, score_next: str | None,
+    def __call__(self, text: Stream, vis: Stream, query_idx: Tensor, score_next: str | None,
                  rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None) -> LayerIO:
-        if past is None and self.p.select is not None and self.p.select.source == "current" and self.p.select.positions == "renumber":
+        if self.p.select is not None and self.p.select.source == "current" and self.p.select.positions == "renumber":
             # PyramidDrop's stage boundary: score with this layer's own Q/K at the old positions, drop,
             # renumber the survivors, then run the layer on them as a layer without a selection
             if vis.n:
@@ -270,7 +244,7 @@ class LayerRunner:
                 text, vis = renumbered(text, vis, rope)
             self.p = replace(self.p, select=None)
         p, attn = self.p, self.attn
-        if past is None and vis.n > 0 and runs_as_one_sequence(p):
+        if vis.n > 0 and runs_as_one_sequence(p):
             return self._one_sequence(text, vis, query_idx, score_next, visual_ffn_weight)
         heads = list(p.visual_heads) if p.visual_heads is not None else None
         x_text = self.layer.input_layernorm(text.h)
@@ -289,11 +263,11 @@ class LayerRunner:
             if p.select is not None and p.select.source == "current":
                 vis, k_vis, x_vis = self._select_current(text, vis, k_text, k_vis, x_vis, x_text, query_idx)
 
-        keys = k_text if past is None else past.append(k_text)
+        keys = k_text
         if text_sees_visual:
             keys = keys.append(k_vis)
         q_text = apply_rope(project_heads(attn.q_proj, x_text, None, self.dh, self.q_norm), text.cos, text.sin)
-        if past is None and not text_sees_visual and score_next is None:
+        if not text_sees_visual and score_next is None:
             # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
             out_text = causal_attention(q_text, keys.k, keys.v, attn.scaling, text.order, text.valid, text.start, self.backend)
             scores = None
@@ -484,26 +458,21 @@ def run_decoder(
     vis: Stream,
     query_idx: Tensor,
     xattn: nn.ModuleDict | None = None,
-    state: DecodeState | None = None,
     use_cache: bool = False,
     gradient_checkpointing: bool = False,
     hook: LayerHook | None = None,
     image_keys: Tensor | None = None,
     rope: RopeTable | None = None,
-    rope_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     routing: Routing | None = None,
 ) -> "DecoderOutput":
-    """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan`.
-
-    Prefill/training: `state` is None. Decode: `state` holds the per-layer keys; `text` holds the
-    new tokens and `vis` is empty. `query_idx` [B] indexes the text token that scores visual tokens
+    """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan` (prefill and training;
+    decoding over the keys it caches with `use_cache`: models/decoding.py). `query_idx` [B] indexes the text token that scores visual tokens
     for selections (the last prompt token); `image_keys` [B, I] seed random selections
     (`models.blind_scores.image_keys_for`). `hook` is called after every layer with a `LayerStep`
     and may replace the layer's output streams (the analysis tools measure layers this way).
-    Plans whose selections renumber positions need `rope` (the RoPE tables of positions 0..P-1) at
-    prefill and `rope_fn` (the model's RoPE of a position tensor) at decode, where each layer's new
-    token sits at `state.next_rope - state.rope_shift[layer]`.
-    Plans that route visual tokens (`LayerPolicy.route`) need `routing` (models/routing.py) at prefill: it
+    Plans whose selections renumber positions need `rope` (the RoPE tables of positions 0..P-1); the
+    output's `rope_shift` says how far each layer's positions moved (decoding continues from there).
+    Plans that route visual tokens (`LayerPolicy.route`) need `routing` (models/routing.py): it
     picks each routed layer's tokens before the layer's (possibly checkpointed) call and puts the
     skipped ones back after it; decoding runs no router (text is never routed).
     After layer i the visual stream receives its family's injection i, if it carries one
@@ -511,43 +480,36 @@ def run_decoder(
     stream again by then and receive it too.
     Returns a `DecoderOutput`.
     """
-    keep = use_cache or state is not None
     layer_keys: list[Keys] = []
-    cross_keys: dict[int, Keys] = dict(state.xattn) if state is not None else {}
+    cross_keys: dict[int, Keys] = {}
     embeds = vis  # gated blocks read the projector output of every (pre-LLM-kept) visual token
     scores = None
     renumbers = plan.renumbers
-    prompt_tokens = present_count(text, vis) if state is None else None
+    prompt_tokens = present_count(text, vis)
     shift = torch.zeros_like(text.valid[:, 0], dtype=torch.long)
     shifts = []
     router: list[RouterLogits] = []
-    decode_base = text
     for i, layer in enumerate(lm.layers):
         p = plan.layers[i]
-        if state is None:
-            if p.drop_visual:
-                vis = empty_like_visual(text)
-            elif p.select is not None and p.select.source == "previous":
-                vis = select_before_layer(vis, p.select, scores, image_keys)
-                if p.select.positions == "renumber":
-                    text, vis = renumbered(text, vis, rope)
-        elif renumbers and not torch.equal(state.rope_shift[i], shift):
-            shift = state.rope_shift[i]
-            text = text._replace(**dict(zip(("cos", "sin"), rope_fn(decode_base.h, (state.next_rope - shift)[:, None]))))
+        if p.drop_visual:
+            vis = empty_like_visual(text)
+        elif p.select is not None and p.select.source == "previous":
+            vis = select_before_layer(vis, p.select, scores, image_keys)
+            if p.select.positions == "renumber":
+                text, vis = renumbered(text, vis, rope)
         if p.xattn:
             block = xattn[str(i)]
             if i not in cross_keys:
                 cross_keys[i] = block.visual_keys(embeds.embed, embeds.order, embeds.valid)
             text = text.with_h(block(text.h, text.order, cross_keys[i], text.start))
         nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
-        score_next = nxt.select.scorer if state is None and nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
-        past = state.keys[i] if state is not None else None
+        score_next = nxt.select.scorer if nxt is not None and nxt.select is not None and nxt.select.scores_previous_layer else None
         routed = None
-        if state is None and p.route is not None:
+        if p.route is not None:
             if routing is None:
                 raise ValueError(f"plan {plan.name!r} routes layer {i}: pass routing=models.routing.Routing(...) to run_decoder")
             routed = routing.enter(i, vis)
-        args = (text, vis if routed is None else routed.kept, past, query_idx, p, score_next, rope, None if routed is None else routed.weight)
+        args = (text, vis if routed is None else routed.kept, query_idx, p, score_next, rope, None if routed is None else routed.weight)
         if gradient_checkpointing and torch.is_grad_enabled():
             io = checkpoint(layer, *args, use_reentrant=False)
         else:
@@ -558,14 +520,14 @@ def run_decoder(
         vis = injected(vis, i)
         scores = io.scores
         router.extend(io.router)
-        if state is None and renumbers:
+        if renumbers:
             if p.select is not None and p.select.positions == "renumber":
                 shift = prompt_tokens - present_count(io.text, io.vis)
             shifts.append(shift)
-        if keep:
+        if use_cache:
             layer_keys.append(io.keys)
-    rope_shift = torch.stack(shifts) if shifts else (state.rope_shift if state is not None else None)
-    return DecoderOutput(text, vis, layer_keys, cross_keys if keep else {}, rope_shift, router)
+    rope_shift = torch.stack(shifts) if shifts else None
+    return DecoderOutput(text, vis, layer_keys, cross_keys if use_cache else {}, rope_shift, router)
 
 
 class DecoderOutput(NamedTuple):
@@ -573,7 +535,7 @@ class DecoderOutput(NamedTuple):
 
     text: Stream
     vis: Stream
-    keys: list[Keys]  # per layer (the KV cache; kept when use_cache or decoding)
+    keys: list[Keys]  # per layer (the KV cache; kept with use_cache)
     cross: dict[int, Keys]  # gated cross-attention keys by layer (same)
     rope_shift: Tensor | None  # [layers, B] prompt tokens a renumbering removed before each layer (None: none)
     router: list[RouterLogits]  # every MoE FFN call's router logits, in layer order (the load-balancing loss)

@@ -3,8 +3,8 @@
 Decode at small batch is launch-bound and every host sync stalls the queue, so both decide GPU speed,
 and both are visible on a CPU. `count_dispatch()` runs a block under two modes at once:
 
-* a `TorchDispatchMode` sees every aten op after autograd and decompositions: it counts ops by name and
-  the ops that make the host wait for a device (`SYNC_OPS`: `.item()` / `int()` / `bool()` reach
+* a `TorchDispatchMode` sees every aten op after autograd and decompositions: it counts ops by name, the
+  kernels among them (ops that are neither views nor allocations) and the ops that make the host wait for a device (`SYNC_OPS`: `.item()` / `int()` / `bool()` reach
   `_local_scalar_dense`; `nonzero`, boolean-mask indexing, `masked_select`, `repeat_interleave` without
   `output_size`, `unique*`, `bincount` and `equal` size or return their result on the host);
 * a `TorchFunctionMode` sees what never reaches aten on a CPU tensor: Python-level reads of tensor data
@@ -13,7 +13,7 @@ and both are visible on a CPU. `count_dispatch()` runs a block under two modes a
   on a CPU every explicit device counts, since that is where the model's device goes).
 
 Each sync is recorded with the first stack frame in this repository or in transformers (`sites`), so
-a failing test names the line to fix. tests/test_host_syncs.py and `python -m train bench_dispatch` use it.
+a failing test names the line to fix. tests/test_decoding.py and `python -m train bench_dispatch` use it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SYNC_OPS = {
     aten.bincount: "bincount",  # CUDA sizes its output from max().item()
     aten.equal: "equal",
 }
+NO_KERNEL = {aten._unsafe_view, aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided}  # besides views
 INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}  # sync when an index is a mask
 READS = {"tolist": "tolist", "numpy": "numpy", "__array__": "numpy"}  # Python-level reads of a tensor's data
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -52,9 +53,11 @@ ROOT = str(Path(__file__).resolve().parents[1])
 
 @dataclass
 class Census:
-    """What a block ran: `ops` per aten op name, `syncs` per kind, `sites` per kind: "file:line" counts."""
+    """What a block ran: `ops` per aten op name, `kernels` the ops that launch work on a device (not views
+    or allocations), `syncs` per kind, `sites` per kind: "file:line" counts."""
 
     ops: Counter = field(default_factory=Counter)
+    kernels: int = 0
     syncs: Counter = field(default_factory=Counter)
     sites: dict[str, Counter] = field(default_factory=dict)
 
@@ -110,6 +113,7 @@ class _OpMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.census.ops[str(func.overloadpacket.__name__)] += 1
+        self.census.kernels += not (func.is_view or func.overloadpacket in NO_KERNEL)
         kind = _sync_kind(func, args, kwargs)
         if kind is not None:
             self.census.note_sync(kind)

@@ -6,6 +6,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .decoding import compiled_step, reserve
+
+COMPILE_BUCKET = 64  # compiled steps: cache room rounded up to this, so generations of similar lengths share a graph
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -19,6 +23,7 @@ def greedy_generate(
     sync_ranks: bool = False,
     image_sizes: Tensor | None = None,
     step_seconds: Tensor | None = None,
+    compile: bool | dict = False,
 ) -> Tensor:
     """New tokens `[B, <=max_new_tokens]`; rows that finished are filled with `pad_token_id`.
 
@@ -27,11 +32,16 @@ def greedy_generate(
     (ZeRO-3, FSDP): each forward is a collective, so a rank that stopped early would hang the rest.
     `image_sizes`: what tiling families (LLaVA-NeXT) need beside `pixel_values`; `step_seconds`: the
     seconds per temporal step of each item when videos are among them (models/video.py).
+    The KV cache gets room for `max_new_tokens` after prefill, so every step has the same shapes;
+    `compile`: run the step under `torch.compile(fullgraph=True)` (a dict: its options), a CUDA graph on
+    CUDA (models/decoding.py `compiled_step`); the tokens equal the eager ones.
     """
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
     out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes,
                 step_seconds=step_seconds)
     state, logits = out.cache, out.logits
+    reserve(model, state, max_new_tokens, bucket=COMPILE_BUCKET if compile else 1)
+    step_fn = compiled_step(model, **(compile if isinstance(compile, dict) else {})) if compile else model.decode_step
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
@@ -40,7 +50,7 @@ def greedy_generate(
         done |= torch.isin(nxt, eos)
         if _all_done(done, sync_ranks) or step == max_new_tokens - 1:
             break
-        logits = model.decode_step(nxt, state)
+        logits = step_fn(nxt, state)
     return torch.stack(tokens, 1)
 
 

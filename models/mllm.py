@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 
-from . import checkpoint, original_layout
+from . import checkpoint, decoding, original_layout
 from .blind_scores import image_keys_for
 from .config import MLLMConfig
-from .decoder import DecodeState, LayerHook, PlannedDecoderLayer, run_decoder
+from .decoder import LayerHook, PlannedDecoderLayer, run_decoder
+from .decoding import DecodeState
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
 from .moe import expert_load, is_moe, load_balancing_loss
@@ -404,16 +405,9 @@ class MLLM(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, token_ids: Tensor, state: DecodeState) -> Tensor:
-        """One decoding step: `token_ids` [B] -> next-token logits [B, vocab]; `state` is updated."""
-        order, rope = state.next_order[:, None], state.next_rope[:, None]
-        h = self.language_model.embed_tokens(token_ids[:, None])
-        text = Stream(h, order, torch.ones_like(order, dtype=torch.bool), *self.rope(h, rope))
-        idx = torch.zeros_like(token_ids)
-        decoded = run_decoder(self.language_model, self.plan, text, empty_like_visual(text), idx, self.xattn, state=state, rope_fn=self.rope)
-        text, state.keys, state.xattn = decoded.text, decoded.keys, decoded.cross
-        state.next_order = state.next_order + 1
-        state.next_rope = state.next_rope + 1
-        return self.lm_logits(text.h[:, 0])
+        """One decoding step: `token_ids` [B] -> next-token logits [B, vocab]; `state` is updated
+        (fixed shapes once `models.decoding.reserve` made room for the tokens to come: models/decoding.py)."""
+        return decoding.decode_step(self, token_ids, state)
 
     def moe_routing(self, router: list) -> tuple[Tensor | None, Tensor | None]:
         """An MoE LLM's load-balancing loss (unweighted; training adds it times `router_aux_loss_coef`) and

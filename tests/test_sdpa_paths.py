@@ -92,4 +92,4 @@ def test_decode_builds_one_mask_row_per_query(name):
     assert decode, "no decode-step calls recorded"
     for c in decode:
         assert c.mask == "mask" and c.mask_shape[2] == 1  # [B, 1 or H, 1, S]: no L x L
-        assert c.gqa == ("packed" if c.mask_shape[1] == 1 else "expanded")  # YOPO's head mask differs per head
+        assert c.gqa == "packed"  # one query row folded onto its K/V head, with YOPO's per-head mask too

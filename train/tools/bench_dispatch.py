@@ -1,7 +1,8 @@
 """`python -m train bench_dispatch [arch=<a>[,<b>...]] [bench_dispatch.models=[tiny,tiny_qwen2vl,...]] [bench_dispatch.*=...]`
 
 What a GPU would pay for, counted on any device (models/dispatch_count.py): per model family and plan,
-the aten ops (the proxy of kernel launches) and host syncs by kind of a prefill (`logits="last"`, KV
+the aten ops and the kernels among them (ops that are neither views nor allocations: the launches) and
+host syncs by kind of a prefill (`logits="last"`, KV
 cache built), one decode step and one training step (forward with labels + backward), beside
 transformers' class of the family on the very same weights (`LlavaForConditionalGeneration`,
 `Qwen2VLForConditionalGeneration`, ...; none for MobileVLM, which no transformers class runs), and the
@@ -10,7 +11,7 @@ untimed run first). Batches: `batch` rows, each `n_text` text tokens around one 
 `image_size` (height, width) through the family's own preprocessing. Prints a JSON list of rows and
 writes it to `bench_dispatch.out/dispatch-<time>.json`:
   {"model","family","arch","runner": "ours"|"hf","n_visual": [per row],
-   "prefill": {"ops", "syncs", "by_kind"}, "decode": {...}, "train": {...}, "decode_graph_breaks", "break_reasons"}
+   "prefill": {"ops", "kernels", "syncs", "by_kind"}, "decode": {...}, "train": {...}, "decode_graph_breaks", "break_reasons"}
 Counts are exact and machine-independent (the same torch and transformers give the same numbers).
 """
 
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from data.batch import collate_images
+from models.decoding import reserve
 from models.dispatch_count import Census, count_dispatch
 from models.plan import Plan
 
@@ -96,6 +98,7 @@ class Ours:
     def prefill(self):
         b = self.b
         out = self.model(b["ids"], b["mask"], b["pixel_values"], logits="last", use_cache=True, image_sizes=b["image_sizes"])
+        reserve(self.model, out.cache, 16)  # what generation does: room for the tokens to come
         return out.logits, out.cache
 
     def step(self, token, state):
@@ -133,7 +136,7 @@ class Theirs:
 
 
 def counts(census: Census) -> dict:
-    return {"ops": census.n_ops, "syncs": census.n_syncs, "by_kind": dict(sorted(census.syncs.items()))}
+    return {"ops": census.n_ops, "kernels": census.kernels, "syncs": census.n_syncs, "by_kind": dict(sorted(census.syncs.items()))}
 
 
 def census_of(runner, graph_breaks: bool) -> dict:
