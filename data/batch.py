@@ -43,6 +43,9 @@ class Batch:
                                         # belongs to; answers, skills, keys, prompts are then per sample
     step_seconds: Tensor | None = None  # [N] float: the seconds one temporal step of each image / video spans
                                         # (0 for an image; models/video.py); None when the batch holds no video
+    sizes: object = None  # the training rows' sizes as the host knows them (models.host_sizes.BatchSizes), set by the
+                          # module while the batch is still on the host (train/module.py), so no forward reads them back
+    prompt_sizes: object = None  # the same of the generation prompts
 
     @property
     def n_samples(self) -> int:

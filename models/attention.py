@@ -20,7 +20,9 @@ mask forces the expansion. `record_sdpa_calls` lets tests see which path each ca
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
+from functools import reduce
 from typing import Iterator, NamedTuple
 
 import torch
@@ -96,8 +98,16 @@ def head_visual_mask(keys: Keys, heads: tuple[int, ...] | None, n_heads: int, re
         return None
     allowed_heads = torch.zeros(n_heads, dtype=torch.bool, device=keys.k.device)
     if reads:
-        allowed_heads[list(heads)] = True
+        allowed_heads = is_one_of(torch.arange(n_heads, device=keys.k.device), heads)
     return ~keys.is_visual[:, None, None, :] | allowed_heads[None, :, None, None]
+
+
+def is_one_of(x: Tensor, values) -> Tensor:
+    """x in `values` (Python ints), by comparisons: a range as two, no index tensor copied to the device."""
+    values = sorted(values)
+    if values == list(range(values[0], values[-1] + 1)):
+        return (x >= values[0]) & (x <= values[-1])
+    return reduce(operator.or_, [x == v for v in values])
 
 
 class SdpaCall(NamedTuple):
@@ -222,19 +232,19 @@ def grid_neighbours(place: Tensor, valid: Tensor, window: int) -> tuple[Tensor, 
     unpadding), grids of different sizes per image."""
     from .streams import Place
 
+    from .selection import row_groups
+
     b, v, _ = place.shape
     image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
     on_grid = valid & (row >= 0)
     half = window // 2
-    n_rows, n_cols = int(row.max()) + 1 + 2 * half if v else 1, int(col.max()) + 1 + 2 * half if v else 1
-    n_units = int(unit.max()) + 1 if v else 1
-    n_images = int(image.max()) + 1 if v else 1
+    # keys pack (row of the batch, grid of the row, grid row, grid column) into 64 bits with fixed spans
+    # (no bound read back): grids below 2**16 - window on a side, fewer than 2**31 tokens in the batch
+    grid = torch.arange(b, device=place.device)[:, None] * v + row_groups(image, unit)
+    span = 2**16
 
     def key(r: Tensor, c: Tensor) -> Tensor:  # rows and columns shifted by `half` so neighbours never wrap
-        rows = torch.arange(b, device=place.device).view(b, *([1] * (r.dim() - 1)))
-        cell = ((rows * n_images + image.view(*image.shape, *([1] * (r.dim() - 2)))) * n_units
-                + unit.view(*unit.shape, *([1] * (r.dim() - 2))))
-        return (cell * n_rows + (r + half)) * n_cols + (c + half)
+        return (grid.view(*grid.shape, *([1] * (r.dim() - 2))) * span + (r + half)) * span + (c + half)
 
     own = torch.where(on_grid, key(row, col), torch.iinfo(torch.long).max)
     sorted_keys, by_key = own.flatten().sort()

@@ -94,35 +94,48 @@ def uniform_lattice(rows: int, k: int, cols: int | None = None) -> Tensor:
     return torch.tensor(picked)
 
 
+def on_lattice(y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, k: Tensor) -> Tensor:
+    """Whether cell (y, x) of a `rows` x `cols` grid is one of `uniform_lattice(rows, k, cols)`'s (all
+    tensors of one shape): the lattice's closed form inverted with integer arithmetic, so every grid
+    shape is answered at once on the device (the rows' and columns' offsets are floors of (2i + 1) *
+    side / (2 n), which integers give exactly)."""
+    n_rows = torch.minimum(rows, torch.maximum(torch.round(torch.sqrt(k.double() * rows / cols)).long(), (k + cols - 1) // cols))
+
+    def hit(pos: Tensor, side: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether `pos` is one of the n offsets floor((2i + 1) side / 2n), i < n, and which i."""
+        guess = ((2 * pos + 1) * n) // (2 * side)
+        found, which = torch.zeros_like(pos, dtype=torch.bool), torch.zeros_like(pos)
+        for i in (guess - 1, guess, guess + 1):  # offsets are at least one apart: one of these, if any
+            ok = (i >= 0) & (i < n) & (((2 * i + 1) * side) // (2 * n).clamp(min=1) == pos)
+            found, which = found | ok, torch.where(ok, i, which)
+        return found, which
+
+    row_hit, i = hit(y, rows, n_rows)
+    in_row = (i + 1) * k // n_rows.clamp(min=1) - i * k // n_rows.clamp(min=1)  # the lattice row's tokens
+    return row_hit & hit(x, cols, in_row)[0]
+
+
 def uniform_scores(vis: Stream, keep: float) -> Tensor:
     """Scores [B, N]: 1 for the tokens of each unit's lattice (ceil(keep * n_unit) of the unit's
-    present grid, spanning its rows and columns), 0 for the others."""
+    present grid, spanning its rows and columns), 0 for the others (fixed shapes: a unit's bounding
+    box and count by scatters, the lattice by `on_lattice`)."""
+    from .selection import fraction_budget, group_sizes, row_groups
+
     row, col = vis.at(Place.ROW), vis.at(Place.COL)
     on_grid = vis.valid & (row >= 0) & ~vis.extra
-    unit = torch.stack([torch.arange(row.shape[0], device=row.device)[:, None].expand_as(row),
-                        vis.image, vis.at(Place.UNIT)], -1)[on_grid]
-    scores = torch.zeros(row.shape, dtype=torch.float32, device=row.device)
-    if unit.numel() == 0:
-        return scores
-    groups, inverse = torch.unique(unit, dim=0, return_inverse=True)
-    n_groups = groups.shape[0]
-    r, c = row[on_grid], col[on_grid]
-    big = torch.iinfo(torch.long).max
-    r0 = torch.full((n_groups,), big, device=row.device).scatter_reduce_(0, inverse, r, "amin")
-    c0 = torch.full((n_groups,), big, device=row.device).scatter_reduce_(0, inverse, c, "amin")
-    r1 = torch.full((n_groups,), -1, device=row.device).scatter_reduce_(0, inverse, r, "amax")
-    c1 = torch.full((n_groups,), -1, device=row.device).scatter_reduce_(0, inverse, c, "amax")
-    n = torch.bincount(inverse, minlength=n_groups)
-    shape = torch.stack([r1 - r0 + 1, c1 - c0 + 1, n], 1)
-    on = torch.zeros_like(r, dtype=torch.bool)
-    for rows, cols, count in torch.unique(shape, dim=0).tolist():  # one lattice per grid shape
-        lattice = torch.zeros(rows * cols, dtype=torch.bool, device=row.device)
-        lattice[uniform_lattice(rows, ceil_budget(keep, count), cols)] = True
-        members = (shape[inverse] == shape.new_tensor([rows, cols, count])).all(1)
-        local = (r - r0[inverse]) * cols + (c - c0[inverse])
-        on |= members & lattice[local.clamp(0, rows * cols - 1)]
-    scores[on_grid] = on.float()
-    return scores
+    b, v = row.shape
+    unit = torch.where(on_grid, row_groups(vis.image, vis.at(Place.UNIT)), v)  # tokens off every grid: a group past all
+
+    def reduce(values: Tensor, how: str, fill: int) -> Tensor:
+        out = torch.full((b, v + 1), fill, dtype=values.dtype, device=values.device).scatter_reduce_(1, unit, values, how)
+        return torch.gather(out, 1, unit)  # each token's unit's
+
+    r0, c0 = reduce(row, "amin", torch.iinfo(torch.long).max), reduce(col, "amin", torch.iinfo(torch.long).max)
+    rows, cols = reduce(row, "amax", -1) - r0 + 1, reduce(col, "amax", -1) - c0 + 1
+    n = torch.gather(torch.cat([group_sizes(unit.clamp(max=max(v - 1, 0)), on_grid), row.new_zeros(b, 1)], 1), 1, unit)
+    k = fraction_budget(n, keep, 1)
+    on = on_lattice(row - r0, col - c0, rows.clamp(min=1), cols.clamp(min=1), k)
+    return (on & on_grid).float()
 
 
 def blind_scores(sel: Select, vis: Stream, keys: Tensor | None) -> Tensor:

@@ -38,11 +38,27 @@ from .lora import linear_weight
 from .moe import RouterLogits, feed_forward
 from .plan import LayerPolicy, Plan, Select
 from .routing import Routing
-from .selection import compact, dense_groups, keep_best
+from .selection import compact, keep_best, row_groups
+from .host_sizes import VisualCounts
 from .streams import Place, RopeTable, Stream, empty_like_visual, injected, present_count, renumbered
 
 
 # --- projections restricted to heads / neurons -------------------------------------------------
+
+
+def head_columns(heads: list[int], head_dim: int, device) -> Tensor | slice:
+    """The features of heads `heads` in a projection's output: a slice when they are consecutive (YOPO's),
+    else their indices (on `device`)."""
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0] * head_dim, (heads[0] + len(heads)) * head_dim)
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=device)
+
+
+def head_numbers(heads: list[int], device) -> Tensor:
+    """[len(heads)] the head numbers on `device` (consecutive ones by `arange`: nothing copied from the host)."""
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return torch.arange(heads[0], heads[0] + len(heads), device=device)
+    return torch.tensor(list(heads), device=device)
 
 
 def _rows(linear: nn.Linear, heads: list[int] | None, head_dim: int) -> tuple[Tensor, Tensor | None]:
@@ -50,7 +66,7 @@ def _rows(linear: nn.Linear, heads: list[int] | None, head_dim: int) -> tuple[Te
     w, b = linear_weight(linear)  # W + LoRA delta when an adapter wraps the linear
     if heads is None:
         return w, b
-    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=w.device)
+    idx = head_columns(heads, head_dim, w.device)
     return w[idx], None if b is None else b[idx]
 
 
@@ -70,7 +86,7 @@ def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_d
     """o_proj over the given heads only (columns of W_o): pruned heads contribute nothing."""
     if heads is None:
         return o_proj(merge_heads(out))
-    idx = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], device=out.device)
+    idx = head_columns(heads, head_dim, out.device)
     w, b = linear_weight(o_proj)
     return F.linear(merge_heads(out), w[:, idx], b)
 
@@ -95,27 +111,26 @@ def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
 # --- token selection --------------------------------------------------------------------------
 
 
-def select_visual(vis: Stream, scores: Tensor, sel: Select) -> tuple[Stream, Tensor]:
+def select_visual(vis: Stream, scores: Tensor, sel: Select, width: int | None = None) -> tuple[Stream, Tensor]:
     """Keep the best-scoring visual tokens of each image (of each unit, a tile or a video's time step,
     for `per=unit` and `uniform`), layout tokens always (models/selection.py); original order kept,
-    rows may keep different counts (padded with `valid=False`). Returns the kept stream and its indices."""
+    rows may keep different counts (padded with `valid=False`) in a stream `width` wide (the host's
+    count; None: read back). Returns the kept stream and its indices."""
     if vis.n == 0:
         return vis, vis.valid.new_zeros(vis.valid.shape, dtype=torch.long)
-    rows = torch.arange(vis.h.shape[0], device=scores.device)[:, None].expand_as(vis.valid)
-    columns = (rows, vis.image, vis.at(Place.UNIT)) if sel.per_unit else (rows, vis.image)
-    groups, n_groups = dense_groups(*columns)
-    candidates = vis.valid & ~vis.extra
-    keep = keep_best(scores.flatten(), groups.flatten(), candidates.flatten(), (vis.valid & vis.extra).flatten(), n_groups,
-                     keep=sel.keep, threshold=sel.threshold, min_keep=sel.min_keep)
-    index, valid = compact(keep.view_as(vis.valid))
+    groups = row_groups(vis.image, vis.at(Place.UNIT)) if sel.per_unit else row_groups(vis.image)
+    keep = keep_best(scores, groups, vis.valid & ~vis.extra, vis.valid & vis.extra, keep=sel.keep, threshold=sel.threshold,
+                     min_keep=sel.min_keep)
+    index, valid = compact(keep, width)
     return vis.gather(index, valid), index
 
 
-def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | None, image_keys: Tensor | None) -> Stream:
+def select_before_layer(vis: Stream, sel: Select, attention_scores: Tensor | None, image_keys: Tensor | None,
+                        width: int | None = None) -> Stream:
     """The visual tokens a layer keeps under a selection made before it: scored by the previous
     layer's attention (`attention_scores`), or by a scorer that reads none (random, uniform)."""
     scores = attention_scores if sel.reads_attention else blind_scores(sel, vis, image_keys)
-    return select_visual(vis, scores, sel)[0]
+    return select_visual(vis, scores, sel, width)[0]
 
 
 def visual_scores(probs: Tensor, keys: Keys, vis_cols: Tensor, scorer: str, vis_query: Tensor | None = None) -> Tensor:
@@ -213,19 +228,21 @@ class PlannedDecoderLayer(nn.Module):
 
     def forward(
         self, text: Stream, vis: Stream, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,
-        rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None,
+        rope: RopeTable | None = None, visual_ffn_weight: Tensor | None = None, select_width: int | None = None,
     ) -> LayerIO:
         """`visual_ffn_weight` [B, V]: what each visual token's FFN output is multiplied by (a routed
-        layer's router gate, models/routing.py)."""
-        return LayerRunner(self, policy)(text, vis, query_idx, score_next, rope, visual_ffn_weight)
+        layer's router gate, models/routing.py); `select_width`: the visual tokens a selection inside the
+        layer keeps at most in a row, as the host counted them (None: read back)."""
+        return LayerRunner(self, policy, select_width)(text, vis, query_idx, score_next, rope, visual_ffn_weight)
 
 
 class LayerRunner:
     """Runs one decoder layer's modules under a policy."""
 
-    def __init__(self, layer: nn.Module, policy: LayerPolicy):
+    def __init__(self, layer: nn.Module, policy: LayerPolicy, select_width: int | None = None):
         self.layer = layer
         self.p = policy
+        self.select_width = select_width
         self.attn = layer.self_attn
         self.dh = self.attn.head_dim
         self.n_heads = self.attn.q_proj.out_features // self.dh
@@ -240,7 +257,7 @@ class LayerRunner:
             # PyramidDrop's stage boundary: score with this layer's own Q/K at the old positions, drop,
             # renumber the survivors, then run the layer on them as a layer without a selection
             if vis.n:
-                vis = select_visual(vis, self._probe_scores(text, vis, query_idx), self.p.select)[0]
+                vis = select_visual(vis, self._probe_scores(text, vis, query_idx), self.p.select, self.select_width)[0]
                 text, vis = renumbered(text, vis, rope)
             self.p = replace(self.p, select=None)
         p, attn = self.p, self.attn
@@ -402,7 +419,7 @@ class LayerRunner:
         continue the layer with the kept tokens only (their values, queries and FFN)."""
         q_last, facts = self._scoring_query(x_text, text, query_idx)
         scores = self._query_scores(q_last, facts, k_text.append(k_vis), vis, self.p.select.scorer)
-        kept, index = select_visual(vis, scores, self.p.select)
+        kept, index = select_visual(vis, scores, self.p.select, self.select_width)
         k_vis = Keys(
             torch.gather(k_vis.k, 2, index[:, None, :, None].expand(-1, k_vis.k.shape[1], -1, k_vis.k.shape[3])),
             torch.gather(k_vis.v, 2, index[:, None, :, None].expand(-1, k_vis.v.shape[1], -1, k_vis.v.shape[3])),
@@ -419,7 +436,7 @@ class LayerRunner:
         p = self.p
         q = apply_rope(project_heads(self.attn.q_proj, x_vis, heads, self.dh, self.q_norm), vis.cos, vis.sin)
         hs = heads if heads is not None else list(range(self.n_heads))
-        kv_of = torch.tensor([h * self.n_kv // self.n_heads for h in hs], device=q.device)
+        kv_of = head_numbers(hs, q.device) * self.n_kv // self.n_heads  # each query head's K/V head
         tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.order, k_text.valid, k_text.is_visual)
         if p.visual_self_attn == "full":
             keys = tk.append(Keys(k_vis.k[:, kv_of], k_vis.v[:, kv_of], k_vis.order, k_vis.valid, k_vis.is_visual))
@@ -464,6 +481,7 @@ def run_decoder(
     image_keys: Tensor | None = None,
     rope: RopeTable | None = None,
     routing: Routing | None = None,
+    counts: VisualCounts | None = None,
 ) -> "DecoderOutput":
     """Run every layer of `lm` (an HF `LlamaModel`/`Qwen2Model`) under `plan` (prefill and training;
     decoding over the keys it caches with `use_cache`: models/decoding.py). `query_idx` [B] indexes the text token that scores visual tokens
@@ -475,6 +493,8 @@ def run_decoder(
     Plans that route visual tokens (`LayerPolicy.route`) need `routing` (models/routing.py): it
     picks each routed layer's tokens before the layer's (possibly checkpointed) call and puts the
     skipped ones back after it; decoding runs no router (text is never routed).
+    `counts`: the visual tokens as the host follows them through the plan (models/host_sizes.py), which
+    size every selection's kept stream without reading the device; None: each size is read back.
     After layer i the visual stream receives its family's injection i, if it carries one
     (`models.streams.injected`: Qwen3-VL's DeepStack), after the hook; routed-out tokens are in the
     stream again by then and receive it too.
@@ -491,10 +511,13 @@ def run_decoder(
     router: list[RouterLogits] = []
     for i, layer in enumerate(lm.layers):
         p = plan.layers[i]
+        after = None if counts is None or p.select is None else counts.selected(p.select)  # the host's count after a selection
         if p.drop_visual:
             vis = empty_like_visual(text)
+            counts = None if counts is None else counts.dropped()
         elif p.select is not None and p.select.source == "previous":
-            vis = select_before_layer(vis, p.select, scores, image_keys)
+            vis = select_before_layer(vis, p.select, scores, image_keys, None if after is None else after.width)
+            counts = after
             if p.select.positions == "renumber":
                 text, vis = renumbered(text, vis, rope)
         if p.xattn:
@@ -508,8 +531,10 @@ def run_decoder(
         if p.route is not None:
             if routing is None:
                 raise ValueError(f"plan {plan.name!r} routes layer {i}: pass routing=models.routing.Routing(...) to run_decoder")
-            routed = routing.enter(i, vis)
-        args = (text, vis if routed is None else routed.kept, query_idx, p, score_next, rope, None if routed is None else routed.weight)
+            routed = routing.enter(i, vis, None if counts is None else counts.routed(p.route))
+        inside = p.select is not None and p.select.source == "current"  # a selection the layer makes itself (PDrop)
+        args = (text, vis if routed is None else routed.kept, query_idx, p, score_next, rope, None if routed is None else routed.weight,
+                None if not inside or after is None else after.width)
         if gradient_checkpointing and torch.is_grad_enabled():
             io = checkpoint(layer, *args, use_reentrant=False)
         else:
@@ -520,6 +545,8 @@ def run_decoder(
         vis = injected(vis, i)
         scores = io.scores
         router.extend(io.router)
+        if inside:
+            counts = after
         if renumbers:
             if p.select is not None and p.select.positions == "renumber":
                 shift = prompt_tokens - present_count(io.text, io.vis)

@@ -59,7 +59,15 @@ class VisualTokens(NamedTuple):
     @property
     def image_of_token(self) -> Tensor:
         """[T]: batch index of each token's image."""
-        return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts, output_size=len(self.h))
+
+
+def on_device(values: list[int], device) -> Tensor:
+    """[n] long tensor of Python ints, filled on `device` rather than copied from host memory (a copy from
+    pageable memory makes the host wait for the device's queue: models/dispatch_count.py)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.full((1,), v, dtype=torch.long, device=device) for v in values])
 
 
 def grid_place(rows: int, cols: int, *, unit: int = 0, first_patch: int = 0, time: int = 0, device=None) -> Tensor:
@@ -184,9 +192,11 @@ class Family:
         token accounting without pixels (`models.flops.ImageTokens.from_places`)."""
         raise NotImplementedError
 
-    def encode(self, model: "MLLM", pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model: "MLLM", pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         """Projected visual tokens of every image and their places; `scores` names a per-token
-        score a pre-LLM step needs ("dominance", "cls_similarity")."""
+        score a pre-LLM step needs ("dominance", "cls_similarity"); `sizes`: the rows of `image_sizes`
+        as the host knows them (`BatchSizes.item_sizes`: no read back), None: read them."""
         raise NotImplementedError
 
     def image_count(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> int:

@@ -24,6 +24,7 @@ def greedy_generate(
     image_sizes: Tensor | None = None,
     step_seconds: Tensor | None = None,
     compile: bool | dict = False,
+    sizes=None,
 ) -> Tensor:
     """New tokens `[B, <=max_new_tokens]`; rows that finished are filled with `pad_token_id`.
 
@@ -34,11 +35,12 @@ def greedy_generate(
     seconds per temporal step of each item when videos are among them (models/video.py).
     The KV cache gets room for `max_new_tokens` after prefill, so every step has the same shapes;
     `compile`: run the step under `torch.compile(fullgraph=True)` (a dict: its options), a CUDA graph on
-    CUDA (models/decoding.py `compiled_step`); the tokens equal the eager ones.
+    CUDA (models/decoding.py `compiled_step`); the tokens equal the eager ones. `sizes`: the prompts'
+    sizes as the host knows them (`MLLM.batch_sizes` on the CPU batch: models/host_sizes.py).
     """
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
     out = model(input_ids, attention_mask, pixel_values, logits="last", use_cache=True, image_sizes=image_sizes,
-                step_seconds=step_seconds)
+                step_seconds=step_seconds, sizes=sizes)
     state, logits = out.cache, out.logits
     reserve(model, state, max_new_tokens, bucket=COMPILE_BUCKET if compile else 1)
     step_fn = compiled_step(model, **(compile if isinstance(compile, dict) else {})) if compile else model.decode_step

@@ -25,19 +25,16 @@ from .decoder import LayerHook, PlannedDecoderLayer, run_decoder
 from .decoding import DecodeState
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
+from .host_sizes import BatchSizes, ImageTokenMismatch, image_rows
 from .moe import expert_load, is_moe, load_balancing_loss
 from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed, spread_steps
 from .routing import Routing, RouteStats, build_routers
-from .selection import frame_steps
+from .selection import compact, frame_steps
 from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts, visual_mask
 from .xattn import GatedCrossAttention
-
-
-class ImageTokenMismatch(ValueError):
-    """The `<image>` tokens of the prompts do not match the visual tokens of the images given."""
 
 
 @dataclass
@@ -202,18 +199,20 @@ class MLLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def encode_images(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> VisualTokens:
+    def encode_images(self, pixel_values: Tensor, image_sizes: Tensor | None = None,
+                      sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         """The visual tokens of every image (`models.family.VisualTokens`: one entry per placeholder,
         with its place), after the plan's pre-LLM step: pruning keeps tokens in their slots, pooling
-        writes the pooled tokens into the first slots of each image."""
+        writes the pooled tokens into the first slots of each image. `sizes`: the rows of `image_sizes`
+        as the host knows them (`BatchSizes.item_sizes`)."""
         pre = self.plan.pre_llm
         if pre is not None and pre.method == "frames" and self.family.video_token is not None:  # the tower never sees the others
             steps = [frame_steps(int(t), pre.keep) for t in image_sizes[:, 0].tolist()]
-            pixels, sizes = self.family.take_steps(self.config, pixel_values, image_sizes, steps)
+            pixels, taken = self.family.take_steps(self.config, pixel_values, image_sizes, steps)
             places = torch.cat([self.family.image_places(self.config, tuple(g)) for g in image_sizes.tolist()]).to(pixel_values.device)
             counts = torch.tensor([self.config.tokens_per_image(tuple(g)) for g in image_sizes.tolist()], device=pixel_values.device)
-            return spread_steps(self.family.encode(self, pixels, sizes).h, places, counts, steps)
-        return apply_pre_llm(self.family.encode(self, pixel_values, image_sizes, scores_needed(pre)), pre)
+            return spread_steps(self.family.encode(self, pixels, taken).h, places, counts, steps)
+        return apply_pre_llm(self.family.encode(self, pixel_values, image_sizes, scores_needed(pre), sizes=sizes), pre)
 
     def tower_grad(self):
         """Autograd context for the vision tower: off when the tower is frozen (stage=pretrain /
@@ -232,12 +231,16 @@ class MLLM(nn.Module):
 
     def embed_inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
                      image_sizes: Tensor | None = None, positions: Tensor | None = None,
-                     sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> tuple[Layout, Stream, Stream]:
+                     sample_index: Tensor | None = None, step_seconds: Tensor | None = None,
+                     sizes: BatchSizes | None = None) -> tuple[Layout, Stream, Stream]:
         """What the decoder consumes: where each token sits in the sequence (`Layout`), the text stream
         (token embeddings) and the visual stream (the family's visual tokens, after pre-LLM steps);
         `positions`: the prompt's RoPE position ids (default: `prompt_positions`); `sample_index` [B, L]:
-        packed rows' samples (positions then restart at each sample)."""
-        layout = Layout.from_inputs(input_ids, attention_mask, self.config.visual_token_ids, sample_index)
+        packed rows' samples (positions then restart at each sample); `sizes`: the batch's sizes as the
+        host knows them (default: read from the inputs, `batch_sizes`)."""
+        sizes = sizes or self.batch_sizes(input_ids, attention_mask, pixel_values, image_sizes)
+        layout = Layout.from_inputs(input_ids, attention_mask, self.config.visual_token_ids, sample_index,
+                                    (sizes.text_width, sizes.visual_width))
         if positions is None:
             positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         text_ids = torch.gather(input_ids, 1, layout.text_index)
@@ -245,8 +248,20 @@ class MLLM(nn.Module):
         text = Stream(text_h, torch.gather(layout.order, 1, layout.text_index), layout.text_valid,
                       *self.rope(text_h, take_positions(positions, layout.text_index)),
                       start=None if layout.start is None else torch.gather(layout.start, 1, layout.text_index))
-        vis = self._visual_stream(layout, positions, pixel_values, image_sizes, text)
+        vis = self._visual_stream(layout, positions, pixel_values, image_sizes, text, sizes)
         return layout, text, vis
+
+    def batch_sizes(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                    image_sizes: Tensor | None = None, labels: Tensor | None = None, sample_index: Tensor | None = None,
+                    step_seconds: Tensor | None = None) -> BatchSizes:
+        """The sizes of a batch (models/host_sizes.py) from its inputs: free on CPU tensors (a collator's,
+        before they move to the device), one read back otherwise. Give them to `forward` as `sizes`.
+        M-RoPE families' positions come along: their rule walks each row's items on the host."""
+        positions = None
+        if self.family.mrope:
+            positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
+        return BatchSizes.of(self.config, input_ids, attention_mask, self.family.image_count(pixel_values, image_sizes), image_sizes,
+                             labels, sample_index, positions)
 
     def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None,
                          sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> Tensor:
@@ -263,42 +278,37 @@ class MLLM(nn.Module):
         return packed_positions(rule, input_ids, attention_mask, order, sample_starts(order, sample_index.to(order.device)))
 
     def _visual_stream(self, layout: Layout, positions: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None,
-                       text: Stream) -> Stream:
-        per_row = layout.image_tokens_per_row
-        n_images = self.family.image_count(pixel_values, image_sizes)
-        if n_images == 0:
-            if int(per_row.sum()):
+                       text: Stream, sizes: BatchSizes) -> Stream:
+        if not sizes.image_rows:
+            if sizes.visual_width:
                 raise ImageTokenMismatch(
-                    f"the prompts hold {per_row.tolist()} <image> tokens per row (image_token_id={self.config.image_token_id}) "
+                    f"the prompts hold {list(sizes.visual_per_row)} <image> tokens per row (image_token_id={self.config.image_token_id}) "
                     "but no images were given"
                 )
             return empty_like_visual(text)
-        tokens = self.encode_images(pixel_values, image_sizes)
-        image_row = images_of_rows(per_row, tokens.counts, self.config.image_token_id)
+        tokens = self.encode_images(pixel_values, image_sizes, None if sizes.item_sizes is None else list(sizes.item_sizes))
         b, v = layout.vis_valid.shape
-        h = text.h.new_zeros(b, v, tokens.h.shape[-1])
-        h[layout.vis_valid] = tokens.h.to(text.h.dtype)
-        place = layout.vis_index.new_zeros(b, v, len(Place))
-        place[layout.vis_valid] = tokens.place
-        slot = torch.arange(v, device=h.device).expand(b, v)
-        place[..., Place.SLOT] = slot
-        first_image = torch.cumsum(torch.bincount(image_row, minlength=b), 0) - torch.bincount(image_row, minlength=b)
-        image_in_row = torch.arange(len(image_row), device=h.device) - first_image[image_row]
-        place[..., Place.IMAGE][layout.vis_valid] = torch.repeat_interleave(image_in_row, tokens.counts)
+        slots = torch.nonzero_static(layout.vis_valid.flatten(), size=len(tokens.h)).flatten()  # the tokens' slots, in order
+
+        def laid(x: Tensor) -> Tensor:
+            """Per-token values [T, ...] in their visual slots [B, V, ...] (zeros in the padding)."""
+            return x.new_zeros(b * v, *x.shape[1:]).index_copy(0, slots, x).view(b, v, *x.shape[1:])
+
+        h = laid(tokens.h.to(text.h.dtype))
+        place = laid(tokens.place)
+        place[..., Place.SLOT] = torch.arange(v, device=h.device)
+        image, row = tokens.image_of_token, slots // v
+        first = torch.full((b,), len(tokens.counts), device=h.device).scatter_reduce(0, row, image, "amin")  # each row's first image
+        place[..., Place.IMAGE] = laid(image - first[row])
         rope_pos = take_positions(positions, layout.vis_index)
         start = None if layout.start is None else torch.gather(layout.start, 1, layout.vis_index)
-        inject = None
-        if tokens.inject is not None:  # DeepStack: each token's features for the first decoder layers
-            inject = h.new_zeros(b, v, *tokens.inject.shape[1:])
-            inject[layout.vis_valid] = tokens.inject.to(h.dtype)
+        inject = None if tokens.inject is None else laid(tokens.inject.to(h.dtype))  # DeepStack: features for the first layers
         vis = Stream(h, torch.gather(layout.order, 1, layout.vis_index), layout.vis_valid, *self.rope(h, rope_pos), place=place, embed=h,
                      start=start, inject=inject)
         if tokens.keep is not None:  # pre-LLM step: dropped tokens never enter the LLM
-            kept = torch.zeros_like(layout.vis_valid)
-            kept[layout.vis_valid] = tokens.keep
-            count = kept.sum(1)
-            index = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(count.max()))]
-            vis = vis.gather(index, torch.arange(index.shape[1], device=h.device)[None] < count[:, None])
+            kept = laid(tokens.keep)
+            counts = sizes.visual_counts(self.plan.pre_llm)
+            vis = vis.gather(*compact(kept, None if counts is None else counts.width))
         return vis
 
     # --- forward -----------------------------------------------------------------------------------
@@ -320,6 +330,7 @@ class MLLM(nn.Module):
         pixel_values_videos: Tensor | None = None,
         video_grid_thw: Tensor | None = None,
         second_per_grid_ts: Tensor | None = None,
+        sizes: BatchSizes | None = None,
     ) -> MLLMOutput:
         """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
         placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
@@ -339,6 +350,8 @@ class MLLM(nn.Module):
         `sample_index` [B, L]: rows packed with several samples each (data/packing.py): the sample of its
         row each token belongs to. Every sample is then computed as if it were alone: attention, token
         scoring and selection stay inside it, its positions restart, its loss never predicts across.
+        `sizes`: the batch's sizes as the host knows them (`batch_sizes` on the CPU batch, models/host_sizes.py):
+        with them prefill and training read nothing back from the device; without, they are read once.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -357,8 +370,14 @@ class MLLM(nn.Module):
             pixel_values, image_sizes, step_seconds = items if items is not None else (None, None, None)
         if sample_index is not None:
             self._check_packable(use_cache, query_pos)
-        positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
-        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index)
+        if sizes is None or (labels is not None and sizes.supervised is None):
+            sizes = self.batch_sizes(input_ids, attention_mask, pixel_values, image_sizes, labels, sample_index, step_seconds)
+        if sizes.positions is not None:
+            positions = sizes.positions.to(input_ids.device, non_blocking=True)
+        else:
+            positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
+        layout, text, vis = self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, positions, sample_index,
+                                              sizes=sizes)
         routing = self.routing()
         decoded = run_decoder(
             self.language_model,
@@ -370,9 +389,11 @@ class MLLM(nn.Module):
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
-            image_keys=image_keys_for(self.plan, self.family.image_pixels(pixel_values, image_sizes), images_per_row(vis)),
+            image_keys=image_keys_for(self.plan, self.family.image_pixels(pixel_values, image_sizes) if self.plan.draws_random else None,
+                                      images_per_row(vis)),
             rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
             routing=routing,
+            counts=sizes.visual_counts(self.plan.pre_llm),
         )
         text, vis = decoded.text, decoded.vis
         out = MLLMOutput()
@@ -381,7 +402,7 @@ class MLLM(nn.Module):
         if routing is not None:
             out.aux_loss, out.route_stats = routing.aux_loss, routing.stats
         if labels is not None:
-            out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels)
+            out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels, sizes.supervised)
             out.loss = out.loss_sum / max(out.n_loss_tokens, 1)
         mode = ("none" if labels is not None else "all") if logits == "auto" else logits
         if mode == "all":
@@ -421,25 +442,19 @@ class MLLM(nn.Module):
         """Next-token logits of final hidden states (final norm, then the LM head)."""
         return self.lm_head(self.language_model.norm(h))
 
-    def _loss(self, text: Stream, layout: Layout, labels: Tensor) -> tuple[Tensor, int]:
-        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those rows), and their count."""
+    def _loss(self, text: Stream, layout: Layout, labels: Tensor, n: int) -> tuple[Tensor, int]:
+        """Summed next-token cross-entropy on supervised positions only (the LM head runs on those rows), and
+        their count `n` (the host's: `BatchSizes.supervised`, which also checked that none follows an image)."""
+        if n == 0:
+            return text.h.sum() * 0.0, 0
         targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
         if layout.start is not None:  # packed rows: a sample's last token predicts nothing of the next sample
             targets[:, :-1] = targets[:, :-1].masked_fill(layout.start[:, 1:] != layout.start[:, :-1], -100)
-        after_image = torch.gather(targets, 1, layout.vis_index)[layout.vis_valid]
-        if bool((after_image != -100).any()):
-            raise ValueError(
-                "a supervised label directly follows an <image> token; the prediction would come from a "
-                "visual token. Mask that label with -100 (LLaVA puts a newline after <image>)."
-            )
-        text_targets = torch.gather(targets, 1, layout.text_index).masked_fill(~layout.text_valid, -100)
-        sel = text_targets != -100
-        n = int(sel.sum())
-        if n == 0:
-            return text.h.sum() * 0.0, 0
-        logits = self.lm_logits(text.h[sel])
-        return F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), n
+        text_targets = torch.gather(targets, 1, layout.text_index).masked_fill(~layout.text_valid, -100).flatten()
+        rows = torch.nonzero_static(text_targets != -100, size=n).flatten()  # (a fixed size: no read back)
+        logits = self.lm_logits(text.h.flatten(0, 1).index_select(0, rows))
+        return F.cross_entropy(logits.float(), text_targets.index_select(0, rows), reduction="sum"), n
 
     def _all_logits(self, text: Stream, vis: Stream, layout: Layout, shape) -> Tensor:
         b, length = shape
@@ -504,19 +519,9 @@ def last_valid_hidden(text: Stream) -> Tensor:
 
 
 def images_of_rows(tokens_per_row: Tensor, tokens_per_image: Tensor, image_token_id: int) -> Tensor:
-    """The prompt row [n_images] each image belongs to: images fill the rows' placeholder tokens in
-    order, so every row must hold whole images (a clear error otherwise, naming both counts)."""
-    ends = torch.cumsum(tokens_per_image, 0)
-    row_ends = torch.cumsum(tokens_per_row, 0)
-    fits = bool(torch.isin(row_ends[tokens_per_row > 0], ends).all()) and int(ends[-1]) == int(row_ends[-1])
-    if not fits:
-        raise ImageTokenMismatch(
-            f"<image> tokens per row {tokens_per_row.tolist()} do not match the {len(tokens_per_image)} image(s), which give "
-            f"{tokens_per_image.tolist()} visual tokens each: each image needs exactly its count of consecutive <image> tokens "
-            f"(image_token_id={image_token_id}); tokenize prompts with data.chat.ChatTokenizer or the checkpoint's processor, "
-            "which expand one <image> placeholder to that many"
-        )
-    return torch.searchsorted(row_ends, ends - 1, right=True)
+    """The prompt row [n_images] each image belongs to (`models.host_sizes.image_rows`, read back from tensors)."""
+    rows = image_rows(tokens_per_row.tolist(), tokens_per_image.tolist(), image_token_id)
+    return torch.tensor(rows, dtype=torch.long, device=tokens_per_image.device)
 
 
 def _load_part(module: nn.Module, state: dict, source: str) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .family import VisualTokens
 from .plan import PreSelect
-from .selection import dense_groups, keep_best
+from .selection import group_sizes, keep_best, row_groups
 from .streams import Place
 
 
@@ -52,10 +52,11 @@ def _candidates(tokens: VisualTokens) -> Tensor:
 
 
 def cls_knee_keep(tokens: VisualTokens, min_keep: int = 1) -> Tensor:
-    """Keep mask [T]: per unit, the tokens before the knee of its CLS-similarity curve."""
+    """Keep mask [T]: per unit, the tokens before the knee of its CLS-similarity curve (a count only the
+    data decides: the curves are cut on the host, one length at a time)."""
     sim, cand = tokens.scores["cls_similarity"], _candidates(tokens)
-    groups, n_groups = dense_groups(tokens.image_of_token, tokens.place[:, Place.UNIT])
-    sizes = torch.bincount(groups[cand], minlength=n_groups)
+    groups = row_groups(tokens.image_of_token[None], tokens.place[None, :, Place.UNIT])[0]
+    sizes = group_sizes(groups[None], cand[None])[0]
     budget = torch.zeros_like(sizes)
     for size in sizes.unique().tolist():  # curves of one length are cut together (LLaVA-1.5: one batch)
         if size == 0:
@@ -63,21 +64,22 @@ def cls_knee_keep(tokens: VisualTokens, min_keep: int = 1) -> Tensor:
         which = (sizes == size).nonzero().flatten()
         rows = torch.stack([sim[cand & (groups == g)] for g in which.tolist()])
         budget[which] = knee_counts(rows.sort(1, descending=True).values, min_keep)
-    return keep_best(sim, groups, cand, ~cand, n_groups, budget=budget)
+    return keep_best(sim[None], groups[None], cand[None], ~cand[None], budget=budget[None])[0]
 
 
 def dominant_keep(tokens: VisualTokens, pre: PreSelect) -> Tensor:
     """Keep mask [T]: per image, the ceil(keep * n) tokens the tower attends to most."""
-    groups, n_groups = dense_groups(tokens.image_of_token)
     cand = _candidates(tokens)
-    return keep_best(tokens.scores["dominance"], groups, cand, ~cand, n_groups, keep=pre.keep, min_keep=pre.min_keep)
+    return keep_best(tokens.scores["dominance"][None], tokens.image_of_token[None], cand[None], ~cand[None], keep=pre.keep,
+                     min_keep=pre.min_keep)[0]
 
 
 def pool_tokens(tokens: VisualTokens, kernel: int, kernel_t: int = 1) -> VisualTokens:
     """`kernel` x `kernel` means over each unit's grid and over `kernel_t` adjacent time steps of a video
     (windows from the top-left and the first step; a partial window at an edge averages what it
     covers). The pooled tokens of each image, and of each group of `kernel_t` steps of a video, layout
-    tokens among them, fill its first slots in the order of their windows' first tokens."""
+    tokens among them, fill its first slots in the order of their windows' first tokens. (Fixed shapes:
+    window ids are numbered below T, and the unused ones write nowhere.)"""
     place, h = tokens.place, tokens.h
     t = h.shape[0]
     image = tokens.image_of_token
@@ -88,35 +90,38 @@ def pool_tokens(tokens: VisualTokens, kernel: int, kernel_t: int = 1) -> VisualT
     # a window per (image, tile, time // k_t, row // k, col // k); every other token is a window of its own
     window_row = torch.where(on_grid, place[:, Place.ROW] // kernel, -1 - index)
     window_col = torch.where(on_grid, place[:, Place.COL] // kernel, -1)
-    window, n_windows = dense_groups(image, tile, time, window_row, window_col)
-    size = torch.bincount(window, minlength=n_windows)
-    pooled = h.new_zeros(n_windows, h.shape[1]).index_add_(0, window, h) / size[:, None].to(h.dtype)
-    first = torch.full((n_windows,), t, device=h.device).scatter_reduce_(0, window, index, "amin")
-    by_first = first.argsort()  # windows in the order of their first token (image by image, step group by group)
-    span, n_spans = dense_groups(image, time)  # where pooled tokens go: each image, each pooled group of a video's steps
-    span_start = torch.full((n_spans,), t, device=h.device).scatter_reduce_(0, span, index, "amin")
-    lead = first[by_first]
-    w_span = span[lead]
-    per_span = torch.bincount(w_span, minlength=n_spans)
-    rank = torch.arange(n_windows, device=h.device) - (per_span.cumsum(0) - per_span)[w_span]
-    slot = span_start[w_span] + rank
-    out_h = torch.zeros_like(h)
-    out_h[slot] = pooled[by_first].to(h.dtype)
+    window = row_groups(*(c[None] for c in (image, tile, time, window_row, window_col)))[0]
+    size = torch.zeros(t, dtype=h.dtype, device=h.device).index_add_(0, window, torch.ones_like(h[:, 0])).clamp(min=1)
+    pooled = h.new_zeros(t, h.shape[1]).index_add_(0, window, h) / size[:, None]
+    first = torch.full((t,), t, device=h.device).scatter_reduce_(0, window, index, "amin")  # t: an unused window id
+    by_first = first.argsort()  # windows in the order of their first token (image by image, step group by group), unused last
+    used = first[by_first] < t
+    lead = first[by_first].clamp(max=max(t - 1, 0))
+    span = row_groups(image[None], time[None])[0]  # where pooled tokens go: each image, each pooled group of a video's steps
+    span_start = torch.full((t,), t, device=h.device).scatter_reduce_(0, span, index, "amin")
+    w_span = torch.where(used, span[lead], t)
+    per_span = torch.zeros(t + 1, dtype=torch.long, device=h.device).index_add_(0, w_span, torch.ones_like(w_span))
+    rank = torch.arange(t, device=h.device) - (per_span.cumsum(0) - per_span)[w_span]
+    slot = torch.where(used, span_start[w_span.clamp(max=max(t - 1, 0))] + rank, t)  # unused windows: a row past the end
+
+    def placed(values: Tensor, like: Tensor) -> Tensor:
+        out = like.new_zeros(t + 1, *like.shape[1:])
+        return out.index_copy(0, slot, values.to(like.dtype))[:t]
+
+    out_h = placed(pooled[by_first], h)
     out_inject = None
     if tokens.inject is not None:  # a pooled token's injections are its window's mean too (they add to h)
         inject = tokens.inject
-        means = inject.new_zeros(n_windows, *inject.shape[1:]).index_add_(0, window, inject) / size[:, None, None].to(inject.dtype)
-        out_inject = torch.zeros_like(inject)
-        out_inject[slot] = means[by_first]
-    out_place = torch.zeros_like(place)
-    out_place[slot] = place[lead]
+        means = inject.new_zeros(t, *inject.shape[1:]).index_add_(0, window, inject) / size[:, None, None].to(inject.dtype)
+        out_inject = placed(means[by_first], inject)
     grid = on_grid[lead]
-    out_place[slot, Place.ROW] = torch.where(grid, place[lead, Place.ROW] // kernel, place[lead, Place.ROW])
-    out_place[slot, Place.COL] = torch.where(grid, place[lead, Place.COL] // kernel, place[lead, Place.COL])
+    lead_place = place[lead].clone()
+    lead_place[:, Place.ROW] = torch.where(grid, place[lead, Place.ROW] // kernel, place[lead, Place.ROW])
+    lead_place[:, Place.COL] = torch.where(grid, place[lead, Place.COL] // kernel, place[lead, Place.COL])
     image_start = tokens.counts.cumsum(0) - tokens.counts
-    out_place[slot, Place.PATCH] = slot - image_start[image[lead]]
-    keep = torch.zeros(t, dtype=torch.bool, device=h.device)
-    keep[slot] = True
+    lead_place[:, Place.PATCH] = slot - image_start[image[lead]]
+    out_place = placed(lead_place, place)
+    keep = placed(used, torch.zeros(t, dtype=torch.bool, device=h.device))
     return tokens._replace(h=out_h, place=out_place, keep=keep, inject=out_inject)
 
 

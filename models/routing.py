@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .gathered import gathered
 from .plan import Plan, Route
+from .selection import ranked_keep
 from .streams import Stream
 
 
@@ -95,7 +96,9 @@ class Routing:
         self._widths: dict[Route, int] = {}
         self._widths_of: Tensor | None = None  # the `valid` tensor of the visual stream the widths were read for
 
-    def enter(self, layer: int, vis: Stream) -> Routed:
+    def enter(self, layer: int, vis: Stream, width: int | None = None) -> Routed:
+        """The tokens of `vis` that enter routed layer `layer`: a stream `width` wide (the host's count of
+        the most a row keeps: models/host_sizes.py; None: read back)."""
         route = self.plan.layers[layer].route
         h = vis.h
         if route.router_input == "normed":
@@ -104,7 +107,8 @@ class Routing:
         candidates = vis.valid & ~vis.extra
         n = per_image(vis.image, candidates)
         keep = ranked_keep(scores, vis.image, candidates, budgets(route, n)) | (vis.valid & vis.extra)
-        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : self._width(route, vis, n)]
+        width = self._width(route, vis, n) if width is None else min(width, vis.n) if vis.n else 0
+        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
         entered = torch.arange(index.shape[1], device=index.device)[None] < keep.sum(1, keepdim=True)
         w = torch.where(candidates, gate(route, scores), torch.ones_like(scores))
         self._note(layer, route, scores, w, keep, candidates)
@@ -137,8 +141,8 @@ class Routing:
         total = candidates.sum().clamp(min=1)
         aux = scores.sum() * 0.0  # joins the gradient reductions even where nothing is routed
         if route.aux > 0 and scores.numel():
-            aux = aux + route.aux * F.binary_cross_entropy_with_logits(
-                scores[candidates].float(), keep[candidates].float(), reduction="sum") / total
+            aux = aux + route.aux * F.binary_cross_entropy_with_logits(  # over the candidates (weight 0 elsewhere)
+                scores.float(), keep.float(), weight=candidates.float(), reduction="sum") / total
         kept = (keep & candidates).sum() / total
         self.stats[layer] = RouteStats(kept.detach(), (w.detach() * candidates).sum() / total, aux)
 
@@ -147,23 +151,3 @@ def per_image(image: Tensor, candidates: Tensor) -> Tensor:
     """[B, V] candidates of each image of each row (images numbered from 0 within a row; V bounds them)."""
     n = torch.zeros(image.shape, dtype=torch.long, device=image.device)
     return n.scatter_add_(1, image.clamp(0, max(image.shape[1] - 1, 0)), candidates.long())
-
-
-def ranked_keep(scores: Tensor, image: Tensor, candidates: Tensor, budget: Tensor) -> Tensor:
-    """[B, V] bool: per row and image the `budget[row, image]` candidates of highest score, ties going
-    to the earlier token (models/selection.py's rule, written for fixed shapes: two stable sorts and
-    a running group start, no data-dependent size)."""
-    b, v = scores.shape
-    if v == 0:
-        return candidates
-    by_score = torch.sort(scores.detach().float().masked_fill(~candidates, float("-inf")), dim=1, descending=True, stable=True).indices
-    group = torch.gather(torch.where(candidates, image, v), 1, by_score)  # non-candidates in a group past every image
-    by_group = torch.sort(group, dim=1, stable=True).indices
-    slot = torch.gather(by_score, 1, by_group)  # the tokens in (image, -score, index) order
-    group = torch.gather(group, 1, by_group)
-    position = torch.arange(v, device=scores.device).expand(b, v)
-    starts = torch.ones_like(group, dtype=torch.bool)
-    starts[:, 1:] = group[:, 1:] != group[:, :-1]
-    rank = position - torch.where(starts, position, 0).cummax(1).values
-    limit = torch.gather(torch.cat([budget, budget.new_zeros(b, 1)], 1), 1, group)
-    return torch.zeros_like(candidates).scatter(1, slot, rank < limit)

@@ -2,10 +2,14 @@
 
 A group is what a budget applies to: an image (FastV, PDrop, VisiPruner, random, dominant tokens:
 "keep a third of each image's tokens"), or a tile / unit of an image (uniform lattices, the
-CLS-similarity knee). Layout tokens (LLaVA-NeXT's row newlines) are never candidates: they are
+CLS-similarity knee). Layout tokens (LLaVA-NeXT's newlines) are never candidates: they are
 kept, and they do not count towards a budget. Within a group tokens rank by descending score, ties
 going to the earlier token, so the kept set is a function of the scores alone (the masked
 reference in tests/reference.py implements the same rule independently).
+
+Everything here has fixed shapes (sorts, running counts, scatters: no `unique`, `bincount`, boolean
+indexing or value read back), so a selection costs the device no wait; the one size only the data
+decides, how wide the kept stream is, comes from the host (`compact`'s `width`: models/host_sizes.py).
 """
 
 from __future__ import annotations
@@ -17,66 +21,76 @@ from torch import Tensor
 
 
 def fraction_budget(n: Tensor, keep: float, min_keep: int) -> Tensor:
-    """Tokens kept of `n` candidates [G] under a fractional budget: ceil(keep * n), at least
-    `min_keep` (but never more than n)."""
+    """Tokens kept of `n` candidates under a fractional budget: ceil(keep * n), at least `min_keep`
+    (but never more than n)."""
     frac = torch.ceil(n.double() * keep - 1e-9).long()
     return torch.maximum(frac, n.clamp(max=min_keep))
 
 
-def dense_groups(*columns: Tensor) -> tuple[Tensor, int]:
-    """Consecutive group ids [...] (0..G-1) for the distinct tuples of `columns` (same shape)."""
-    stacked = torch.stack([c.reshape(-1) for c in columns], 1)
-    if stacked.numel() == 0:
-        return columns[0].new_zeros(columns[0].shape), 0
-    unique, inverse = torch.unique(stacked, dim=0, return_inverse=True)
-    return inverse.view(columns[0].shape), unique.shape[0]
+def row_groups(*columns: Tensor) -> Tensor:
+    """[B, N] consecutive ids (0, 1, ...) of the distinct tuples of `columns` ([B, N] each) within each
+    row, in sorted order: a stable sort per column and a running count of changes, no `unique`."""
+    b, n = columns[0].shape
+    order = torch.arange(n, device=columns[0].device).expand(b, n)
+    for c in reversed(columns):  # least significant first: stable sorts compose to the lexicographic order
+        order = torch.gather(order, 1, torch.sort(torch.gather(c, 1, order), dim=1, stable=True).indices)
+    new = torch.zeros(b, n, dtype=torch.bool, device=order.device)
+    for c in columns:
+        s = torch.gather(c, 1, order)
+        new[:, 1:] |= s[:, 1:] != s[:, :-1]
+    return torch.empty_like(order).scatter_(1, order, new.long().cumsum(1))
 
 
-def rank_in_groups(scores: Tensor, groups: Tensor, candidates: Tensor, n_groups: int) -> Tensor:
-    """Rank [N] of each candidate among its group's candidates by descending score (ties: earlier
-    index first); non-candidates get a rank past every budget. Flat inputs [N]."""
-    n = scores.numel()
-    s = scores.masked_fill(~candidates, float("-inf"))
-    by_score = torch.sort(s, descending=True, stable=True).indices
-    g = torch.where(candidates, groups, n_groups)[by_score]  # non-candidates last
-    by_group = torch.sort(g, stable=True).indices
-    perm = by_score[by_group]  # sorted by (group, -score, index)
-    g_sorted = g[by_group]
-    position = torch.arange(n, device=scores.device)
-    starts = torch.zeros(n_groups + 1, dtype=torch.long, device=scores.device)
-    counts = torch.bincount(g_sorted, minlength=n_groups + 1)
-    starts[1:] = counts.cumsum(0)[:-1]
-    rank_sorted = position - starts[g_sorted]
-    rank = torch.empty_like(rank_sorted)
-    rank[perm] = rank_sorted
-    return torch.where(candidates, rank, n + 1)
+def group_sizes(groups: Tensor, candidates: Tensor) -> Tensor:
+    """[B, N] candidates of each group (ids below N) of each row."""
+    n = groups.shape[1]
+    sizes = torch.zeros(groups.shape[0], n + 1, dtype=torch.long, device=groups.device)
+    return sizes.scatter_add_(1, torch.where(candidates, groups, n), candidates.long())[:, :n]
 
 
-def keep_best(scores: Tensor, groups: Tensor, candidates: Tensor, extra: Tensor, n_groups: int,
-              keep: float | None = None, threshold: float | None = None, min_keep: int = 1,
-              budget: Tensor | None = None) -> Tensor:
-    """Boolean mask [N] of what a selection keeps: per group, the best `budget` candidates (a
-    fraction `keep` of the group's candidates, the candidates scoring above `threshold` — at
-    least `min_keep` — or an explicit per-group `budget` [G]), plus every `extra` token."""
-    sizes = torch.bincount(groups[candidates], minlength=n_groups)
+def ranked_keep(scores: Tensor, groups: Tensor, candidates: Tensor, budget: Tensor) -> Tensor:
+    """[B, N] bool: per row and group the `budget[row, group]` candidates of highest score, ties going to
+    the earlier token (two stable sorts and a running group start; group ids below N)."""
+    b, v = scores.shape
+    if v == 0:
+        return candidates
+    by_score = torch.sort(scores.detach().float().masked_fill(~candidates, float("-inf")), dim=1, descending=True, stable=True).indices
+    group = torch.gather(torch.where(candidates, groups, v), 1, by_score)  # non-candidates in a group past every other
+    by_group = torch.sort(group, dim=1, stable=True).indices
+    slot = torch.gather(by_score, 1, by_group)  # the tokens in (group, -score, index) order
+    group = torch.gather(group, 1, by_group)
+    position = torch.arange(v, device=scores.device).expand(b, v)
+    starts = torch.ones_like(group, dtype=torch.bool)
+    starts[:, 1:] = group[:, 1:] != group[:, :-1]
+    rank = position - torch.where(starts, position, 0).cummax(1).values
+    limit = torch.gather(torch.cat([budget, budget.new_zeros(b, 1)], 1), 1, group)
+    return torch.zeros_like(candidates).scatter(1, slot, rank < limit)
+
+
+def keep_best(scores: Tensor, groups: Tensor, candidates: Tensor, extra: Tensor, keep: float | None = None,
+              threshold: float | None = None, min_keep: int = 1, budget: Tensor | None = None) -> Tensor:
+    """Boolean mask [B, N] of what a selection keeps: per row and group (ids below N: `row_groups`),
+    the best `budget` candidates (a fraction `keep` of the group's candidates, the candidates scoring
+    above `threshold` — at least `min_keep` — or an explicit per-group `budget` [B, N]), plus every
+    `extra` token."""
+    sizes = group_sizes(groups, candidates)
     if budget is None:
         if keep is not None:
             budget = fraction_budget(sizes, keep, min_keep)
         else:
-            above = torch.bincount(groups[candidates & (scores > threshold)], minlength=n_groups)
+            above = group_sizes(groups, candidates & (scores > threshold))
             budget = torch.maximum(above, sizes.clamp(max=min_keep))
-    budget = torch.minimum(budget, sizes)
-    rank = rank_in_groups(scores, groups, candidates, n_groups)
-    limit = torch.cat([budget, budget.new_zeros(1)])[groups.clamp(0, n_groups)]
-    return (candidates & (rank < limit)) | extra
+    return ranked_keep(scores, groups, candidates, torch.minimum(budget, sizes)) | extra
 
 
-def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices [B, K] of each row's kept tokens in their original order (K = the most any row
-    keeps, at least 1) and which of them are real [B, K]."""
+def compact(keep: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Indices [B, K] of each row's kept tokens in their original order and which of them are real
+    [B, K]. K = `width`, the most any row keeps as the host counted it (models/host_sizes.py), or,
+    when the data alone decides it (a threshold), that count read back from the device; at least 1."""
     count = keep.sum(1)
-    k = max(1, int(count.max())) if keep.numel() else 1
-    index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    if width is None:
+        width = max(1, int(count.max())) if keep.numel() else 1
+    index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
     return index, torch.arange(index.shape[1], device=keep.device)[None] < count[:, None]
 
 

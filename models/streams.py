@@ -20,7 +20,9 @@ sample's `start` (the order of the sample's first token): attention never crosse
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from functools import reduce
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -185,7 +187,8 @@ def sample_starts(order: Tensor, sample_index: Tensor) -> Tensor:
 
 def visual_mask(input_ids: Tensor, attention_mask: Tensor, visual_token_ids: tuple[int, ...]) -> Tensor:
     """[B, L] bool: the valid tokens that are visual placeholders (any of `visual_token_ids`)."""
-    return torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device)) & attention_mask.bool()
+    hits = [input_ids == token for token in visual_token_ids]  # (Python ints: no id tensor copied to the device)
+    return reduce(operator.or_, hits) & attention_mask.bool()
 
 
 @dataclass
@@ -202,10 +205,11 @@ class Layout:
 
     @staticmethod
     def from_inputs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int | tuple[int, ...],
-                    sample_index: Tensor | None = None) -> "Layout":
+                    sample_index: Tensor | None = None, widths: tuple[int, int] | None = None) -> "Layout":
         """`image_token_id`: the visual placeholder id(s) (Qwen's image and video pads); `sample_index`
         [B, L]: for packed rows, the sample of its row each token belongs to (consecutive,
-        non-decreasing: 0, 0, ..., 1, 1, ...; data/packing.py); None: a row is one sample."""
+        non-decreasing: 0, 0, ..., 1, 1, ...; data/packing.py); None: a row is one sample. `widths`:
+        the text and visual streams' widths as the host knows them (`BatchSizes`), else read back."""
         mask = attention_mask.bool()
         order = (mask.long().cumsum(-1) - 1).clamp(min=0)
         start = None
@@ -219,7 +223,7 @@ class Layout:
         # text-only layers attend with SDPA's is_causal instead of a mask (models/attention.py).
         kind = 2 * is_image.to(torch.int8) + (~mask).to(torch.int8)  # is_image excludes padding
         sort = torch.sort(kind, dim=1, stable=True).indices
-        t_max, v_max = int(n_text.max()), int(n_image.max())
+        t_max, v_max = widths if widths is not None else (int(n_text.max()), int(n_image.max()))
         ar_t = torch.arange(t_max, device=input_ids.device)
         text_index = sort[:, :t_max]
         text_valid = (ar_t[None] < n_text[:, None]) & torch.gather(mask, 1, text_index)

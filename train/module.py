@@ -109,6 +109,22 @@ class MLLMModule(L.LightningModule):
         return model
 
     # --- training -----------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """The batch on the device, with its sizes read while it was still on the host (models/host_sizes.py):
+        forward passes then read nothing back from the device. The loss's token count is checked here too."""
+        model = getattr(self, "model", None)
+        if not isinstance(batch, Batch) or model is None:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        images = (batch.pixel_values, batch.image_sizes)
+        sizes = model.batch_sizes(batch.input_ids, batch.attention_mask, *images, batch.labels, batch.sample_index, batch.step_seconds)
+        counted = supervised_tokens(batch.labels)  # what the accumulation window's count summed for this batch
+        if sizes.supervised != counted:
+            raise RuntimeError(f"the loss covers {sizes.supervised} tokens of this batch, data.windows.supervised_tokens "
+                               f"counts {counted}: the accumulation window's normalisation would be wrong")
+        prompt_sizes = model.batch_sizes(batch.prompt_ids, batch.prompt_mask, *images, step_seconds=batch.step_seconds)
+        moved = super().transfer_batch_to_device(replace(batch, sizes=None, prompt_sizes=None), device, dataloader_idx)
+        return replace(moved, sizes=sizes, prompt_sizes=prompt_sizes)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The loss of an optimizer step is its summed token cross-entropy over the supervised tokens of
         all its micro-batches on all ranks, so every token weighs the same however long its micro-batch
@@ -116,10 +132,11 @@ class MLLMModule(L.LightningModule):
         returns its token-loss sum over that count (`batch.window`, summed over the ranks before any
         backward), times what the strategy divides by afterwards (`loss_scale`). Logged `train/loss`:
         the step's mean cross-entropy per supervised token, over all its micro-batches and ranks."""
-        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images, sample_index=batch.sample_index)
+        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images, sample_index=batch.sample_index,
+                         sizes=batch.sizes)
         self._count_skips(batch)
         bs = batch.size
-        counted = supervised_tokens(batch.labels)  # what the window's count summed for this batch
+        counted = supervised_tokens(batch.labels) if batch.sizes is None else batch.sizes.supervised  # (checked on the host)
         if out.n_loss_tokens != counted:
             raise RuntimeError(f"the loss covers {out.n_loss_tokens} tokens of this batch, data.windows.supervised_tokens "
                                f"counts {counted}: the accumulation window's normalisation would be wrong")
@@ -175,7 +192,7 @@ class MLLMModule(L.LightningModule):
         self._val_loss = [0.0, 0]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images)
+        out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images, sizes=batch.sizes)
         self._count_skips(batch)  # bad evaluation samples count like training ones
         self._val_loss[0] += float(out.loss) * out.n_loss_tokens
         self._val_loss[1] += out.n_loss_tokens
@@ -204,6 +221,7 @@ class MLLMModule(L.LightningModule):
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             sync_ranks=self._trainer is not None and self.trainer.world_size > 1,
+            sizes=batch.prompt_sizes,
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 

@@ -36,7 +36,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
 from ..config import MLLMConfig
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, real_tiles, register
+from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles, register
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..vision import encoder_layers, tower_features
@@ -165,12 +165,13 @@ class InternVLFamily(LlavaFamily):
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
 
-    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         config = model.config
         if image_sizes is None:
             raise ValueError("internvl needs image_sizes [n_images, 2] (height, width) beside pixel_values: they decide "
                              "how many of the tiles belong to each image")
-        sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
+        sizes = sizes or [tuple(int(v) for v in s) for s in image_sizes.tolist()]
         n_tiles = [self.tiles_per_image(config, s) for s in sizes]
         tiles = real_tiles(pixel_values, n_tiles, sizes)
         with model.tower_grad():
@@ -183,7 +184,7 @@ class InternVLFamily(LlavaFamily):
         if score is not None:
             units = pixel_shuffle(score.reshape(n, g, g, 1)).reshape(n, -1, 4)
             unit_scores = {scores: (units.sum(-1) if scores == "dominance" else units.mean(-1)).reshape(-1)}
-        counts = torch.tensor([t * (g // 2) ** 2 for t in n_tiles], device=h.device)
+        counts = on_device([t * (g // 2) ** 2 for t in n_tiles], h.device)
         return VisualTokens(h.reshape(-1, h.shape[-1]), place, counts, None, unit_scores)
 
     def vision_flops(self, config: MLLMConfig, size: tuple[int, int]) -> dict[str, int]:

@@ -194,7 +194,8 @@ class LlavaFamily(Family):
     def image_places(self, config: MLLMConfig, size: tuple[int, int] | None = None) -> Tensor:
         return self.grid_places(config)
 
-    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         with model.tower_grad():
             features, score = tower_features(model.vision_tower, pixel_values, model.config, scores)
         h = model.multi_modal_projector(features)  # [N, n_v, d]

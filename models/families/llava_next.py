@@ -37,7 +37,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..config import MLLMConfig
 from ..family import register
 from ..validation import ConfigError
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, real_tiles
+from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles
 from ..gathered import gathered
 from ..streams import Place
 from ..vision import tower_features
@@ -60,6 +60,13 @@ class AnyresTiles(ImageProcessor):
     def __call__(self, image: Image.Image) -> ProcessedImage:
         out = self.processor(images=[image.convert("RGB")], return_tensors="pt")
         return ProcessedImage(out["pixel_values"][0], (image.height, image.width))
+
+
+def span(indices: tuple[int, ...], device) -> Tensor:
+    """The kept rows (or columns) of an unpadded grid, a consecutive band, made on `device` by `arange`."""
+    if list(indices) != list(range(indices[0], indices[0] + len(indices))):
+        raise ValueError(f"unpadding kept rows or columns {indices}, not one band")
+    return torch.arange(indices[0], indices[0] + len(indices), device=device)
 
 
 @lru_cache(maxsize=4096)
@@ -139,11 +146,10 @@ class LlavaNextFamily(LlavaFamily):
         g = config.grid_size
         n_h, n_w, rows, cols = self._grid(config, size)
         base = grid_place(g, g, device=device)
-        rows_t = torch.tensor(rows, device=device)
-        cols_t = torch.tensor(cols, device=device)
+        rows_t, cols_t = span(rows, device), span(cols, device)
         width = len(cols) + 1  # each kept row, then its newline
         r = rows_t[:, None].expand(-1, width).reshape(-1)
-        c = torch.cat([cols_t, cols_t.new_tensor([-1])])[None].expand(len(rows), -1).reshape(-1)
+        c = torch.cat([cols_t, torch.full((1,), -1, device=device)])[None].expand(len(rows), -1).reshape(-1)
         newline = c < 0
         place = torch.zeros(len(r), len(Place), dtype=torch.long, device=device)
         place[:, Place.PATCH] = g * g + torch.arange(len(r), device=device)
@@ -165,13 +171,14 @@ class LlavaNextFamily(LlavaFamily):
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
 
-    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         """`pixel_values` [n_images, max_tiles, 3, S, S] (transformers' padded layout) or the real
         tiles of every image concatenated [sum tiles, 3, S, S]; `image_sizes` [n_images, 2] (H, W)."""
         config = model.config
         if image_sizes is None:
             raise ValueError("llava_next needs image_sizes [n_images, 2] (height, width) beside pixel_values")
-        sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
+        sizes = sizes or [tuple(int(v) for v in s) for s in image_sizes.tolist()]
         n_tiles = [self.tiles_per_image(config, s) for s in sizes]
         tiles = real_tiles(pixel_values, n_tiles, sizes)
         with model.tower_grad():
@@ -194,7 +201,7 @@ class LlavaNextFamily(LlavaFamily):
                 extra_scores.append(s.masked_fill(newline, math.inf if scores == "dominance" else 0.0))
             start += n
         return VisualTokens(
-            torch.cat(h), torch.cat(places), torch.tensor(counts, device=projected.device), None,
+            torch.cat(h), torch.cat(places), on_device(counts, projected.device), None,
             {scores: torch.cat(extra_scores)} if score is not None else None,
         )
 

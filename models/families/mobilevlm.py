@@ -82,7 +82,8 @@ class MobileVLMFamily(LlavaFamily):
     def image_places(self, config: MLLMConfig, size: tuple[int, int] | None = None) -> Tensor:
         return grid_place(LDPV2_GRID, LDPV2_GRID)
 
-    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         projector = model.multi_modal_projector
         with model.tower_grad():
             features, score = tower_features(model.vision_tower, pixel_values, model.config, scores)

@@ -77,7 +77,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
         return get_vision_window_index(grids, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
                                        patch_size=tower.patch_size)
 
-    def unit_order(self, tower, grids: Tensor) -> Tensor:
+    def unit_order(self, tower, grids: Tensor, units: int | None = None) -> Tensor:
         return self._windows(tower, grids)[0].to(grids.device)
 
     def window_seqlens(self, tower, grids: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ attention each patch receives within its image, averaged over heads and queries,
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,10 +34,10 @@ from torch import Tensor, nn
 from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, apply_rotary_pos_emb_vision
-from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
 from ..config import MLLMConfig
-from ..family import Family, ImageProcessor, ProcessedImage, ProcessedVideo, VideoProcessor, VisualTokens, grid_place, register
+from ..family import (Family, ImageProcessor, ProcessedImage, ProcessedVideo, VideoProcessor, VisualTokens, grid_place, on_device,
+                      register)
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..video import VisualItems, merge_in_prompt_order
@@ -295,11 +296,12 @@ class Qwen2VLFamily(Family):
         rows, cols = self.grid(config, size)
         return steps_of(size) * rows * cols
 
-    def image_places(self, config: MLLMConfig, size=None) -> Tensor:
+    def image_places(self, config: MLLMConfig, size=None, device=None) -> Tensor:
         """Each step's raster grid in turn: a step is a unit of its own (UNIT and TIME are the step), PATCH
         the index in the item's span."""
         rows, cols = self.grid(config, size)
-        return torch.cat([grid_place(rows, cols, unit=k, first_patch=k * rows * cols, time=k) for k in range(steps_of(size))])
+        return torch.cat([grid_place(rows, cols, unit=k, first_patch=k * rows * cols, time=k, device=device)
+                          for k in range(steps_of(size))])
 
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
@@ -311,25 +313,27 @@ class Qwen2VLFamily(Family):
         parts = pixel_values.split(image_sizes.prod(-1).tolist())
         return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True)
 
-    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None) -> VisualTokens:
+    def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
+               sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
         """`pixel_values` [sum t*h*w, 3*2*14*14] (transformers' layout) and `image_sizes` = the
         images' `image_grid_thw` [n_images, 3]."""
         if image_sizes is None or image_sizes.dim() != 2 or image_sizes.shape[1] != 3:
             raise ValueError(f"{self.name} needs image_grid_thw [n_images, 3] (t, h, w patches) beside pixel_values")
         grids = image_sizes.to(pixel_values.device)
-        patches = int(grids.prod(-1).sum())
+        sizes = sizes or [tuple(int(v) for v in g) for g in image_sizes.tolist()]
+        patches = sum(t * h * w for t, h, w in sizes)
         if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [{patches}, patch pixels] for the image "
-                             f"grids {grids.tolist()} (every image's patches, concatenated)")
+                             f"grids {sizes} (every image's patches, concatenated)")
         if scores not in (None, "dominance"):
             raise ValueError(f"{self.name}'s tower has no CLS token, so it gives no {scores!r} scores (only dominance)")
         with model.tower_grad():
-            tower = self.run_tower(model.vision_tower, pixel_values, grids, scores == "dominance")
+            tower = self.run_tower(model.vision_tower, pixel_values, grids, scores == "dominance", sizes)
         merged = model.multi_modal_projector(tower.features)  # one token per 2 x 2 unit, in tower order (trains on its own)
         inject = self.injections(model, tower.captured)
         raster = torch.argsort(tower.unit_order)
-        counts = torch.tensor([self.tokens_per_image(model.config, tuple(g)) for g in grids.tolist()], device=merged.device)
-        places = torch.cat([self.image_places(model.config, tuple(g)) for g in grids.tolist()]).to(merged.device)
+        counts = on_device([self.tokens_per_image(model.config, g) for g in sizes], merged.device)
+        places = torch.cat([self.image_places(model.config, g, merged.device) for g in sizes])
         score = None if tower.received is None else {scores: tower.received.view(-1, 4).mean(1)[raster]}
         return VisualTokens(merged[raster], places, counts, None, score, None if inject is None else inject[raster])
 
@@ -369,9 +373,11 @@ class Qwen2VLFamily(Family):
         return [[h * w]] * config.hf_vision_config().depth
 
     # --- the tower ------------------------------------------------------------------------------
-    def unit_order(self, tower, grids: Tensor) -> Tensor:
-        """The merge units in the order the tower holds them (Qwen2-VL: raster order)."""
-        return torch.arange(int(grids.prod(-1).sum()) // tower.spatial_merge_size**2, device=grids.device)
+    def unit_order(self, tower, grids: Tensor, units: int | None = None) -> Tensor:
+        """The merge units (`units` of them: the host's count; None: from `grids`) in the order the tower
+        holds them (Qwen2-VL: raster order)."""
+        units = int(grids.prod(-1).sum()) // tower.spatial_merge_size**2 if units is None else units
+        return torch.arange(units, device=grids.device)
 
     def block_seqlens(self, tower, block: int, full: Tensor, windows: Tensor | None) -> Tensor:
         """The attention segments of one block (Qwen2-VL: each image)."""
@@ -388,14 +394,18 @@ class Qwen2VLFamily(Family):
         """Tower blocks whose outputs `injections` reads (Qwen2-VL: none)."""
         return ()
 
-    def run_tower(self, tower, pixel_values: Tensor, grids: Tensor, dominance: bool) -> "TowerOutput":
-        """transformers' tower forward without its merger(s), block by block (`TowerOutput`)."""
+    def run_tower(self, tower, pixel_values: Tensor, grids: Tensor, dominance: bool,
+                  sizes: list[tuple[int, int, int]] | None = None) -> "TowerOutput":
+        """transformers' tower forward without its merger(s), block by block (`TowerOutput`); `sizes`: the
+        grids as the host knows them (None: read from `grids`), which size the patches' positions and
+        attention segments."""
+        sizes = sizes or [tuple(int(v) for v in g) for g in grids.tolist()]
         unit = tower.spatial_merge_size**2
-        order = self.unit_order(tower, grids)
+        order = self.unit_order(tower, grids, len(pixel_values) // unit)
         x = self.embed_patches(tower, pixel_values, grids)
-        cos, sin = tower.rotary_pos_emb(x, get_vision_position_ids(grids, tower.spatial_merge_size))
+        cos, sin = tower.rotary_pos_emb(x, vision_position_ids(sizes, tower.spatial_merge_size, x.device))
         x, cos, sin = (t.view(-1, unit, t.shape[-1])[order].flatten(0, 1) for t in (x, cos, sin))
-        full, _ = get_vision_attention_seqlens(grids, tower.config)
+        full = on_device(list(accumulate([h * w for t, h, w in sizes for _ in range(t)], initial=0)), x.device).int()
         windows = self.window_seqlens(tower, grids)
         seen = {}
         hook = None
@@ -475,6 +485,18 @@ class Qwen2VLFamily(Family):
     # --- training and parallelism ---------------------------------------------------------------
     def vision_layers(self, model) -> list[nn.Module]:
         return list(model.vision_tower.blocks)
+
+
+def vision_position_ids(sizes: list[tuple[int, int, int]], merge: int, device) -> Tensor:
+    """[sum t*h*w, 2] each patch's (row, column) on its image's grid, in merge-block order, every step
+    alike: transformers' `get_vision_position_ids`, built on `device` from the host's grids."""
+    out = []
+    for t, h, w in sizes:
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None].expand(h, w)
+        blocks = [p.reshape(h // merge, merge, w // merge, merge).transpose(1, 2).flatten() for p in (rows, cols)]
+        out.append(torch.stack(blocks, -1).repeat(t, 1))
+    return torch.cat(out)
 
 
 class TowerOutput(NamedTuple):
