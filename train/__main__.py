@@ -17,6 +17,7 @@ TOOLS = {
     "flops": "analytic FLOPs of a plan (JSON)",
     "bench": "prefill / training step / decode timings of plans against dense (JSON + results file)",
     "bench_dispatch": "aten ops, host syncs and decode graph breaks per family and plan, against transformers (JSON + results file)",
+    "bench_decode": "decode tokens/s per plan and batch, eager and compiled, against transformers' generate (JSON + results file)",
     "bench_strategies": "real multi-rank training per strategy: per-rank memory and step time",
     "bench_packing": "padded, length-grouped and packed training steps on a LLaVA-665k-like length mix",
     "memory": "analytic per-GPU training memory per strategy",
