@@ -4,9 +4,11 @@ baseline (not 0), and the strict reading is still reported."""
 from dataclasses import asdict
 
 import lightning as L
+import pytest
 import torch
 
 from models.methods import resolve_arch
+from models.plan import Plan
 from tests.test_train import small_task_data, small_task_model_config
 from train.evaluation import AccuracyTracker, EvalConfig, extract_answer, normalize
 from train.model_source import ModelSource
@@ -51,3 +53,23 @@ def test_a_model_that_ignores_the_image_scores_about_the_majority(synthetic_dir,
     m = module.last_val_metrics
     assert m["val/acc"] == m["val/acc_noimage"]  # the image changes nothing
     assert abs(m["val/acc_noimage"] - m["val/acc_majority"]) < 0.15, m
+
+
+@pytest.mark.slow
+def test_compiled_decoding_answers_like_eager(synthetic_dir, task_tokenizer):
+    """eval.compile_decode=true runs the decode steps compiled whole (models/decoding.py compiled_step): the
+    answers of a validation batch, whose sizes the module read on the host, are the eager ones."""
+    root, _ = synthetic_dir
+    config = small_task_model_config()
+    dm = small_task_data(root, task_tokenizer, config, batch_size=4, eval_batch_size=6, shuffle_buffer=10)
+    dm.setup("validate")
+    torch.manual_seed(0)
+    module = MLLMModule(ModelSource(name="small", config=asdict(config), system_prompt=""), Plan.dense(2), task_tokenizer,
+                        optim=OptimConfig(), stage=StageConfig("scratch", True, True, True), evaluation=EvalConfig(max_new_tokens=6))
+    module.configure_model()
+    module.model.eval()
+    batch = module.transfer_batch_to_device(next(iter(dm.val_dataloader())), torch.device("cpu"), 0)
+    assert batch.prompt_sizes is not None
+    eager = module._generate(batch)
+    module.evaluation = EvalConfig(max_new_tokens=6, compile_decode=True)
+    assert module._generate(batch) == eager

@@ -35,6 +35,7 @@ class EvalConfig:
     """The `eval` config node: how answers are generated for exact-match accuracy."""
 
     max_new_tokens: int = 8  # greedy generation length
+    compile_decode: bool = False  # decode steps compiled whole (models/decoding.py compiled_step: CUDA graphs on CUDA)
     noimage: bool = True  # also evaluate with blanked images (val/acc_noimage)
     video_controls: bool = True  # batches with video: also with frames shuffled and one frame repeated (val/acc_shuffled, _single)
     lmms_tasks: list[str] = field(default_factory=list)  # lmms-eval tasks run after validation (bench/<task>/<metric>)

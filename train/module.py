@@ -222,6 +222,7 @@ class MLLMModule(L.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             sync_ranks=self._trainer is not None and self.trainer.world_size > 1,
             sizes=batch.prompt_sizes,
+            compile=self.evaluation.compile_decode,
         )
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
