@@ -29,6 +29,7 @@ from torch import Tensor
 from .attention import Keys, attend_eager, head_visual_mask, merge_heads, rotate_half, sdpa, split_heads
 from .moe import feed_forward
 
+
 class LayerMasks(NamedTuple):
     """What one layer's generated tokens may read of its cache."""
 

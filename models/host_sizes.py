@@ -17,6 +17,7 @@ device's count is read back instead.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -108,15 +109,18 @@ class BatchSizes:
                           supervised, positions)
 
 
-_LAYOUTS: dict = {}
+_LAYOUTS: dict[int, tuple[weakref.ref, dict]] = {}  # id(config) -> (the config, {size: its ImageTokens})
 
 
 def _image_tokens(family, config, size) -> ImageTokens:
-    """One image's token layout (cached per family, config and size: the collator asks for every batch)."""
-    key = (id(config), size)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = ImageTokens.from_places(family.image_places(config, size))
-    return _LAYOUTS[key]
+    """One image's token layout, cached per config and size (every batch asks)."""
+    ref, layouts = _LAYOUTS.get(id(config), (None, None))
+    if ref is None or ref() is not config:  # (a new config that took a freed one's id starts afresh)
+        layouts = {}
+        _LAYOUTS[id(config)] = (weakref.ref(config), layouts)
+    if size not in layouts:
+        layouts[size] = ImageTokens.from_places(family.image_places(config, size))
+    return layouts[size]
 
 
 def image_rows(tokens_per_row: list[int], tokens_per_image: list[int], image_token_id: int) -> list[int]:
