@@ -64,5 +64,7 @@ def test_bench_dispatch_rows_and_results_file(tmp_path):
         assert r["decode_graph_breaks"] == len(r["break_reasons"]) == 0
     dense, vica, hf = rows
     assert vica["prefill"]["ops"] < dense["prefill"]["ops"]  # ViCA's layers skip the visual tokens' work
+    assert all(r[step]["syncs"] == 0 for r in (dense, vica) for step in ("prefill", "decode", "train"))  # sizes from the host
+    assert dense["decode"]["ops"] <= hf["decode"]["ops"] and hf["prefill"]["syncs"] > 0
     (results,) = tmp_path.glob("dispatch-*.json")
     assert json.loads(results.read_text())["rows"] == rows

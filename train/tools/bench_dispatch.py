@@ -90,14 +90,17 @@ def hf_image_inputs(model, ids, mask, pixel_values, image_sizes) -> dict:
 
 
 class Ours:
-    """Prefill, one decode step and a training step of our MLLM under its plan."""
+    """Prefill, one decode step and a training step of our MLLM under its plan, with the batch's sizes read
+    on the host beforehand (models/host_sizes.py), as the training module and generation do."""
 
     def __init__(self, model, b: dict):
         self.model, self.b = model, b
+        self.sizes = model.batch_sizes(b["ids"], b["mask"], b["pixel_values"], b["image_sizes"], b["labels"])
 
     def prefill(self):
         b = self.b
-        out = self.model(b["ids"], b["mask"], b["pixel_values"], logits="last", use_cache=True, image_sizes=b["image_sizes"])
+        out = self.model(b["ids"], b["mask"], b["pixel_values"], logits="last", use_cache=True, image_sizes=b["image_sizes"],
+                         sizes=self.sizes)
         reserve(self.model, out.cache, 16)  # what generation does: room for the tokens to come
         return out.logits, out.cache
 
@@ -106,7 +109,7 @@ class Ours:
 
     def loss(self):
         b = self.b
-        return self.model(b["ids"], b["mask"], b["pixel_values"], labels=b["labels"], image_sizes=b["image_sizes"]).loss
+        return self.model(b["ids"], b["mask"], b["pixel_values"], labels=b["labels"], image_sizes=b["image_sizes"], sizes=self.sizes).loss
 
 
 class Theirs:
