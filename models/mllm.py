@@ -45,7 +45,7 @@ class MLLMOutput:
     loss_sum: Tensor | None = None  # the same summed (loss = loss_sum / n_loss_tokens): for callers that weigh
                                     # tokens across batches (train/module.py)
     cache: "DecodeState | None" = None
-    aux_loss: Tensor | None = None  # routed plans: the routers' auxiliary loss (models/routing.py), to add to the loss
+    route_aux_loss: Tensor | None = None  # routed plans: the routers' auxiliary loss, weighted by Route.aux (models/routing.py)
     route_stats: "dict[int, RouteStats] | None" = None  # routed plans: per routed layer, what its router did
     moe_aux_loss: Tensor | None = None  # MoE LLMs: the load-balancing loss over the routed tokens (models/moe.py), unweighted
     expert_load: Tensor | None = None  # MoE LLMs: [experts] share of the top-k assignments (1/experts each when balanced)
@@ -182,6 +182,12 @@ class MLLM(nn.Module):
         hf["dtype"] = str(self.dtype).removeprefix("torch.")
         write = original_layout.write_checkpoint if self.family.original_layout else checkpoint.write_checkpoint
         return write(path, checkpoint.hub_state_dict(self, state_dict), hf, max_shard_size)
+
+    @property
+    def plan_modules(self) -> list[str]:
+        """The plan's own modules this model holds (gated blocks, routers): the family's transformers class
+        has none of them, so it would load an export without them and not run the plan."""
+        return [name for name in ("xattn", "routers") if len(getattr(self, name))]
 
     # --- what parameter sharding needs (train/infra/sharding.py) -----------------------------------
     def gathered_units(self) -> list[nn.Module]:
@@ -400,7 +406,7 @@ class MLLM(nn.Module):
         if decoded.router:  # MoE LLM
             out.moe_aux_loss, out.expert_load = self.moe_routing(decoded.router)
         if routing is not None:
-            out.aux_loss, out.route_stats = routing.aux_loss, routing.stats
+            out.route_aux_loss, out.route_stats = routing.aux_loss, routing.stats
         if labels is not None:
             out.loss_sum, out.n_loss_tokens = self._loss(text, layout, labels, sizes.supervised)
             out.loss = out.loss_sum / max(out.n_loss_tokens, 1)

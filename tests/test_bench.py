@@ -17,16 +17,17 @@ def test_arch_list_parsing():
 
 
 def test_bench_rows_and_results_file(tmp_path):
-    rows = run_bench(["vica", "fastv"], [*TINY, "bench.n_visual=16", f"bench.out={tmp_path}"])
-    assert [r["arch"] for r in rows] == ["dense", "vica", "fastv"]
+    rows = run_bench(["vica", "fastv", "pmod"], [*TINY, "bench.n_visual=16", f"bench.out={tmp_path}"])
+    assert [r["arch"] for r in rows] == ["dense", "vica", "fastv", "pmod"]
     keys = {"arch", "batch", "n_visual", "n_text", "prefill_ms", "train_step_ms", "decode_ms_per_token", "flops_ratio", "time_ratio",
-            "prefill_peak_mb", "train_peak_mb"}
+            "train_time_ratio", "prefill_peak_mb", "train_peak_mb"}
     for r in rows:
         assert set(r) == keys and r["n_visual"] == 16 and r["n_text"] == 8
         assert r["prefill_peak_mb"] is None and r["train_peak_mb"] is None  # CPU: no allocator peaks
         assert r["prefill_ms"] > 0 and r["train_step_ms"] > 0 and r["decode_ms_per_token"] > 0
-    assert rows[0]["flops_ratio"] == rows[0]["time_ratio"] == 1.0
+    assert rows[0]["flops_ratio"] == rows[0]["time_ratio"] == rows[0]["train_time_ratio"] == 1.0
     assert 0 < rows[1]["flops_ratio"] < rows[2]["flops_ratio"] < 1  # ViCA skips more than FastV R=50%
+    assert 0 < rows[3]["flops_ratio"] < 1  # p-MoD's routers (zero-initialised: ties, the first tokens enter)
     (results,) = tmp_path.glob("bench-*.json")
     assert json.loads(results.read_text())["rows"] == rows
 

@@ -98,6 +98,13 @@ def test_killed_packed_run_resumes_on_the_same_loss_curve(tmp_path, model):
     assert len(per_row) >= STEPS and min(per_row) > 1  # every batch packed several samples into a row
 
 
+@pytest.mark.slow
+def test_killed_routed_run_resumes_on_the_same_loss_curve(tmp_path):
+    """arch=pmod (routers trained from zero in their own optimizer group) on packed rows under accumulation."""
+    assert_killed_run_resumes(tmp_path, ["arch=pmod", "data.packing=true", "data.max_length=1024", "data.pack_buffer=10",
+                                         "trainer.accumulate_grad_batches=2", *MODELS["tiny"]])
+
+
 def assert_killed_run_resumes(tmp_path: Path, extra: list[str]) -> None:
     """A run with `extra` overrides killed after its first checkpoint and resumed trains the uninterrupted run's steps."""
     reference = subprocess.Popen(train_cmd(tmp_path, "uninterrupted", *extra), cwd=ROOT, env=env(), text=True,

@@ -162,8 +162,8 @@ def test_gradient_checkpointing_gives_identical_losses_and_gradients(random_rout
         model = model_with(routed(1, 2, 3, aux=0.1), random_routers=random_routers).train()
         model.gradient_checkpointing = checkpointing
         out = model(ids, mask, pixels, labels=labels)
-        (out.loss + out.aux_loss).backward()
-        runs.append((out.loss.detach(), out.aux_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (out.loss + out.route_aux_loss).backward()
+        runs.append((out.loss.detach(), out.route_aux_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, aux_a, grads_a), (loss_b, aux_b, grads_b) = runs
     assert torch.equal(loss_a, loss_b) and torch.equal(aux_a, aux_b)
     for name, g in grads_a.items():
@@ -206,12 +206,12 @@ def test_stats_and_aux_loss():
     for stats in out.route_stats.values():
         assert stats.keep.item() == pytest.approx(0.25) and stats.weight.item() == 1.0  # 16 of 64 per image, w = 1 at init
     # binary cross-entropy of score 0 against 16 kept of 64: log 2, times 0.5, for each of the two layers
-    assert out.aux_loss.item() == pytest.approx(2 * 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
-    out.aux_loss.backward()
+    assert out.route_aux_loss.item() == pytest.approx(2 * 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    out.route_aux_loss.backward()
     assert all(r.weight.grad is not None for r in model.routers.values())
     text_only = model(ids[2:], mask[2:], None, labels=labels[2:])
-    text_only.aux_loss.backward()  # 0, but every router took part (data-parallel ranks without images)
-    assert text_only.aux_loss.item() == 0.0
+    text_only.route_aux_loss.backward()  # 0, but every router took part (data-parallel ranks without images)
+    assert text_only.route_aux_loss.item() == 0.0
 
 
 @pytest.mark.parametrize("arch, message", [
@@ -249,3 +249,65 @@ def test_routers_survive_save_and_load(tmp_path):
     assert loaded.plan == model.plan and list(loaded.routers) == ["shared"]
     assert torch.equal(loaded.routers["shared"].weight, model.routers["shared"].weight)
     assert replace(model.plan.layers[1].route, keep=0.5) == model.plan.layers[1].route
+
+
+# --- training: optimizer group, stages, LoRA, the job ----------------------------------------------------
+
+
+def test_routers_train_with_the_llm_in_their_own_optimizer_group(tmp_path):
+    from safetensors.torch import load_file
+
+    from train.optim import OptimConfig, build_optimizer
+    from train.peft import PeftConfig, apply_training_setup, export_model, trainable_prefixes
+    from train.stage import StageConfig, apply_stage
+
+    model = model_with(routed(1, 2))
+    router_params = {id(p) for p in model.routers.parameters()}
+    assert apply_stage(model, StageConfig("finetune", False, True, True))["routers"] == 2 * (64 + 1)
+    opt, _ = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1, router_lr=2e-5), 10)
+    own = [g for g in opt.param_groups if router_params & {id(p) for p in g["params"]}]
+    assert len(own) == 1 and {id(p) for p in own[0]["params"]} == router_params
+    assert own[0]["initial_lr"] == 2e-5 and own[0]["weight_decay"] == 0.0
+    default, _ = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1), 10)
+    assert [g["initial_lr"] for g in default.param_groups if router_params & {id(p) for p in g["params"]}] == [1e-3]
+    assert apply_stage(model, StageConfig("pretrain", False, True, False))["routers"] == 0
+
+    lora = model_with(routed(1, 2))
+    counts = apply_training_setup(lora, StageConfig("finetune", False, True, True), PeftConfig("lora", r=4, alpha=8, dropout=0.0))
+    assert counts["routers"] == 2 * (64 + 1) and "routers." in trainable_prefixes(lora)
+    adapter = export_model(lora, tmp_path / "export")
+    assert "routers.2.weight" in load_file(adapter / "trainable.safetensors")
+    exported = MLLM.from_pretrained(tmp_path / "export")
+    assert torch.equal(exported.routers["2"].weight, lora.routers["2"].weight) and exported.plan == lora.plan
+
+
+def test_a_routed_job_trains_logs_exports_and_evaluates(tmp_path):
+    """`python -m train arch=gamma_mod` (2 layers: layer 0 routed, the shared router): the auxiliary loss,
+    the realised keep and the mean gate are logged; the export holds the trained routers, loads back into
+    MLLM (not into transformers, which the summary says) and evaluates to the run's own metrics; a routed
+    plan whose routers a checkpoint lacks refuses to evaluate."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_train import DATA, ROOT, evaluate
+
+    cmd = [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", "run_name=routed", "arch=gamma_mod",
+           "trainer.max_steps=4", "trainer.val_check_interval=4", *DATA, "eval.noimage=false",
+           "model.config.text.num_hidden_layers=2", "model.config.vision.num_hidden_layers=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "routed").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    m = summary["metrics"]
+    assert m["route/keep/0"] == pytest.approx(0.5) and 0 < m["route/weight/0"] < 1 and m["train/route_aux_loss"] > 0
+    assert summary["export_class"] is None and "MLLM.from_pretrained only" in proc.stdout
+    exported = MLLM.from_pretrained(run / "export")
+    assert list(exported.routers) == ["shared"] and exported.routers["shared"].weight.abs().sum() > 0  # trained from zero
+
+    proc, evaluated = evaluate(tmp_path, f"model.pretrained={run / 'export'}", "eval.noimage=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluated["arch"] == "gamma_mod" and {k: v for k, v in evaluated["metrics"].items() if k.startswith("val/")} == \
+        {k: v for k, v in m.items() if k.startswith("val/")}
+    proc, _ = evaluate(tmp_path, f"model.pretrained={run / 'export'}", "arch=pmod")
+    assert proc.returncode != 0 and "routers ['1']" in proc.stderr and "needs training" in proc.stderr

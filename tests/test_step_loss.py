@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.windows import accumulation_windows, supervised_tokens
-from tests.step_loss_fit import ACCUMULATE, SGDModule, FullWeights, batches, full_batch_gradient, step_gradients, window_loader
+from tests.step_loss_fit import ACCUMULATE, LLM_ONLY, ROUTED, SGDModule, FullWeights, batches, full_batch_gradient, step_gradients, window_loader
 from tests.tiny_fit import make_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,10 @@ def max_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(got, want))
 
 
-def assert_full_batch_gradients(weights: list[dict], windows: list[list]) -> float:
+def assert_full_batch_gradients(weights: list[dict], windows: list[list], plan=None, stage=None) -> float:
     """Every step's gradient (read off `weights`) is the full-batch gradient of its window's micro-batches
     at the weights before it, and far from what per-micro-batch means would give; returns the max difference."""
-    model = make_module().build_model().train()
+    model = make_module(plan=plan, stage=stage).build_model().train()
     worst = 0.0
     for before, got, window in zip(weights[:-1], step_gradients(weights), windows, strict=True):
         with torch.no_grad():
@@ -115,3 +115,21 @@ def test_two_ranks_accumulating_apply_the_full_batch_gradient(tmp_path, strategy
     windows = [rank0[s:s + ACCUMULATE] + rank1[s:s + ACCUMULATE] for s in (0, ACCUMULATE)]
     worst = assert_full_batch_gradients(weights, windows)
     print(f"{strategy}, 2 ranks, accumulate {ACCUMULATE}: max |grad - full-batch grad| = {worst:.2g}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_two_ranks_with_routed_layers_equal_one_process(tmp_path, strategy):
+    """A routed plan (one shared router called by both layers, an auxiliary loss) on 2 gloo ranks whose
+    visual token counts differ (rank 1's odd micro-batches have a text-only row): no hang, and each step's
+    gradient is the one process's full-batch gradient of all 8 micro-batches (routers included)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "step_loss_fit.py"), strategy, str(tmp_path), "routed"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert any(k.startswith("routers.") for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[-1][k]) for k in weights[0] if k.startswith("routers."))
+    rank0, rank1 = batches(0, text_only=True), batches(1, text_only=True)
+    windows = [rank0[s:s + ACCUMULATE] + rank1[s:s + ACCUMULATE] for s in (0, ACCUMULATE)]
+    worst = assert_full_batch_gradients(weights, windows, plan=ROUTED, stage=LLM_ONLY)
+    print(f"{strategy}, routed, 2 ranks, accumulate {ACCUMULATE}: max |grad - full-batch grad| = {worst:.2g}")

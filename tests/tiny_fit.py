@@ -41,14 +41,15 @@ class SeededModule(MLLMModule):
         return super().build_model()
 
 
-def make_module(max_in_row: int = 10, cls: type[MLLMModule] = SeededModule) -> MLLMModule:
+def make_module(max_in_row: int = 10, cls: type[MLLMModule] = SeededModule, plan: Plan | None = None,
+                stage: StageConfig | None = None) -> MLLMModule:
     config = tiny_config(**CONFIG)
     return cls(
         ModelSource(name="tiny_fit", config=asdict(config)),
-        Plan.dense(config.hf_text_config().num_hidden_layers),
+        plan or Plan.dense(config.hf_text_config().num_hidden_layers),
         tokenizer=None,
         optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
-        stage=StageConfig("scratch", True, True, True),
+        stage=stage or StageConfig("scratch", True, True, True),
         nonfinite=NonFiniteGuard(max_in_row),
     )
 

@@ -131,7 +131,10 @@ class MLLMModule(L.LightningModule):
         (transformers' gradient-accumulation fix, torchtitan's global token count). Each micro-batch
         returns its token-loss sum over that count (`batch.window`, summed over the ranks before any
         backward), times what the strategy divides by afterwards (`loss_scale`). Logged `train/loss`:
-        the step's mean cross-entropy per supervised token, over all its micro-batches and ranks."""
+        the step's mean cross-entropy per supervised token, over all its micro-batches and ranks.
+        Routed plans add their routers' auxiliary loss, a mean over the step's micro-batches and ranks
+        (`train/route_aux_loss`), and log per routed layer the fraction of visual tokens that entered it and
+        their mean gate (`route/keep/<layer>`, `route/weight/<layer>`; models/routing.py)."""
         out = self.model(batch.input_ids, batch.attention_mask, labels=batch.labels, **batch.images, sample_index=batch.sample_index,
                          sizes=batch.sizes)
         self._count_skips(batch)
@@ -146,6 +149,9 @@ class MLLMModule(L.LightningModule):
         if out.moe_aux_loss is not None:  # MoE LLM: the load-balancing loss, averaged over the window's micro-batches and ranks
             objective = objective + self.model.text_config.router_aux_loss_coef * out.moe_aux_loss / (length * self.trainer.world_size)
             self.log("train/moe_aux_loss", out.moe_aux_loss.detach(), batch_size=bs, sync_dist=True)
+        if out.route_aux_loss is not None:  # routed plans: the routers' auxiliary loss, averaged the same way
+            objective = objective + out.route_aux_loss / (length * self.trainer.world_size)
+            self._log_routing(out, bs)
         loss = self.nonfinite.check(self, objective * loss_scale(self.trainer), bs)  # NaN on every rank if any is
         share = out.loss_sum.detach() / tokens if torch.isfinite(loss) else loss.detach()
         self._step_loss = share if index == 0 else self._step_loss + share
@@ -160,6 +166,12 @@ class MLLMModule(L.LightningModule):
         if batch.sample_index is not None:  # packed rows (data/packing.py)
             self.log("data/samples_per_pack", batch.n_samples / bs, batch_size=bs)
         return loss
+
+    def _log_routing(self, out, bs: int) -> None:
+        self.log("train/route_aux_loss", out.route_aux_loss.detach(), batch_size=bs, sync_dist=True)
+        for layer, stats in out.route_stats.items():
+            self.log(f"route/keep/{layer}", stats.keep, batch_size=bs, sync_dist=True)
+            self.log(f"route/weight/{layer}", stats.weight, batch_size=bs, sync_dist=True)
 
     def _own_window(self, tokens: int) -> tuple[int, int, int]:
         """A batch (of `tokens` supervised tokens) from a loader that does not tag windows (data/windows.py)

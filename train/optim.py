@@ -24,6 +24,7 @@ class OptimConfig:
     # lr_decay_iters can: its steps are exactly the first steps of a decay_steps-long run.
     decay_steps: int | None = None
     projector_lr: float | None = None  # the projector's own learning rate (LLaVA-1.5's LoRA recipe: 2e-5)
+    router_lr: float | None = None  # routed plans' routers (models/routing.py); null: lr (p-MoD trains them at its recipe's 2e-5)
 
     def __post_init__(self) -> None:
         check_types(self, "optim")
@@ -37,15 +38,17 @@ class OptimConfig:
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("decay_steps", self.decay_steps is None or self.decay_steps >= 1, ">= 1, or null (the run's length)"),
             ("projector_lr", self.projector_lr is None or self.projector_lr > 0, "> 0, or null (optim.lr)"),
+            ("router_lr", self.router_lr is None or self.router_lr > 0, "> 0, or null (optim.lr)"),
         ):
             if not ok:
                 raise ConfigError(f"optim.{name} must be {need}, got {getattr(self, name)}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, projector_lr: float | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, projector_lr: float | None = None, router_lr: float | None = None) -> list[dict]:
     """Trainable parameters, with no weight decay on biases and norm weights (all 1-D tensors); with
     `projector_lr`, the projector's parameters in groups of their own at that learning rate (LLaVA's
-    `mm_projector_lr`)."""
+    `mm_projector_lr`). Routers (routed plans) are a group of their own, without weight decay (p-MoD),
+    at `router_lr` (None: the optimizer's lr)."""
     projector = set()
     if projector_lr is not None:
         projector = {id(p) for p in [*model.multi_modal_projector.parameters(), *model.family.projector_extras(model)]}
@@ -58,6 +61,12 @@ def param_groups(model: nn.Module, weight_decay: float, projector_lr: float | No
                 (no_decay if ndim < 2 else decay).append(p)
         extra = {"lr": projector_lr} if own_lr else {}
         groups += [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
+    routers = [p for p in model.routers.parameters() if p.requires_grad] if hasattr(model, "routers") else []
+    if routers:
+        ids = {id(p) for p in routers}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
+        groups.append({"params": routers, "weight_decay": 0.0, **({"lr": router_lr} if router_lr is not None else {})})
     return [g for g in groups if g["params"]]
 
 
@@ -73,7 +82,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cpu_of
     """`total_steps`: the run's length (the schedule's too, unless `cfg.decay_steps` is longer).
     `cpu_offload`: the optimizer states live in CPU memory (ZeRO-Offload), where DeepSpeed's
     vectorised CPU Adam (compiled on first use) replaces torch's AdamW."""
-    groups = param_groups(model, cfg.weight_decay, cfg.projector_lr)
+    groups = param_groups(model, cfg.weight_decay, cfg.projector_lr, cfg.router_lr)
     if not groups:
         raise ValueError("no trainable parameters: check the stage (stage.train_*) and PEFT settings")
     if cpu_offload:

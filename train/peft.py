@@ -113,9 +113,9 @@ def _linear_names(model: nn.Module) -> set[str]:
 
 def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters per part; `llm_lora` counts adapter weights, `llm` the rest of the LLM."""
-    counts = {"vision_tower": 0, "projector": 0, "llm": 0, "llm_lora": 0, "lm_head": 0, "xattn": 0}
+    counts = {"vision_tower": 0, "projector": 0, "llm": 0, "llm_lora": 0, "lm_head": 0, "xattn": 0, "routers": 0}
     part = {"vision_tower": "vision_tower", "multi_modal_projector": "projector", "image_newline": "projector", "language_model": "llm",
-            "lm_head": "lm_head", "xattn": "xattn"}
+            "lm_head": "lm_head", "xattn": "xattn", "routers": "routers"}
     for name, p in model.named_parameters():  # shared (tied) parameters are listed once
         if p.requires_grad:
             key = part.get(name.split(".", 1)[0], "other")
@@ -141,6 +141,7 @@ def apply_training_setup(model: nn.Module, stage: StageConfig, cfg: PeftConfig) 
             p.requires_grad_(".lora_" in name)
         model.lm_head.requires_grad_(cfg.train_lm_head)
         model.xattn.requires_grad_(True)  # new blocks always train fully (peft's injection froze them)
+        model.routers.requires_grad_(True)  # and so do a routed plan's routers
         if cfg.train_embeddings:
             model.language_model.embed_tokens.requires_grad_(True)
     counts = trainable_counts(model)

@@ -10,7 +10,7 @@ import lightning as L
 
 from .callbacks import EfficiencyMetrics
 
-REPORTED = ("val", "eff", "perf", "train", "data", "bench")  # metric namespaces kept in metrics.json
+REPORTED = ("val", "eff", "perf", "train", "data", "bench", "route")  # metric namespaces kept in metrics.json
 
 
 def logged_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -61,6 +61,8 @@ def print_summary(summary: dict) -> None:
         if summary.get("export_layout") == "original":  # no transformers class: LLaVA's own files, its tower inside
             lines.append(f"model:    {summary['export']}  (the original LLaVA layout, tower in vision_tower/: "
                          f"MLLM.from_pretrained / the original code's {loader})")
+        elif loader is None:  # the plan's own modules (routers, gated blocks): transformers would drop them
+            lines.append(f"model:    {summary['export']}  ({summary['export_note']})")
         else:
             lines.append(f"model:    {summary['export']}  (MLLM.from_pretrained / {loader}.from_pretrained)")
     print("\n".join(lines), flush=True)

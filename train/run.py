@@ -125,6 +125,10 @@ def run(cfg: DictConfig) -> dict:
         summary["export"] = str(export_dir)
         summary["export_class"] = model.family.hf_architecture  # what transformers (or the original code) loads it with
         summary["export_layout"] = "original" if model.family.original_layout else "transformers"  # models/original_layout.py
+        if model.plan_modules:  # transformers would drop them (unexpected weights) and run another model
+            summary["export_class"] = None
+            summary["export_note"] = (f"MLLM.from_pretrained only: transformers' {model.family.hf_architecture} has no "
+                                      f"{' or '.join(model.plan_modules)} and would run without them")
     this_attempt = round(record.seconds(), 1)
     summary["seconds"].update(total=this_attempt, earlier_attempts=record.earlier,
                               all_attempts=round(sum(record.earlier) + this_attempt, 1))
@@ -174,13 +178,16 @@ def check_evaluable(model: ModelSource, plan: Plan) -> None:
             "trainer.max_steps=0 (python -m train evaluate) evaluates a trained model: set model.pretrained=<export "
             "or llava-hf directory>, e.g. outputs/<run>/export"
         )
-    missing = [i for i in plan.xattn_layers if not any(k.startswith(f"xattn.{i}.") for k in read_shapes(model.pretrained) or {})]
-    if missing:
-        raise ConfigError(
-            f"plan {plan.name!r} adds gated cross-attention blocks before layers {missing} that {model.pretrained} does not "
-            "have (new parameters): it needs training, e.g. python -m train stage=finetune "
-            f"model.pretrained={model.pretrained} arch=... trainer.max_steps=<steps>"
-        )
+    names = read_shapes(model.pretrained) or {}
+    missing = [i for i in plan.xattn_layers if not any(k.startswith(f"xattn.{i}.") for k in names)]
+    routers = sorted({r for r in plan.routers.values() if f"routers.{r}.weight" not in names}, key=lambda r: (len(r), r))
+    for what, absent in (("gated cross-attention blocks before layers", missing), ("routers", routers)):
+        if absent:
+            raise ConfigError(
+                f"plan {plan.name!r} adds {what} {absent} that {model.pretrained} does not have (new parameters): it "
+                f"needs training, e.g. python -m train stage=finetune model.pretrained={model.pretrained} arch=... "
+                "trainer.max_steps=<steps>"
+            )
 
 
 def evaluated_at_end(trainer: L.Trainer, module: MLLMModule, best: str | None) -> bool:

@@ -47,8 +47,10 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, int]:
         module.requires_grad_(False)
     for param in model.family.projector_extras(model):  # e.g. LLaVA-NeXT's image_newline: trains with the projector
         param.requires_grad_(stage.train_projector)
+    model.routers.requires_grad_(stage.train_llm)  # a routed plan's routers (models/routing.py) train with the LLM
     for name, (module, _) in parts.items():
         counts[name] = sum(numel(p) for p in module.parameters() if p.requires_grad)
     counts["projector"] += sum(numel(p) for p in model.family.projector_extras(model) if p.requires_grad)
+    counts["routers"] = sum(numel(p) for p in model.routers.parameters() if p.requires_grad)
     log.info("stage %s: trainable parameters %s", stage.name, counts)
     return counts

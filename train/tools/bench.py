@@ -7,7 +7,8 @@ and greedy decoding per token, each the median of `bench.repeats` runs after `be
 the same weights (shared tensors) and the dense row's time relative to it.
 Prints a JSON list of rows and writes it to `bench.out/bench-<model>-<time>.json`:
   {"arch","batch","n_visual","n_text","prefill_ms","train_step_ms","decode_ms_per_token",
-   "prefill_peak_mb","train_peak_mb","flops_ratio","time_ratio"}   (ratios are prefill, against dense)
+   "prefill_peak_mb","train_peak_mb","flops_ratio","time_ratio","train_time_ratio"}
+   (ratios against dense: prefill FLOPs, prefill time, training-step time)
 On CUDA, times come from CUDA events around synchronised runs and the peaks are
 `torch.cuda.max_memory_allocated` (weights included; the training step's also holds the gradients);
 on CPU the peaks are null. `bench.dtype=bf16` puts weights and activations in bf16 (the training step
@@ -262,6 +263,7 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
     def save() -> None:  # after every row: a run stopped by a time limit keeps what it measured
         for r in rows:
             r["time_ratio"] = round(r["prefill_ms"] / rows[0]["prefill_ms"], 4)
+            r["train_time_ratio"] = round(r["train_step_ms"] / rows[0]["train_step_ms"], 4)
         path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
     for arch in ["dense"] + [a for a in archs if a != "dense"]:
