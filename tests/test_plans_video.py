@@ -24,6 +24,7 @@ VARIANTS = [
     ("dense", {}), ("fastv", {}), ("fastv", {"per": "unit"}), ("pdrop", {"positions": "keep"}),
     ("pdrop", {"positions": "keep", "per": "unit"}), ("vtw", {}), ("vica", {}), ("random", {"per": "unit"}),
     ("uniform", {"keep": 0.25}), ("pool", {}), ("temporal_pool", {}), ("frames", {}), ("dominant", {}),
+    ("pmod", {}), ("gamma_mod", {}),  # routers keep a budget of each item (a video: all its steps)
 ]
 
 
