@@ -45,6 +45,8 @@ CASES = [  # (id, arguments after `python -m train`, words the message contains)
     ("callback-setting", ["callbacks.preemption.when=sometimes"], ["callbacks.preemption.when must be one of"]),
     ("evaluate-needs-weights", ["evaluate"], ["set model.pretrained"]),
     ("evaluate-plan-needs-training", ["evaluate", "model.pretrained={export}", "arch=xattn"], ["needs training"]),
+    ("evaluate-routers-need-training", ["evaluate", "model.pretrained={export}", "arch=pmod"], ["adds routers", "needs training"]),
+    ("route-on-frozen-layers", ["arch=pmod+vica"], ["route picks the visual tokens a layer updates", "keep one of the two"]),
     ("evaluate-extend", ["evaluate", "model.pretrained={export}", "resume.extend_to=5"], ["does not train"]),
     ("tool-unknown-arch", ["flops", "arch=nope"], ["Could not find 'arch/nope'"]),
     ("recipe-needs-weights", ["experiment=llava15_7b_finetune", "data.source.train=x.tar", "data.source.val=x.tar"],

@@ -1,6 +1,7 @@
 """`model.compile=true`: compiled decoder layers give the eager model's logits, loss gradients and
 greedy tokens (inductor on CPU). FastV: dense layers before and after a token selection, so the
-compiled layer meets two visual token counts (a recompile with dynamic shapes)."""
+compiled layer meets two visual token counts (a recompile with dynamic shapes); p-MoD: each routed
+layer meets its own count, with the router's gate as an input."""
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from tests.test_plans import plan_model
 
 
 @pytest.mark.slow
-def test_compiled_layers_match_eager():
-    name = "fastv"
+@pytest.mark.parametrize("name", ["fastv", "pmod"])  # pmod: routers outside the compiled layers, a kept width per layer
+def test_compiled_layers_match_eager(name):
     torch._dynamo.reset()
     eager = plan_model(name, {}, layers=4)
     compiled = compile_decoder_layers(plan_model(name, {}, layers=4))

@@ -166,6 +166,23 @@ def test_arch_names_files_and_combinations_resolve_like_training(tmp_path):
         plan_for_checkpoint("fastvv", config)
 
 
+def test_a_plan_with_new_parameters_needs_a_checkpoint_that_has_them(tmp_path, task_tokenizer):
+    """arch=pmod on a dense checkpoint would run untrained routers: refused, as `python -m train evaluate` does;
+    a checkpoint trained under it (its routers saved) evaluates under it."""
+    from train.lmms.model import EfficientMLLM
+
+    config = task_model_config()
+    torch.manual_seed(0)
+    MLLM.from_config(config).save_pretrained(tmp_path / "dense")
+    MLLM.from_config(config, plan_for_checkpoint("pmod", config)).save_pretrained(tmp_path / "routed")
+    for directory in ("dense", "routed"):
+        task_tokenizer.save_pretrained(tmp_path / directory)
+        write_eval_files(tmp_path / directory, "vicuna", system_prompt="")
+    with pytest.raises(ValueError, match=r"arch=pmod adds parameters .* \(routers\.1"):
+        EfficientMLLM(pretrained=str(tmp_path / "dense"), arch="pmod", device="cpu")
+    assert EfficientMLLM(pretrained=str(tmp_path / "routed"), arch="pmod", device="cpu").model.plan.name == "pmod"
+
+
 # --- scoring --------------------------------------------------------------------------------------
 @torch.no_grad()
 def full_forward_logprob(model, prompt: list[int], continuation: list[int], pixel_values) -> tuple[float, bool]:

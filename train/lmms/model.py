@@ -80,7 +80,12 @@ class EfficientMLLM(lmms):
         batch_size, device, pad_to_square = _batch_size(batch_size), _device(device), _bool(pad_to_square)  # fail before loading
         model = MLLM.from_pretrained(pretrained, dtype=_dtype(dtype, device), vision_tower=vision_tower)
         if arch:
+            loaded = set(model.state_dict())
             model.set_plan(plan_for_checkpoint(str(arch), model.config))
+            new = sorted({k.rsplit(".", 1)[0] for k in model.state_dict() if k not in loaded})  # gated blocks, routers
+            if new:
+                raise ValueError(f"efficient_mllm: arch={arch} adds parameters that {pretrained} does not have ({', '.join(new[:4])}): "
+                                 "they need training first (python -m train stage=finetune model.pretrained=... arch=...)")
         processor = EvalProcessor.from_pretrained(pretrained, model.config, chat_template, system_prompt, pad_to_square)
         processor.video_sampling = {"num_frames": int(video_frames)} if video_frames is not None else {"fps": float(video_fps or 2.0)}
         log.info("efficient_mllm: %s, plan %s, %s, images %s", pretrained, model.plan.name, model.dtype, processor.images)
