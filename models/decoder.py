@@ -33,6 +33,7 @@ from .attention import (
     split_heads,
 )
 from .blind_scores import blind_scores
+from .decoding import decode_layer
 from .packed_attention import causal_attention
 from .lora import linear_weight
 from .moe import RouterLogits, feed_forward
@@ -225,6 +226,11 @@ class PlannedDecoderLayer(nn.Module):
         for name, child in hf_layer.named_children():
             self.add_module(name, child)
         self.attention = "auto"  # packed rows' causal kernel (models/packed_attention.py; MLLM.set_attention)
+
+    def decode(self, h: Tensor, cos: Tensor, sin: Tensor, keys: Keys, masks, step: Tensor) -> Tensor:
+        """One decoding step of this layer (models/decoding.py `decode_layer`). A method, so that FSDP2
+        gathers the layer's weights around it as around `forward` (train/infra/sharding.py)."""
+        return decode_layer(self, h, cos, sin, keys, masks, step)
 
     def forward(
         self, text: Stream, vis: Stream, query_idx: Tensor, policy: LayerPolicy, score_next: str | None = None,

@@ -176,7 +176,7 @@ def decode_tokens(model, token_ids: Tensor, state) -> Tensor:
             cos, sin = (t.index_select(2, room.step) for t in room.rope[i])
         if p.xattn:
             h = model.xattn[str(i)](h, order, state.xattn[i])
-        h = decode_layer(layer, h, cos, sin, state.keys[i], room.masks[i], room.step)
+        h = layer.decode(h, cos, sin, state.keys[i], room.masks[i], room.step)
     room.step.add_(1)
     state.next_order.add_(1)
     state.next_rope.add_(1)

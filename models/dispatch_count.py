@@ -85,9 +85,10 @@ def call_site() -> str:
         name = frame.filename
         if name == __file__ or "/torch/" in name:
             continue
-        if name.startswith(ROOT) and "/.venv/" not in name or "/transformers/" in name:
-            shown = name[len(ROOT) + 1 :] if name.startswith(ROOT) else name[name.index("transformers/") :]
-            return f"{shown}:{frame.lineno}"
+        if "/transformers/" in name:  # wherever it is installed (a .venv inside this repository too)
+            return f"{name[name.rindex('/transformers/') + 1 :]}:{frame.lineno}"
+        if name.startswith(ROOT) and "/site-packages/" not in name:
+            return f"{name[len(ROOT) + 1 :]}:{frame.lineno}"
     return "?"
 
 

@@ -71,7 +71,8 @@ def test_dominance_is_internvits_cls_attention_summed_over_each_pixel_shuffle_un
     model = internvl_plan_model("dominant", {})
     _, _, pixels, sizes = batch(model.config)
     tokens = model.family.encode(model, pixels, sizes, "dominance")
-    vision = InternVLVisionConfig(**{**model.config.hf_vision_config().to_dict(), "_attn_implementation": "eager"})
+    vision = InternVLVisionConfig(**model.config.hf_vision_config().to_dict())
+    vision._attn_implementation = "eager"  # attention probabilities are returned by the eager path only
     tower = InternVLVisionModel(vision).eval()
     tower.load_state_dict(model.vision_tower.state_dict())
     n_tiles = [model.family.tiles_per_image(model.config, s) for s in sizes.tolist()]

@@ -6,8 +6,8 @@
   which per-submodule gathering would miss). DeepSpeed's leaf modules would do the same but reduce gradients in a module backward
   hook, which only sees top-level tensor arguments, not our streams.
 - FSDP2 (`strategy=fsdp`, Lightning's ModelParallelStrategy): each of the model's `shard_units()`
-  (decoder layers, vision encoder layers) is a `fully_shard` unit, the rest of the model the root unit; `decode_step` is
-  registered as a forward method so generation unshards too.
+  (decoder layers, vision encoder layers) is a `fully_shard` unit, the rest of the model the root unit; `decode_step` (and
+  each decoder layer's `decode`) is registered as a forward method so generation unshards too.
 - Export: `full_state_dict` assembles the full weights (a collective: every rank calls it).
 """
 
@@ -51,6 +51,8 @@ def prepare_model(model: nn.Module, strategy) -> None:
         mesh = strategy.device_mesh["data_parallel"]
         for unit in model.shard_units():
             fully_shard(unit, mesh=mesh)
+            if hasattr(unit, "decode"):  # decoder layers: generation's decode step calls this, not forward
+                register_fsdp_forward_method(unit, "decode")
         fully_shard(model, mesh=mesh)
         register_fsdp_forward_method(model, "decode_step")
 
