@@ -100,6 +100,14 @@ def real_tiles(pixel_values: Tensor, n_tiles: list[int], sizes: list[tuple[int, 
                      f"[{sum(n_tiles)} tiles, 3, H, W] for images of sizes {sizes} ({n_tiles} tiles)")
 
 
+def tiles_by_image(pixel_values: Tensor, n_tiles: list[int]) -> Tensor:
+    """[n_images, max tiles, 3, S, S]: flat tiles [sum tiles, 3, S, S] regrouped per image (zero tiles
+    after each image's own, as transformers' padded layout has them); the padded layout as it is."""
+    if pixel_values.dim() != 4:
+        return pixel_values
+    return torch.nn.utils.rnn.pad_sequence(list(pixel_values.split(n_tiles)), batch_first=True)
+
+
 @dataclass(frozen=True)
 class ProcessedImage:
     """One image as the model takes it: `pixels` ([3, H, W], or [tiles, 3, H, W] for tiling
@@ -202,13 +210,20 @@ class Family:
     def image_count(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> int:
         return 0 if pixel_values is None else pixel_values.shape[0]
 
+    def sizes_from_prompt(self, config: "MLLMConfig", runs: Tensor, pixel_values: Tensor) -> Tensor | None:
+        """What stands for `image_sizes` when a batch comes without them, from `runs` [n_images]: each
+        image's placeholder count (a run of consecutive placeholders, in batch order). InternVL's
+        forward in transformers takes no sizes, so its tile counts follow from the prompt; None: the
+        family needs no sizes, or must be given them (its `encode` says so)."""
+        return None
+
     def vision_flops(self, config: "MLLMConfig", size: tuple[int, int]) -> dict[str, int]:
         """Forward FLOPs (2 x multiply-accumulates) of one image of `size` (height, width), all its
         tiles: {"tower": ..., "projector": ...}, counted by `models/vision_flops.py`. They do not
         depend on the plan (pre-LLM steps act after the projector)."""
         raise NotImplementedError(f"the {self.name} family does not count its tower's and projector's FLOPs")
 
-    def image_pixels(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> Tensor | None:
+    def image_pixels(self, config: "MLLMConfig", pixel_values: Tensor | None, image_sizes: Tensor | None) -> Tensor | None:
         """`pixel_values` with one leading entry per image (zero padding after each image's own
         pixels): what random selections key each image on (`models.blind_scores.image_keys`)."""
         return pixel_values

@@ -244,6 +244,7 @@ class MLLM(nn.Module):
         `positions`: the prompt's RoPE position ids (default: `prompt_positions`); `sample_index` [B, L]:
         packed rows' samples (positions then restart at each sample); `sizes`: the batch's sizes as the
         host knows them (default: read from the inputs, `batch_sizes`)."""
+        image_sizes = self.image_sizes_of(input_ids, attention_mask, pixel_values, image_sizes)
         sizes = sizes or self.batch_sizes(input_ids, attention_mask, pixel_values, image_sizes)
         layout = Layout.from_inputs(input_ids, attention_mask, self.config.visual_token_ids, sample_index,
                                     (sizes.text_width, sizes.visual_width))
@@ -263,11 +264,21 @@ class MLLM(nn.Module):
         """The sizes of a batch (models/host_sizes.py) from its inputs: free on CPU tensors (a collator's,
         before they move to the device), one read back otherwise. Give them to `forward` as `sizes`.
         M-RoPE families' positions come along: their rule walks each row's items on the host."""
+        image_sizes = self.image_sizes_of(input_ids, attention_mask, pixel_values, image_sizes)
         positions = None
         if self.family.mrope:
             positions = self.prompt_positions(input_ids, attention_mask, image_sizes, sample_index, step_seconds)
         return BatchSizes.of(self.config, input_ids, attention_mask, self.family.image_count(pixel_values, image_sizes), image_sizes,
                              labels, sample_index, positions)
+
+    def image_sizes_of(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                       image_sizes: Tensor | None) -> Tensor | None:
+        """`image_sizes` as given, or, for a batch given without them, what the family reads from the
+        prompt's placeholder runs (`Family.sizes_from_prompt`: InternVL's tile counts)."""
+        if image_sizes is not None or pixel_values is None:
+            return image_sizes
+        runs = placeholder_runs(input_ids, attention_mask, self.config.image_token_id)
+        return self.family.sizes_from_prompt(self.config, runs, pixel_values)
 
     def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None,
                          sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> Tensor:
@@ -341,6 +352,8 @@ class MLLM(nn.Module):
         """Prefill (or train) on a batch: the family's own inputs (`input_ids` with each image's
         placeholder tokens, `attention_mask`, `pixel_values`, and for tiling families `image_sizes`
         [n_images, 2]), so rows with different images, and different token counts, share a batch.
+        InternVL's may come without sizes, as transformers' forward takes them: each image's tile
+        count then follows from its run of placeholders (`Family.sizes_from_prompt`).
 
         `logits`: "all" -> `[B, L, vocab]` in sequence order; "last" -> `[B, vocab]` at each row's last
         valid token; "none"; "auto" = "none" when `labels` are given, else "all". The loss only
@@ -365,6 +378,7 @@ class MLLM(nn.Module):
             if image_sizes is not None:
                 raise ValueError("give image_grid_thw (transformers' name) or image_sizes, not both")
             image_sizes = image_grid_thw
+        image_sizes = self.image_sizes_of(input_ids, attention_mask, pixel_values, image_sizes)
         if mm_token_type_ids is not None:
             check_token_types(mm_token_type_ids, input_ids, attention_mask, self.config.visual_token_ids)
         if pixel_values_videos is not None:
@@ -395,8 +409,8 @@ class MLLM(nn.Module):
             use_cache=use_cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             hook=layer_hook,
-            image_keys=image_keys_for(self.plan, self.family.image_pixels(pixel_values, image_sizes) if self.plan.draws_random else None,
-                                      images_per_row(vis)),
+            image_keys=image_keys_for(self.plan, self.family.image_pixels(self.config, pixel_values, image_sizes)
+                                      if self.plan.draws_random else None, images_per_row(vis)),
             rope=self.rope_table(text, input_ids.shape[1]) if self.plan.renumbers else None,
             routing=routing,
             counts=sizes.visual_counts(self.plan.pre_llm),
@@ -522,6 +536,13 @@ def last_valid_hidden(text: Stream) -> Tensor:
     """Hidden state of each row's last valid text token (the one that predicts the next token)."""
     idx = query_index(text, None)
     return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]
+
+
+def placeholder_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
+    """Lengths [n_runs] of the runs of consecutive placeholder tokens, row by row, in order."""
+    is_image = F.pad((input_ids == image_token_id) & attention_mask.bool(), (0, 1)).flatten().long()  # rows apart
+    run = torch.cumsum(is_image.diff(prepend=is_image.new_zeros(1)) == 1, 0)
+    return torch.bincount(run[is_image.bool()], minlength=1)[1:]
 
 
 def images_of_rows(tokens_per_row: Tensor, tokens_per_image: Tensor, image_token_id: int) -> Tensor:

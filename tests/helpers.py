@@ -156,6 +156,33 @@ def next_batch(config, pad_left: list[int] | None = None, seed: int = 0, prefix:
     return ids, mask, pixels, torch.tensor([im.size for im in images])
 
 
+def internvl_hf_batch(config, pad_left: list[int] | None = None, seed: int = 0):
+    """transformers' InternVL inputs: each image written `<img>` + its placeholders + `</img>` (ids 4 and
+    5), as InternVLProcessor does; row 0 holds the wide image (5 tiles), row 1 the 3-tile and the 1-tile
+    one, row 2 only text; left padding. Returns ids, mask, pixel_values flat [9 tiles, 3, S, S] (what
+    transformers' forward takes, without sizes) and, for comparison, our collator's padded
+    [3 images, 5 tiles, 3, S, S] with image_sizes."""
+    processor = config.model_family.image_processor(config)
+    images = [processor(image) for image in internvl_images(seed)]
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.hf_text_config().vocab_size
+
+    def text(n):
+        return torch.randint(6, vocab, (n,), generator=g)
+
+    def image(im):
+        return torch.cat([torch.tensor([4]), torch.full((config.tokens_per_image(im.size),), config.image_token_id), torch.tensor([5])])
+
+    rows = [torch.cat([text(3), image(images[0]), text(4)]),
+            torch.cat([text(2), image(images[1]), text(2), image(images[2]), text(3)]),
+            text(9)]
+    ids, mask = left_padded(rows, pad_left)
+    padded = torch.zeros(len(images), max(len(im.pixels) for im in images), *images[0].pixels.shape[1:])
+    for i, im in enumerate(images):
+        padded[i, : len(im.pixels)] = im.pixels
+    return ids, mask, torch.cat([im.pixels for im in images]), padded, torch.tensor([im.size for im in images])
+
+
 QWEN_TOKENS = {"vision_start_token_id": 4, "vision_end_token_id": 5, "video_token_id": 6}
 
 

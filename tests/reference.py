@@ -143,7 +143,7 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
     entered = is_vis & present  # visual tokens that enter the LLM (gated blocks read all of them)
     place = visual_places(model, is_vis, tokens)
     image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
-    keys = row_image_keys(model.family.image_pixels(pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
+    keys = row_image_keys(model.family.image_pixels(model.config, pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
     cos, sin = lm.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes, step_seconds))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values

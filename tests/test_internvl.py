@@ -16,7 +16,8 @@ from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 from models import MLLM, MLLMConfig
 from models.streams import Place
-from tests.helpers import assert_greedy_matches_hf, exported_pair, internvl_images, next_batch, tiny_internvl_config
+from tests.helpers import (assert_greedy_matches_hf, exported_pair, internvl_hf_batch, internvl_images, next_batch,
+                           tiny_internvl_config)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,39 @@ def test_logits_match_hf(pair, pad_left):
     assert torch.isfinite(got[valid]).all()
     assert (got - want)[valid].abs().max().item() <= 1e-5
     assert torch.equal(got_flat[valid], got[valid])
+
+
+def test_transformers_inputs_without_sizes_match_hf(pair):
+    """transformers' own inputs (all tiles flat, no image sizes): each image's tiles follow from its run of
+    placeholders, on a batch with two images in a row, a text-only row and left padding; logits equal
+    transformers' and ours given the sizes; greedy generation equals `generate`."""
+    ours, hf = pair
+    ids, mask, flat, padded, sizes = internvl_hf_batch(ours.config, pad_left=[0, 3, 1])
+    with torch.no_grad():
+        got = ours(ids, mask, flat).logits
+        with_sizes = ours(ids, mask, padded, image_sizes=sizes).logits
+    want = hf_forward(hf, ids, mask, flat).logits
+    valid = mask.bool()
+    assert (got - want)[valid].abs().max().item() <= 1e-5
+    assert torch.equal(got[valid], with_sizes[valid])
+    assert ours.image_sizes_of(ids, mask, flat, None).flatten().tolist() == [5, 3, 1]
+    assert_greedy_matches_hf(ours, hf, ids, mask, flat, {"pixel_values": flat})
+
+
+def test_placeholders_that_hold_no_tiling_are_refused(pair):
+    """Without sizes the placeholders must spell whole tilings that the pixels hold; else one error naming both."""
+    ours, _ = pair
+    ids, mask, flat, _, _ = internvl_hf_batch(ours.config)
+    with pytest.raises(ValueError, match=r"pixel_values hold 8"):
+        ours(ids, mask, flat[:8])
+    two_tiles = ids.clone()
+    two_tiles[1, (two_tiles[1] == 3).nonzero()[-1].item() + 1] = 3  # the 1-tile image's </img> -> a placeholder: 17 of them
+    with pytest.raises(ValueError, match=r"runs of image tokens hold \[80, 48, 17\].*1 or 3\.\.5 tiles"):
+        ours(two_tiles, mask, flat)
+    adjacent = ids.clone()
+    adjacent[1, (adjacent[1] == 5).nonzero()[0].item()] = 3  # 3-tile image's </img> -> one run of 49 with what follows
+    with pytest.raises(ValueError, match="one run per image"):
+        ours(adjacent, mask, flat)
 
 
 def test_loss_matches_hf(pair):

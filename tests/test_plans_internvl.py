@@ -2,7 +2,8 @@
 decode, on a batch whose rows hold 5, 3 and 1 tiles (hence different visual-token counts) with left
 padding; and InternVL's semantics of each plan hold: `uniform` and `pool` work per tile (the
 thumbnail is a tile of its own), `dominant` reads InternViT's CLS attention of the last layer summed
-over each pixel-shuffle unit, `cls_knee` cuts per tile."""
+over each pixel-shuffle unit, `cls_knee` cuts per tile. transformers' inputs (flat tiles, no sizes) give
+every preset the same tiles, units and thumbnail, read from the placeholders."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from models import MLLM
 from models.streams import Place
-from tests.helpers import internvl_images, next_batch, tiny_internvl_config
+from tests.helpers import internvl_hf_batch, internvl_images, next_batch, tiny_internvl_config
+from tests.reference import reference_logits
 from tests.test_plans import VARIANTS, ids, plan_model
 from tests.tiled_plans import assert_decode_matches_reference, assert_prefill_matches_reference, visual_keys
 
@@ -38,6 +40,19 @@ def test_prefill_matches_masked_reference_on_internvl(variant):
 def test_decode_matches_masked_reference_on_internvl(variant):
     model = internvl_plan_model(*variant, seed=1)
     assert_decode_matches_reference(model, *batch(model.config, pad_left=[0, 3, 1], seed=2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_transformers_inputs_without_sizes_match_masked_reference(variant):
+    """Flat tiles without sizes, two images in a row and a text-only row: equal to the masked reference
+    given the sizes and the padded tiles (random selections key each image on its own tiles either way)."""
+    model = internvl_plan_model(*variant)
+    input_ids, mask, flat, padded, sizes = internvl_hf_batch(model.config, pad_left=[0, 2, 4])
+    with torch.no_grad():
+        got = model(input_ids, mask, flat, logits="all").logits
+    want = reference_logits(model, input_ids, mask, padded, image_sizes=sizes)
+    text = mask.bool() & (input_ids != model.config.image_token_id)
+    assert (got - want)[text].abs().max().item() <= 1e-5
 
 
 @torch.no_grad()

@@ -54,6 +54,18 @@ def test_selections_budget_per_image_and_keep_every_newline(name, knobs):
 
 
 @torch.no_grad()
+def test_random_keys_each_image_on_its_tiles_flat_or_padded():
+    """transformers' flat tiles [sum tiles, 3, S, S] key each image as the padded layout does (not tile by tile)."""
+    model = next_plan_model("random", {"K": 2, "seed": 7})
+    input_ids, mask, pixels, sizes = next_batch(model.config)
+    n_tiles = [model.family.tiles_per_image(model.config, s) for s in sizes.tolist()]
+    flat = torch.cat([p[:n] for p, n in zip(pixels, n_tiles)])
+    text = mask.bool() & (input_ids != model.config.image_token_id)
+    got = model(input_ids, mask, flat, image_sizes=sizes).logits
+    assert torch.equal(got[text], model(input_ids, mask, pixels, image_sizes=sizes).logits[text])
+
+
+@torch.no_grad()
 def test_uniform_keeps_a_lattice_in_every_tile():
     model = next_plan_model("uniform", {"keep": 0.25})
     input_ids, mask, pixels, sizes = next_batch(model.config)

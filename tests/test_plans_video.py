@@ -179,7 +179,7 @@ def test_analytic_flops_match_the_flop_counter_on_video(name, knobs):
         with torch.no_grad():
             front, _ = measure_flops(model.encode_images, items["pixel_values"], items["image_sizes"])
             _, text, vis = model.embed_inputs(ids_, mask, items["pixel_values"], items["image_sizes"], step_seconds=items["step_seconds"])
-            keys = image_keys_for(model.plan, model.family.image_pixels(items["pixel_values"], items["image_sizes"]), images_per_row(vis))
+            keys = image_keys_for(model.plan, model.family.image_pixels(model.config, items["pixel_values"], items["image_sizes"]), images_per_row(vis))
             measured, _ = measure_flops(run_decoder, model.language_model, model.plan, text, vis, query_index(text, None),
                                         model.xattn, image_keys=keys)
         assert front == sum(model.family.vision_flops(config, towered_size(model.plan, grid)).values())

@@ -79,7 +79,7 @@ def test_analytic_llm_flops_match_the_flop_counter_on_qwen(name):
         start += n
         with torch.no_grad():
             _, text, vis = model.embed_inputs(one_ids, one_mask, one_pixels, one_grid)
-            keys = image_keys_for(model.plan, model.family.image_pixels(one_pixels, one_grid), images_per_row(vis))
+            keys = image_keys_for(model.plan, model.family.image_pixels(model.config, one_pixels, one_grid), images_per_row(vis))
             measured, _ = measure_flops(run_decoder, model.language_model, model.plan, text, vis, query_index(text, None),
                                         model.xattn, image_keys=keys, routing=model.routing())
         image = ImageTokens.from_places(config.model_family.image_places(config, tuple(grid)))

@@ -17,7 +17,11 @@ patches, CLS similarity averages them.
 
 Batches carry the tiles as the HF model takes them, `pixel_values` [sum tiles, 3, S, S], or padded
 per image [n_images, max_tiles, 3, S, S] (our collator, `data/batch.py:collate_images`), with
-`image_sizes` [n_images, 2] (height, width): each image's tile count follows from its size.
+`image_sizes` [n_images, 2] (height, width): each image's tile count follows from its size. Without
+sizes (transformers' forward takes none) it follows from the image's placeholders, one run of
+tiles * (g/2)^2 (`sizes_from_prompt`), and stands in for the size as [n_images, 1] tile counts. The
+places need nothing more: a unit per tile, the thumbnail last whenever there is more than one; the
+canvas's columns and rows are not a place, and no plan reads them.
 
 Checkpoints: `InternVLForConditionalGeneration`'s config.json and weight names (`vision_tower.*`,
 `multi_modal_projector.*`, `language_model.model.*`); preprocessing is transformers'
@@ -36,7 +40,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
 from ..config import MLLMConfig
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles, register
+from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles, register, tiles_by_image
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..vision import encoder_layers, tower_features
@@ -144,7 +148,10 @@ class InternVLFamily(LlavaFamily):
 
     # --- the layout -----------------------------------------------------------------------------
     def tiles_per_image(self, config: MLLMConfig, size) -> int:
-        """Tiles of an image of `size` (height, width), the thumbnail included (transformers' count)."""
+        """Tiles of an image of `size` (height, width), the thumbnail included (transformers' count);
+        a one-element `size` is the tile count itself (`sizes_from_prompt`)."""
+        if len(size) == 1:
+            return int(size[0])
         tile = config.tile_size
         cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in size), (tile, tile), 1, max_tiles(config))
         return cols * rows + int(cols * rows > 1)
@@ -161,9 +168,32 @@ class InternVLFamily(LlavaFamily):
         return torch.cat([grid_place(side, side, unit=u, first_patch=u * side * side, device=device)
                           for u in range(self.tiles_per_image(config, size))])
 
+    def sizes_from_prompt(self, config: MLLMConfig, runs: Tensor, pixel_values: Tensor) -> Tensor:
+        """Each image's tile count [n_images, 1] from its run of placeholders (tiles * (g/2)^2), checked
+        against the tiles of `pixel_values`: what transformers' forward, which takes no sizes, implies."""
+        per_tile, most = (config.grid_size // 2) ** 2, max_tiles(config)
+        tiles = (runs // per_tile).tolist()
+        possible = {1, *range(3, most + 2)}  # one tile, or 2..max_tiles tiles and the thumbnail
+        if bool((runs % per_tile).any()) or not set(tiles) <= possible:
+            raise ValueError(
+                f"internvl without image_sizes reads each image's tiles from its placeholders, but the runs of image tokens "
+                f"hold {runs.tolist()}: each image needs tiles x {per_tile} consecutive placeholders with 1 or 3..{most + 1} "
+                "tiles (one run per image, as InternVLProcessor writes it between <img> and </img>); pass image_sizes "
+                "[n_images, 2] otherwise")
+        given = pixel_values.shape[0] if pixel_values.dim() == 4 else None
+        if given is not None and given != sum(tiles):
+            raise ValueError(f"internvl without image_sizes: the placeholders ask for {tiles} tiles ({sum(tiles)} in all), but "
+                             f"pixel_values hold {given}; give every image's tiles, or image_sizes")
+        return torch.tensor(tiles, device=runs.device)[:, None]
+
     # --- visual tokens --------------------------------------------------------------------------
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
+
+    def image_pixels(self, config, pixel_values, image_sizes):
+        if pixel_values is None or image_sizes is None:
+            return pixel_values
+        return tiles_by_image(pixel_values, [self.tiles_per_image(config, s) for s in image_sizes.tolist()])
 
     def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
                sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:

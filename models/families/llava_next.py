@@ -37,7 +37,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..config import MLLMConfig
 from ..family import register
 from ..validation import ConfigError
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles
+from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles, tiles_by_image
 from ..gathered import gathered
 from ..streams import Place
 from ..vision import tower_features
@@ -170,6 +170,11 @@ class LlavaNextFamily(LlavaFamily):
     # --- visual tokens --------------------------------------------------------------------------
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
+
+    def image_pixels(self, config, pixel_values, image_sizes):
+        if pixel_values is None or image_sizes is None:
+            return pixel_values
+        return tiles_by_image(pixel_values, [self.tiles_per_image(config, s) for s in image_sizes.tolist()])
 
     def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
                sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:

@@ -306,7 +306,7 @@ class Qwen2VLFamily(Family):
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
 
-    def image_pixels(self, pixel_values, image_sizes):
+    def image_pixels(self, config, pixel_values, image_sizes):
         """[n_images, most patches, patch pixels]: each image's patches, zero padded."""
         if pixel_values is None or image_sizes is None:
             return pixel_values
