@@ -2,7 +2,8 @@
 
 Each builder receives its knobs (defaults = the paper's LLaVA-1.5 settings, with layer indices for
 `reference_depth` layers) and returns rules `{layers, set}` for the actual depth, or a pre-LLM
-step `{pre_llm: {...}}` (at most one per plan); `resolve_arch`
+step `{pre_llm: {...}}` (at most one per plan), and `{variant: "knob=value"}` where it departs from
+the paper's released method (the plan's name then says so, e.g. `pdrop[positions=keep]`); `resolve_arch`
 applies the rules of every method in the `arch` config in order (so `arch=[vica,pdrop]` composes)
 and validates the result. Knobs are plain config values, so sweeps override them directly, e.g.
 `arch.methods.fastv.R=0.75`. A plan written by hand uses the `rules` method (or an explicit
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import ConfigError, check_keys
+from .family import FAMILIES
 from .plan import Plan, PreSelect, plan_from_rules, scale_layers
 
 Rule = dict[str, Any]
@@ -158,16 +160,20 @@ def fastv(depth, heads, K=2, R=0.5, reference_depth=32, per="image"):
 
 
 @method
-def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, positions="renumber", per="image"):
+def pdrop(depth, heads, layers=(8, 16, 24), ratio=0.5, reference_depth=32, positions=None, per="image", *, family="llava"):
     """PyramidDrop (arXiv 2410.17247): at each stage boundary keep `ratio` of the remaining visual
     tokens, scored by the last prompt token's attention computed with that layer's own Q/K. Its
     released code renumbers the survivors' positions (`pdrop_rank_drop` rebuilds position_ids as
     an arange over the kept tokens, decoding subtracts the dropped count): `positions=renumber`;
-    `keep` gives the survivors their original positions instead (the one that applies to M-RoPE);
-    `per=unit`: the budget of each video's time step."""
+    `keep` gives the survivors their original positions instead (the one that applies to M-RoPE); None:
+    the family's, renumber where positions are ranks (1-D RoPE), keep where they are not (M-RoPE's (t, h, w)
+    triples), and the plan is then named `pdrop[positions=keep]`. `per=unit`: the budget of each video's time step."""
+    if positions is None:
+        positions = "renumber" if FAMILIES[family].renumbers_positions else "keep"
     at = _scaled(layers, reference_depth, depth, min_layer=1)
-    return [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions,
-                                              "per": per}}}]
+    rules = [{"layers": at, "set": {"select": {"scorer": "attn_last", "source": "current", "keep": ratio, "positions": positions,
+                                               "per": per}}}]
+    return rules + ([{"variant": "positions=keep"}] if positions == "keep" else [])
 
 
 def shifted_cosine(depth: int, average: float = 0.5) -> list[float]:
@@ -283,13 +289,16 @@ def load_arch(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-def arch_name(arch: dict[str, Any] | None) -> str:
+def arch_name(arch: dict[str, Any] | None, variants: dict[str, str] | None = None) -> str:
     """`vica`, `vica+pdrop`, `cls_knee`, `dense`, ...: the plan's name (also names run directories);
-    `own_plan` without an arch (a checkpoint evaluated under the plan it carries)."""
+    `own_plan` without an arch (a checkpoint evaluated under the plan it carries). `variants`: how a
+    method departs from its paper for this model (`pdrop[positions=keep]`; the resolved plan's name only)."""
     if arch is None:
         return "own_plan"
     arch = load_arch(arch)
-    names = list(arch.get("methods") or {}) + ([arch["pre_llm"].get("method", "cls_knee")] if arch.get("pre_llm") else [])
+    variants = variants or {}
+    methods = [f"{m}[{variants[m]}]" if m in variants else m for m in arch.get("methods") or {}]
+    names = methods + ([arch["pre_llm"].get("method", "cls_knee")] if arch.get("pre_llm") else [])
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
@@ -299,6 +308,7 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: 
     arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
+    variants: dict[str, str] = {}
     pre_llm = {"arch.pre_llm": arch["pre_llm"]} if arch.get("pre_llm") else {}
     for name, knobs in (arch.get("methods") or {}).items():
         if name not in PLAN_BUILDERS:
@@ -316,7 +326,9 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: 
             except ConfigError as e:
                 raise ConfigError(f"arch.methods.{name}: {e}") from None
         for j, r in enumerate(built):
-            if "pre_llm" in r:
+            if "variant" in r:
+                variants[name] = r["variant"]
+            elif "pre_llm" in r:
                 try:
                     PreSelect(**r["pre_llm"])
                 except ConfigError as e:
@@ -326,5 +338,5 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: 
                 all_rules[f"{name}[{j}]"] = r
     if len(pre_llm) > 1:
         raise ConfigError(f"{' and '.join(pre_llm)} each set the step before the LLM; a plan has at most one, keep one of them")
-    spec = {"name": arch_name(arch), "rules": all_rules, "pre_llm": next(iter(pre_llm.values()), None), "layers": arch.get("layers")}
+    spec = {"name": arch_name(arch, variants), "rules": all_rules, "pre_llm": next(iter(pre_llm.values()), None), "layers": arch.get("layers")}
     return plan_from_rules(spec, num_layers, num_heads)

@@ -31,6 +31,7 @@ from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
 from .plan import Plan
 from .pruning import apply_pre_llm, scores_needed, spread_steps
+from .validation import ConfigError
 from .routing import Routing, RouteStats, build_routers
 from .selection import compact, frame_steps
 from .streams import Layout, Place, RopeTable, Stream, empty_like_visual, images_per_row, sample_starts, visual_mask
@@ -86,23 +87,12 @@ class MLLM(nn.Module):
         """Switch the visual-compute plan (training-free plans can change at any time). Gated
         cross-attention blocks the plan needs are created zero-gated, i.e. as identities, and routers
         zero-initialised (every score 0: the gate at its initial value, ties to the earlier token)."""
-        n = self.text_config.num_hidden_layers
-        if len(plan.layers) != n:
-            raise ValueError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {n}")
-        plan.validate(self.text_config.num_attention_heads)
+        check_plan(plan, self.config)
         for i, (policy, layer) in enumerate(zip(plan.layers, self.language_model.layers)):
             if 0 < policy.visual_ffn < 1 and is_moe(layer.mlp):
                 raise ValueError(f"plan {plan.name!r}: layer {i} is a mixture-of-experts FFN, where visual_ffn={policy.visual_ffn} "
                                  "(YOPO's fraction of FFN neurons) has no defined meaning; use visual_ffn=1 (all of the routed "
                                  "experts) or 0 (no FFN) there")
-        if plan.renumbers and not self.family.renumbers_positions:
-            raise ValueError(f"plan {plan.name!r} renumbers RoPE positions (select.positions=renumber), which has no meaning "
-                             f"for the {self.family.name} family's positions; use select.positions=keep")
-        if plan.pre_llm is not None and plan.pre_llm.method == "cls_knee" and not self.config.has_cls:
-            raise ValueError(f"plan {plan.name!r} prunes by CLS similarity, but the {self.config.vision_family} tower has no CLS token")
-        if plan.needs_patch_grid and self.config.has_cls and self.config.vision_feature_select_strategy == "full":
-            raise ValueError(f"plan {plan.name!r} pools or spreads visual tokens over the patch grid, but they include the CLS "
-                             "token (vision_feature_select_strategy=full); use vision_feature_select_strategy=default")
         for i in plan.xattn_layers:
             if str(i) not in self.xattn:
                 block = GatedCrossAttention(self.text_config)
@@ -483,6 +473,24 @@ class MLLM(nn.Module):
         if vis.n:  # surviving visual tokens; pruned ones stay NaN
             _scatter_rows(logits, torch.gather(layout.vis_index, 1, vis.at(Place.SLOT)), vis.valid, self.lm_logits(vis.h))
         return logits
+
+
+def check_plan(plan: Plan, config: MLLMConfig) -> None:
+    """Raise ConfigError when `plan` cannot run on a model of `config` (its depth, heads, positions, tower);
+    the job calls it when it resolves the plan, before any data work, and `MLLM.set_plan` again."""
+    text, family = config.hf_text_config(), config.model_family
+    if len(plan.layers) != text.num_hidden_layers:
+        raise ConfigError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {text.num_hidden_layers}")
+    plan.validate(text.num_attention_heads)
+    if plan.renumbers and not family.renumbers_positions:
+        raise ConfigError(f"plan {plan.name!r} renumbers RoPE positions (select.positions=renumber, e.g. "
+                          f"arch.methods.pdrop.positions=renumber), which has no meaning for the {family.name} family's "
+                          "positions (not ranks); use positions=keep, what arch=pdrop does on this family by default")
+    if plan.pre_llm is not None and plan.pre_llm.method == "cls_knee" and not config.has_cls:
+        raise ConfigError(f"plan {plan.name!r} prunes by CLS similarity, but the {config.vision_family} tower has no CLS token")
+    if plan.needs_patch_grid and config.has_cls and config.vision_feature_select_strategy == "full":
+        raise ConfigError(f"plan {plan.name!r} pools or spreads visual tokens over the patch grid, but they include the CLS "
+                          "token (vision_feature_select_strategy=full); use vision_feature_select_strategy=default")
 
 
 def check_token_types(mm_token_type_ids: Tensor, input_ids: Tensor, attention_mask: Tensor, visual_token_ids: tuple[int, ...]) -> None:

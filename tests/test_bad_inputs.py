@@ -34,6 +34,8 @@ CASES = [  # (id, arguments after `python -m train`, words the message contains)
     ("unknown-arch", ["arch=nope"], ["Could not find 'arch/nope'"]),
     ("plan-file-bad-yaml", ["arch=file", "arch.path={bad_plan}"], ["{bad_plan} is not valid YAML at line 3, column 1"]),
     ("plan-file-missing", ["arch=file", "arch.path={tmp}/nope.yaml"], ["no such plan file"]),
+    ("pdrop-renumbers-m-rope", ["model=tiny_qwen2vl", "data=synthetic_hires", "arch=pdrop", "arch.methods.pdrop.positions=renumber"],
+     ["plan 'pdrop' renumbers RoPE positions", "no meaning for the qwen2_vl family's positions"]),
     ("pretrained-missing", ["model.pretrained={tmp}/nope"], ["is not a checkpoint directory", "model.pretrained"]),
     ("pretrained-weights-do-not-fit", ["model.pretrained={bad_export}"], ["do not fit", "wrong shape", "mlp.gate_proj.weight"]),
     ("checkpoint-missing", ["ckpt_path={tmp}/nope.ckpt"], ["no checkpoint at {tmp}/nope.ckpt", "ckpt_path takes"]),

@@ -76,7 +76,8 @@ def test_every_sweep_point_is_a_valid_plan_of_the_tiny_model(point):
     text = cfg.model.config.text
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
     plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads)
-    assert f"{point.removeprefix('ft_')}_".startswith(f"{plan.name}_")  # the file name starts with the method
+    method = plan.name.split("[")[0]  # pdrop[positions=keep]: PDrop keeping the survivors' positions
+    assert f"{point.removeprefix('ft_')}_".startswith(f"{method}_")  # the file name starts with the method
     for knobs in arch["methods"].values():
         assert knobs.get("reference_depth", text.num_hidden_layers) == text.num_hidden_layers  # layers are the tiny model's
     if point.startswith("ft_"):  # fine-tuned from the base: LLaVA's stage 2 for the sweep's steps

@@ -2,8 +2,8 @@
 prefill and decode, on a batch of three images of different grids (3 x 5, 5 x 2 and 4 x 3 tokens)
 with left padding, M-RoPE positions throughout; and the Qwen semantics of each plan hold: a kept
 token keeps its (t, h, w) triple, pooling and the uniform lattice follow each image's own grid,
-`dominant` reads the tower's last block (put back from window order for Qwen2.5-VL), and plans that
-cannot apply fail when they are set, saying why."""
+`dominant` reads the tower's last block (put back from window order for Qwen2.5-VL), PDrop keeps the
+survivors' triples by default, and plans that cannot apply fail when they are set, saying why."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from tests.test_plans import VARIANTS, ids, plan_model
 from tests.tiled_plans import assert_decode_matches_reference, assert_prefill_matches_reference
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
-REFUSED = {"cls_knee": "no CLS token", "pdrop": "renumbers RoPE positions"}  # PDrop renumbers by default
-RUNNABLE = [v for v in VARIANTS if not (v[0] in REFUSED and v[1].get("positions") != "keep")]
+REFUSED = {"cls_knee": "no CLS token", "pdrop": "renumbers RoPE positions"}
+REFUSED_KNOBS = {"pdrop": {"positions": "renumber"}}  # PDrop's released code renumbers; by default it keeps positions here
+RUNNABLE = [v for v in VARIANTS if not (v[0] in REFUSED and v[1] == REFUSED_KNOBS.get(v[0], {}))]
+assert ("pdrop", {}) in RUNNABLE
 
 
 def qwen_plan_model(family: str, name: str, knobs: dict, layers: int = 8, seed: int = 0) -> MLLM:
@@ -47,12 +49,22 @@ def test_decode_matches_masked_reference_on_qwen(family, variant):
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_plans_that_cannot_apply_fail_when_set(name):
     with pytest.raises(ValueError, match=REFUSED[name]):
-        qwen_plan_model("qwen2_vl", name, {})
+        qwen_plan_model("qwen2_vl", name, REFUSED_KNOBS.get(name, {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdrop_keeps_positions_on_m_rope_by_default_and_says_so(family):
+    """`arch=pdrop` on M-RoPE: every selection keeps positions, and the plan's name (what the run's summary
+    line and metrics.json report) says so; on 1-D RoPE the preset still renumbers, as PyramidDrop's code does."""
+    plan = qwen_plan_model(family, "pdrop", {}).plan
+    selections = [p.select for p in plan.layers if p.select is not None]
+    assert plan.name == "pdrop[positions=keep]" and not plan.renumbers and len(selections) == 3
+    assert plan_model("pdrop", {}).plan.name == "pdrop" and plan_model("pdrop", {}).plan.renumbers
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name, knobs", [("fastv", {}), ("random", {}), ("pdrop", {"positions": "keep"}), ("dominant", {})])
+@pytest.mark.parametrize("name, knobs", [("fastv", {}), ("random", {}), ("pdrop", {}), ("dominant", {})])
 def test_kept_tokens_keep_their_position_triples(family, name, knobs):
     """After every selection, each visual token's RoPE tables are those of its own prompt (t, h, w)
     triple (found through its slot), never of a rank among the survivors."""

@@ -125,7 +125,7 @@ def test_bad_inputs_fail_clearly(pair):
     from tests.test_plans import plan_model
 
     with pytest.raises(ValueError, match="renumbers RoPE positions"):
-        plan_model("pdrop", {}, config=ours.config)  # PyramidDrop renumbers: no meaning for M-RoPE triples
+        plan_model("pdrop", {"positions": "renumber"}, config=ours.config)  # no meaning for M-RoPE triples
 
 
 def test_the_merger_trains_as_the_projector_while_the_tower_is_frozen():

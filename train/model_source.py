@@ -21,6 +21,7 @@ from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches
 from models.original_layout import read_config, read_shapes
 from models.compile import compile_decoder_layers
+from models.mllm import check_plan
 from models.packed_attention import BACKENDS
 from models.family import family_for_model_type
 from models.config import ConfigError, check_types
@@ -91,7 +92,9 @@ class ModelSource:
         if arch is None:
             saved = read_config(self.pretrained, self.vision_tower).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
-        return resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
+        plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
+        check_plan(plan, self.mllm_config)  # what the model refuses, refused before any data work
+        return plan
 
     def check_weights(self) -> None:
         """Fail before any data work when `pretrained`'s weights do not fit the model its config.json
