@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 HF_SAVE_LOGGER = getattr(sys.modules[save_torch_state_dict.__module__], "logger", logging.getLogger("huggingface_hub"))
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def checkpoint_dir(path: str | Path, what: str) -> Path:
@@ -45,6 +46,12 @@ def checkpoint_dir(path: str | Path, what: str) -> Path:
 
 def read_config(path: str | Path, what: str = "model.pretrained") -> dict:
     return json.loads((checkpoint_dir(path, what) / "config.json").read_text())
+
+
+def read_preprocessor(path: str | Path) -> dict | None:
+    """The directory's preprocessor_config.json (its image processor's settings), or None."""
+    file = Path(path) / PREPROCESSOR_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def weight_files(path: str | Path) -> list[Path]:

@@ -184,28 +184,30 @@ class MLLMConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "MLLMConfig":
-        """Build from a `config.json` dict of any family (checkpoints transformers wrote, and ours)."""
+    def from_hf(cls, hf: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> "MLLMConfig":
+        """Build from a `config.json` dict of any family (checkpoints transformers wrote, and ours), and the
+        directory's `preprocessor_config.json` (what its image processor does that config.json does not
+        record: InternVL's max_patches, Qwen's pixel bounds; `Family.processor_fields`). Ours in config.json win."""
         family = family_for_model_type(hf.get("model_type"))
         hf = family.current_hf_dict(hf)
         ours = hf.get("efficient_mllm", {})
-        vision = _known_fields(hf["vision_config"])
-        text = _known_fields(hf["text_config"])
+        vision = known_fields(hf["vision_config"])
+        text = known_fields(hf["text_config"])
         fields_ = family.config_fields(hf)
         text.update(fields_.pop("text_overrides", {}))  # e.g. InternVL's top-level tie_word_embeddings
         mean, std = IMAGE_STATS.get(vision["model_type"], ((0.5,) * 3, (0.5,) * 3))
-        fields_ = {"image_mean": mean, "image_std": std} | fields_
-        fields_ |= {k: ours[k] for k in ("projector", "image_mean", "image_std", "extra", "min_pixels", "max_pixels",
+        fields_ = {"image_mean": mean, "image_std": std} | fields_ | family.processor_fields(preprocessor or {})
+        fields_ |= {k: ours[k] for k in ("projector", "image_mean", "image_std", "extra", "max_tiles", "min_pixels", "max_pixels",
                                          "video_min_pixels", "video_max_pixels", "mrope_rule") if k in ours}
         return cls(vision=vision, text=text, family=family.name, **fields_)
 
     def with_backbones(self, vision: PretrainedConfig | None = None, text: PretrainedConfig | None = None) -> "MLLMConfig":
         """This config with the vision and/or text section taken from a checkpoint's HF config (every
-        field we know, so shapes come from the checkpoint); projector and the rest stay."""
-        sections = {}
-        for name, hf in (("vision", vision), ("text", text)):
-            if hf is not None:
-                sections[name] = _known_fields({**hf.to_dict(), "model_type": hf.model_type})
+        field we know, so shapes come from the checkpoint), as the family runs them
+        (`Family.adapt_backbones`); projector and the rest stay."""
+        vision, text = ({**hf.to_dict(), "model_type": hf.model_type} if hf is not None else None for hf in (vision, text))
+        vision, text = self.model_family.adapt_backbones(self, vision, text)
+        sections = {name: known_fields(s) for name, s in (("vision", vision), ("text", text)) if s is not None}
         return replace(self, **sections)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -228,7 +230,7 @@ def square_side(value) -> int:
     return int(value)
 
 
-def _known_fields(section: dict[str, Any]) -> dict[str, Any]:
+def known_fields(section: dict[str, Any]) -> dict[str, Any]:
     """Keep only the fields of an HF sub-config that matter (drop bookkeeping keys HF adds on save)."""
     allowed = config_keys(section["model_type"])
     skip = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "id2label", "label2id"}

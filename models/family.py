@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .streams import Place
+from .validation import ConfigError
 
 # Annotations name `MLLMConfig` (models/config.py), `MLLM` (models/mllm.py) and PIL's `Image` as
 # strings: both modules build on this one, which therefore imports neither.
@@ -100,6 +101,11 @@ def real_tiles(pixel_values: Tensor, n_tiles: list[int], sizes: list[tuple[int, 
                      f"[{sum(n_tiles)} tiles, 3, H, W] for images of sizes {sizes} ({n_tiles} tiles)")
 
 
+def normalisation(preprocessor: dict[str, Any]) -> dict[str, Any]:
+    """The `image_mean` / `image_std` an image processor's preprocessor_config.json normalises with."""
+    return {k: tuple(preprocessor[k]) for k in ("image_mean", "image_std") if k in preprocessor}
+
+
 def tiles_by_image(pixel_values: Tensor, n_tiles: list[int]) -> Tensor:
     """[n_images, max tiles, 3, S, S]: flat tiles [sum tiles, 3, S, S] regrouped per image (zero tiles
     after each image's own, as transformers' padded layout has them); the padded layout as it is."""
@@ -160,6 +166,25 @@ class Family:
     def config_fields(self, hf: dict[str, Any]) -> dict[str, Any]:
         """`MLLMConfig` fields read from a config.json of this family (beyond vision/text)."""
         raise NotImplementedError
+
+    def adapt_backbones(self, config: "MLLMConfig", vision: dict[str, Any] | None,
+                        text: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The vision and text sections of `config`'s model when its tower and / or LLM come from their own
+        checkpoints (`MLLM.from_components`: their config.json fields, None for a part not given), as this
+        family runs them (Qwen: a Qwen2 LLM as its M-RoPE text model, the merger as wide as the LLM); a
+        ConfigError naming the part it cannot take."""
+        if vision is not None and vision["model_type"] not in self.vision_types:
+            raise ConfigError(f"the vision checkpoint holds a tower of type {vision['model_type']}, which the {self.name} family "
+                              f"does not take ({', '.join(self.vision_types)}): give one of those, or a family that takes it")
+        if text is not None and text["model_type"] not in self.text_types:
+            raise ConfigError(f"the LLM checkpoint is a model of type {text['model_type']}, which the {self.name} family does not "
+                              f"take ({', '.join(self.text_types)}): give one of those, or a family that takes it")
+        return vision, text
+
+    def processor_fields(self, preprocessor: dict[str, Any]) -> dict[str, Any]:
+        """`MLLMConfig` fields that a directory's preprocessor_config.json sets (what transformers' image
+        processor of a directory it wrote does; our exports record them in config.json too)."""
+        return {}
 
     def current_hf_dict(self, hf: dict[str, Any]) -> dict[str, Any]:
         """A config.json in the layout today's transformers writes (`vision_config`, `text_config`), for
@@ -222,6 +247,12 @@ class Family:
         tiles: {"tower": ..., "projector": ...}, counted by `models/vision_flops.py`. They do not
         depend on the plan (pre-LLM steps act after the projector)."""
         raise NotImplementedError(f"the {self.name} family does not count its tower's and projector's FLOPs")
+
+    def hf_image_inputs(self, config: "MLLMConfig", input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
+                        image_sizes: Tensor | None) -> dict[str, Tensor]:
+        """The image inputs transformers' class of the family (`hf_architecture`) takes for a batch of
+        ours: what timing it against us (`python -m train bench bench.hf=true`) feeds it."""
+        return {"pixel_values": pixel_values}
 
     def image_pixels(self, config: "MLLMConfig", pixel_values: Tensor | None, image_sizes: Tensor | None) -> Tensor | None:
         """`pixel_values` with one leading entry per image (zero padding after each image's own
@@ -312,8 +343,6 @@ def register(family_class: type[Family]) -> type[Family]:
 
 def family_for_model_type(model_type: str | None) -> Family:
     """The family whose checkpoints have this config.json `model_type` (a clear error otherwise)."""
-    from .validation import ConfigError
-
     for family in FAMILIES.values():
         if family.hf_model_type == model_type:
             return family

@@ -127,7 +127,8 @@ class MLLM(nn.Module):
         mismatches."""
         hf = original_layout.read_config(path, vision_tower)
         plan_dict = hf.get("efficient_mllm", {}).get("plan")
-        model = cls.from_config(MLLMConfig.from_hf(hf), Plan.from_dict(plan_dict) if plan_dict else None, dtype=dtype, init=False)
+        config = MLLMConfig.from_hf(hf, checkpoint.read_preprocessor(path))
+        model = cls.from_config(config, Plan.from_dict(plan_dict) if plan_dict else None, dtype=dtype, init=False)
         shapes = original_layout.read_shapes(path, vision_tower)
         if shapes is not None:
             message = checkpoint.mismatch_message(str(path), *checkpoint.mismatches(model, shapes))
@@ -146,12 +147,17 @@ class MLLM(nn.Module):
         vision = llm = None
         if vision_path:
             vision = AutoConfig.from_pretrained(checkpoint.checkpoint_dir(vision_path, "model.vision_pretrained"))
-            vision = getattr(vision, "vision_config", vision)  # a full CLIP/SigLIP dir holds text + vision
+            vision = getattr(vision, "vision_config", vision)  # a whole model's dir (CLIP, InternVL, Qwen2-VL) holds more
         if llm_path:
             llm = AutoConfig.from_pretrained(checkpoint.checkpoint_dir(llm_path, "model.llm_pretrained"))
-        model = cls.from_config(config.with_backbones(vision, llm), dtype=dtype)
+        try:
+            combined = config.with_backbones(vision, llm)
+        except ConfigError as e:
+            given = ", ".join(f"{k}={v}" for k, v in (("model.vision_pretrained", vision_path), ("model.llm_pretrained", llm_path)) if v)
+            raise ConfigError(f"{given}: {e}") from None
+        model = cls.from_config(combined, dtype=dtype)
         if vision_path:
-            _load_part(model.vision_tower, original_layout.tower_weights(checkpoint.read_state_dict(vision_path)), str(vision_path))
+            _load_part(model.vision_tower, tower_part(model.family, checkpoint.read_state_dict(vision_path)), str(vision_path))
         if llm_path:
             sd = checkpoint.read_state_dict(llm_path)
             _load_part(model.language_model, {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, str(llm_path))
@@ -557,6 +563,15 @@ def images_of_rows(tokens_per_row: Tensor, tokens_per_image: Tensor, image_token
     """The prompt row [n_images] each image belongs to (`models.host_sizes.image_rows`, read back from tensors)."""
     rows = image_rows(tokens_per_row.tolist(), tokens_per_image.tolist(), image_token_id)
     return torch.tensor(rows, dtype=torch.long, device=tokens_per_image.device)
+
+
+def tower_part(family, state: dict) -> dict:
+    """The vision tower's tensors of a checkpoint under the tower's own names: a whole model of the family
+    (InternVL's `vision_tower.*`, Qwen2-VL's `visual.*` without its merger, llava-hf's), else a tower's own
+    directory (CLIP's `vision_model.*`, or bare names as InternVLVisionModel / Qwen's tower write them)."""
+    internal = {family.to_internal_name(k): v for k, v in state.items()}
+    tower = {k[len("vision_tower."):]: v for k, v in internal.items() if k.startswith("vision_tower.")}
+    return tower or original_layout.tower_weights(state)
 
 
 def _load_part(module: nn.Module, state: dict, source: str) -> None:

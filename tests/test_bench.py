@@ -63,3 +63,48 @@ def test_hf_twin_shares_our_weights_and_gives_our_logits():
     ids, mask, pixels = image_batch(model.config, batch=2)
     with torch.no_grad():
         assert torch.allclose(model(ids, mask, pixels).logits, hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, atol=1e-5)
+
+
+FAMILY_PRESETS = ["tiny_next", "tiny_internvl", "tiny_qwen2vl", "tiny_qwen25vl"]  # one per family beyond LLaVA-1.5
+
+
+@pytest.mark.parametrize("model", FAMILY_PRESETS)
+def test_bench_times_every_family_against_its_transformers_class(model, tmp_path):
+    """Each sample's image (64 x 96) goes through the family's preprocessing: its visual tokens are the family's
+    count for that size, plans' FLOPs follow the family's layout, and `bench.hf=true` times the family's own class."""
+    from train.builders import build
+    from train.tools.cli import compose_cli
+
+    config = build(compose_cli("bench", [f"model={model}"]).model, "model").mllm_config
+    overrides = [o for o in TINY if not o.startswith("model=")]
+    rows = run_bench(["fastv"], [*overrides, f"model={model}", "bench.image_size=[64,96]", "bench.hf=true", f"bench.out={tmp_path}"])
+    assert [r["arch"] for r in rows] == ["dense", "fastv", f"hf_{config.family}_sdpa"]
+    assert {r["n_visual"] for r in rows} == {config.tokens_per_image((64, 96))}
+    assert 0 < rows[1]["flops_ratio"] < 1 and all(r["prefill_ms"] > 0 for r in rows)
+
+
+def test_n_visual_is_llava_15s_grid_only(tmp_path):
+    with pytest.raises(ValueError, match="set bench.image_size"):
+        run_bench(["dense"], [*[o for o in TINY if not o.startswith("model=")], "model=tiny_internvl", "bench.n_visual=16",
+                              f"bench.out={tmp_path}"])
+
+
+@pytest.mark.parametrize("model", FAMILY_PRESETS)
+def test_hf_twin_of_every_family_gives_our_logits_on_the_bench_batch(model):
+    """The bench batch's image inputs for transformers' class (`Family.hf_image_inputs`: NeXT's image_sizes,
+    InternVL's flat tiles, Qwen's image_grid_thw and token types) give our dense logits."""
+    import torch
+
+    from train.builders import build
+    from train.tools.bench import hf_twin, make_batch
+    from train.tools.cli import compose_cli
+
+    spec = build(compose_cli("bench", [f"model={model}", "model.config.text.num_hidden_layers=2"]).model, "model")
+    torch.manual_seed(0)
+    ours = spec.build().eval()
+    batch = make_batch(ours, 2, 8, 0, image_size=(64, 96))
+    hf = hf_twin(ours, spec).eval()
+    with torch.no_grad():
+        want = hf(input_ids=batch.ids, attention_mask=batch.mask, **batch.hf).logits
+        got = ours(batch.ids, batch.mask, **batch.ours).logits
+    assert (got - want).abs().max().item() <= 1e-4

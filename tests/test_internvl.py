@@ -166,6 +166,31 @@ def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path
         assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=sizes).logits, want)
 
 
+@pytest.mark.parametrize("processor", [dict(max_patches=4), dict(max_patches=2), dict(max_patches=6, crop_to_patches=False)],
+                         ids=["max_patches=4", "max_patches=2", "no-crop"])
+def test_the_directorys_image_processor_sets_the_tiles(tmp_path, processor):
+    """A directory with the preprocessor_config.json that transformers' GotOcr2ImageProcessorPil (InternVL's image
+    processor) wrote: its max_patches (crop_to_patches false: one tile) is the model's most tiles and its mean / std
+    normalise, so the tiles, pixels and placeholders of every image are that processor's, in MLLM.from_pretrained and
+    in model.pretrained."""
+    from PIL import Image
+    from transformers import InternVLConfig
+
+    from train.model_source import ModelSource
+
+    InternVLForConditionalGeneration(InternVLConfig(**tiny_internvl_config().hf_config().to_dict())).save_pretrained(tmp_path)
+    hf_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, **{"crop_to_patches": True, **processor})
+    hf_processor.save_pretrained(tmp_path)
+    loaded = MLLM.from_pretrained(tmp_path)
+    config = loaded.config
+    assert config.max_tiles == (1 if processor.get("crop_to_patches") is False else processor["max_patches"])
+    assert ModelSource(name="hf", pretrained=str(tmp_path)).mllm_config.max_tiles == config.max_tiles
+    for image in [*internvl_images(), Image.new("RGB", (130, 20))]:
+        want = hf_processor(images=[image], return_tensors="pt")
+        assert config.tokens_per_image((image.height, image.width)) == int(want["num_patches"][0]) * 16
+        assert torch.equal(config.model_family.image_processor(config)(image).pixels, want["pixel_values"])
+
+
 def test_a_tied_hf_checkpoint_loads_tied(tmp_path):
     """InternVLConfig ties the LM head by its top-level flag (default True): a directory transformers
     writes without `lm_head` loads with the embedding as the head."""

@@ -126,7 +126,8 @@ def test_activation_formula_matches_what_autograd_saves(overrides, lora_dropout)
     torch.manual_seed(0)
     model = MLLM.from_config(spec.mllm_config).to(torch.bfloat16)
     mode = "finetune" if lora_dropout is None else "lora"
-    ids, mask, pixels, labels = make_batch(model, 1, 64, 0)
+    batch = make_batch(model, 1, 64, 0)
+    ids, mask, pixels, labels = batch.ids, batch.mask, batch.ours["pixel_values"], batch.labels
     a = act_shape(model, ids.shape[1], mode, 8, LLAMA, lora_dropout or 0.0, model.config.num_image_tokens)
     a = dataclasses.replace(a, supervised=int((labels != -100).sum()))
     apply_stage(model, StageConfig("finetune", train_vision=False, train_projector=True, train_llm=mode == "finetune"))

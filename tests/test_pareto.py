@@ -144,7 +144,8 @@ def fake_run(sweep: Path, num: int, point: str, job_id: str, finished: bool = Tr
     if finished:
         metrics = {"val/acc": acc, "val/acc/fine": fine, "val/acc/count": acc, "val/acc_majority": 0.38,
                    "val/acc_noimage": 0.36, "val/loss": 0.5, "eff/flops_ratio": ratio, "eff/prefill_ms": ms,
-                   "eff/decode_ms_per_token": 2.0, "eff/kv_cache_mb": ratio, "eff/prefill_tflops": ratio * 1e-4}
+                   "eff/decode_ms_per_token": 2.0, "eff/kv_cache_mb": ratio, "eff/prefill_tflops": ratio * 1e-4,
+                   "eff/tower_tflops": 3e-5, "eff/projector_tflops": 2e-6}
         summary = {"run_dir": str(d), "model": "tiny", "arch": method, "steps": 1200, "seconds": {"total": 600.0},
                    "flops": {"convention": "2mac", "scope": "total", "per": "sample, prefill, decoder layers"},
                    "metrics": metrics}
@@ -220,6 +221,7 @@ def test_aggregator_tables_plots_and_reports_failures(fake_sweep, capsys):
     assert rows[1]["method"] == "fastv" and rows[1]["knobs"] == "K=1 R=0.75 reference_depth=4"
     assert rows[1]["varied"] == "R=0.75" and rows[0]["varied"] == ""
     assert float(rows[3]["val/acc/fine"]) == 0.30 and rows[3]["frontier_flops"] == "True"
+    assert float(rows[0]["eff/tower_tflops"]) == 3e-5 and float(rows[0]["eff/projector_tflops"]) == 2e-6
 
     md = Path(summary["markdown"]).read_text()
     assert "2 x multiply-accumulates" in md and "scope=total" in md
@@ -307,6 +309,7 @@ def test_sweep_end_to_end_with_submitit_local(tmp_path):
     assert "ConfigError" in result["failed"][0]["reason"] and "3_broken" in agg.stderr
     rows = {r["point"]: r for r in csv.DictReader(open(result["csv"]))}
     assert rows["dense"]["method"] == "dense" and float(rows["dense"]["eff/flops_ratio"]) == 1.0
+    assert float(rows["dense"]["eff/tower_tflops"]) > float(rows["dense"]["eff/projector_tflops"]) > 0  # Family.vision_flops
     assert rows["fastv_k33"]["method"] == "fastv" and float(rows["fastv_k33"]["eff/flops_ratio"]) < 1.0
     assert rows["fastv_k33"]["protocol"] == "training-free" and rows["ft_vica"]["protocol"] == "fine-tuned 2 steps"
     for path in result["plots"].values():

@@ -96,6 +96,23 @@ def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path
     assert_hf_directories_round_trip(ours, hf, tmp_path, (ids, mask, pixels, grids))
 
 
+def test_the_directorys_image_processor_sets_the_pixel_bounds(tmp_path):
+    """A directory transformers wrote with its Qwen2VLImageProcessorPil (pixel bounds and mean / std other than the
+    processor's defaults): MLLM.from_pretrained preprocesses and counts tokens as that processor does."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLForConditionalGeneration(Qwen2VLConfig(**tiny_qwen_config().hf_config().to_dict())).save_pretrained(tmp_path)
+    theirs = Qwen2VLImageProcessorPil(min_pixels=8 * 8 * 6, max_pixels=8 * 8 * 20, patch_size=4, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    theirs.save_pretrained(tmp_path)
+    config = MLLM.from_pretrained(tmp_path).config
+    assert (config.min_pixels, config.max_pixels) == (8 * 8 * 6, 8 * 8 * 20)
+    for image in qwen_images():
+        mine, out = config.model_family.image_processor(config)(image), theirs(images=[image], return_tensors="pt")
+        assert torch.equal(mine.pixels, out["pixel_values"]) and list(mine.size) == out["image_grid_thw"][0].tolist()
+        assert config.tokens_per_image((image.height, image.width)) == int(out["image_grid_thw"][0].prod()) // 4
+
+
 def test_preprocessing_and_token_counts_are_transformers(pair):
     """Our image processor is transformers' `Qwen2VLImageProcessorPil` at the config's pixel bounds;
     the token count from an image's original size (`smart_resize`) equals what the tower gives."""

@@ -18,7 +18,7 @@ import torch
 from data.chat import TEMPLATES, image_placeholder, wrap_ids
 from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
 from models import MLLM, MLLMConfig
-from models.checkpoint import mismatch_message, mismatches
+from models.checkpoint import mismatch_message, mismatches, read_preprocessor
 from models.original_layout import read_config, read_shapes
 from models.compile import compile_decoder_layers
 from models.mllm import check_plan
@@ -82,7 +82,10 @@ class ModelSource:
     def mllm_config(self) -> MLLMConfig:
         """The model's configuration (`MLLMConfig`): the checkpoint's when loading a llava directory,
         else the preset's `config`. (The plan is `arch`, resolved by `plan`.)"""
-        config = MLLMConfig.from_hf(read_config(self.pretrained, self.vision_tower)) if self.pretrained else MLLMConfig.from_dict(self.config)
+        if self.pretrained:
+            config = MLLMConfig.from_hf(read_config(self.pretrained, self.vision_tower), read_preprocessor(self.pretrained))
+        else:
+            config = MLLMConfig.from_dict(self.config)
         return replace(config, **self.preprocessing) if self.preprocessing else config
 
     def plan(self, arch: dict[str, Any] | None) -> Plan:

@@ -40,7 +40,8 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
 from ..config import MLLMConfig
-from ..family import ImageProcessor, ProcessedImage, VisualTokens, grid_place, on_device, real_tiles, register, tiles_by_image
+from ..family import (ImageProcessor, ProcessedImage, VisualTokens, grid_place, normalisation, on_device, real_tiles, register,
+                      tiles_by_image)
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..vision import encoder_layers, tower_features
@@ -125,9 +126,21 @@ class InternVLFamily(LlavaFamily):
                               f"{hf.get('projector_hidden_act')!r}: only 0.5 and 'gelu' (every released InternVL) are supported")
         fields = super().config_fields(hf)
         fields["vision_feature_layer"] = hf.get("vision_feature_layer", -1)
-        fields["max_tiles"] = hf.get("efficient_mllm", {}).get("max_tiles")
         # transformers ties the LM head by the top-level flag (InternVLConfig's default: True)
         fields["text_overrides"] = {"tie_word_embeddings": hf.get("tie_word_embeddings", True)}
+        return fields
+
+    def processor_fields(self, preprocessor: dict[str, Any]) -> dict[str, Any]:
+        """GotOcr2ImageProcessor's `max_patches` is the most tiles (`crop_to_patches` false: one tile), and its mean
+        and std normalise; its `min_patches` must be 1 (every released InternVL's), as our tiling assumes."""
+        if preprocessor.get("min_patches", 1) != 1:
+            raise ConfigError(f"preprocessor_config.json has min_patches={preprocessor['min_patches']}: only 1 (every released "
+                              "InternVL's) is supported")
+        fields = normalisation(preprocessor)
+        if preprocessor.get("crop_to_patches", True) is False:
+            fields["max_tiles"] = 1
+        elif "max_patches" in preprocessor:
+            fields["max_tiles"] = int(preprocessor["max_patches"])
         return fields
 
     # --- modules and weights --------------------------------------------------------------------
@@ -189,6 +202,11 @@ class InternVLFamily(LlavaFamily):
     # --- visual tokens --------------------------------------------------------------------------
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
+
+    def hf_image_inputs(self, config, input_ids, attention_mask, pixel_values, image_sizes):
+        """Every real tile, flat (transformers' InternVL takes no sizes)."""
+        n_tiles = [self.tiles_per_image(config, s) for s in image_sizes.tolist()]
+        return {"pixel_values": real_tiles(pixel_values, n_tiles, image_sizes.tolist())}
 
     def image_pixels(self, config, pixel_values, image_sizes):
         if pixel_values is None or image_sizes is None:

@@ -171,6 +171,9 @@ class LlavaNextFamily(LlavaFamily):
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
 
+    def hf_image_inputs(self, config, input_ids, attention_mask, pixel_values, image_sizes):
+        return {"pixel_values": pixel_values, "image_sizes": image_sizes}
+
     def image_pixels(self, config, pixel_values, image_sizes):
         if pixel_values is None or image_sizes is None:
             return pixel_values

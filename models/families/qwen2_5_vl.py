@@ -30,6 +30,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
     hf_processor_class = "Qwen2_5_VLProcessor"
     hf_config_class = Qwen2_5_VLConfig
     tower_class = Qwen2_5_VisionTransformerPretrainedModel
+    merged_width_key = "out_hidden_size"
 
     def step_times(self, config, steps: int, seconds: Tensor | None) -> Tensor:
         """Time offsets of a video's steps: each step spans `seconds` (`second_per_grid_ts`: 2 frames /
@@ -52,9 +53,6 @@ class Qwen25VLFamily(Qwen2VLFamily):
             raise ValueError(f"{self.name} places video tokens in time by second_per_grid_ts (2 / the sampled fps of each "
                              "video): pass it (transformers' processor falls back to 24 fps without metadata, 0.083 s)")
         return super().visual_items(config, input_ids, attention_mask, pixel_values, image_sizes, videos)
-
-    def merged_width(self, vision) -> int:
-        return vision.out_hidden_size
 
     def tower_width(self, vision) -> int:
         return vision.hidden_size

@@ -36,8 +36,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, apply_rotary_pos_emb_vision
 
 from ..config import MLLMConfig
-from ..family import (Family, ImageProcessor, ProcessedImage, ProcessedVideo, VideoProcessor, VisualTokens, grid_place, on_device,
-                      register)
+from ..family import (Family, ImageProcessor, ProcessedImage, ProcessedVideo, VideoProcessor, VisualTokens, grid_place,
+                      normalisation, on_device, register)
 from ..gathered import hf_from_config
 from ..validation import ConfigError
 from ..video import VisualItems, merge_in_prompt_order
@@ -192,11 +192,31 @@ class Qwen2VLFamily(Family):
     hf_config_class = Qwen2VLConfig
     tower_class = Qwen2VisionTransformerPretrainedModel
     default_pixels = (MIN_PIXELS, MAX_PIXELS)  # the processor's bounds when a checkpoint names none
+    merged_width_key = "hidden_size"  # the vision config's field for the merger's output width
+    llm_type = "qwen2"  # the LLM whose checkpoints hold this family's text model without M-RoPE (MLLM.from_components)
 
     # --- configuration ------------------------------------------------------------------------
     def merged_width(self, vision) -> int:
         """The merger's output width (must be the LLM's hidden size)."""
-        return vision.hidden_size
+        return getattr(vision, self.merged_width_key)
+
+    def adapt_backbones(self, config: MLLMConfig, vision, text):
+        """An `llm_type` LLM is this family's text model (Qwen2-VL's LLM is Qwen2 with M-RoPE, Qwen3-VL's Qwen3:
+        the same weights): its fields under the family's text type, with the preset's M-RoPE settings
+        (`mrope_section`, Qwen3-VL's `mrope_interleaved`). The merger, a new projector here, writes the LLM's
+        width. Other LLMs (Llama: no q/k/v biases, no q/k norms) are refused."""
+        text_type = next(iter(self.text_types))
+        if text is not None and text["model_type"] == self.llm_type:
+            mrope = {k: v for k, v in (config.hf_text_config().rope_parameters or {}).items() if k.startswith("mrope")}
+            text = {**text, "model_type": text_type, "rope_parameters": {**(text.get("rope_parameters") or {}), **mrope}}
+        elif text is not None and text["model_type"] != text_type:
+            raise ConfigError(f"the LLM checkpoint is a {text['model_type']} model; the {self.name} family's LLM is "
+                              f"{self.llm_type}'s with M-RoPE (the same weights): give a {self.llm_type} LLM directory, or a "
+                              f"family that takes {text['model_type']} LLMs (llava, llava_next, internvl)")
+        if vision is not None:
+            width = text["hidden_size"] if text is not None else config.hf_text_config().hidden_size
+            vision = {**vision, self.merged_width_key: width}
+        return super().adapt_backbones(config, vision, text)
 
     def validate(self, config: MLLMConfig) -> None:
         vision, text = config.hf_vision_config(), config.hf_text_config()
@@ -247,6 +267,14 @@ class Qwen2VLFamily(Family):
             video_min_pixels=VIDEO_MIN_PIXELS,
             video_max_pixels=VIDEO_MAX_PIXELS,
         )
+
+    def processor_fields(self, preprocessor: dict[str, Any]) -> dict[str, Any]:
+        """The image processor's pixel bounds (`size` {shortest_edge, longest_edge} in transformers 5, or the older
+        top-level `min_pixels` / `max_pixels`) and its mean and std."""
+        size = preprocessor.get("size") or {}
+        bounds = {"min_pixels": preprocessor.get("min_pixels", size.get("shortest_edge")),
+                  "max_pixels": preprocessor.get("max_pixels", size.get("longest_edge"))}
+        return normalisation(preprocessor) | {k: int(v) for k, v in bounds.items() if v is not None}
 
     # --- modules and weights --------------------------------------------------------------------
     def build(self, model) -> None:
@@ -305,6 +333,10 @@ class Qwen2VLFamily(Family):
 
     def image_count(self, pixel_values, image_sizes) -> int:
         return 0 if pixel_values is None else len(image_sizes)
+
+    def hf_image_inputs(self, config, input_ids, attention_mask, pixel_values, image_sizes):
+        types = ((input_ids == config.image_token_id) & attention_mask.bool()).long()  # transformers' token types: 1 = image
+        return {"pixel_values": pixel_values, "image_grid_thw": image_sizes, "mm_token_type_ids": types}
 
     def image_pixels(self, config, pixel_values, image_sizes):
         """[n_images, most patches, patch pixels]: each image's patches, zero padded."""

@@ -69,11 +69,10 @@ class Qwen3VLFamily(Qwen2VLFamily):
     tower_class = Qwen3VLVisionModel
     default_pixels = (MIN_PIXELS, MAX_PIXELS)
     frame_timestamps = True  # a video's steps are written apart, each after its "<1.5 seconds>" (Qwen3VLProcessor)
+    merged_width_key = "out_hidden_size"
+    llm_type = "qwen3"
 
     # --- configuration ------------------------------------------------------------------------
-    def merged_width(self, vision) -> int:
-        return vision.out_hidden_size
-
     def validate(self, config: MLLMConfig) -> None:
         super().validate(config)
         vision, text = config.hf_vision_config(), config.hf_text_config()
@@ -159,5 +158,6 @@ class Qwen3VLMoeFamily(Qwen3VLFamily):
     hf_architecture = "Qwen3VLMoeForConditionalGeneration"
     vision_types = {"qwen3_vl_moe_vision": "qwen3_vl"}
     text_types = {"qwen3_vl_moe_text": "qwen3_moe"}
+    llm_type = "qwen3_moe"
     hf_config_class = Qwen3VLMoeConfig
     tower_class = Qwen3VLMoeVisionModel

@@ -1,10 +1,14 @@
-"""`python -m train bench model=<m> arch=<a>[,<b>...] [bench.batch=..] [bench.n_visual=..] [bench.device=cuda bench.dtype=bf16]`
+"""`python -m train bench model=<m> arch=<a>[,<b>...] [bench.batch=..] [bench.image_size=[H,W]] [bench.device=cuda bench.dtype=bf16]`
 
 Times each plan against `dense` on the same randomly initialised model in one process: prefill
 (vision tower + LLM, KV cache built), one training step (forward + backward on the answer tokens)
 and greedy decoding per token, each the median of `bench.repeats` runs after `bench.warmup`.
-`bench.hf=true` adds a row for transformers' `LlavaForConditionalGeneration` (SDPA attention) on
-the same weights (shared tensors) and the dense row's time relative to it.
+Every sample holds one random image of `bench.image_size`, preprocessed by the model's family (LLaVA-1.5's
+square, NeXT's and InternVL's tiles, Qwen's patches), so its visual tokens are the family's count for that
+size; `bench.n_visual` instead sets LLaVA-1.5's square grid directly.
+`bench.hf=true` adds a row for transformers' class of the family (`hf_<family>_sdpa`: e.g.
+`LlavaForConditionalGeneration`, SDPA attention) on the same weights (shared tensors) and the dense row's
+time relative to it.
 Prints a JSON list of rows and writes it to `bench.out/bench-<model>-<time>.json`:
   {"arch","batch","n_visual","n_text","prefill_ms","train_step_ms","decode_ms_per_token",
    "prefill_peak_mb","train_peak_mb","flops_ratio","time_ratio","train_time_ratio"}
@@ -29,10 +33,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
-from models.flops import Shape, prefill_flops
+from data.batch import collate_images
+from models.config import ConfigError
+from models.flops import ImageTokens, Shape, prefill_flops
 from models.plan import Plan
 
 from ..builders import build
@@ -40,7 +48,6 @@ from ..model_source import ModelSource
 from .cli import compose_cli
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-HF_ROW = "hf_llava_sdpa"
 
 
 def split_arch_list(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -90,22 +97,50 @@ class Clock:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.cuda else None
 
 
-def make_batch(model, batch: int, n_text: int, seed: int, device: torch.device | str = "cpu"):
-    """Prompt = 3 text tokens, the image, then the rest of the text (like a system prompt + question);
-    the last tokens (up to 8, never the one right after the image) are the supervised answer."""
+@dataclasses.dataclass
+class BenchBatch:
+    """`batch` prompts of one image each: ids, mask and labels, the image inputs of our model (`ours`:
+    pixel_values, image_sizes) and of transformers' class of the family (`hf`), and the image's size
+    as the family reports it (what its tokens and places follow from)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    ours: dict
+    hf: dict
+    size: tuple[int, ...]
+    n_visual: int
+
+
+def make_batch(model, batch: int, n_text: int, seed: int, device: torch.device | str = "cpu",
+               image_size: tuple[int, int] = (672, 672)) -> BenchBatch:
+    """Prompt = 3 text tokens, the image (its placeholders, between the family's wrapping tokens when its
+    config fixes their ids: Qwen), then the rest of the text (like a system prompt + question); the last
+    tokens (up to 8, never the one right after the image) are the supervised answer. The image: random
+    pixels of `image_size` (height, width), through the family's preprocessing."""
     if n_text < 5:
         raise ValueError(f"bench.n_text={n_text} must be >= 5 (3 tokens before the image, a question, an answer)")
+    config = model.config
+    family = config.model_family
+    height, width = image_size
+    rng = np.random.default_rng(seed)
+    processed = family.image_processor(config)(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)))
+    pixels, sizes = collate_images([{"pixel_values": [processed.pixels], "image_sizes": [processed.size]}] * batch)
+    n_v = config.tokens_per_image(processed.size)
     g = torch.Generator().manual_seed(seed)
-    n_v, vocab = model.config.num_image_tokens, model.text_config.vocab_size
-    ids = torch.randint(4, vocab, (batch, n_text + n_v), generator=g)
-    ids[ids == model.config.image_token_id] = 4  # text never holds an image token (LLaVA's id 32000 is in range)
-    ids[:, 3 : 3 + n_v] = model.config.image_token_id
-    size = model.config.hf_vision_config().image_size
-    pixels = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.randint(4, model.text_config.vocab_size, (batch, n_text + n_v), generator=g)
+    special = {config.image_token_id, *(family.image_wrap_ids(config) or ()), *config.token_ids.values()}
+    ids[torch.isin(ids, torch.tensor(sorted(special)))] = 4  # text never holds an image token (LLaVA's id 32000 is in range)
+    ids[:, 3 : 3 + n_v] = config.image_token_id
+    if family.image_wrap_ids(config):
+        ids[:, 2], ids[:, 3 + n_v] = family.image_wrap_ids(config)
     labels = torch.full_like(ids, -100)
     answer = min(8, n_text - 4)
     labels[:, -answer:] = ids[:, -answer:]
-    return tuple(t.to(device) for t in (ids, torch.ones_like(ids), pixels.to(model.dtype), labels))
+    ids, mask, labels = (t.to(device) for t in (ids, torch.ones_like(ids), labels))
+    pixels, sizes = pixels.to(device, model.dtype), sizes.to(device)
+    hf = family.hf_image_inputs(config, ids, mask, pixels, sizes)
+    return BenchBatch(ids, mask, labels, {"pixel_values": pixels, "image_sizes": sizes}, hf, processed.size, n_v)
 
 
 class OursRunner:
@@ -114,55 +149,56 @@ class OursRunner:
     def __init__(self, model):
         self.model = model
 
-    def prefill(self, ids, mask, pixels):
-        out = self.model(ids, mask, pixels, logits="last", use_cache=True)
+    def prefill(self, b: BenchBatch):
+        out = self.model(b.ids, b.mask, logits="last", use_cache=True, **b.ours)
         return out.logits, out.cache
 
-    def loss(self, ids, mask, pixels, labels):
-        return self.model(ids, mask, pixels, labels=labels).loss
+    def loss(self, b: BenchBatch):
+        return self.model(b.ids, b.mask, labels=b.labels, **b.ours).loss
 
     def step(self, token, state, mask):
         return self.model.decode_step(token, state), state
 
 
 class HFRunner:
-    """The same three operations through transformers' `LlavaForConditionalGeneration`."""
+    """The same three operations through transformers' class of the family (`LlavaForConditionalGeneration`, ...)."""
 
     def __init__(self, hf):
         self.model = hf
         # the KV cache argument is `cache` in recent transformers 5.x, `past_key_values` before
         self.cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
-    def prefill(self, ids, mask, pixels):
-        out = self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    def prefill(self, b: BenchBatch):
+        out = self.model(input_ids=b.ids, attention_mask=b.mask, use_cache=True, logits_to_keep=1, **b.hf)
         return out.logits[:, -1], getattr(out, self.cache_arg)
 
-    def loss(self, ids, mask, pixels, labels):
-        return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    def loss(self, b: BenchBatch):
+        return self.model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels, **b.hf).loss
 
     def step(self, token, cache, mask):
-        out = self.model(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{self.cache_arg: cache})
+        # no attention mask: the bench's rows have no padding, so the cache's length gives every position (Qwen's
+        # M-RoPE offsets them by the rope deltas of the prefill, which a full-length mask would misalign)
+        out = self.model(input_ids=token[:, None], use_cache=True, **{self.cache_arg: cache})
         return out.logits[:, -1], getattr(out, self.cache_arg)
 
 
-def time_runner(runner, params, batch, b, clock: Clock) -> dict:
+def time_runner(runner, params, batch: BenchBatch, b, clock: Clock) -> dict:
     """Prefill, training step and decode timings (+ peak memory) of one runner on one batch."""
-    ids, mask, pixels, labels = batch
     model = runner.model
 
     @torch.no_grad()
     def prefill():
-        return runner.prefill(ids, mask, pixels)
+        return runner.prefill(batch)
 
     def train_step():
         for p in params:
             p.grad = None
-        runner.loss(ids, mask, pixels, labels).backward()
+        runner.loss(batch).backward()
 
     @torch.no_grad()
     def decode() -> float:
         logits, state = prefill()
-        token, m = logits.argmax(-1), mask
+        token, m = logits.argmax(-1), batch.mask
 
         def steps():
             nonlocal token, state, m
@@ -189,15 +225,14 @@ def time_runner(runner, params, batch, b, clock: Clock) -> dict:
             "prefill_peak_mb": prefill_peak, "train_peak_mb": train_peak}
 
 
-def warm_up(runner, params, batch) -> None:
+def warm_up(runner, params, batch: BenchBatch) -> None:
     """One prefill and one training step: allocator pools, thread pools and kernel caches get set up
     here rather than inside whichever row is measured first."""
-    ids, mask, pixels, labels = batch
     runner.model.eval()
     with torch.no_grad():
-        runner.prefill(ids, mask, pixels)
+        runner.prefill(batch)
     runner.model.train()
-    runner.loss(ids, mask, pixels, labels).backward()
+    runner.loss(batch).backward()
     for p in params:
         p.grad = None
 
@@ -235,6 +270,10 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
     if b.threads:
         torch.set_num_threads(int(b.threads))
     if b.n_visual is not None:
+        family = base.model.config.get("family", "llava")
+        if family != "llava":
+            raise ConfigError(f"bench.n_visual sets LLaVA-1.5's square patch grid; the {family} family's visual tokens "
+                              "follow from the image: set bench.image_size=[H,W] instead")
         side = math.isqrt(int(b.n_visual))
         if side * side != b.n_visual:
             raise ValueError(f"bench.n_visual={b.n_visual} must be a square number (a patch grid)")
@@ -247,12 +286,13 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
-    batch = make_batch(model, b.batch, b.n_text, b.seed, device)
+    batch = make_batch(model, b.batch, b.n_text, b.seed, device, tuple(b.image_size))
     clock = Clock(device)
     warm_up(OursRunner(model), params, batch)  # the first measurement should not pay for a cold process
     shape = Shape.from_hf(model.text_config)
-    n_v = model.config.num_image_tokens
-    dense_flops = prefill_flops(shape, Plan.dense(shape.layers), n_v, b.n_text)
+    n_v = batch.n_visual
+    image = ImageTokens.from_places(model.family.image_places(model.config, batch.size))  # the family's layout (tiles, newlines)
+    dense_flops = prefill_flops(shape, Plan.dense(shape.layers), image, b.n_text)
     out = Path(b.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{spec.name}-{b.device}-{b.dtype}-nv{n_v}-b{b.batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -272,12 +312,12 @@ def run_bench(archs: list[str], overrides: list[str]) -> list[dict]:
         model.set_plan(plan)
         timing = time_runner(OursRunner(model), params, batch, b, clock)
         rows.append({"arch": plan.name, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing,
-                     "flops_ratio": round(prefill_flops(shape, plan, n_v, b.n_text) / dense_flops, 4)})
+                     "flops_ratio": round(prefill_flops(shape, plan, image, b.n_text) / dense_flops, 4)})
         save()
     if b.hf:
         model.set_plan(Plan.dense(shape.layers))
         timing = time_runner(HFRunner(hf_twin(model, spec)), params, batch, b, clock)
-        rows.append({"arch": HF_ROW, "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing, "flops_ratio": 1.0})
+        rows.append({"arch": f"hf_{model.family.name}_sdpa", "batch": b.batch, "n_visual": n_v, "n_text": b.n_text, **timing, "flops_ratio": 1.0})
         for name, key in (("prefill", "prefill_ms"), ("train_step", "train_step_ms"), ("decode", "decode_ms_per_token")):
             rows[0][f"{name}_vs_hf"] = round(rows[0][key] / rows[-1][key], 4)  # our dense time / HF's: below 1 is faster
         save()

@@ -110,7 +110,8 @@ def run_bench_decode(archs: list[str], overrides: list[str]) -> list[dict]:
         path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
     for batch in b.batches:
-        ids, mask, pixels, _ = make_batch(model, batch, b.n_text, b.seed, device)
+        inputs = make_batch(model, batch, b.n_text, b.seed, device)
+        ids, mask, pixels = inputs.ids, inputs.mask, inputs.ours["pixel_values"]
         for arch in ["dense"] + [a for a in archs if a != "dense"]:
             cfg = compose_cli("bench_decode", overrides + [f"arch={arch}"])
             plan = spec.plan(OmegaConf.to_container(cfg.arch, resolve=True))

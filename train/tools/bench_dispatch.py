@@ -71,22 +71,8 @@ def family_batch(model, batch: int, n_text: int, image_size: tuple[int, int], se
     answer = min(8, n_text - 4)
     labels[:, -answer:] = ids[:, -answer:]
     return {"ids": ids, "mask": mask, "pixel_values": pixel_values.to(model.dtype), "image_sizes": image_sizes, "labels": labels,
-            "hf": hf_image_inputs(model, ids, mask, pixel_values.to(model.dtype), image_sizes), "n_visual": [len(r) - n_text for r in rows]}
-
-
-def hf_image_inputs(model, ids, mask, pixel_values, image_sizes) -> dict:
-    """transformers' image inputs of the family: LLaVA-NeXT's `image_sizes`, InternVL's tiles flat,
-    Qwen's patch grids as `image_grid_thw` with `mm_token_type_ids`."""
-    name = model.family.name
-    if name == "llava_next":
-        return {"pixel_values": pixel_values, "image_sizes": image_sizes}
-    if name == "internvl":
-        tiles = [model.family.tiles_per_image(model.config, s) for s in image_sizes.tolist()]
-        return {"pixel_values": torch.cat([p[:n] for p, n in zip(pixel_values, tiles)])}
-    if name.startswith("qwen"):
-        types = ((ids == model.config.image_token_id) & mask.bool()).long()
-        return {"pixel_values": pixel_values, "image_grid_thw": image_sizes, "mm_token_type_ids": types}
-    return {"pixel_values": pixel_values}
+            "hf": family.hf_image_inputs(config, ids, mask, pixel_values.to(model.dtype), image_sizes),
+            "n_visual": [len(r) - n_text for r in rows]}
 
 
 class Ours:

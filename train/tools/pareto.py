@@ -3,8 +3,8 @@
 Efficiency versus accuracy over the runs of a sweep (e.g. `python -m train -m experiment=pareto`).
 Every run directory below the sweep directories (one with `metrics.json` or `.hydra/`) becomes a
 row: method = the plan's name (`arch` in metrics.json), knobs = `arch.methods` of the run's resolved
-config.yaml, accuracy (overall, per skill), eff/* (FLOPs ratio, measured latencies, KV cache), steps
-and seconds. Writes to --out (default: the first sweep directory; the repository's curve of the
+config.yaml, accuracy (overall, per skill), eff/* (FLOPs ratio, the LLM's prefill TFLOPs and the tower's
+and projector's, measured latencies, KV cache), steps and seconds. Writes to --out (default: the first sweep directory; the repository's curve of the
 default task is kept in docs/results/, so `--out docs/results` refreshes it in place):
   pareto.csv, pareto.md       one row per finished run, cheapest first, FLOPs convention stated
   pareto_flops.png            accuracy vs prefill FLOPs relative to dense
@@ -40,7 +40,9 @@ COST_AXES = {  # x axis of each figure: (metric, file stem, axis label)
 }
 TABLE_METRICS = [
     "val/acc", "val/acc_noimage", "val/acc_majority", "val/loss", "val/acc_shuffled", "val/acc_single",
-    "eff/flops_ratio", "eff/prefill_tflops", "eff/visual_tflops", "eff/prefill_ms", "eff/decode_ms_per_token",
+    "eff/flops_ratio", "eff/prefill_tflops", "eff/visual_tflops",
+    "eff/tower_tflops", "eff/projector_tflops", "eff/deepstack_tflops",  # the images before the LLM (Family.vision_flops)
+    "eff/prefill_ms", "eff/decode_ms_per_token",
     "eff/kv_cache_mb", "eff/peak_mem_mb", "perf/tokens_per_s",
 ]
 SKIP_DIRS = {".hydra", ".submitit", "checkpoints", "export", "csv", "wandb"}
