@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class DataConfig:
     """The `data` config group: where shards come from (`source`: an object whose `prepare()` returns
-    `data.sources.Shards`) and how they are batched (sizes per device)."""
+    `data.sources.Shards` and `image_sizes()` its images' sizes, or None) and how they are batched
+    (sizes per device)."""
 
     source: Any
     batch_size: int = 16

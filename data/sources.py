@@ -1,6 +1,8 @@
 """Where shards come from: the embedded synthetic task (generated and cached) or existing shards.
 
-Each source is selected by `_target_` in `conf/data/*.yaml` and answers `prepare() -> Shards`.
+Each source is selected by `_target_` in `conf/data/*.yaml` and answers `prepare() -> Shards` and
+`image_sizes()` (what its images measure, when that is known before reading them: the job checks that
+their visual tokens fit `data.max_length` before any data work).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class SyntheticSource:
         self.cfg = SyntheticConfig(**synthetic)
         self.dir = cache_dir(root, self.cfg)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) of every image the task holds."""
+        return self.cfg.image_sizes
+
     def prepare(self) -> Shards:
         from .synthetic import all_texts, ensure_generated
 
@@ -62,6 +68,10 @@ class SyntheticVideoSource:
         self.cfg = VideoTaskConfig(**task)
         self.dir = cache_dir(root, self.cfg)
 
+    def image_sizes(self) -> None:
+        """It holds videos, no images."""
+        return None
+
     def prepare(self) -> Shards:
         from .synthetic_video import all_texts, ensure_generated
 
@@ -78,6 +88,10 @@ class ShardSource:
     def __init__(self, train: str | list[str], val: str | list[str], tokenizer_samples: int = 2000):
         self.train, self.val = train, val
         self.tokenizer_samples = tokenizer_samples
+
+    def image_sizes(self) -> None:
+        """Unknown before the shards are read."""
+        return None
 
     def prepare(self) -> Shards:
         train, val = expand_urls(self.train), expand_urls(self.val)

@@ -80,6 +80,7 @@ IMAGE_TOKEN = "<image>"
 SPLITS = ("train", "val")
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixel coordinates
+MIN_IMAGE_SIZE = 64  # the smallest scene with room for the fine-detail dot between objects
 
 
 # --------------------------------------------------------------------------- config
@@ -100,8 +101,8 @@ class SyntheticConfig:
     canvas_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.image_size < 64 or self.image_size % 2:  # smaller: no room for the dot between objects
-            raise ValueError(f"image_size must be even and >= 64, got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE or self.image_size % 2:  # smaller: no room for the dot between objects
+            raise ValueError(f"image_size must be even and >= {MIN_IMAGE_SIZE}, got {self.image_size}")
         if self.n_train < 0 or self.n_val < 0:
             raise ValueError("n_train and n_val must be >= 0")
         if self.turns_per_image < 1 or self.samples_per_shard < 1:
@@ -109,6 +110,11 @@ class SyntheticConfig:
         object.__setattr__(self, "canvas_widths", tuple(int(w) for w in self.canvas_widths))  # a frozen dataclass
         if any(w < self.image_size for w in self.canvas_widths):
             raise ValueError(f"canvas_widths {list(self.canvas_widths)} must be >= image_size {self.image_size}")
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) of the images it draws: the scene, on each canvas width."""
+        return [(self.image_size, w) for w in self.canvas_widths or (self.image_size,)]
 
 
 def config_record(cfg: SyntheticConfig) -> dict:

@@ -21,6 +21,11 @@ from .locking import locked
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 
 
+def task_special_ids(extra_special: tuple[str, ...] = ()) -> dict[str, int]:
+    """The ids a task tokenizer (`train_bpe`) gives its special tokens: the fixed ones, then `extra_special`."""
+    return {token: i for i, token in enumerate(SPECIAL_TOKENS + list(extra_special))}
+
+
 def train_bpe(texts: list[str], vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Byte-level BPE (GPT-2 style: any text encodes, decoding is exact) that prepends `<s>`;
     `extra_special` tokens follow the fixed ones."""

@@ -19,6 +19,9 @@ DATA = sorted(p.stem for p in Path(CONF, "data").glob("*.yaml"))
 
 
 def compose_train(overrides=()):
+    from train.builders import register_resolvers
+
+    register_resolvers()  # as every entry point does before Hydra composes (the data's image size is one)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
@@ -31,6 +34,41 @@ def test_model_presets_compose_and_validate(model):
     assert mcfg.tokens_per_image((672, 672)) > 0
     if model.startswith("tiny"):
         spec.build()  # small enough to construct for real
+
+
+SMALL = 100e6  # parameters: a preset this small is meant to train here, on the default task
+
+
+def parameter_count(config: MLLMConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in MLLM.from_config(config).parameters())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_preset_takes_the_default_task_or_says_why(model):
+    """`python -m train model=<preset>` (the default task): the whole config resolves, the run's objects build and
+    the task's images go through the family's preprocessing into fewer tokens than data.max_length; or, for a
+    preset that cannot, one ConfigError naming the fix: images that fill max_length (data.max_length=N), or, for a
+    large preset (>= 100M parameters), a shape for real weights (model.pretrained). tests/test_train.py runs each
+    small preset for real."""
+    from PIL import Image
+
+    from train.builders import image_spec, register_resolvers
+
+    register_resolvers()
+    cfg = compose_train([f"model={model}"])
+    for group in ("model", "data", "arch"):  # what the job resolves first (the others read Hydra's run state)
+        OmegaConf.to_container(cfg[group], resolve=True)
+    try:
+        run = RunConfig.from_config(cfg)
+    except ConfigError as e:
+        small = parameter_count(build(cfg.model, "model").mllm_config) < SMALL
+        assert "data.max_length=" in str(e) or (not small and "model.pretrained" in str(e)), e
+        return
+    spec = image_spec(run.model.mllm_config)
+    for height, width in run.data.source.image_sizes():
+        processed = spec.processor(Image.new("RGB", (width, height)))
+        assert 0 < spec.tokens(processed.size) < run.data.max_length
 
 
 def test_llava15_shapes_match_the_paper():

@@ -252,3 +252,33 @@ def test_the_high_resolution_job_trains_qwen3_vl_moe_with_accumulation(tmp_path)
     ids = torch.tensor([[7, 8, 9, 10]])
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+def test_every_small_model_preset_trains_on_the_default_task(model, tmp_path):
+    """`python -m train model=<preset>` (2 steps of the default task, a 2-layer LLM) for every preset small enough
+    to train here, with the data.max_length its config check asks for, if any (tests/test_configs.py checks
+    every preset's config, the large ones' refusal included)."""
+    import re
+
+    from models.config import ConfigError
+    from tests.test_configs import SMALL, compose_train, parameter_count
+    from train.builders import RunConfig, build, register_resolvers
+
+    register_resolvers()
+    cfg = compose_train([f"model={model}"])
+    if parameter_count(build(cfg.model, "model").mllm_config) >= SMALL:
+        pytest.skip("a shape for real weights: its config is checked in tests/test_configs.py")
+    try:
+        RunConfig.from_config(cfg)
+        asked = []
+    except ConfigError as e:
+        asked = re.findall(r"data\.max_length=\d+", str(e))
+    cmd = [sys.executable, "-m", "train", f"model={model}", f"paths.root_dir={tmp_path}", "run_name=smoke", *DATA, *asked,
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "model.config.text.num_hidden_layers=2", "export=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "smoke").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["model"] == model and 0 < summary["metrics"]["train/loss"] < 20

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.chat import ChatTokenizer
 from data.datamodule import DataConfig, ImageSpec, MLLMDataModule, SampleEncoder
+from data.synthetic import MIN_IMAGE_SIZE
 from models.config import ConfigError, check_keys
 from models.methods import arch_name
 from models.plan import Plan
@@ -48,6 +49,15 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("arch_name", run_dir_arch_name, replace=True)
     OmegaConf.register_new_resolver("accumulation", accumulation, replace=True)
     OmegaConf.register_new_resolver("required", required, replace=True)
+    OmegaConf.register_new_resolver("task_image_size", task_image_size, replace=True)
+
+
+def task_image_size(tower_size: int | None) -> int:
+    """`${task_image_size:${oc.select:model.config.vision.image_size,null}}`: the side of the synthetic
+    task's scenes for a model: its tower's input size, at least the task's smallest scene (64 px). So a
+    tiling family's 32 px tiles see a 64 px image as 2 x 2 tiles, and a tower without a fixed input
+    size (Qwen's dynamic resolution) sees 64 px images at full resolution."""
+    return max(MIN_IMAGE_SIZE, int(tower_size or 0))
 
 
 def required(key: str, what: str):
@@ -113,16 +123,31 @@ class RunConfig:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RunConfig":
         model, plan = model_and_plan(cfg)
+        model.check_task_tokenizer()
+        data = build(cfg.data, "data")
+        check_images_fit(model, data)
         return cls(
             model=model,
             plan=plan,
-            data=build(cfg.data, "data"),
+            data=data,
             optim=build(cfg.optim, "optim"),
             stage=build(cfg.stage, "stage"),
             peft=build(cfg.peft, "peft"),
             evaluation=build(cfg.eval, "eval"),
             nonfinite=build(cfg.nonfinite, "nonfinite"),
         )
+
+
+def check_images_fit(model: ModelSource, data: DataConfig) -> None:
+    """Refuse, before any data work, a task whose images alone fill `data.max_length` with this model's
+    visual tokens: every sample would be skipped as too long."""
+    for size in data.source.image_sizes() or []:
+        tokens = model.mllm_config.tokens_per_image(size)
+        if tokens >= data.max_length:
+            raise ConfigError(
+                f"model={model.name} gives an image of the task ({size[0]} x {size[1]} px) {tokens} visual tokens, which "
+                f"leaves no room for its conversation in data.max_length={data.max_length}: every sample would be skipped "
+                f"as too long. Raise it for this model: data.max_length={1 << (tokens + 256).bit_length()}")
 
 
 def model_and_plan(cfg: DictConfig) -> tuple[ModelSource, Plan]:

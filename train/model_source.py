@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from data.chat import TEMPLATES, image_placeholder, wrap_ids
-from data.tokenizer import load_pretrained_tokenizer, task_tokenizer
+from data.tokenizer import load_pretrained_tokenizer, task_special_ids, task_tokenizer
 from models import MLLM, MLLMConfig
 from models.checkpoint import mismatch_message, mismatches, read_preprocessor
 from models.original_layout import read_config, read_shapes
@@ -98,6 +98,26 @@ class ModelSource:
         plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
         check_plan(plan, self.mllm_config)  # what the model refuses, refused before any data work
         return plan
+
+    def check_task_tokenizer(self) -> None:
+        """Fail before any data work when the model trains a tokenizer on the task (no `pretrained`,
+        `tokenizer` or `llm_pretrained`) but its config names other ids for the image token or the
+        tokens around an image than that tokenizer gives them: a shape made for real weights (a 7B preset)."""
+        if self.tokenizer or self.pretrained or self.llm_pretrained:
+            return
+        config = self.mllm_config
+        family = config.model_family
+        task = task_special_ids(family.image_wrap or ())
+        wanted = {"<image>": config.image_token_id, **dict(zip(family.image_wrap or (), family.image_wrap_ids(config) or ()))}
+        wrong = {token: i for token, i in wanted.items() if task[token] != i}
+        if wrong:
+            named = ", ".join(f"{t} = {i}" for t, i in wrong.items())
+            theirs = ", ".join(f"{t} = {task[t]}" for t in wrong)
+            raise ConfigError(
+                f"model={self.name} names {named} (model.config), but without model.pretrained, model.tokenizer or "
+                f"model.llm_pretrained the job trains a tokenizer on the task, which has {theirs}: this preset is a shape "
+                "for real weights. Point model.pretrained at a checkpoint directory of it (or model.tokenizer at its "
+                "tokenizer), or train a tiny preset of its family (conf/model/tiny*.yaml) on the synthetic task")
 
     def check_weights(self) -> None:
         """Fail before any data work when `pretrained`'s weights do not fit the model its config.json
