@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .streams import Place
@@ -112,6 +113,13 @@ def tiles_by_image(pixel_values: Tensor, n_tiles: list[int]) -> Tensor:
     if pixel_values.dim() != 4:
         return pixel_values
     return torch.nn.utils.rnn.pad_sequence(list(pixel_values.split(n_tiles)), batch_first=True)
+
+
+def placeholder_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
+    """Lengths [n_runs] of the runs of consecutive placeholder tokens, row by row, in order."""
+    is_image = F.pad((input_ids == image_token_id) & attention_mask.bool(), (0, 1)).flatten().long()  # rows apart
+    run = torch.cumsum(is_image.diff(prepend=is_image.new_zeros(1)) == 1, 0)
+    return torch.bincount(run[is_image.bool()], minlength=1)[1:]
 
 
 @dataclass(frozen=True)
@@ -235,11 +243,12 @@ class Family:
     def image_count(self, pixel_values: Tensor | None, image_sizes: Tensor | None) -> int:
         return 0 if pixel_values is None else pixel_values.shape[0]
 
-    def sizes_from_prompt(self, config: "MLLMConfig", runs: Tensor, pixel_values: Tensor) -> Tensor | None:
-        """What stands for `image_sizes` when a batch comes without them, from `runs` [n_images]: each
-        image's placeholder count (a run of consecutive placeholders, in batch order). InternVL's
-        forward in transformers takes no sizes, so its tile counts follow from the prompt; None: the
-        family needs no sizes, or must be given them (its `encode` says so)."""
+    def sizes_from_prompt(self, config: "MLLMConfig", input_ids: Tensor, attention_mask: Tensor,
+                          pixel_values: Tensor) -> Tensor | None:
+        """What stands for `image_sizes` when a batch comes without them, read from the prompt (a host
+        sync, so only families that need it read anything: `placeholder_runs`). InternVL's forward in
+        transformers takes no sizes, so its tile counts follow from the prompt; None: the family needs
+        no sizes, or must be given them (its `encode` says so)."""
         return None
 
     def vision_flops(self, config: "MLLMConfig", size: tuple[int, int]) -> dict[str, int]:

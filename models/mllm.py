@@ -273,8 +273,7 @@ class MLLM(nn.Module):
         prompt's placeholder runs (`Family.sizes_from_prompt`: InternVL's tile counts)."""
         if image_sizes is not None or pixel_values is None:
             return image_sizes
-        runs = placeholder_runs(input_ids, attention_mask, self.config.image_token_id)
-        return self.family.sizes_from_prompt(self.config, runs, pixel_values)
+        return self.family.sizes_from_prompt(self.config, input_ids, attention_mask, pixel_values)
 
     def prompt_positions(self, input_ids: Tensor, attention_mask: Tensor, image_sizes: Tensor | None = None,
                          sample_index: Tensor | None = None, step_seconds: Tensor | None = None) -> Tensor:
@@ -550,13 +549,6 @@ def last_valid_hidden(text: Stream) -> Tensor:
     """Hidden state of each row's last valid text token (the one that predicts the next token)."""
     idx = query_index(text, None)
     return text.h[torch.arange(text.h.shape[0], device=idx.device), idx]
-
-
-def placeholder_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
-    """Lengths [n_runs] of the runs of consecutive placeholder tokens, row by row, in order."""
-    is_image = F.pad((input_ids == image_token_id) & attention_mask.bool(), (0, 1)).flatten().long()  # rows apart
-    run = torch.cumsum(is_image.diff(prepend=is_image.new_zeros(1)) == 1, 0)
-    return torch.bincount(run[is_image.bool()], minlength=1)[1:]
 
 
 def images_of_rows(tokens_per_row: Tensor, tokens_per_image: Tensor, image_token_id: int) -> Tensor:

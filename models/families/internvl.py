@@ -40,7 +40,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
 from ..config import MLLMConfig
-from ..family import (ImageProcessor, ProcessedImage, VisualTokens, grid_place, normalisation, on_device, real_tiles, register,
+from ..family import (ImageProcessor, ProcessedImage, VisualTokens, grid_place, normalisation, on_device, placeholder_runs, real_tiles, register,
                       tiles_by_image)
 from ..gathered import hf_from_config
 from ..validation import ConfigError
@@ -181,9 +181,10 @@ class InternVLFamily(LlavaFamily):
         return torch.cat([grid_place(side, side, unit=u, first_patch=u * side * side, device=device)
                           for u in range(self.tiles_per_image(config, size))])
 
-    def sizes_from_prompt(self, config: MLLMConfig, runs: Tensor, pixel_values: Tensor) -> Tensor:
+    def sizes_from_prompt(self, config: MLLMConfig, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
         """Each image's tile count [n_images, 1] from its run of placeholders (tiles * (g/2)^2), checked
         against the tiles of `pixel_values`: what transformers' forward, which takes no sizes, implies."""
+        runs = placeholder_runs(input_ids, attention_mask, config.image_token_id)
         per_tile, most = (config.grid_size // 2) ** 2, max_tiles(config)
         tiles = (runs // per_tile).tolist()
         possible = {1, *range(3, most + 2)}  # one tile, or 2..max_tiles tiles and the thumbnail
