@@ -12,6 +12,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Under `pytest -n N` (the README's test command) each worker, and every process its tests start,
+    computes on one thread: N workers with a pool of N threads each would thrash the machine's N cores."""
+    if hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """Small synthetic shards (shared by the data and training tests)."""

@@ -176,9 +176,12 @@ class HFRunner:
         return self.model(input_ids=b.ids, attention_mask=b.mask, labels=b.labels, **b.hf).loss
 
     def step(self, token, cache, mask):
-        # no attention mask: the bench's rows have no padding, so the cache's length gives every position (Qwen's
-        # M-RoPE offsets them by the rope deltas of the prefill, which a full-length mask would misalign)
-        out = self.model(input_ids=token[:, None], use_cache=True, **{self.cache_arg: cache})
+        """One decode step with the grown attention mask, as `generate` gives it. Not on M-RoPE models (Qwen),
+        whose forward would misalign positions it derives from a full-length mask and the prefill's rope
+        deltas: the bench's rows have no padding, so there the cache's length gives every position."""
+        mrope = getattr(getattr(self.model, "model", None), "rope_deltas", None) is not None
+        masked = {} if mrope else {"attention_mask": mask}
+        out = self.model(input_ids=token[:, None], use_cache=True, **masked, **{self.cache_arg: cache})
         return out.logits[:, -1], getattr(out, self.cache_arg)
 
 
