@@ -36,9 +36,29 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, N, dh]; cos/sin: [B, N, dh] (HF Llama/Qwen2 rotate-half convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: [B, H, N, dh]; cos/sin: [B, N, r] (HF Llama/Qwen2 rotate-half convention)."""
+    return rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of x [..., dh] by tables that broadcast against it ([..., r]). A table narrower than the head
+    (r < dh: partial rotary, Qwen3.5's quarter) rotates the first r dims, the rest pass."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        rot = x[..., :r]
+        return torch.cat([rot * cos + rotate_half(rot) * sin, x[..., r:]], dim=-1)
     return x * cos + rotate_half(x) * sin
+
+
+def has_output_gate(attn) -> bool:
+    """Gated attention (Qwen3.5's full-attention layers, transformers' `Qwen3_5Attention`): `q_proj` writes
+    each head's query and a gate beside it, and the head's output is multiplied by sigmoid(gate)."""
+    return attn.q_proj.out_features == 2 * attn.o_proj.in_features
+
+
+def gated(out: Tensor, gate: Tensor | None) -> Tensor:
+    """Attention output [B, H, N, dh] times its sigmoid output gate (gated attention), or as it is."""
+    return out if gate is None else out * torch.sigmoid(gate)
 
 
 def split_heads(x: Tensor, head_dim: int) -> Tensor:
@@ -70,6 +90,12 @@ class Keys(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def visual_nbytes(self) -> int:
+        """Bytes of the visual tokens' keys and values."""
+        frac = self.is_visual.float().mean().item() if self.is_visual.numel() else 0.0
+        return int(self.nbytes * frac)
 
 
 def causal_mask(q_order: Tensor, q_valid: Tensor, keys: Keys, q_start: Tensor | None = None) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from .family import FAMILIES, family_for_model_type
+from .layer_kinds import layer_kinds
 from .validation import ConfigError, check_keys, check_types
 
 __all__ = ["MLLMConfig", "ConfigError", "check_keys", "check_types", "CLIP_MEAN", "CLIP_STD", "PROJECTORS"]
@@ -99,8 +100,7 @@ class MLLMConfig:
         if self.mrope_rule != "qwen" and not self.model_family.mrope:
             raise ConfigError(f"model.mrope_rule={self.mrope_rule} only applies to M-RoPE families (Qwen); {self.family} has "
                               "1-D positions: drop it")
-        if any(t != "full_attention" for t in getattr(text, "layer_types", None) or []):
-            raise ConfigError("sliding-window attention layers are not supported; set text.use_sliding_window=false")
+        layer_kinds(text)  # full and linear attention run; sliding windows do not
         self.model_family.validate(self)
 
     # --- derived quantities -------------------------------------------------------------------

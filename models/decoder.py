@@ -25,7 +25,9 @@ from .attention import (
     attend_visual,
     causal_mask,
     expand_kv,
+    gated,
     grid_neighbours,
+    has_output_gate,
     head_visual_mask,
     last_query_probs,
     merge_heads,
@@ -35,6 +37,8 @@ from .attention import (
 from .blind_scores import blind_scores
 from .decoding import decode_layer
 from .packed_attention import causal_attention
+from .layer_kinds import FULL, LINEAR
+from .linear_attention import RecurrentState, decode_linear_layer, run_linear_layer
 from .lora import linear_weight
 from .moe import RouterLogits, feed_forward
 from .plan import LayerPolicy, Plan, Select
@@ -83,6 +87,17 @@ def project_heads(linear: nn.Linear, x: Tensor, heads: list[int] | None, head_di
     return out if norm is None else norm(out)
 
 
+def project_queries(attn: nn.Module, x: Tensor, heads: list[int] | None, head_dim: int, norm: nn.Module | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
+    """The queries [B, H, N, dh] of heads `heads` (all when None), normed per head, and their output
+    gate under gated attention (models/attention.py `has_output_gate`; the head's output is multiplied
+    by sigmoid(gate) before `o_proj`: `gated`); None for ungated attention."""
+    if not has_output_gate(attn):
+        return project_heads(attn.q_proj, x, heads, head_dim, norm), None
+    q, gate = project_heads(attn.q_proj, x, heads, 2 * head_dim).split(head_dim, dim=-1)
+    return (q if norm is None else norm(q)), gate
+
+
 def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_dim: int) -> Tensor:
     """o_proj over the given heads only (columns of W_o): pruned heads contribute nothing."""
     if heads is None:
@@ -90,23 +105,6 @@ def output_heads(o_proj: nn.Linear, out: Tensor, heads: list[int] | None, head_d
     idx = head_columns(heads, head_dim, out.device)
     w, b = linear_weight(o_proj)
     return F.linear(merge_heads(out), w[:, idx], b)
-
-
-def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
-    """SwiGLU FFN using only its first `fraction` of intermediate neurons (YOPO's sparse visual FFN)."""
-    if fraction >= 1.0:
-        return mlp(x)
-    m = max(1, round(fraction * mlp.gate_proj.out_features))
-
-    def part(lin, rows=True):
-        w, b = linear_weight(lin)
-        if rows:
-            return w[:m], None if b is None else b[:m]
-        return w[:, :m], b
-
-    g = F.linear(x, *part(mlp.gate_proj))
-    u = F.linear(x, *part(mlp.up_proj))
-    return F.linear(mlp.act_fn(g) * u, *part(mlp.down_proj, rows=False))
 
 
 # --- token selection --------------------------------------------------------------------------
@@ -205,7 +203,7 @@ def runs_as_one_sequence(p: LayerPolicy) -> bool:
 class LayerIO(NamedTuple):
     text: Stream
     vis: Stream
-    keys: Keys  # what text queries attended to (cached for decode)
+    keys: Keys | RecurrentState  # what text queries attended to, or a linear layer's recurrent state (cached for decode)
     scores: Tensor | None = None  # scores for the next layer's selection
     router: tuple[RouterLogits, ...] = ()  # MoE layers: the router logits of the tokens its FFN processed
 
@@ -214,7 +212,8 @@ class PlannedDecoderLayer(nn.Module):
     """One decoder layer of the HF LLM, run under a `LayerPolicy` given at call time.
 
     It adopts the HF layer's submodules under their HF names (`self_attn`, `mlp`, `input_layernorm`,
-    `post_attention_layernorm`), so weight names, checkpoints and exports are unchanged. All of a
+    `post_attention_layernorm`; a linear-attention layer's `linear_attn` instead of `self_attn`, run by
+    models/linear_attention.py), so weight names, checkpoints and exports are unchanged. All of a
     layer's work happens inside this module's forward, and its inputs and outputs are NamedTuples of
     tensors: that is what parameter sharding needs, since ZeRO-3 (with this class as a leaf module)
     and FSDP2 (with this module as a `fully_shard` unit) gather the layer's weights around its
@@ -226,10 +225,14 @@ class PlannedDecoderLayer(nn.Module):
         for name, child in hf_layer.named_children():
             self.add_module(name, child)
         self.attention = "auto"  # packed rows' causal kernel (models/packed_attention.py; MLLM.set_attention)
+        self.kind = LINEAR if hasattr(hf_layer, "linear_attn") else FULL  # models/layer_kinds.py
 
-    def decode(self, h: Tensor, cos: Tensor, sin: Tensor, keys: Keys, masks, step: Tensor) -> Tensor:
-        """One decoding step of this layer (models/decoding.py `decode_layer`). A method, so that FSDP2
-        gathers the layer's weights around it as around `forward` (train/infra/sharding.py)."""
+    def decode(self, h: Tensor, cos: Tensor, sin: Tensor, keys: Keys | RecurrentState, masks, step: Tensor) -> Tensor:
+        """One decoding step of this layer (models/decoding.py `decode_layer`; a linear-attention layer's
+        `decode_linear_layer`, which continues its conv window and recurrent state in place). A method, so
+        that FSDP2 gathers the layer's weights around it as around `forward` (train/infra/sharding.py)."""
+        if self.kind == LINEAR:
+            return decode_linear_layer(self, h, keys)
         return decode_layer(self, h, cos, sin, keys, masks, step)
 
     def forward(
@@ -239,6 +242,9 @@ class PlannedDecoderLayer(nn.Module):
         """`visual_ffn_weight` [B, V]: what each visual token's FFN output is multiplied by (a routed
         layer's router gate, models/routing.py); `select_width`: the visual tokens a selection inside the
         layer keeps at most in a row, as the host counted them (None: read back)."""
+        if self.kind == LINEAR:  # no attention scores to give: a plan that asks for them was refused when set
+            text, vis, state, router = run_linear_layer(self, policy, text, vis, visual_ffn_weight)
+            return LayerIO(text, vis, state, None, router)
         return LayerRunner(self, policy, select_width)(text, vis, query_idx, score_next, rope, visual_ffn_weight)
 
 
@@ -251,7 +257,7 @@ class LayerRunner:
         self.select_width = select_width
         self.attn = layer.self_attn
         self.dh = self.attn.head_dim
-        self.n_heads = self.attn.q_proj.out_features // self.dh
+        self.n_heads = self.attn.o_proj.in_features // self.dh
         self.n_kv = self.attn.k_proj.out_features // self.dh
         self.q_norm = getattr(self.attn, "q_norm", None)  # Qwen3: per-head RMSNorm of q and k before RoPE
         self.k_norm = getattr(self.attn, "k_norm", None)
@@ -289,7 +295,8 @@ class LayerRunner:
         keys = k_text
         if text_sees_visual:
             keys = keys.append(k_vis)
-        q_text = apply_rope(project_heads(attn.q_proj, x_text, None, self.dh, self.q_norm), text.cos, text.sin)
+        q_text, gate_text = project_queries(attn, x_text, None, self.dh, self.q_norm)
+        q_text = apply_rope(q_text, text.cos, text.sin)
         if not text_sees_visual and score_next is None:
             # text-only: the text stream is ordered (valid tokens by position, then padding; Layout)
             out_text = causal_attention(q_text, keys.k, keys.v, attn.scaling, text.order, text.valid, text.start, self.backend)
@@ -297,19 +304,16 @@ class LayerRunner:
         else:
             base = causal_mask(text.order, text.valid, keys, text.start)
             out_text, scores = self._text_attention(q_text, keys, base, text, vis, query_idx, score_next)
-        h_text = text.h + attn.o_proj(merge_heads(out_text))
+        h_text = text.h + attn.o_proj(merge_heads(gated(out_text, gate_text)))
         ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h_text), text.valid)
         h_text = h_text + ffn
         router = () if routed is None else (routed,)
 
         if update:
             h_vis = vis.h + self._visual_attention(x_vis, vis, k_text, k_vis, heads)
-            if p.visual_ffn >= 1:
-                ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), vis.valid)
-                router += () if routed is None else (routed,)
-            elif p.visual_ffn > 0:
-                ffn = mlp_fraction(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), p.visual_ffn)
             if p.visual_ffn > 0:
+                ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h_vis), vis.valid, p.visual_ffn)
+                router += () if routed is None else (routed,)
                 h_vis = h_vis + (ffn if visual_ffn_weight is None else ffn * visual_ffn_weight[..., None])
             vis = vis.with_h(h_vis)
         return LayerIO(text.with_h(h_text), vis, keys, scores, router)
@@ -346,12 +350,13 @@ class LayerRunner:
         h, cos, sin = seq(text.h, vis.h), seq(text.cos, vis.cos), seq(text.sin, vis.sin)
         start = None if text.start is None else seq(text.start, vis.start)
         x = self.layer.input_layernorm(h)
-        q = apply_rope(project_heads(self.attn.q_proj, x, None, self.dh, self.q_norm), cos, sin)
+        q, gate = project_queries(self.attn, x, None, self.dh, self.q_norm)
+        q = apply_rope(q, cos, sin)
         k = apply_rope(project_heads(self.attn.k_proj, x, None, self.dh, self.k_norm), cos, sin)
         v = project_heads(self.attn.v_proj, x, None, self.dh)
         keys = Keys(k, v, seq(text.order, vis.order), seq(text.valid, vis.valid), seq(torch.zeros_like(text.valid), torch.ones_like(vis.valid)))
         out = causal_attention(q, k, v, self.attn.scaling, keys.order, keys.valid, start, self.backend)
-        h = h + self.attn.o_proj(merge_heads(out))
+        h = h + self.attn.o_proj(merge_heads(gated(out, gate)))
         ffn, routed = feed_forward(self.layer.mlp, self.layer.post_attention_layernorm(h), keys.valid)
         if visual_ffn_weight is not None:
             ffn = ffn * seq(torch.ones_like(text.h[..., 0]), visual_ffn_weight)[..., None]
@@ -394,7 +399,7 @@ class LayerRunner:
         """This layer's queries [B, H, Q, dh] of the scoring tokens (normed hidden states `x_text`), and
         their order, validity and sample start [B, Q] (start None in unpacked rows)."""
         rows = scoring_rows(query_idx)
-        q = project_heads(self.attn.q_proj, take_tokens(x_text, rows), None, self.dh, self.q_norm)
+        q = project_queries(self.attn, take_tokens(x_text, rows), None, self.dh, self.q_norm)[0]
         q = apply_rope(q, take_tokens(text.cos, rows), take_tokens(text.sin, rows))
         start = None if text.start is None else torch.gather(text.start, 1, rows)
         return q, (torch.gather(text.order, 1, rows), torch.gather(text.valid, 1, rows), start)
@@ -440,7 +445,8 @@ class LayerRunner:
     def _visual_attention(self, x_vis: Tensor, vis: Stream, k_text: Keys, k_vis: Keys, heads: list[int] | None) -> Tensor:
         """Attention output (after o_proj) of the visual tokens: their kept heads only."""
         p = self.p
-        q = apply_rope(project_heads(self.attn.q_proj, x_vis, heads, self.dh, self.q_norm), vis.cos, vis.sin)
+        q, gate = project_queries(self.attn, x_vis, heads, self.dh, self.q_norm)
+        q = apply_rope(q, vis.cos, vis.sin)
         hs = heads if heads is not None else list(range(self.n_heads))
         kv_of = head_numbers(hs, q.device) * self.n_kv // self.n_heads  # each query head's K/V head
         tk = Keys(k_text.k[:, kv_of], k_text.v[:, kv_of], k_text.order, k_text.valid, k_text.is_visual)
@@ -451,7 +457,7 @@ class LayerRunner:
             nb = grid_neighbours(vis.place, vis.valid, p.window) if p.visual_self_attn == "local" else None
             out = attend_visual(q, tk, vis.order, k_vis.k[:, kv_of], k_vis.v[:, kv_of], p.visual_self_attn, self.attn.scaling, nb,
                                 q_start=vis.start)
-        return output_heads(self.attn.o_proj, out, heads, self.dh)
+        return output_heads(self.attn.o_proj, gated(out, gate), heads, self.dh)
 
 
 # --- the layer stack ---------------------------------------------------------------------------
@@ -568,7 +574,7 @@ class DecoderOutput(NamedTuple):
 
     text: Stream
     vis: Stream
-    keys: list[Keys]  # per layer (the KV cache; kept with use_cache)
+    keys: list[Keys | RecurrentState]  # per layer (the KV cache, a linear-attention layer's state; kept with use_cache)
     cross: dict[int, Keys]  # gated cross-attention keys by layer (same)
     rope_shift: Tensor | None  # [layers, B] prompt tokens a renumbering removed before each layer (None: none)
     router: list[RouterLogits]  # every MoE FFN call's router logits, in layer order (the load-balancing loss)

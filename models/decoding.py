@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .attention import Keys, attend_eager, head_visual_mask, merge_heads, rotate_half, sdpa, split_heads
+from .attention import Keys, attend_eager, gated, has_output_gate, head_visual_mask, merge_heads, rotate, sdpa, split_heads
+from .linear_attention import RecurrentState
 from .moe import feed_forward
 
 
@@ -47,7 +48,7 @@ class Room:
     step: Tensor  # [1] long: the column of the next generated token, the same in every layer
     first_order: Tensor  # [B] the order of each row's first generated token
     first_rope: Tensor  # [B] its RoPE position
-    masks: list[LayerMasks]
+    masks: list[LayerMasks | None]  # None for a linear-attention layer (no keys to mask)
     rope: dict[int, tuple[Tensor, Tensor]]  # cos / sin [B, 1, size, dh] of every generated token: for layer 0
                                             # and for each layer whose positions a renumbering selection shifted
 
@@ -58,7 +59,7 @@ class DecodeState:
     gated blocks, and each row's next order and RoPE position (counted here, never read back from
     cache lengths: a pruned layer's cache is shorter than its neighbours'); `reserve` adds the room."""
 
-    keys: list[Keys]
+    keys: list[Keys | RecurrentState]  # a linear-attention layer keeps its conv window and recurrent state instead
     next_order: Tensor  # [B] sequence order of the next token (each row's own counter)
     next_rope: Tensor  # [B] its RoPE position (the order, or the order plus the family's rope delta)
     xattn: dict[int, Keys] = field(default_factory=dict)
@@ -72,11 +73,7 @@ class DecodeState:
     @property
     def visual_nbytes(self) -> int:
         """Bytes of cached visual K/V (what plans save at decode time)."""
-        total = 0
-        for k in [*self.keys, *self.xattn.values()]:
-            frac = k.is_visual.float().mean().item() if k.is_visual.numel() else 0.0
-            total += int(k.nbytes * frac)
-        return total
+        return sum(k.visual_nbytes for k in [*self.keys, *self.xattn.values()])
 
 
 def _insert(x: Tensor, dim: int, at: int, n: int, fill) -> Tensor:
@@ -132,8 +129,13 @@ def reserve(model, state, tokens: int, bucket: int = 1) -> None:
     first_rope = state.next_rope.clone() if room is None else room.first_rope
     extra, device = size - old, first_order.device
     n_heads = model.text_config.num_attention_heads
-    keys, masks = [], []
+    keys, masks, written = [], [], []
     for k, policy in zip(state.keys, model.plan.layers):
+        if isinstance(k, RecurrentState):  # a fixed-size state: no room to make, continued in place
+            keys.append(k)
+            masks.append(None)
+            written.extend(k)
+            continue
         order = first_order[:, None] + torch.arange(old, size, device=device)
         if policy.text_reads_visual == "sink" and room is None:
             k = k._replace(v=merged_values(k))
@@ -142,13 +144,14 @@ def reserve(model, state, tokens: int, bucket: int = 1) -> None:
                  _insert(k.is_visual, 1, old, extra, False))
         keys.append(k)
         masks.append(_layer_masks(k, size, used, policy, n_heads))
+        written.extend((k.k, k.v))
     positions = first_rope[:, None] + torch.arange(size, device=device)
     like = torch.empty(0, dtype=model.dtype, device=device)
     shifts = {0: None, **{i: state.rope_shift[i] for i in renumbered_layers(model.plan)}} if state.rope_shift is not None else {0: None}
     rope = {i: tuple(t[:, None] for t in model.rope(like, positions if shift is None else positions - shift[:, None]))
             for i, shift in shifts.items()}
     step = torch.full((1,), used, dtype=torch.long, device=device) if room is None else room.step
-    for t in (step, state.next_order, state.next_rope, *(m.bias for m in masks), *(x for k in keys for x in (k.k, k.v))):
+    for t in (step, state.next_order, state.next_rope, *(m.bias for m in masks if m is not None), *written):
         torch._dynamo.mark_static_address(t)  # written in place by every step, also inside a CUDA graph
     state.keys = keys
     state.room = Room(size, used, step, first_order, first_rope, masks, rope)
@@ -184,23 +187,29 @@ def decode_tokens(model, token_ids: Tensor, state) -> Tensor:
 
 
 def decode_layer(layer, h: Tensor, cos: Tensor, sin: Tensor, keys: Keys, masks: LayerMasks, step: Tensor) -> Tensor:
-    """One decoder layer on the new token `h` [B, 1, d] (RoPE tables cos / sin [B, 1, 1, dh]): its K/V
-    written at column `step`, which its mask then opens, its query reading what the mask allows."""
+    """One decoder layer on the new token `h` [B, 1, d] (RoPE tables cos / sin [B, 1, 1, r], r < dh under
+    partial rotary): its K/V written at column `step`, which its mask then opens, its query reading what the
+    mask allows (times its sigmoid output gate under gated attention, Qwen3.5)."""
     attn = layer.self_attn
     dh = attn.head_dim
     x = layer.input_layernorm(h)
-    q, k = split_heads(attn.q_proj(x), dh), split_heads(attn.k_proj(x), dh)
+    gate = None
+    if has_output_gate(attn):  # each head's query and its gate side by side in q_proj's output
+        q, gate = split_heads(attn.q_proj(x), 2 * dh).split(dh, dim=-1)
+    else:
+        q = split_heads(attn.q_proj(x), dh)
+    k = split_heads(attn.k_proj(x), dh)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head norms before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q = q * cos + rotate_half(q) * sin
-    keys.k.index_copy_(2, step, k * cos + rotate_half(k) * sin)
+    q = rotate(q, cos, sin)
+    keys.k.index_copy_(2, step, rotate(k, cos, sin))
     keys.v.index_copy_(2, step, split_heads(attn.v_proj(x), dh))
     masks.bias.index_fill_(3, step, 0.0)
     if masks.zero is None:  # (a sink layer's merging is in its cached values: `merged_values`)
         out = sdpa(q, keys.k, keys.v, attn.scaling, mask=masks.bias)
     else:  # post-softmax zeroing needs the probabilities (models/attention.py)
         out = attend_eager(q, keys, masks.bias.isfinite(), attn.scaling, zero=masks.zero)
-    h = h + attn.o_proj(merge_heads(out))
+    h = h + attn.o_proj(merge_heads(gated(out, gate)))
     return h + feed_forward(layer.mlp, layer.post_attention_layernorm(h), keys.valid)[0]  # (router logits: training only)
 
 

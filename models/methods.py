@@ -21,6 +21,7 @@ import yaml
 
 from .config import ConfigError, check_keys
 from .family import FAMILIES
+from .layer_kinds import place_scored_selections
 from .plan import Plan, PreSelect, plan_from_rules, scale_layers
 
 Rule = dict[str, Any]
@@ -302,9 +303,12 @@ def arch_name(arch: dict[str, Any] | None, variants: dict[str, str] | None = Non
     return arch.get("name") or "+".join(names) or ("explicit" if arch.get("layers") else "dense")
 
 
-def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: str = "llava") -> Plan:
+def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: str = "llava",
+                 layer_types: list[str] | None = None) -> Plan:
     """The resolved plan of an `arch` config: `{methods: {name: knobs}, pre_llm: {...}, layers: [...]}`,
-    for a model of `family` (builders that take the paper's per-model choices read it)."""
+    for a model of `family` (builders that take the paper's per-model choices read it) whose layers are
+    of `layer_types` (a hybrid LLM's: attention-scored selections move after a full-attention layer,
+    models.layer_kinds.place_scored_selections; None: all full attention)."""
     arch = load_arch(arch)
     check_keys(arch, {"methods", "pre_llm", "layers", "name"}, "arch")
     all_rules: dict[str, Rule] = {}
@@ -339,4 +343,9 @@ def resolve_arch(arch: dict[str, Any], num_layers: int, num_heads: int, family: 
     if len(pre_llm) > 1:
         raise ConfigError(f"{' and '.join(pre_llm)} each set the step before the LLM; a plan has at most one, keep one of them")
     spec = {"name": arch_name(arch, variants), "rules": all_rules, "pre_llm": next(iter(pre_llm.values()), None), "layers": arch.get("layers")}
-    return plan_from_rules(spec, num_layers, num_heads)
+    plan = plan_from_rules(spec, num_layers, num_heads)
+    if layer_types is None:
+        return plan
+    plan = place_scored_selections(plan, tuple(layer_types))
+    plan.validate(num_heads)
+    return plan

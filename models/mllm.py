@@ -26,6 +26,7 @@ from .decoding import DecodeState
 from .family import VisualTokens
 from .gathered import gathered, hf_from_config, load_state_dict
 from .host_sizes import BatchSizes, ImageTokenMismatch, image_rows
+from .layer_kinds import check_layer_kinds, layer_kinds
 from .moe import expert_load, is_moe, load_balancing_loss
 from .packed_attention import BACKENDS
 from .packed_positions import packed_positions
@@ -100,6 +101,11 @@ class MLLM(nn.Module):
         for name, router in build_routers(plan, self.text_config.hidden_size, self.routers).items():
             self.routers[name] = router.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         self.plan = plan
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each decoder layer's kind (models/layer_kinds.py): full attention, or linear attention (Qwen3.5)."""
+        return tuple(layer.kind for layer in self.language_model.layers)
 
     # --- construction: the one place a model is made (from a config, a checkpoint or two backbones) --
     @classmethod
@@ -487,6 +493,7 @@ def check_plan(plan: Plan, config: MLLMConfig) -> None:
     if len(plan.layers) != text.num_hidden_layers:
         raise ConfigError(f"plan {plan.name!r} has {len(plan.layers)} layers but the LLM has {text.num_hidden_layers}")
     plan.validate(text.num_attention_heads)
+    check_layer_kinds(plan, layer_kinds(text))  # e.g. no attention scores from a linear-attention layer
     if plan.renumbers and not family.renumbers_positions:
         raise ConfigError(f"plan {plan.name!r} renumbers RoPE positions (select.positions=renumber, e.g. "
                           f"arch.methods.pdrop.positions=renumber), which has no meaning for the {family.name} family's "

@@ -1,6 +1,7 @@
-"""Mixture-of-experts FFNs (Qwen3-MoE, Qwen3-VL-MoE): transformers' own router and fused experts, run
-only on the tokens a layer's policy sends through its FFN, with the router logits kept for the
-load-balancing loss.
+"""The FFN of a decoder layer on the tokens its policy sends through it: a dense SwiGLU MLP (or the
+first fraction of its neurons, YOPO's sparse visual FFN), or a mixture-of-experts block (Qwen3-MoE,
+Qwen3-VL-MoE, Qwen3.5-MoE): transformers' own router, fused experts and, where the block has one, its
+shared expert behind a sigmoid gate, with the router logits kept for the load-balancing loss.
 
 A plan changes which tokens reach a layer's FFN (frozen, pruned or withdrawn visual tokens never
 do), so the auxiliary loss is computed over exactly the tokens each layer processed: transformers'
@@ -14,7 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .lora import linear_weight
 
 
 def is_moe(mlp: nn.Module) -> bool:
@@ -22,14 +26,34 @@ def is_moe(mlp: nn.Module) -> bool:
     return hasattr(mlp, "experts") and hasattr(mlp, "gate")
 
 
-def feed_forward(mlp: nn.Module, x: Tensor, valid: Tensor) -> tuple[Tensor, "RouterLogits | None"]:
+def feed_forward(mlp: nn.Module, x: Tensor, valid: Tensor, fraction: float = 1.0) -> tuple[Tensor, "RouterLogits | None"]:
     """The FFN on `x` [B, N, d]: its output, and for an MoE block the router logits of its tokens with
-    their validity (what the load-balancing loss reads); None for dense MLPs."""
+    their validity (what the load-balancing loss reads); None for dense MLPs. `fraction` < 1: a dense
+    MLP's first neurons only (`mlp_fraction`; refused on MoE layers when the plan is set)."""
     if not is_moe(mlp):
-        return mlp(x), None
+        return (mlp(x) if fraction >= 1.0 else mlp_fraction(mlp, x, fraction)), None
     flat = x.reshape(-1, x.shape[-1])
     logits, weights, experts = mlp.gate(flat)
-    return mlp.experts(flat, experts, weights).view_as(x), RouterLogits(logits, valid.reshape(-1))
+    out = mlp.experts(flat, experts, weights)
+    shared = getattr(mlp, "shared_expert", None)
+    if shared is not None:  # Qwen3.5-MoE: every token also goes through one dense expert, gated per token
+        out = out + torch.sigmoid(mlp.shared_expert_gate(flat)) * shared(flat)
+    return out.view_as(x), RouterLogits(logits, valid.reshape(-1))
+
+
+def mlp_fraction(mlp: nn.Module, x: Tensor, fraction: float) -> Tensor:
+    """SwiGLU FFN using only its first `fraction` of intermediate neurons (YOPO's sparse visual FFN)."""
+    m = max(1, round(fraction * mlp.gate_proj.out_features))
+
+    def part(lin, rows=True):
+        w, b = linear_weight(lin)
+        if rows:
+            return w[:m], None if b is None else b[:m]
+        return w[:, :m], b
+
+    g = F.linear(x, *part(mlp.gate_proj))
+    u = F.linear(x, *part(mlp.up_proj))
+    return F.linear(mlp.act_fn(g) * u, *part(mlp.down_proj, rows=False))
 
 
 class RouterLogits(NamedTuple):

@@ -17,6 +17,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP as Qwen25VLMLP
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2MLP as Qwen2VLMLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5MLP
+from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeMLP
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextMLP
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextMLP
@@ -26,9 +28,11 @@ from .attention import Keys, attend, merge_heads, split_heads
 
 
 # text config model_type -> its decoder layers' (dense) MLP; MoE LLMs' blocks get the dense MLP of
-# `intermediate_size` that their dense layers use
+# `intermediate_size` that their dense layers use (Qwen3.5-MoE has none: its shared expert's width)
 MLPS = {"llama": LlamaMLP, "qwen2": Qwen2MLP, "qwen2_vl_text": Qwen2VLMLP, "qwen2_5_vl_text": Qwen25VLMLP, "qwen3": Qwen3MLP,
-        "qwen3_moe": Qwen3MoeMLP, "qwen3_vl_text": Qwen3VLTextMLP, "qwen3_vl_moe_text": Qwen3VLMoeTextMLP}
+        "qwen3_moe": Qwen3MoeMLP, "qwen3_vl_text": Qwen3VLTextMLP, "qwen3_vl_moe_text": Qwen3VLMoeTextMLP,
+        "qwen3_5_text": lambda c: Qwen3_5MLP(c, c.intermediate_size),
+        "qwen3_5_moe_text": lambda c: Qwen3_5MoeMLP(c, c.shared_expert_intermediate_size)}
 
 
 def family_mlp(config: PretrainedConfig) -> nn.Module:

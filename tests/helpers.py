@@ -229,6 +229,31 @@ def tiny_qwen3_vl_config(moe: bool = False, text_layers: int = 3, **overrides):
     return MLLMConfig(**args)
 
 
+def tiny_qwen3_5_config(moe: bool = False, text_layers: int = 4, **overrides):
+    """A tiny Qwen3.5 (or Qwen3.5-MoE: 4 experts, 2 per token, a shared expert) config: Qwen3-VL's tiny tower
+    (`tiny_qwen3_vl_config`) without DeepStack, a hybrid LLM of `text_layers` layers, every fourth (3, 7, ...)
+    full attention (gated, head_dim 32 rotated on its first quarter: M-RoPE sections [2, 1, 1]) and the others
+    Gated DeltaNet (a 4-tap conv, 2 key heads and 4 value heads of 16)."""
+    from models import MLLMConfig
+
+    family = "qwen3_5_moe" if moe else "qwen3_5"
+    vision = dict(model_type=f"{family}_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+    text = dict(model_type=f"{family}_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                 "partial_rotary_factor": 0.25})
+    if moe:  # no dense MLP: every layer is a mixture of experts
+        del text["intermediate_size"]
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    router_aux_loss_coef=0.01)
+    args = dict(vision=vision, text=text, family=family, image_token_id=3, token_ids=dict(QWEN_TOKENS),
+                min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 64, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    args.update(overrides)
+    return MLLMConfig(**args)
+
+
 def qwen_images(seed: int = 0):
     """A wide (3 x 5 tokens), a tall (5 x 2) and an odd-sized image (resized to 4 x 3 tokens)."""
     from PIL import Image
@@ -367,3 +392,42 @@ def assert_greedy_matches_hf(ours, hf, ids, mask, pixels, hf_pixels: dict, **ima
                            eos_token_id=127, pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(got, want[:, : got.shape[1]])
     return got
+
+
+MIXED_ROWS = dict(images_per_row=[1, 0, 2], pad_left=[0, 3, 1])  # one image, text only, two images (three grids)
+
+
+def assert_positions_match_get_rope_index(ours, hf):
+    """Our M-RoPE ids and each row's next position equal transformers' `get_rope_index` on `MIXED_ROWS`."""
+    from models.mllm import next_positions
+
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED_ROWS)
+    want, deltas = hf.model.get_rope_index(ids, types, grids, attention_mask=mask)
+    got = ours.prompt_positions(ids, mask, grids)
+    assert torch.equal(got * mask, want * mask)
+    assert torch.equal(next_positions(got, mask), mask.sum(1) + deltas.flatten())
+
+
+def assert_forward_matches_hf(ours, hf, load_balancing_loss_func=None):
+    """On `MIXED_ROWS` (three grids of different sizes, left padding): logits and loss equal transformers'
+    (fp32, 1e-5), transformers' inputs accepted; with `load_balancing_loss_func` (MoE LLMs) the
+    load-balancing loss too."""
+    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED_ROWS)
+    assert len(set(grids.prod(-1).tolist())) == 3
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types)
+    moe = load_balancing_loss_func is not None
+    with torch.no_grad():
+        got = ours(ids, mask, pixels, image_grid_thw=grids, mm_token_type_ids=types)
+        loss = ours(ids, mask, pixels, labels=labels, image_sizes=grids).loss
+        want = hf(**inputs, output_router_logits=moe) if moe else hf(**inputs)
+        want_loss = hf(**inputs, labels=labels).loss
+    valid = mask.bool()
+    assert torch.isfinite(got.logits[valid]).all()
+    assert (got.logits - want.logits)[valid].abs().max().item() <= 1e-5
+    assert abs(loss.item() - want_loss.item()) <= 1e-5
+    if moe:
+        t = ours.text_config
+        want_aux = load_balancing_loss_func(want.router_logits, t.num_experts, t.num_experts_per_tok, mask)
+        assert abs(got.moe_aux_loss.item() - want_aux.item()) <= 1e-6

@@ -13,7 +13,7 @@ from models.decoding import decode_step, renumbered_layers, reserve
 from models.dispatch_count import count_dispatch
 from models.generation import greedy_generate
 from tests.helpers import (image_batch, internvl_images, next_batch, qwen_batch, tiny_config, tiny_internvl_config,
-                           tiny_mobilevlm_config, tiny_next_config, tiny_qwen3_vl_config, tiny_qwen_config)
+                           tiny_mobilevlm_config, tiny_next_config, tiny_qwen3_5_config, tiny_qwen3_vl_config, tiny_qwen_config)
 from tests.test_plans import PRESETS, plan_model
 
 
@@ -43,6 +43,8 @@ FAMILIES = {
     "qwen2_5_vl": (lambda: tiny_qwen_config("qwen2_5_vl"), qwen_inputs),
     "qwen3_vl": (tiny_qwen3_vl_config, qwen_inputs),
     "qwen3_vl_moe": (lambda: tiny_qwen3_vl_config(moe=True), qwen_inputs),
+    "qwen3_5": (tiny_qwen3_5_config, qwen_inputs),
+    "qwen3_5_moe": (lambda: tiny_qwen3_5_config(moe=True), qwen_inputs),
 }
 
 

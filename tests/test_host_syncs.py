@@ -63,6 +63,10 @@ FAMILY_ALLOWED = {  # family -> (the only files it may sync in: transformers' vi
                  TOWER_ATTENTION + "; the position table's interpolation indices (transformers' vision_utils) are read from the grids"),
     "qwen3_vl_moe": ({"transformers/models/qwen3_vl_moe/modeling_qwen3_vl_moe.py", "transformers/vision_utils.py"},
                      TOWER_ATTENTION + "; the position table's interpolation indices are read from the grids"),
+    "qwen3_5": ({"transformers/models/qwen3_5/modeling_qwen3_5.py", "transformers/vision_utils.py"},
+                TOWER_ATTENTION + "; Qwen3-VL's position table (Qwen3.5 takes its tower)"),
+    "qwen3_5_moe": ({"transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py", "transformers/vision_utils.py"},
+                    TOWER_ATTENTION + "; Qwen3-VL's position table (Qwen3.5 takes its tower)"),
 }
 
 

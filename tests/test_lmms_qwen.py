@@ -1,4 +1,4 @@
-"""lmms-eval's `efficient_mllm` on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: an export carries Qwen2VLImageProcessor's
+"""lmms-eval's `efficient_mllm` on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE: an export carries Qwen2VLImageProcessor's
 preprocessor_config.json (the pixel bounds), the bridge writes `<|vision_start|>` + one placeholder
 per token + `<|vision_end|>` into the prompt, and its greedy answers equal transformers'
 `generate` on the same prompts with the pixels transformers' own image processor reads from the
@@ -11,12 +11,14 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from models import MLLM
-from tests.helpers import QWEN_TOKENS, qwen_images, qwen_word_tokenizer, tiny_qwen3_vl_config, tiny_qwen_config
+from tests.helpers import QWEN_TOKENS, qwen_images, qwen_word_tokenizer, tiny_qwen3_5_config, tiny_qwen3_vl_config, tiny_qwen_config
 from tests.test_qwen2_vl import HF_CLASSES
+from tests.test_qwen3_5 import HF_CLASSES as QWEN3_5_CLASSES
 from tests.test_qwen3_vl import HF_CLASSES as QWEN3_CLASSES
 
 CONFIGS = {"qwen2_vl": lambda: tiny_qwen_config("qwen2_vl"), "qwen2_5_vl": lambda: tiny_qwen_config("qwen2_5_vl"),
-           "qwen3_vl": lambda: tiny_qwen3_vl_config(), "qwen3_vl_moe": lambda: tiny_qwen3_vl_config(moe=True)}
+           "qwen3_vl": lambda: tiny_qwen3_vl_config(), "qwen3_vl_moe": lambda: tiny_qwen3_vl_config(moe=True),
+           "qwen3_5": lambda: tiny_qwen3_5_config(), "qwen3_5_moe": lambda: tiny_qwen3_5_config(moe=True)}
 from train.lmms.export import write_eval_files
 from train.lmms.processor import EvalProcessor
 from train.lmms.scoring import generate
@@ -33,7 +35,7 @@ def test_bridge_answers_equal_transformers_generate(tmp_path, family):
 
     processor = EvalProcessor.from_pretrained(export, MLLM.from_pretrained(export).config)
     hf_images = Qwen2VLImageProcessorPil.from_pretrained(export)  # what transformers reads of our export
-    hf = (HF_CLASSES | QWEN3_CLASSES)[family].from_pretrained(export).eval()
+    hf = (HF_CLASSES | QWEN3_CLASSES | QWEN3_5_CLASSES)[family].from_pretrained(export).eval()
     start, end = QWEN_TOKENS["vision_start_token_id"], QWEN_TOKENS["vision_end_token_id"]
     for image, question in zip(qwen_images(), ["w15 w16", "w17", "w8 w9 w10"]):
         ours_image = processor.image(image)

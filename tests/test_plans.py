@@ -36,7 +36,7 @@ def plan_model(name: str, knobs: dict, layers: int = 8, seed: int = 0, config=No
         (method,) = arch["methods"]
         arch["methods"][method].update(knobs)
     text = config.hf_text_config()
-    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, config.family)
+    plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, config.family, getattr(text, "layer_types", None))
     torch.manual_seed(seed)
     model = MLLM.from_config(config, plan).eval()
     for block in model.xattn.values():  # zero gates would make the blocks trivially equal

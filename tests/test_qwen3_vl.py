@@ -14,12 +14,10 @@ from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForCondition
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from models import MLLM
-from models.mllm import next_positions
-from tests.helpers import (assert_greedy_matches_hf, assert_hf_directories_round_trip, exported_pair, image_patches, qwen_batch,
-                           tiny_qwen3_vl_config)
+from tests.helpers import (MIXED_ROWS as MIXED, assert_forward_matches_hf, assert_greedy_matches_hf, assert_hf_directories_round_trip,
+                           assert_positions_match_get_rope_index, exported_pair, image_patches, qwen_batch, tiny_qwen3_vl_config)
 
 HF_CLASSES = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
-MIXED = dict(images_per_row=[1, 0, 2], pad_left=[0, 3, 1])  # one image, text only, two images
 
 
 @pytest.fixture(scope="module", params=sorted(HF_CLASSES))
@@ -29,39 +27,13 @@ def pair(request, tmp_path_factory):
     return exported_pair(config, HF_CLASSES[request.param], tmp_path_factory.mktemp(request.param) / "export")
 
 
-def hf_inputs(ids, mask, pixels, grids, types):
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types)
-
-
 def test_positions_equal_get_rope_index(pair):
-    ours, hf = pair
-    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED)
-    want, deltas = hf.model.get_rope_index(ids, types, grids, attention_mask=mask)
-    got = ours.prompt_positions(ids, mask, grids)
-    assert torch.equal(got * mask, want * mask)
-    assert torch.equal(next_positions(got, mask), mask.sum(1) + deltas.flatten())
+    assert_positions_match_get_rope_index(*pair)
 
 
 def test_logits_loss_and_aux_loss_match_hf(pair):
     ours, hf = pair
-    ids, mask, pixels, grids, types = qwen_batch(ours.config, **MIXED)
-    assert len(set(grids.prod(-1).tolist())) == 3
-    labels = torch.full_like(ids, -100)
-    labels[:, -4:] = ids[:, -4:]
-    moe = ours.family.name == "qwen3_vl_moe"
-    with torch.no_grad():
-        got = ours(ids, mask, pixels, image_grid_thw=grids, mm_token_type_ids=types)
-        loss = ours(ids, mask, pixels, labels=labels, image_sizes=grids).loss
-        want = hf(**hf_inputs(ids, mask, pixels, grids, types), output_router_logits=moe)
-        want_loss = hf(**hf_inputs(ids, mask, pixels, grids, types), labels=labels).loss
-    valid = mask.bool()
-    assert torch.isfinite(got.logits[valid]).all()
-    assert (got.logits - want.logits)[valid].abs().max().item() <= 1e-5
-    assert abs(loss.item() - want_loss.item()) <= 1e-5
-    if moe:
-        t = ours.text_config
-        want_aux = load_balancing_loss_func(want.router_logits, t.num_experts, t.num_experts_per_tok, mask)
-        assert abs(got.moe_aux_loss.item() - want_aux.item()) <= 1e-6
+    assert_forward_matches_hf(ours, hf, load_balancing_loss_func if ours.family.name == "qwen3_vl_moe" else None)
 
 
 def test_deepstack_features_reach_the_llm(pair):

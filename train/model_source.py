@@ -95,7 +95,8 @@ class ModelSource:
         if arch is None:
             saved = read_config(self.pretrained, self.vision_tower).get("efficient_mllm", {}).get("plan") if self.pretrained else None
             return Plan.from_dict(saved) if saved else Plan.dense(text.num_hidden_layers)
-        plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family)
+        plan = resolve_arch(arch, text.num_hidden_layers, text.num_attention_heads, self.mllm_config.family,
+                            getattr(text, "layer_types", None))
         check_plan(plan, self.mllm_config)  # what the model refuses, refused before any data work
         return plan
 

@@ -225,9 +225,10 @@ class Qwen2VLFamily(Family):
                               f"is {text.hidden_size}: set the vision config's merger width to the LLM's")
         section = (text.rope_parameters or {}).get("mrope_section")
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if not section or sum(section) != head_dim // 2:
-            raise ConfigError(f"model.text.rope_parameters.mrope_section={section} must split head_dim/2={head_dim // 2} "
-                              "frequencies into (t, h, w) chunks, e.g. [16, 24, 24] for head_dim 128")
+        rotary = int(head_dim * (text.rope_parameters or {}).get("partial_rotary_factor", 1.0))  # Qwen3.5 rotates a quarter
+        if not section or sum(section) != rotary // 2:
+            raise ConfigError(f"model.text.rope_parameters.mrope_section={section} must split the {rotary // 2} rotary "
+                              "frequencies (rotary dims / 2) into (t, h, w) chunks, e.g. [16, 24, 24] for head_dim 128")
         for name in SPECIAL_TOKENS:
             if name not in config.token_ids or not 0 <= config.token_ids[name] < text.vocab_size:
                 raise ConfigError(f"model.token_ids.{name} must be a token id inside the vocabulary ({text.vocab_size}), "

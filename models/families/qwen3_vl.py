@@ -57,6 +57,11 @@ SAVE_PREFIXES = [
 ]
 
 
+def deepstack_blocks(vision_config) -> tuple[int, ...]:
+    """The tower blocks DeepStack reads (Qwen3-VL); none for a tower without DeepStack (Qwen3.5's)."""
+    return tuple(getattr(vision_config, "deepstack_visual_indexes", None) or ())
+
+
 @register
 class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3_vl"
@@ -80,19 +85,22 @@ class Qwen3VLFamily(Qwen2VLFamily):
         if side * side != vision.num_position_embeddings:
             raise ConfigError(f"model.vision.num_position_embeddings={vision.num_position_embeddings} must be a square number "
                               "(the learned position table is a square grid, 2304 = 48 x 48 in the released models)")
-        bad = [i for i in vision.deepstack_visual_indexes if not 0 <= i < vision.depth]
+        blocks = deepstack_blocks(vision)
+        bad = [i for i in blocks if not 0 <= i < vision.depth]
         if bad:
             raise ConfigError(f"model.vision.deepstack_visual_indexes {bad} are not tower blocks (depth {vision.depth})")
-        if len(vision.deepstack_visual_indexes) > text.num_hidden_layers:
-            raise ConfigError(f"{len(vision.deepstack_visual_indexes)} DeepStack features are added after as many decoder layers, "
+        if len(blocks) > text.num_hidden_layers:
+            raise ConfigError(f"{len(blocks)} DeepStack features are added after as many decoder layers, "
                               f"but the LLM has {text.num_hidden_layers}")
 
     # --- modules and weights --------------------------------------------------------------------
     def build(self, model) -> None:
         tower = hf_from_config(model.config.hf_vision_config(), self.tower_class)
         model.multi_modal_projector = tower.merger
-        model.deepstack_mergers = tower.deepstack_merger_list  # one per DeepStack block, trained with the projector
-        del tower.merger, tower.deepstack_merger_list
+        del tower.merger
+        if deepstack_blocks(tower.config):
+            model.deepstack_mergers = tower.deepstack_merger_list  # one per DeepStack block, trained with the projector
+            del tower.deepstack_merger_list
         model.vision_tower = tower
 
     def to_internal_name(self, key: str) -> str:
@@ -102,7 +110,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return rename(key, SAVE_PREFIXES)
 
     def projector_extras(self, model) -> list[nn.Parameter]:
-        return list(model.deepstack_mergers.parameters())
+        return list(model.deepstack_mergers.parameters()) if hasattr(model, "deepstack_mergers") else []
 
     # --- the tower ------------------------------------------------------------------------------
     def embed_patches(self, tower, pixel_values: Tensor, grids: Tensor) -> Tensor:
@@ -115,11 +123,11 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return x + (tower.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)
 
     def captured_blocks(self, tower) -> tuple[int, ...]:
-        return tuple(tower.config.deepstack_visual_indexes)
+        return deepstack_blocks(tower.config)
 
     def injections(self, model, captured: dict[int, Tensor]) -> Tensor | None:
         """DeepStack: merger i of the output of block `deepstack_visual_indexes[i]`, for decoder layer i."""
-        blocks = model.vision_tower.config.deepstack_visual_indexes
+        blocks = deepstack_blocks(model.vision_tower.config)
         if not blocks:
             return None
         return torch.stack([merger(captured[b]) for merger, b in zip(model.deepstack_mergers, blocks)], dim=1)
@@ -147,7 +155,9 @@ class Qwen3VLFamily(Qwen2VLFamily):
         """Qwen2-VL's count (patch embedding, blocks, merger; the interpolated position table is a
         weighted lookup, no matmul) plus the DeepStack mergers, each the merger's two linear layers."""
         out = super().vision_flops(config, size)
-        out["deepstack"] = len(config.hf_vision_config().deepstack_visual_indexes) * out["projector"]
+        blocks = deepstack_blocks(config.hf_vision_config())
+        if blocks:
+            out["deepstack"] = len(blocks) * out["projector"]
         return out
 
 

@@ -50,4 +50,5 @@ def load_arch_spec(arch: str) -> dict:
 def plan_for_checkpoint(arch: str, config: MLLMConfig) -> Plan:
     """The plan of `arch` for this model's depth and heads (models.methods.resolve_arch)."""
     text = config.hf_text_config()
-    return resolve_arch(load_arch_spec(arch), text.num_hidden_layers, text.num_attention_heads, config.family)
+    return resolve_arch(load_arch_spec(arch), text.num_hidden_layers, text.num_attention_heads, config.family,
+                        getattr(text, "layer_types", None))

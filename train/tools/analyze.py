@@ -383,7 +383,7 @@ NEEDS_ATTENTION = {"yopo", "visipruner"}
 def verify_plan(arch: dict, model: MLLM) -> Plan:
     """The emitted plan resolves for this model and the model accepts it (never write a plan that fails later)."""
     t = model.text_config
-    plan = resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads, model.config.family)
+    plan = resolve_arch(arch, t.num_hidden_layers, t.num_attention_heads, model.config.family, getattr(t, "layer_types", None))
     with cal.plan_applied(model, plan):
         pass
     return plan
