@@ -6,7 +6,16 @@ FFN where visual tokens are updated (kept heads, kept FFN neurons); attention as
 4 * heads * queries * keys * head_dim for every (query group, key set) the engine forms (no causal
 halving, like the papers and like FlopCounterMode on SDPA); scoring probes for token selection;
 gated cross-attention blocks; routers (`LayerPolicy.route`: a Linear(d, 1) over every visual token
-present, then the layer on text and the tokens each image's budget lets in). Conventions (the papers count differently, so each is explicit):
+present, then the layer on text and the tokens each image's budget lets in). Gated attention (Qwen3.5)
+writes a query and an output gate per head from `q_proj`: twice the query projection.
+Linear-attention layers (Gated DeltaNet, `LinearShape`, terms named `linear:*`): the input projections
+(query/key/value channels and the two gates a, b) of every token in the recurrence, the depthwise conv
+over them, the delta rule as the prefill kernel runs it (chunks of 64, a sample padded to whole chunks:
+per chunk and value head 4 C^2 dk + 2 C^2 dv for the intra-chunk products, C (C - 1) (dk + dv) for the two
+unit-triangular solves, 6 C dk dv against the state), and the output gate z, gated norm projection and
+out_proj of the tokens that get an output. Elementwise work (norms, activations, decays) is not counted,
+in either kind of layer. `by_layer_kind` splits a count into the linear layers' and the rest.
+Conventions (the papers count differently, so each is explicit):
   convention: `2mac` (FLOPs) or `mac` (multiply-accumulates, VisiPruner);
   scope: `total` (every token: ShortV/FastV tables), `visual_side` (total minus the same model
          on text alone: ViCA), `visual` (visual rows only: projections, FFN and visual-to-visual
@@ -24,8 +33,10 @@ from dataclasses import dataclass, replace
 from .plan import LayerPolicy, Plan, PreSelect, Select
 from .selection import ceil_budget, frame_steps
 
-TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text"}
-VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn", "router"}
+TEXT_ONLY_TERMS = {"text_proj", "text_ffn", "text_attn_text", "linear:text_proj", "linear:text_mix", "linear:text_ffn"}
+VISUAL_TERMS = {"vis_kv_proj", "vis_qo_proj", "vis_attn_vis", "vis_ffn", "router", "linear:vis_in", "linear:vis_mix", "linear:vis_out",
+                "linear:vis_ffn"}
+GATED_ATTENTION = ("qwen3_5_text", "qwen3_5_moe_text")  # text model types whose q_proj writes a query and an output gate per head
 
 
 @dataclass(frozen=True)
@@ -37,25 +48,37 @@ class Shape:
     kv_heads: int
     head_dim: int
     moe: "MoeShape | None" = None  # mixture-of-experts layers, if any
+    gated: bool = False  # gated attention: q_proj writes each head's query and its output gate
+    linear: "LinearShape | None" = None  # linear-attention layers, if any (Qwen3.5)
 
     @staticmethod
     def from_hf(text_config) -> "Shape":
+        from .layer_kinds import LINEAR, layer_kinds
         from .moe import moe_layers
 
-        h = text_config.num_attention_heads
-        dh = getattr(text_config, "head_dim", None) or text_config.hidden_size // h
-        sparse = moe_layers(text_config)
-        moe = MoeShape(text_config.num_experts, text_config.num_experts_per_tok, text_config.moe_intermediate_size,
-                       tuple(sparse)) if any(sparse) else None
-        return Shape(text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, h,
-                     text_config.num_key_value_heads, dh, moe)
+        t = text_config
+        h = t.num_attention_heads
+        dh = getattr(t, "head_dim", None) or t.hidden_size // h
+        sparse = moe_layers(t)
+        moe = MoeShape(t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size, tuple(sparse),
+                       getattr(t, "shared_expert_intermediate_size", 0) or 0) if any(sparse) else None
+        kinds = layer_kinds(t)
+        linear = LinearShape(t.linear_num_key_heads, t.linear_key_head_dim, t.linear_num_value_heads, t.linear_value_head_dim,
+                             t.linear_conv_kernel_dim, tuple(k == LINEAR for k in kinds)) if LINEAR in kinds else None
+        m = getattr(t, "intermediate_size", None) or moe.shared  # Qwen3.5-MoE has no dense MLP: gated blocks get the shared width
+        return Shape(t.hidden_size, m, t.num_hidden_layers, h, t.num_key_value_heads, dh, moe, t.model_type in GATED_ATTENTION, linear)
 
     def ffn_per_token(self, layer: int, ffn_mats: int) -> int:
         """FFN FLOPs of one token in `layer`: the dense MLP, or an MoE layer's *active* parameters (the
-        router's logits over every expert, then its top-k experts' SwiGLU)."""
+        router's logits over every expert, then its top-k experts' SwiGLU, and a shared expert with its
+        gate where the block has one)."""
         if self.moe is not None and self.moe.layers[layer]:
-            return 2 * self.d * self.moe.experts + self.moe.top_k * 3 * 2 * self.d * self.moe.m
+            shared = 3 * 2 * self.d * self.moe.shared + 2 * self.d if self.moe.shared else 0
+            return 2 * self.d * self.moe.experts + self.moe.top_k * 3 * 2 * self.d * self.moe.m + shared
         return ffn_mats * 2 * self.d * self.m
+
+    def is_linear(self, layer: int) -> bool:
+        return self.linear is not None and self.linear.layers[layer]
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,36 @@ class MoeShape:
     top_k: int  # experts per token
     m: int  # each expert's intermediate size
     layers: tuple[bool, ...]  # which decoder layers are sparse
+    shared: int = 0  # the shared expert's intermediate size (0: none)
 
+
+@dataclass(frozen=True)
+class LinearShape:
+    """Gated DeltaNet layers: query/key heads and their size, value heads and theirs, the conv's taps,
+    the prefill kernel's chunk and which decoder layers are linear."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    conv: int
+    layers: tuple[bool, ...]
+    chunk: int = 64  # transformers' torch_chunk_gated_delta_rule (and flash-linear-attention's) chunk size
+
+    @property
+    def channels(self) -> int:
+        """The conv's channels: queries, keys and values."""
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def rule(self, n: int) -> int:
+        """The chunked delta rule over one sample of `n` tokens (padded to whole chunks), every value head."""
+        c, dk, dv = self.chunk, self.key_dim, self.value_dim
+        chunks = -(-n // c)
+        return self.value_heads * chunks * (4 * c * c * dk + 2 * c * c * dv + c * (c - 1) * (dk + dv) + 6 * c * dk * dv)
+
+    def step(self) -> int:
+        """One decoded token's recurrent step (read, delta and write against the state), every value head."""
+        return self.value_heads * 6 * self.key_dim * self.value_dim
 
 def _proj(n: int, d_in: int, d_out: int) -> int:
     return 2 * n * d_in * d_out
@@ -85,7 +137,11 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
         t["xattn"] += _proj(n_t, s.d, dq) + _proj(n_t, dq, s.d) + n_t * ffn_mats * 2 * s.d * s.m + 4 * s.heads * n_t * n_v_xattn * s.head_dim
         if past == 0:
             t["xattn"] += 2 * _proj(n_v_xattn, s.d, dkv)
-    t["text_proj"] += _proj(n_t, s.d, dq) + 2 * _proj(n_t, s.d, dkv) + _proj(n_t, dq, s.d)
+    if s.is_linear(layer):
+        t.update(linear_layer_terms(s, p, n_t, n_v, ffn, ffn_mats, past))
+        return t, n_v
+    q_width = 2 if s.gated else 1  # gated attention: a query and an output gate per head
+    t["text_proj"] += _proj(n_t, s.d, q_width * dq) + 2 * _proj(n_t, s.d, dkv) + _proj(n_t, dq, s.d)
     t["text_ffn"] += n_t * ffn
     sees = n_v > 0 and (p.text_reads or p.mask_semantics == "post_softmax_zero")
     update = n_v > 0 and p.updates_visual
@@ -94,7 +150,7 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
         kv_heads = s.kv_heads if (p.visual_heads is None or p.mask_semantics == "post_softmax_zero") else len({h * s.kv_heads // s.heads for h in heads})
         t["vis_kv_proj"] += 2 * _proj(n_v, s.d, kv_heads * s.head_dim)
     if p.select is not None and p.select.source == "current" and n_v_next is not None:
-        t["probe"] += _proj(1, s.d, dq) + 2 * s.heads * (n_t + n_v) * s.head_dim  # last query's Q and logits
+        t["probe"] += _proj(1, s.d, q_width * dq) + 2 * s.heads * (n_t + n_v) * s.head_dim  # last query's Q and logits
         n_v = n_v_next  # the kept tokens' K/V are gathered, not recomputed
         sees = n_v > 0 and sees
         update = n_v > 0 and update
@@ -106,7 +162,7 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
         t["probe"] += 2 * s.heads * keys * s.head_dim
     if update:
         k = len(heads)
-        t["vis_qo_proj"] += _proj(n_v, s.d, k * s.head_dim) + _proj(n_v, k * s.head_dim, s.d)
+        t["vis_qo_proj"] += _proj(n_v, s.d, q_width * k * s.head_dim) + _proj(n_v, k * s.head_dim, s.d)
         if p.visual_self_attn == "full":
             vis_keys = n_v
         elif p.visual_self_attn == "local":
@@ -115,12 +171,53 @@ def layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, n_v_next: int | No
             vis_keys = 1
         t["vis_attn_text"] += 4 * k * n_v * n_t * s.head_dim
         t["vis_attn_vis"] += 4 * k * n_v * vis_keys * s.head_dim
-        if p.visual_ffn >= 1:
-            t["vis_ffn"] += n_v * ffn
-        elif p.visual_ffn > 0:  # YOPO's neuron fraction (dense layers only: refused on MoE ones)
-            kept = max(1, round(p.visual_ffn * s.m))
-            t["vis_ffn"] += n_v * ffn_mats * 2 * s.d * kept
+        t["vis_ffn"] += _visual_ffn(s, p, n_v, ffn, ffn_mats)
     return t, n_v
+
+
+def _visual_ffn(s: Shape, p: LayerPolicy, n_v: int, ffn: int, ffn_mats: int) -> int:
+    """The FFN of `n_v` updated visual tokens: all of it, or YOPO's neuron fraction (dense MLPs only)."""
+    if p.visual_ffn >= 1:
+        return n_v * ffn
+    if p.visual_ffn > 0:
+        return n_v * ffn_mats * 2 * s.d * max(1, round(p.visual_ffn * s.m))
+    return 0
+
+
+def linear_layer_terms(s: Shape, p: LayerPolicy, n_t: int, n_v: int, ffn: int, ffn_mats: int, past: int = 0) -> Counter:
+    """A linear-attention layer's FLOPs (models/linear_attention.py): every token in the recurrence (text, and
+    visual tokens unless text does not read them) pays its input projections, its conv channels and its
+    share of the delta rule; the tokens that get an output (text, visual tokens unless frozen) pay the
+    output gate, the gated norm's out_proj and the FFN. `past` > 0: decoding `n_t` new tokens, each one
+    recurrent step (the cache is a fixed-size state, whatever came before)."""
+    lin, t = s.linear, Counter()
+    inputs = _proj(1, s.d, lin.channels + 2 * lin.value_heads)  # query/key/value channels, the gates a and b
+    outputs = 2 * _proj(1, s.d, lin.value_heads * lin.value_dim)  # z and out_proj
+    conv = 2 * lin.channels * lin.conv
+    t["linear:text_proj"] += n_t * (inputs + outputs)
+    t["linear:text_ffn"] += n_t * ffn
+    if past:
+        t["linear:text_mix"] += n_t * (conv + lin.step())
+        return t
+    feeds = n_v > 0 and p.text_reads  # visual tokens in the recurrence
+    n_in = n_t + (n_v if feeds else 0)
+    mix = lin.rule(n_in) + n_in * conv
+    visual = mix * n_v // n_in if feeds else 0  # the visual tokens' share of the sequence's work
+    t["linear:text_mix"] += mix - visual
+    if feeds:
+        t["linear:vis_in"] += n_v * inputs
+        t["linear:vis_mix"] += visual
+        if p.updates_visual:
+            t["linear:vis_out"] += n_v * outputs
+            t["linear:vis_ffn"] += _visual_ffn(s, p, n_v, ffn, ffn_mats)
+    return t
+
+
+def by_layer_kind(terms: Counter) -> dict[str, int]:
+    """A count split into the linear-attention layers' own work and everything else (full-attention
+    layers, and what runs between layers: routers, gated cross-attention blocks)."""
+    linear = sum(v for k, v in terms.items() if k.startswith("linear:"))
+    return {"linear_attention": linear, "full_attention": sum(terms.values()) - linear}
 
 
 @dataclass(frozen=True)
@@ -237,7 +334,7 @@ def plan_terms(s: Shape, plan: Plan, n_visual: "int | ImageTokens", n_text: int,
         if kept is not None and p.select.positions == "renumber":
             # scored by a probe (this layer's K of every token, the last token's Q and logits), then the
             # layer runs on the survivors at their new positions: as a layer without a selection
-            total["probe"] += _proj(n_text + n_v, s.d, s.kv_heads * s.head_dim) + _proj(1, s.d, s.heads * s.head_dim)
+            total["probe"] += _proj(n_text + n_v, s.d, s.kv_heads * s.head_dim) + _proj(1, s.d, (2 if s.gated else 1) * s.heads * s.head_dim)
             total["probe"] += 2 * s.heads * (n_text + n_v) * s.head_dim
             p, n_v, kept = replace(p, select=None), kept, None
         if p.route is not None and n_v:  # routed-out tokens skip this layer only
@@ -289,14 +386,19 @@ def _decode_policy(p: LayerPolicy) -> LayerPolicy:
 
 
 def kv_cache_bytes(s: Shape, plan: Plan, n_visual: int, n_text: int, bytes_per_value: int = 2, **kw) -> int:
-    """Prefill KV-cache size per sample: text keys in every layer, visual keys only where read."""
+    """Prefill KV-cache size per sample: text keys in every full-attention layer, visual keys only where read;
+    a linear-attention layer's fixed-size conv window and state."""
     _, present = plan_terms(s, plan, n_visual, n_text, **kw)
-    keys = 0
+    keys = state = 0
     for i, p in enumerate(plan.layers):
-        keys += n_text + (present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0)
         if p.xattn:
             keys += present[0] if present else 0
-    return keys * 2 * s.kv_heads * s.head_dim * bytes_per_value
+        if s.is_linear(i):  # a fixed-size cache: the conv's last inputs and the delta rule's state (fp32)
+            lin = s.linear
+            state += lin.channels * (lin.conv - 1) * bytes_per_value + lin.value_heads * lin.key_dim * lin.value_dim * 4
+            continue
+        keys += n_text + (present[i] if (p.text_reads or p.mask_semantics == "post_softmax_zero") else 0)
+    return keys * 2 * s.kv_heads * s.head_dim * bytes_per_value + state
 
 
 def convert(flops: int, convention: str) -> float:
@@ -311,7 +413,9 @@ def measure_flops(fn, *args, **kwargs) -> tuple[int, object]:
     PyTorch has no FLOP formula for the CPU flash-attention kernel that SDPA dispatches to, so it
     would count attention as zero on CPU; we register the same formula it uses for the CUDA kernels.
     Nor for `_grouped_mm`, transformers' default kernel for fused MoE experts: every output element is
-    a dot product over the inner dimension, 2 * out.numel() * inner FLOPs.
+    a dot product over the inner dimension, 2 * out.numel() * inner FLOPs. Nor for triangular solves
+    (the delta rule's chunked kernel): forward substitution, n (n - 1) FLOPs per right-hand side of a
+    unit-triangular n x n system (n^2 otherwise).
     """
     import torch
     from torch.utils import flop_counter
@@ -330,6 +434,15 @@ def measure_flops(fn, *args, **kwargs) -> tuple[int, object]:
             return 2 * math.prod(out_shape) * a_shape[-1]
 
         flop_counter.register_flop_formula(grouped)(grouped_mm_flop)
+    solve = torch.ops.aten.linalg_solve_triangular
+    if solve not in flop_counter.flop_registry:  # the delta rule's chunked kernel (Qwen3.5's linear-attention layers)
+
+        def solve_flop(a_shape, b_shape, *args, out_shape=None, left=True, unitriangular=False, **kwargs):
+            n = a_shape[-1]
+            columns = math.prod(out_shape) // n  # right-hand sides, batch included
+            return columns * n * (n - 1 if unitriangular else n)  # forward substitution: n (n - 1) / 2 MACs per column
+
+        flop_counter.register_flop_formula(solve)(solve_flop)
     with flop_counter.FlopCounterMode(display=False) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops(), result

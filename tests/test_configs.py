@@ -87,6 +87,10 @@ def test_llava15_shapes_match_the_paper():
     ("qwen3_vl_8b", 8.77e9, 0.416e9),        # the Hub card of Qwen/Qwen3-VL-8B-Instruct: 8.77B
     ("qwen3_vl_30b_a3b", 31.07e9, 0.416e9),  # Qwen/Qwen3-VL-30B-A3B-Instruct: 31.1B
     ("internvl3_5_8b", 8.5e9, 0.304e9),      # InternVL's table: 0.3B vision + 8.2B language
+    # Qwen3.6-27B's model.safetensors.index.json: 27.78B (55.56 GB in bf16), with the one-layer multi-token
+    # prediction head that transformers does not load (0.43B at these shapes)
+    ("qwen3_5_27b", 27.78e9 - 0.43e9, 0.416e9),
+    ("qwen3_5_35b_a3b", 35.0e9, 0.416e9),    # the name: 35B in all (3B active)
 ])
 def test_qwen3_generation_shapes_match_the_released_models(name, n_params, n_vision):
     cfg = compose_train([f"model={name}"])

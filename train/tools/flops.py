@@ -14,15 +14,18 @@ newlines included), e.g.
     python -m train flops model=internvl2_5_8b arch=visipruner flops.convention=mac flops.n_text=74   # 5 tiles at 672 x 672
     python -m train flops model=qwen2_vl_7b flops.image_size=[1344,1344] model.config.max_pixels=12845056   # tower 25.5 T
     python -m train flops model=qwen2_5_vl_7b flops.image_size=[448,448] flops.frames=64 arch=frames   # a video (docs/video.md)
+    python -m train flops model=qwen3_5_27b arch=fastv     # a hybrid LLM: the LLM's TFLOPs per layer kind too
 With `flops.frames` the input is a video of that many frames of `image_size` (Qwen: the family's frame
 preprocessing gives its grid), and the KV cache of a sample is reported too (bf16).
+A hybrid LLM (Qwen3.5) adds `layer_kinds`: the dense and planned TFLOPs of its linear-attention layers and of
+the rest (full-attention layers, routers, gated blocks), with each part's ratio (scope total only).
 """
 
 from __future__ import annotations
 
 import json
 
-from models.flops import ImageTokens, Shape, convert, kv_cache_bytes, prefill_flops
+from models.flops import ImageTokens, Shape, by_layer_kind, convert, kv_cache_bytes, plan_terms, prefill_flops
 from models.families.internvl import max_tiles as family_max_tiles
 from models.plan import Plan
 from models.vision_flops import towered_size
@@ -73,7 +76,18 @@ def flops_report(cfg) -> dict:
         **({"kv_cache_gib": {"dense": kv_cache_bytes(shape, Plan.dense(shape.layers), n_visual, f.n_text) / 2**30,
                              "plan": kv_cache_bytes(shape, plan, n_visual, f.n_text, threshold_keep=f.threshold_keep,
                                                     pre_llm_keep=f.pre_llm_keep) / 2**30}} if frames is not None else {}),
+        "layer_kinds": layer_kind_columns(shape, plan, n_visual, f) if shape.linear is not None and f.scope == "total" else None,
     }
+
+
+def layer_kind_columns(shape: Shape, plan: Plan, n_visual, f) -> dict:
+    """A hybrid LLM's prefill TFLOPs split into its linear-attention layers and the rest, dense and planned."""
+    kw = dict(ffn=f.ffn, threshold_keep=f.threshold_keep, pre_llm_keep=f.pre_llm_keep)
+    dense = by_layer_kind(plan_terms(shape, Plan.dense(shape.layers), n_visual, f.n_text, **kw)[0])
+    planned = by_layer_kind(plan_terms(shape, plan, n_visual, f.n_text, **kw)[0])
+    return {kind: {"dense_tflops": round(convert(dense[kind], f.convention) / 1e12, 6),
+                   "plan_tflops": round(convert(planned[kind], f.convention) / 1e12, 6),
+                   "ratio": round(planned[kind] / dense[kind], 6)} for kind in dense}
 
 
 def vision_columns(vision: dict | None, dense_vision: dict | None, dense: float, planned: float) -> dict:
