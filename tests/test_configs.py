@@ -255,6 +255,54 @@ def test_qwen3_generation_recipes_carry_the_published_hyper_parameters(recipe):
         cfg.model.pretrained
 
 
+QWEN3_5_RECIPES = {  # ms-swift's examples/models/qwen3_5/transformers.sh (LoRA) and mcore_full.sh (full)
+    "qwen3_5_35b_a3b_lora": dict(lr=1e-4, min_lr_ratio=0.0, peft="lora", batch_size=4, devices=4, max_length=2048),
+    "qwen3_5_35b_a3b_finetune": dict(lr=1e-5, min_lr_ratio=0.1, peft="none", batch_size=1, devices=8, max_length=16384),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(QWEN3_5_RECIPES))
+def test_qwen3_5_recipes_carry_the_published_hyper_parameters(recipe):
+    """Global batch 16, warmup 0.05, grouped by length, tower and merger frozen, 1,003,520 pixels, and LoRA r 8 /
+    alpha 32 on every linear layer of the hybrid LLM (Gated DeltaNet's projections and the shared expert's gate too)."""
+    from train.builders import register_resolvers
+
+    register_resolvers()
+    want = QWEN3_5_RECIPES[recipe]
+    cfg = compose_train([f"experiment={recipe}", f"trainer.devices={want['devices']}", "trainer.max_steps=100"])
+    assert cfg.model.name == "qwen3_5_35b_a3b" and cfg.data.group_by_length is True and cfg.data.max_length == want["max_length"]
+    assert cfg.data.batch_size == want["batch_size"]
+    assert cfg.data.batch_size * want["devices"] * cfg.trainer.accumulate_grad_batches == 16
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio) == (want["lr"], 0.05, want["min_lr_ratio"])
+    assert (cfg.stage.train_vision, cfg.stage.train_projector, cfg.stage.train_llm) == (False, False, True)
+    assert cfg.peft.name == want["peft"] and cfg.strategy.name == "deepspeed_zero3" and cfg.trainer.precision == "bf16-mixed"
+    assert dict(cfg.model.preprocessing) == {"max_pixels": 1003520}
+    if want["peft"] == "lora":
+        assert (cfg.peft.r, cfg.peft.alpha) == (8, 32) and {"in_proj_qkv", "out_proj", "shared_expert_gate"} <= set(cfg.peft.target_modules)
+
+
+def test_lora_adapts_every_linear_layer_of_a_hybrid_llm():
+    """The LoRA recipe's targets exist in the tiny Qwen3.5-MoE (`inject_lora` refuses names that match nothing)
+    and its forward runs through the adapters, Gated DeltaNet's projections included: equal to the base model
+    while B is zero, different once B is not."""
+    from models import MLLM
+    from tests.helpers import qwen_batch, tiny_qwen3_5_config
+    from train.peft import PeftConfig, inject_lora
+
+    targets = list(OmegaConf.load(Path(CONF) / "experiment" / "qwen3_5_35b_a3b_lora.yaml").peft.target_modules)
+    torch.manual_seed(0)
+    model = MLLM.from_config(tiny_qwen3_5_config(moe=True)).eval()
+    ids, mask, pixels, grids, _ = qwen_batch(model.config)
+    with torch.no_grad():
+        before = model(ids, mask, pixels, logits="last", image_sizes=grids).logits
+    inject_lora(model, PeftConfig(name="lora", r=8, alpha=32, dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask, pixels, logits="last", image_sizes=grids).logits, before, atol=1e-6)
+        for layer in model.language_model.layers[:3]:  # Gated DeltaNet layers only
+            torch.nn.init.normal_(layer.linear_attn.in_proj_qkv.lora_B["default"].weight, std=0.1)
+        assert not torch.allclose(model(ids, mask, pixels, logits="last", image_sizes=grids).logits, before, atol=1e-3)
+
+
 def test_preprocessing_bounds_apply_to_a_checkpoint(tmp_path):
     """`model.preprocessing` replaces a loaded checkpoint's resolution bounds (what the data path resizes
     to and what the export records), and unknown keys are refused."""

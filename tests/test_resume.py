@@ -89,6 +89,14 @@ def test_killed_qwen3_vl_moe_run_resumes_on_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_qwen3_5_moe_run_resumes_on_the_same_loss_curve(tmp_path):
+    """Qwen3.5-MoE (linear-attention layers whose recurrence runs per sample, a gated-attention layer, MoE FFNs with
+    a shared expert), under accumulation: one variant, the machinery is the families' shared one above."""
+    assert_killed_run_resumes(tmp_path, ["trainer.accumulate_grad_batches=2", "model=tiny_qwen35_moe", "data=synthetic_hires",
+                                         "model.config.vision.depth=2", "model.config.text.num_hidden_layers=4"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_killed_packed_run_resumes_on_the_same_loss_curve(tmp_path, model):
     """data.packing=true (data/packing.py): a buffer's packs are rebuilt on resume and its taken batches skipped."""

@@ -282,3 +282,44 @@ def test_every_small_model_preset_trains_on_the_default_task(model, tmp_path):
     (run,) = (tmp_path / "outputs" / "smoke").iterdir()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["model"] == model and 0 < summary["metrics"]["train/loss"] < 20
+
+
+def test_the_high_resolution_job_trains_qwen3_5_moe_with_accumulation(tmp_path):
+    """`python -m train experiment=hires model=tiny_qwen35_moe` (a hybrid LLM: three Gated DeltaNet layers and a
+    gated-attention one, every FFN a mixture of experts with a shared expert) under gradient accumulation:
+    trains with the load-balancing loss logged, evaluates, exports a directory transformers'
+    Qwen3_5MoeForConditionalGeneration loads, whose logits equal ours."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    run, summary = hires_job(tmp_path, "tiny_qwen35_moe-qwen3_5_moe-dense", "model=tiny_qwen35_moe", "model.config.vision.depth=2",
+                             "model.config.text.num_hidden_layers=4")
+    assert summary["export_class"] == "Qwen3_5MoeForConditionalGeneration"
+    metrics = summary["metrics"]
+    assert metrics["eff/tower_tflops"] > metrics["eff/projector_tflops"] > 0 and metrics["train/moe_aux_loss"] > 0
+    hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(run / "export").eval()
+    ours = MLLM.from_pretrained(run / "export").eval()
+    assert ours.layer_kinds == ("linear_attention",) * 3 + ("full_attention",)
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, hf(input_ids=ids).logits, atol=1e-5)
+
+
+def test_the_main_job_trains_qwen3_5_and_evaluates_it_under_a_moved_selection(tmp_path):
+    """`python -m train model=tiny_qwen35` trains on the default task under the default plan (ViCA: linear layers
+    bypassed by visual tokens but in its T2V layers, where frozen tokens feed the recurrence from the projector
+    output); `python -m train evaluate arch=fastv` on the export moves FastV's selection after the first
+    full-attention layer and says so in one line."""
+    cmd = [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", "run_name=q35", "model=tiny_qwen35", *DATA,
+           "data.source.image_size=64", "trainer.max_steps=2", "trainer.val_check_interval=2", "model.config.vision.depth=2",
+           "eval.noimage=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "q35").iterdir()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["arch"] == "vica" and summary["export_class"] == "Qwen3_5ForConditionalGeneration"
+    assert 0 < summary["metrics"]["eff/flops_ratio"] < 1
+    proc, fastv = evaluate(tmp_path, "model=tiny_qwen35", "data.source.image_size=64", f"model.pretrained={run / 'export'}", "arch=fastv",
+                           "eval.noimage=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ranks visual tokens by layer 0's attention" in proc.stdout + proc.stderr and "moves to layer 4" in proc.stdout + proc.stderr
+    assert fastv["arch"] == "fastv" and 0 < fastv["metrics"]["eff/flops_ratio"] < 1
