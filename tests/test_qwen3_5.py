@@ -5,7 +5,8 @@ different sizes): logits, loss and the MoE load-balancing loss (the shared exper
 generation with our cache (conv and recurrent states for the linear-attention layers, K/V for the
 full-attention ones) equals `generate`; padding at either end of a row never reaches the recurrence;
 directories transformers writes load (the releases' `mtp.*` head dropped), ours load into transformers;
-a hybrid LLM refuses what its linear layers cannot do when the plan is set. (Preprocessing is Qwen3-VL's
+a hybrid LLM refuses what its linear layers cannot do when the plan is set; video (Qwen3-VL's layout) equals
+transformers' too. (Preprocessing is Qwen3-VL's
 unchanged: tests/test_lmms_qwen.py checks our export's pixels against transformers' image processor.)"""
 
 from __future__ import annotations
@@ -138,3 +139,20 @@ def test_a_decode_step_makes_no_host_sync_and_continues_the_recurrent_state_in_p
             ours.decode_step(out.logits.argmax(-1), out.cache)
     assert census.n_syncs == 0, census.describe()
     assert len(states) == 6 and all(c.conv.data_ptr() == ptr and not torch.equal(c.state, old) for c, (ptr, old) in zip(states, before))
+
+
+def test_video_logits_and_generation_match_hf(tmp_path):
+    """Qwen3-VL's video layout (each temporal step after its timestamp, between its own vision start / end),
+    which Qwen3.5 inherits: logits and greedy generation equal transformers' on a left-padded batch of a video
+    with an image and a video alone (tests/test_qwen3_video.py's rows)."""
+    from tests.test_qwen3_video import CASES, rows_and_inputs
+
+    ours, hf = exported_pair(tiny_qwen3_5_config(text_layers=8), Qwen3_5ForConditionalGeneration, tmp_path / "export")
+    ids, mask, hf_in = rows_and_inputs(ours.config, *CASES["batch-of-two"])
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, **hf_in).logits
+        got = ours(ids, mask, **hf_in).logits
+    assert (got - want)[mask.bool()].abs().max().item() <= 1e-5
+    items = ours.family.visual_items(ours.config, ids, mask, hf_in["pixel_values"], hf_in["image_grid_thw"],
+                                     (hf_in["pixel_values_videos"], hf_in["video_grid_thw"], None))
+    assert_greedy_matches_hf(ours, hf, ids, mask, items.pixel_values, hf_in, image_sizes=items.sizes, step_seconds=items.step_seconds)
