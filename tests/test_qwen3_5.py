@@ -6,8 +6,8 @@ generation with our cache (conv and recurrent states for the linear-attention la
 full-attention ones) equals `generate`; padding at either end of a row never reaches the recurrence;
 directories transformers writes load (the releases' `mtp.*` head dropped), ours load into transformers;
 a hybrid LLM refuses what its linear layers cannot do when the plan is set; video (Qwen3-VL's layout) equals
-transformers' too. (Preprocessing is Qwen3-VL's
-unchanged: tests/test_lmms_qwen.py checks our export's pixels against transformers' image processor.)"""
+transformers' too. (Preprocessing is Qwen3-VL's unchanged: tests/test_lmms_qwen.py checks our export's pixels
+against transformers' image processor.)"""
 
 from __future__ import annotations
 
