@@ -317,7 +317,9 @@ def test_the_main_job_trains_qwen3_5_and_evaluates_it_under_a_moved_selection(tm
     (run,) = (tmp_path / "outputs" / "q35").iterdir()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["arch"] == "vica" and summary["export_class"] == "Qwen3_5ForConditionalGeneration"
-    assert 0 < summary["metrics"]["eff/flops_ratio"] < 1
+    metrics = summary["metrics"]
+    assert 0 < metrics["eff/flops_ratio"] < 1
+    assert 0 < metrics["eff/flops_ratio/full_attention"] < metrics["eff/flops_ratio/linear_attention"] < 1  # ViCA: frozen tokens feed the recurrence
     proc, fastv = evaluate(tmp_path, "model=tiny_qwen35", "data.source.image_size=64", f"model.pretrained={run / 'export'}", "arch=fastv",
                            "eval.noimage=false")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ import time
 import lightning as L
 import torch
 
-from models.flops import ImageTokens, Shape, convert, prefill_flops
+from models.flops import ImageTokens, Shape, by_layer_kind, convert, plan_terms, prefill_flops
 from models.vision_flops import vision_flops_of_batch
 from models.plan import Plan
 from models.streams import visual_mask
@@ -78,6 +78,7 @@ class EfficiencyMetrics(L.Callback):
                 "eff/projector_tflops": convert(vision["projector"], self.convention) / len(rows) / 1e12,
                 **({"eff/deepstack_tflops": convert(vision["deepstack"], self.convention) / len(rows) / 1e12}
                    if "deepstack" in vision else {}),
+                **(layer_kind_ratios(shape, model.plan, rows) if shape.linear is not None else {}),
                 "eff/peak_mem_mb": peak_memory_mb(ids.device),
             },
             sync_dist=True,
@@ -95,6 +96,17 @@ class EfficiencyMetrics(L.Callback):
             sync_dist=True,
             batch_size=b,
         )
+
+
+def layer_kind_ratios(shape: Shape, plan: Plan, rows: list) -> dict[str, float]:
+    """A hybrid LLM's FLOPs ratio (plan over dense, total scope) in its linear-attention layers and in the rest:
+    `eff/flops_ratio/linear_attention`, `eff/flops_ratio/full_attention` (models/flops.py `by_layer_kind`)."""
+    planned, dense = {}, {}
+    for n_v, n_text in rows:
+        for totals, p in ((planned, plan), (dense, Plan.dense(shape.layers))):
+            for kind, flops in by_layer_kind(plan_terms(shape, p, n_v, n_text)[0]).items():
+                totals[kind] = totals.get(kind, 0) + flops
+    return {f"eff/flops_ratio/{kind}": planned[kind] / dense[kind] for kind in dense if dense[kind]}
 
 
 def n_visual(visual) -> int:
