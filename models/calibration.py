@@ -251,6 +251,10 @@ def calibrate(
     from tqdm.auto import tqdm
 
     model.eval()
+    linear = [i for i, kind in enumerate(model.layer_kinds) if kind != "full_attention"]
+    if attention and linear:
+        raise ValueError(f"attention statistics (YOPO's head activity, VisiPruner's stages) read every layer's attention, but "
+                         f"layers {linear} of this model are linear-attention layers, which have none (models/layer_kinds.py)")
     kl: dict[object, list[float]] = {key: [] for key in variants}
     stats = AttentionStats() if attention else None
     total = len(batches) * (1 + len(variants) + int(attention))

@@ -156,3 +156,11 @@ def test_video_logits_and_generation_match_hf(tmp_path):
     items = ours.family.visual_items(ours.config, ids, mask, hf_in["pixel_values"], hf_in["image_grid_thw"],
                                      (hf_in["pixel_values_videos"], hf_in["video_grid_thw"], None))
     assert_greedy_matches_hf(ours, hf, ids, mask, items.pixel_values, hf_in, image_sizes=items.sizes, step_seconds=items.step_seconds)
+
+
+def test_attention_statistics_are_refused_on_a_hybrid_llm():
+    """`python -m train analyze yopo|visipruner` reads every layer's attention: a linear layer has none."""
+    from models.calibration import calibrate
+
+    with pytest.raises(ValueError, match=r"layers \[0, 1, 2\] of this model are linear-attention layers"):
+        calibrate(MLLM.from_config(tiny_qwen3_5_config()), [], {}, attention=True, progress=False)
