@@ -19,8 +19,8 @@ from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_
 from models import MLLM
 from models.generation import greedy_generate
 from models.layer_kinds import FULL, LINEAR
-from tests.helpers import (MIXED_ROWS as MIXED, assert_forward_matches_hf, assert_greedy_matches_hf, assert_positions_match_get_rope_index,
-                           exported_pair, left_padded, qwen_batch, tiny_qwen3_5_config)
+from tests.helpers import (MIXED_ROWS as MIXED, assert_forward_matches_hf, assert_greedy_matches_hf, assert_hf_directories_round_trip,
+                           assert_positions_match_get_rope_index, exported_pair, left_padded, qwen_batch, tiny_qwen3_5_config)
 
 HF_CLASSES = {"qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}
 
@@ -79,26 +79,19 @@ def test_padding_never_reaches_the_recurrence(pair):
 
 
 def test_directories_transformers_writes_load_and_ours_round_trip(pair, tmp_path):
-    """transformers' own directory (with a multi-token-prediction tensor as the releases carry, which
-    both transformers and we leave out) loads and equals our model; our re-export loads again."""
+    """transformers' own directory loads and equals our model, our re-export loads again; a multi-token-prediction
+    tensor as the releases carry (`mtp.*`) is left out on load, by transformers and by us."""
     from safetensors.torch import load_file, save_file
 
     ours, hf = pair
-    hf.save_pretrained(tmp_path / "hf")
-    (weights,) = (tmp_path / "hf").glob("*.safetensors")
-    state = load_file(weights)
-    save_file({**state, "mtp.fc.weight": torch.zeros(2, 2)}, weights, metadata={"format": "pt"})
-    loaded = MLLM.from_pretrained(tmp_path / "hf").eval()
-    assert loaded.family.name == ours.family.name
     ids, mask, pixels, grids, _ = qwen_batch(ours.config, pad_left=[0, 2, 1])
+    assert_hf_directories_round_trip(ours, hf, tmp_path, (ids, mask, pixels, grids))
+    (weights,) = (tmp_path / "hf").glob("*.safetensors")
+    save_file({**load_file(weights), "mtp.fc.weight": torch.zeros(2, 2)}, weights, metadata={"format": "pt"})
     with torch.no_grad():
         want = ours(ids, mask, pixels, logits="last", image_sizes=grids).logits
-        assert torch.equal(loaded(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
-    loaded.save_pretrained(tmp_path / "again")
-    again = MLLM.from_pretrained(tmp_path / "again").eval()
-    assert again.config.hf_config().to_dict() == ours.config.hf_config().to_dict()
-    with torch.no_grad():
-        assert torch.equal(again(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+        assert torch.equal(MLLM.from_pretrained(tmp_path / "hf").eval()(ids, mask, pixels, logits="last", image_sizes=grids).logits, want)
+    HF_CLASSES[ours.family.name].from_pretrained(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("rule, message", [
