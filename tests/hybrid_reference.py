@@ -80,7 +80,7 @@ def hybrid_reference_logits(model, input_ids, attention_mask, pixel_values, quer
     embed, projected, entered = h.clone(), h.clone(), is_vis & present
     place = visual_places(model, is_vis, tokens)
     image = place[..., Place.IMAGE]
-    keys = row_image_keys(model.family.image_pixels(pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
+    keys = row_image_keys(model.family.image_pixels(model.config, pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
     cos, sin = hf.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values

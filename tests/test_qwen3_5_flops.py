@@ -39,7 +39,7 @@ def test_analytic_llm_flops_equal_the_flop_counter(name, moe):
         start += n
         with torch.no_grad():
             _, text, vis = model.embed_inputs(*one)
-            keys = image_keys_for(model.plan, model.family.image_pixels(one[2], one[3]), images_per_row(vis))
+            keys = image_keys_for(model.plan, model.family.image_pixels(model.config, one[2], one[3]), images_per_row(vis))
             measured, _ = measure_flops(run_decoder, model.language_model, model.plan, text, vis, query_index(text, None),
                                         model.xattn, image_keys=keys, routing=model.routing())
         terms, _ = plan_terms(shape, model.plan, ImageTokens.from_places(config.model_family.image_places(config, tuple(grid))), text.n)
