@@ -107,11 +107,14 @@ def normalisation(preprocessor: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(preprocessor[k]) for k in ("image_mean", "image_std") if k in preprocessor}
 
 
-def tiles_by_image(pixel_values: Tensor, n_tiles: list[int]) -> Tensor:
-    """[n_images, max tiles, 3, S, S]: flat tiles [sum tiles, 3, S, S] regrouped per image (zero tiles
-    after each image's own, as transformers' padded layout has them); the padded layout as it is."""
-    if pixel_values.dim() != 4:
+def tiles_by_image(family: "Family", config: "MLLMConfig", pixel_values: Tensor | None,
+                   image_sizes: Tensor | None) -> Tensor | None:
+    """A tiling family's `Family.image_pixels`: [n_images, max tiles, 3, S, S], flat tiles [sum tiles, 3, S, S]
+    regrouped per image by `family.tiles_per_image` (zero tiles after each image's own, as transformers' padded
+    layout has them); the padded layout, or pixels without sizes, as they are."""
+    if pixel_values is None or image_sizes is None or pixel_values.dim() != 4:
         return pixel_values
+    n_tiles = [family.tiles_per_image(config, s) for s in image_sizes.tolist()]
     return torch.nn.utils.rnn.pad_sequence(list(pixel_values.split(n_tiles)), batch_first=True)
 
 

@@ -175,9 +175,7 @@ class LlavaNextFamily(LlavaFamily):
         return {"pixel_values": pixel_values, "image_sizes": image_sizes}
 
     def image_pixels(self, config, pixel_values, image_sizes):
-        if pixel_values is None or image_sizes is None:
-            return pixel_values
-        return tiles_by_image(pixel_values, [self.tiles_per_image(config, s) for s in image_sizes.tolist()])
+        return tiles_by_image(self, config, pixel_values, image_sizes)
 
     def encode(self, model, pixel_values: Tensor, image_sizes: Tensor | None, scores: str | None = None,
                sizes: list[tuple[int, ...]] | None = None) -> VisualTokens:
