@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel
 
-from models.blind_scores import blind_scores, row_image_keys
+from models.blind_scores import blind_scores
 from models.layer_kinds import LINEAR
-from models.streams import Place, Stream, visual_mask
-from tests.reference import _keep_top, _routed, visual_places
+from models.streams import Place, Stream
+from tests.reference import _keep_top, _routed, embedded_prompt
 
 EXPRESSIBLE = dict(text_reads_visual=("full", "none"), visual_self_attn=("full",), mask_semantics=("renorm",))
 
@@ -64,23 +64,11 @@ def hybrid_reference_logits(model, input_ids, attention_mask, pixel_values, quer
     cfg, plan, lm = model.config, model.plan, model.language_model
     hf = hf or transformers_text_model(model)
     b, L = input_ids.shape
-    valid = attention_mask.bool()
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    is_vis = visual_mask(input_ids, attention_mask, cfg.visual_token_ids)
-    if prompt_len is not None:
-        is_vis[:, prompt_len:] = False
-    h = lm.embed_tokens(input_ids)
-    present = valid.clone()
-    tokens = model.encode_images(pixel_values, image_sizes) if is_vis.any() else None
-    if tokens is not None:
-        assert tokens.inject is None, "no DeepStack in a hybrid LLM"
-        h[is_vis] = tokens.h.to(h.dtype)
-        if tokens.keep is not None:
-            present[is_vis] = tokens.keep
+    h, valid, pos, is_vis, present, inject, place, keys = embedded_prompt(model, input_ids, attention_mask, pixel_values,
+                                                                          image_sizes, prompt_len)
+    assert inject is None, "no DeepStack in a hybrid LLM"
     embed, projected, entered = h.clone(), h.clone(), is_vis & present
-    place = visual_places(model, is_vis, tokens)
     image = place[..., Place.IMAGE]
-    keys = row_image_keys(model.family.image_pixels(model.config, pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
     cos, sin = hf.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values

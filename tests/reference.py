@@ -111,6 +111,34 @@ def visual_places(model, is_vis, tokens):
     return place
 
 
+def embedded_prompt(model, input_ids, attention_mask, pixel_values, image_sizes=None, prompt_len=None):
+    """What both masked references (this one and tests/hybrid_reference.py) start from: the prompt's
+    embeddings with the visual tokens in their placeholders (h [B, L, d]), `valid`, each position's order
+    `pos`, `is_vis` (only the first `prompt_len` columns hold images), `present` (pre-LLM drops), DeepStack's
+    injections per position (None without), each position's place and the rows' random-selection keys."""
+    b, L = input_ids.shape
+    valid = attention_mask.bool()
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    is_vis = visual_mask(input_ids, attention_mask, model.config.visual_token_ids)
+    if prompt_len is not None:
+        is_vis[:, prompt_len:] = False
+    h = model.language_model.embed_tokens(input_ids)
+    present = valid.clone()
+    tokens = model.encode_images(pixel_values, image_sizes) if is_vis.any() else None
+    inject = None
+    if tokens is not None:
+        h[is_vis] = tokens.h.to(h.dtype)
+        if tokens.keep is not None:
+            present[is_vis] = tokens.keep
+        if tokens.inject is not None:  # DeepStack: added to the visual tokens present after layers 0..K-1
+            inject = h.new_zeros(b, L, *tokens.inject.shape[1:])
+            inject[is_vis] = tokens.inject.to(h.dtype)
+    place = visual_places(model, is_vis, tokens)
+    image = place[..., Place.IMAGE]
+    keys = row_image_keys(model.family.image_pixels(model.config, pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
+    return h, valid, pos, is_vis, present, inject, place, keys
+
+
 @torch.no_grad()
 def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=None, image_sizes=None, prompt_len=None,
                      step_seconds=None, router=None):
@@ -122,28 +150,12 @@ def reference_logits(model, input_ids, attention_mask, pixel_values, query_pos=N
     cfg, plan, lm = model.config, model.plan, model.language_model
     tcfg = model.text_config
     b, L = input_ids.shape
-    valid = attention_mask.bool()
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    is_vis = visual_mask(input_ids, attention_mask, cfg.visual_token_ids)
-    if prompt_len is not None:
-        is_vis[:, prompt_len:] = False
-    h = lm.embed_tokens(input_ids)
-    present = valid.clone()
-    tokens = model.encode_images(pixel_values, image_sizes) if is_vis.any() else None
-    inject = None
-    if tokens is not None:
-        h[is_vis] = tokens.h.to(h.dtype)
-        if tokens.keep is not None:
-            present[is_vis] = tokens.keep
-        if tokens.inject is not None:  # DeepStack: added to the visual tokens present after layers 0..K-1
-            inject = h.new_zeros(b, L, *tokens.inject.shape[1:])
-            inject[is_vis] = tokens.inject.to(h.dtype)
+    h, valid, pos, is_vis, present, inject, place, keys = embedded_prompt(model, input_ids, attention_mask, pixel_values,
+                                                                          image_sizes, prompt_len)
     embed = h.clone()  # the bypass stream (ViCA's K/V source), which receives the injections too
     projected = h.clone()  # the projector output that gated cross-attention blocks read
     entered = is_vis & present  # visual tokens that enter the LLM (gated blocks read all of them)
-    place = visual_places(model, is_vis, tokens)
     image, unit, row, col = (place[..., c] for c in (Place.IMAGE, Place.UNIT, Place.ROW, Place.COL))
-    keys = row_image_keys(model.family.image_pixels(model.config, pixel_values, image_sizes), image.masked_fill(~is_vis, -1).max(1).values + 1) if is_vis.any() else None
     cos, sin = lm.rotary_emb(h, model.family.rope_positions(cfg, attention_mask, is_vis, image_sizes, step_seconds))
     if query_pos is None:
         query_pos = pos.masked_fill(~valid, -1).max(1).values
