@@ -40,11 +40,18 @@ def assert_export_matches(run: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_ranks(tmp_path):
-    run, summary = train_two_ranks(tmp_path, "strategy=ddp")
+def test_ddp_two_cpu_ranks_then_zero3_loads_its_export_gathered(tmp_path):
+    """DDP trains and exports; a ZeRO-3 run built already partitioned from that export must receive its weights
+    (gathered module by module): with only the projector training, everything else exports bit-identical."""
+    source, summary = train_two_ranks(tmp_path / "a", "strategy=ddp")
     ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4
-    assert_export_matches(run, ckpt["state_dict"])
+    assert_export_matches(source, ckpt["state_dict"])
+
+    run, _ = train_two_ranks(tmp_path / "b", "strategy=deepspeed_zero3", f"model.pretrained={source / 'export'}", "stage=pretrain")
+    before, after = MLLM.from_pretrained(source / "export").state_dict(), MLLM.from_pretrained(run / "export").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("multi_modal_projector.") for k in changed), sorted(changed)[:5]
 
 
 @pytest.mark.slow
@@ -75,17 +82,6 @@ def test_deepspeed_zero3_two_cpu_ranks_shards_parameters_and_resumes(tmp_path):
 
     resumed, summary = train_two_ranks(tmp_path / "b", "strategy=deepspeed_zero3", f"ckpt_path={ckpt_dir}", "resume.extend_to=6", steps=6)
     assert MLLM.from_pretrained(resumed / "export").state_dict().keys() == MLLM.from_pretrained(run / "export").state_dict().keys()
-
-
-@pytest.mark.slow
-def test_deepspeed_zero3_loads_pretrained_weights_gathered(tmp_path):
-    """Built already partitioned, the model must receive the checkpoint's weights (gathered module by
-    module): with only the projector training, everything else exports bit-identical."""
-    source, _ = train_two_ranks(tmp_path / "a", "strategy=ddp")
-    run, _ = train_two_ranks(tmp_path / "b", "strategy=deepspeed_zero3", f"model.pretrained={source / 'export'}", "stage=pretrain")
-    before, after = MLLM.from_pretrained(source / "export").state_dict(), MLLM.from_pretrained(run / "export").state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("multi_modal_projector.") for k in changed), sorted(changed)[:5]
 
 
 @pytest.mark.slow
