@@ -12,9 +12,14 @@ background) shows one of three events, and asks about it:
 * **count**: a white dot flashes 1 to 4 times; "how many times does the light flash ?". It is lit for 4
   frames in every video (one flash of 4, ..., four of 1), so a single frame, or the frames shuffled,
   says nothing of the count.
+* **color**: a square of one of the four colours above stands still throughout; "what color is the
+  square ?". Any frame answers it: the positive control (the controls must keep its score), and what a
+  model learns first, to read the video's tokens at all (without it a tiny model trained from scratch
+  never leaves the answers' prior: the three temporal skills give no signal until time is understood).
 
-So frame-shuffled and single-frame versions of a video must score at chance (1/2, 1/2, 1/4 per
-question): the evaluation's controls (`eval.video_controls`, train/evaluation.py) check it. One event
+So frame-shuffled and single-frame versions of a video must score at chance on the temporal skills
+(1/2, 1/2, 1/4 per question) and keep the color score: the evaluation's controls
+(`eval.video_controls`, train/evaluation.py) check it. One event
 per video, because a moving square is a clock: beside it, shuffled frames could be put back in order
 (up to reversal, which leaves a count intact). The skills take turns (val, balanced) or are drawn (train).
 Frames are stored as data/frames.py describes (`frames.npy` and their timing: `fps` frames per second,
@@ -38,20 +43,24 @@ from webdataset import TarWriter
 from .frames import FRAMES_MEMBER, encode_frames, timing
 from .synthetic import ensure_built, write_dataset
 
-FORMAT_VERSION = 1  # bump whenever the sample content for a given config changes
-SKILLS = ("direction", "order", "count")
+FORMAT_VERSION = 2  # bump whenever the sample content for a given config changes
+SKILLS = ("direction", "order", "count", "color")
+TEMPORAL = SKILLS[:3]  # the skills whose answer needs the frames in order
 NUMBER_WORDS = ("one", "two", "three", "four")
-ANSWER_VOCAB = {"direction": ("left", "right", "up", "down"), "order": ("red", "blue"), "count": NUMBER_WORDS}
+ANSWER_VOCAB = {"direction": ("left", "right", "up", "down"), "order": ("red", "blue"), "count": NUMBER_WORDS,
+                "color": ("green", "red", "blue", "white")}
 QUESTIONS = {
     "horizontal": "does the square move left or right ?",
     "vertical": "does the square move up or down ?",
     "order": "which square appears first , red or blue ?",
     "count": "how many times does the light flash ?",
+    "color": "what color is the square ?",
 }
-CHANCE = {"direction": 1 / 2, "order": 1 / 2, "count": 1 / 4}  # of a model that cannot see time
+CHANCE = {"direction": 1 / 2, "order": 1 / 2, "count": 1 / 4, "color": 1 / 4}  # of a model that cannot see (time)
 SPLITS = ("train", "val")
 MOVER, FLASH_SIDE, DOT = 6, 6, 4  # sides in pixels
 COLORS = {"mover": (60, 220, 60), "red": (230, 40, 40), "blue": (40, 80, 240), "dot": (250, 250, 250)}
+STILL_COLORS = {"green": COLORS["mover"], "red": COLORS["red"], "blue": COLORS["blue"], "white": COLORS["dot"]}
 LIT_FRAMES, SHOW_FRAMES = 4, 4  # the dot is lit for 4 frames in all; each coloured square shows for 4
 
 
@@ -93,7 +102,7 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 @dataclass(frozen=True)
 class Events:
     """What a video shows: the mover's path and direction, the two squares' places and which shows
-    first, the dot's place and its lit frames."""
+    first, the dot's place and its lit frames, the still square's colour (at the red square's place)."""
 
     path: tuple[tuple[int, int], ...]  # the mover's top-left corner per frame
     direction: str
@@ -104,6 +113,7 @@ class Events:
     dot: tuple[int, int]
     lit: tuple[int, ...]  # frames the dot is lit
     flashes: int
+    still: str
 
 
 def _boxes_apart(boxes: list[tuple[int, int, int, int]]) -> bool:
@@ -151,8 +161,10 @@ def sample_events(rng: np.random.Generator, size: int, n_frames: int) -> Events:
     first_start = before
     second_start = before + SHOW_FRAMES + between
     flashes = int(rng.integers(1, 5))
-    return Events(path, direction, red, blue, "red" if rng.random() < 0.5 else "blue", (first_start, second_start), dot,
-                  lit_frames(rng, n_frames, flashes), flashes)
+    first = "red" if rng.random() < 0.5 else "blue"
+    lit = lit_frames(rng, n_frames, flashes)
+    return Events(path, direction, red, blue, first, (first_start, second_start), dot, lit, flashes,
+                  still=str(rng.choice(ANSWER_VOCAB["color"])))
 
 
 def render(events: Events, skill: str, rng: np.random.Generator, size: int, n_frames: int) -> np.ndarray:
@@ -169,6 +181,9 @@ def render(events: Events, skill: str, rng: np.random.Generator, size: int, n_fr
                 if begin <= k < begin + SHOW_FRAMES:
                     x, y = getattr(events, name)
                     frames[k, y : y + FLASH_SIDE, x : x + FLASH_SIDE] = COLORS[name]
+        elif skill == "color":
+            x, y = events.red
+            frames[k, y : y + FLASH_SIDE, x : x + FLASH_SIDE] = STILL_COLORS[events.still]
         elif k in events.lit:
             x, y = events.dot
             frames[k, y : y + DOT, x : x + DOT] = COLORS["dot"]
@@ -181,6 +196,8 @@ def question(events: Events, skill: str) -> tuple[str, str]:
         return QUESTIONS[axis], events.direction
     if skill == "order":
         return QUESTIONS["order"], events.first
+    if skill == "color":
+        return QUESTIONS["color"], events.still
     return QUESTIONS["count"], NUMBER_WORDS[events.flashes - 1]
 
 

@@ -1,6 +1,6 @@
-"""The synthetic temporal task (data/synthetic_video.py): its frames answer its questions, and only in
-order (the frames without their order are the same for every answer, so shuffled and single-frame
-controls can only guess); the evaluation's video controls shuffle or freeze exactly each video's frames;
+"""The synthetic temporal task (data/synthetic_video.py): its frames answer its questions, the temporal ones
+only in order (the frames without their order are the same for every answer, so shuffled and single-frame
+controls can only guess) and the color one in any single frame (the controls must keep it); the evaluation's video controls shuffle or freeze exactly each video's frames;
 `python -m train experiment=video` trains tiny Qwen2-VL on it and reports the controls beside the score."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def answer_from_frames(frames: np.ndarray, skill: str) -> str:
         where = [np.argwhere((f == sv.COLORS["mover"]).all(-1)).mean(0) for f in frames]  # (row, column) per frame
         dy, dx = where[-1] - where[0]
         return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    if skill == "color":
+        return next(name for name, rgb in sv.STILL_COLORS.items() if (frames[0] == rgb).all(-1).sum() == sv.FLASH_SIDE**2)
     if skill == "order":
         first = {name: min(k for k, f in enumerate(frames) if (f == sv.COLORS[name]).all(-1).any()) for name in ("red", "blue")}
         return min(first, key=first.get)
@@ -36,12 +38,12 @@ def answer_from_frames(frames: np.ndarray, skill: str) -> str:
 
 def test_samples_are_deterministic_balanced_and_answered_by_their_frames():
     seen = {}
-    for index in range(60):
+    for index in range(100):
         frames, record = sv.make_sample(CFG, "val", index)
         again, same = sv.make_sample(CFG, "val", index)
         assert np.array_equal(frames, again) and record == same
         skill, answer = record["skills"][0], record["conversations"][1]["value"]
-        assert skill == sv.SKILLS[index % 3] and answer_from_frames(frames, skill) == answer
+        assert skill == sv.SKILLS[index % len(sv.SKILLS)] and answer_from_frames(frames, skill) == answer
         assert frames.shape == (16, 32, 32, 3) and record["frames"]["sampled_fps"] == 4.0
         seen.setdefault(skill, set()).add(answer)
     assert seen == {s: set(v) for s, v in sv.ANSWER_VOCAB.items()}
@@ -59,7 +61,7 @@ def flipped(events: sv.Events, skill: str, rng: np.random.Generator) -> sv.Event
     return replace(events, lit=sv.lit_frames(rng, CFG.n_frames, flashes), flashes=flashes)
 
 
-@pytest.mark.parametrize("skill", sv.SKILLS)
+@pytest.mark.parametrize("skill", sv.TEMPORAL)
 def test_without_their_order_the_frames_are_the_same_for_every_answer(skill):
     """An event and its flipped twin show the same frames in another order, so a shuffled video (or one
     of its frames, drawn at random) carries nothing of the answer: the controls can only score chance."""
@@ -70,6 +72,14 @@ def test_without_their_order_the_frames_are_the_same_for_every_answer(skill):
         assert sv.question(events, skill)[1] != sv.question(twin, skill)[1]
         a, b = (sv.render(e, skill, sv.sample_rng(1, "bg", index), CFG.frame_size, CFG.n_frames) for e in (events, twin))
         assert sorted(f.tobytes() for f in a) == sorted(f.tobytes() for f in b)
+
+
+def test_any_single_frame_answers_the_color_question():
+    """The positive control: every frame shows the still square, so shuffled and single-frame videos keep the score."""
+    for index in range(3, 40, len(sv.SKILLS)):
+        frames, record = sv.make_sample(CFG, "val", index)
+        assert record["skills"] == ["color"]
+        assert all(answer_from_frames(f[None], "color") == record["conversations"][1]["value"] for f in frames)
 
 
 def test_video_controls_shuffle_or_freeze_each_videos_frames_only():

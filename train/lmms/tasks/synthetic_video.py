@@ -2,7 +2,7 @@
 validation videos written as real .mp4 files (H.264, PyAV: the `video` extra), one short-answer question
 each, scored by exact match like GQA. The bridge decodes each file at evaluation (train/lmms/model.py).
 
-`write_synthetic_video_tasks(out_dir, n)` writes `n` documents (the three skills in turn), a JSON lines
+`write_synthetic_video_tasks(out_dir, n)` writes `n` documents (the skills in turn), a JSON lines
 file and the task YAML `synthetic_video` (including `_synthetic_video_yaml` from this directory). Then
 
     python -m lmms_eval --model efficient_mllm --model_args pretrained=<export>,video_frames=16 \\
