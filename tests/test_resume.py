@@ -77,7 +77,7 @@ MODELS = {  # + InternVL's tiles, + Qwen2-VL's grids of two sizes per batch (M-R
 @pytest.mark.parametrize("accumulate", [1, 2])  # 2: the training loader reads each step's micro-batches ahead
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, accumulate):
     """The machinery every family shares (loader position, RNG states, optimizer, schedule), on the default model;
-    each family's own batches are resumed below, packed and under accumulation (its heaviest path)."""
+    each family's own batches are resumed below, packed (its heaviest path)."""
     assert_killed_run_resumes(tmp_path, [f"trainer.accumulate_grad_batches={accumulate}", *MODELS["tiny"]])
 
 
@@ -100,11 +100,9 @@ def test_killed_qwen3_5_moe_run_resumes_on_the_same_loss_curve(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_killed_packed_run_resumes_on_the_same_loss_curve(tmp_path, model):
-    """data.packing=true (data/packing.py): a buffer's packs are rebuilt on resume and its taken batches skipped;
-    every family but the default one also under accumulation (the default's packed accumulation is the routed run's)."""
-    accumulate = 1 if model == "tiny" else 2
-    assert_killed_run_resumes(tmp_path, ["data.packing=true", "data.max_length=1024", "data.pack_buffer=10",
-                                         f"trainer.accumulate_grad_batches={accumulate}", *MODELS[model]])
+    """data.packing=true (data/packing.py): a buffer's packs are rebuilt on resume and its taken batches skipped
+    (packed under accumulation: the routed run below)."""
+    assert_killed_run_resumes(tmp_path, ["data.packing=true", "data.max_length=1024", "data.pack_buffer=10", *MODELS[model]])
     with open(tmp_path / "uninterrupted" / "csv" / "metrics.csv") as f:
         per_row = [float(r["data/samples_per_pack"]) for r in csv.DictReader(f) if r.get("data/samples_per_pack")]
     assert len(per_row) >= STEPS and min(per_row) > 1  # every batch packed several samples into a row
