@@ -47,8 +47,6 @@ FORMAT_VERSION = 2  # bump whenever the sample content for a given config change
 SKILLS = ("direction", "order", "count", "color")
 TEMPORAL = SKILLS[:3]  # the skills whose answer needs the frames in order
 NUMBER_WORDS = ("one", "two", "three", "four")
-ANSWER_VOCAB = {"direction": ("left", "right", "up", "down"), "order": ("red", "blue"), "count": NUMBER_WORDS,
-                "color": ("green", "red", "blue", "white")}
 QUESTIONS = {
     "horizontal": "does the square move left or right ?",
     "vertical": "does the square move up or down ?",
@@ -61,6 +59,8 @@ SPLITS = ("train", "val")
 MOVER, FLASH_SIDE, DOT = 6, 6, 4  # sides in pixels
 COLORS = {"mover": (60, 220, 60), "red": (230, 40, 40), "blue": (40, 80, 240), "dot": (250, 250, 250)}
 STILL_COLORS = {"green": COLORS["mover"], "red": COLORS["red"], "blue": COLORS["blue"], "white": COLORS["dot"]}
+ANSWER_VOCAB = {"direction": ("left", "right", "up", "down"), "order": ("red", "blue"), "count": NUMBER_WORDS,
+                "color": tuple(STILL_COLORS)}
 LIT_FRAMES, SHOW_FRAMES = 4, 4  # the dot is lit for 4 frames in all; each coloured square shows for 4
 
 
